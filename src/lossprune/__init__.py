@@ -1,0 +1,47 @@
+"""lossprune: unstructured pruning with loss models and step-size constraints.
+
+A reproduction of, and a library beyond, Laurent et al., "Revisiting Loss Modelling for
+Unstructured Pruning" (arXiv:2006.12279)::
+
+    from lossprune import Pruner, QuadraticModel, ExponentialSchedule
+    pruner = Pruner(model, QuadraticModel(lam=1e-3), ExponentialSchedule(0.956, stages=14),
+                    loss_fn=torch.nn.CrossEntropyLoss(), data=train_loader)
+    reports = pruner.run()
+"""
+
+from .criteria import (
+    OBD,
+    Criterion,
+    GraSP,
+    LinearModel,
+    Magnitude,
+    QuadraticModel,
+    ScoringContext,
+    SynFlow,
+)
+from .curvature import NonFiniteError
+from .pruner import MaskHandle, Pruner, StageReport
+from .schedules import ExponentialSchedule, LinearSchedule, Schedule
+from .scoring import scores
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "OBD",
+    "Criterion",
+    "ExponentialSchedule",
+    "GraSP",
+    "LinearModel",
+    "LinearSchedule",
+    "Magnitude",
+    "MaskHandle",
+    "NonFiniteError",
+    "Pruner",
+    "QuadraticModel",
+    "Schedule",
+    "ScoringContext",
+    "StageReport",
+    "SynFlow",
+    "__version__",
+    "scores",
+]

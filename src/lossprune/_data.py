@@ -1,0 +1,124 @@
+"""Scoring data: one ``(inputs, targets)`` batch or any re-iterable of such batches."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Subset
+
+__all__ = ["Batch", "is_single_batch", "iter_batches", "random_subset", "first_inputs"]
+
+Batch = tuple[Tensor, Tensor]
+
+
+def is_single_batch(data: Any) -> bool:
+    """``(inputs, targets)`` with two tensors, as opposed to an iterable of such pairs."""
+    return (
+        isinstance(data, (tuple, list))
+        and len(data) == 2
+        and all(isinstance(t, Tensor) for t in data)
+    )
+
+
+def check_data(data: Any) -> None:
+    """Fail early on data of the wrong kind (before any weight is touched)."""
+    if data is None:
+        raise TypeError("data must be an (inputs, targets) tuple or an iterable of such batches, got None")
+    if isinstance(data, Tensor):
+        raise TypeError("data must be an (inputs, targets) tuple or an iterable of such batches, got a Tensor")
+    if is_single_batch(data):
+        inputs, targets = data
+        if len(inputs) == 0:
+            raise ValueError("data is empty: the (inputs, targets) batch has no examples")
+        if len(inputs) != len(targets):
+            raise ValueError(
+                f"inputs and targets differ in length: {len(inputs)} != {len(targets)}"
+            )
+        return
+    if not isinstance(data, Iterable):
+        raise TypeError(
+            "data must be an (inputs, targets) tuple or an iterable of such batches, "
+            f"got {type(data).__name__}"
+        )
+    if isinstance(data, Iterator):
+        raise TypeError(
+            "data must be re-iterable (a tuple, list or DataLoader), not a one-shot iterator: "
+            "statistics may need several passes"
+        )
+
+
+def iter_batches(data: Any, device: torch.device | None = None) -> Iterator[Batch]:
+    """Yield ``(inputs, targets)`` batches moved to ``device``; raise if there are none.
+
+    Raises:
+        TypeError: for a batch that is not a pair of tensors.
+        ValueError: when ``data`` holds no example.
+    """
+    check_data(data)
+    batches = (data,) if is_single_batch(data) else data
+    seen = 0
+    for batch in batches:
+        if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
+            raise TypeError(
+                f"each batch must be an (inputs, targets) pair, got {type(batch).__name__}"
+            )
+        inputs, targets = batch
+        if not isinstance(inputs, Tensor) or not isinstance(targets, Tensor):
+            raise TypeError("each batch must hold two tensors (inputs, targets)")
+        if len(inputs) == 0:
+            continue
+        if len(inputs) != len(targets):
+            raise ValueError(
+                f"inputs and targets differ in length: {len(inputs)} != {len(targets)}"
+            )
+        seen += len(inputs)
+        yield (inputs.to(device), targets.to(device)) if device is not None else (inputs, targets)
+    if seen == 0:
+        raise ValueError("data is empty: no batch holds an example")
+
+
+def random_subset(data: Any, examples: int, generator: torch.Generator) -> Any:
+    """A fresh uniformly random subset of ``examples`` examples, in the same form as ``data``.
+
+    The paper re-draws 1000 scoring examples from the training set before every stage
+    (Laurent et al. 2020, Sec. 5). Works for a single batch (indexed directly) and for a
+    :class:`~torch.utils.data.DataLoader` over a sized dataset (a loader over a
+    :class:`~torch.utils.data.Subset`, same batch size and collate function).
+
+    Raises:
+        TypeError: for other iterables, which cannot be sampled without reading them whole.
+        ValueError: when ``examples`` exceeds the number of examples available.
+    """
+    if is_single_batch(data):
+        inputs, targets = data
+        _check_size(examples, len(inputs))
+        index = torch.randperm(len(inputs), generator=generator)[:examples].to(inputs.device)
+        return inputs[index], targets[index.to(targets.device)]
+    if isinstance(data, DataLoader):
+        size = len(data.dataset)  # type: ignore[arg-type]
+        _check_size(examples, size)
+        index = torch.randperm(size, generator=generator)[:examples].tolist()
+        return DataLoader(
+            Subset(data.dataset, index),
+            batch_size=data.batch_size or 1,
+            collate_fn=data.collate_fn,
+            num_workers=data.num_workers,
+            pin_memory=data.pin_memory,
+        )
+    raise TypeError(
+        "examples=n needs data that can be sampled: an (inputs, targets) tuple or a DataLoader "
+        f"over a sized dataset, got {type(data).__name__}"
+    )
+
+
+def _check_size(examples: int, available: int) -> None:
+    if examples > available:
+        raise ValueError(f"examples={examples} exceeds the {available} examples in data")
+
+
+def first_inputs(data: Any) -> Tensor:
+    """The inputs of the first batch (SynFlow needs only their shape)."""
+    return next(iter_batches(data))[0]

@@ -1,0 +1,113 @@
+"""Calling a module as a pure function of a subset of its parameters.
+
+Every curvature routine differentiates the loss with respect to a dict of tensors keyed by
+qualified parameter names. The module's other parameters and its buffers are held fixed; buffers
+are cloned so that nothing the functional call does (e.g. batch-norm running statistics) can leak
+into the user's model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+__all__ = [
+    "FunctionalModel",
+    "check_deterministic",
+    "check_mean_reduction",
+    "statistics_dtype",
+]
+
+
+class FunctionalModel:
+    """``model`` as a pure function ``(params, inputs) -> outputs``.
+
+    Args:
+        model: the module; it is never modified.
+        names: qualified names of the parameters passed explicitly at call time; every other
+            parameter is detached and every buffer cloned once, here.
+    """
+
+    def __init__(self, model: nn.Module, names: Mapping[str, object] | list[str]) -> None:
+        self.model = model
+        explicit = set(names)
+        # remove_duplicate=True: a tied parameter appears once; functional_call ties it back.
+        named = dict(model.named_parameters())
+        unknown = explicit - named.keys()
+        if unknown:
+            raise ValueError(f"params has names that are not parameters of the model: {sorted(unknown)}")
+        self.constants: dict[str, Tensor] = {
+            k: v.detach() for k, v in named.items() if k not in explicit
+        }
+        self.constants.update({k: b.detach().clone() for k, b in model.named_buffers()})
+
+    def __call__(self, params: Mapping[str, Tensor], inputs: Tensor) -> Tensor:
+        return functional_call(self.model, {**self.constants, **params}, (inputs,))
+
+    def single(self, params: Mapping[str, Tensor], x: Tensor) -> Tensor:
+        """Output for ONE example ``x`` (no batch dimension); used under ``vmap``."""
+        return self(params, x.unsqueeze(0)).squeeze(0)
+
+    def loss_fn_of(
+        self, loss_fn: Callable[[Tensor, Tensor], Tensor]
+    ) -> Callable[[Mapping[str, Tensor], Tensor, Tensor], Tensor]:
+        """``(params, inputs, targets) -> loss`` for a batch."""
+
+        def batch_loss(params: Mapping[str, Tensor], inputs: Tensor, targets: Tensor) -> Tensor:
+            return loss_fn(self(params, inputs), targets)
+
+        return batch_loss
+
+
+# AlphaDropout and FeatureAlphaDropout derive from _DropoutNd too.
+_DROPOUT = (nn.modules.dropout._DropoutNd,)
+
+
+def check_deterministic(model: nn.Module) -> None:
+    """Refuse models whose forward pass is random or updates state.
+
+    Scores must be computed at fixed weights with a deterministic function of them (Laurent et al.
+    2020 score in eval mode). Batch norm in training mode normalises with batch statistics and
+    dropout samples masks, so curvature computed that way is silently not the curvature of the
+    model that gets pruned.
+
+    Raises:
+        ValueError: naming the first offending module.
+    """
+    for name, module in model.named_modules():
+        if not module.training:
+            continue
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats:
+            raise ValueError(
+                f"module {name!r} ({type(module).__name__}) is in training mode: its batch "
+                "statistics would change the scores and its running statistics would be "
+                "updated. Call model.eval() before scoring (or pass eval_mode=True to Pruner)."
+            )
+        if isinstance(module, _DROPOUT) and getattr(module, "p", 0.0) > 0:
+            raise ValueError(
+                f"module {name!r} ({type(module).__name__}) is in training mode and drops units "
+                "at random, so the scores would be random. Call model.eval() before scoring "
+                "(or pass eval_mode=True to Pruner)."
+            )
+
+
+def check_mean_reduction(loss_fn: object) -> None:
+    """Statistics are example-weighted means, so a loss must average over the batch.
+
+    Raises:
+        ValueError: when ``loss_fn`` declares a reduction other than ``"mean"``.
+    """
+    reduction = getattr(loss_fn, "reduction", "mean")
+    if reduction != "mean":
+        raise ValueError(
+            f"loss_fn must average over the batch (reduction='mean'), got reduction={reduction!r}"
+        )
+
+
+def statistics_dtype(params: Mapping[str, Tensor]) -> torch.dtype:
+    """The dtype statistics are accumulated in: at least float32 (half types are too coarse)."""
+    dtype = next(iter(params.values())).dtype
+    return dtype if dtype in (torch.float32, torch.float64) else torch.float32

@@ -1,0 +1,142 @@
+r"""Loss-model criteria with the step-size constraint (Laurent et al. 2020, Sec. 3).
+
+Removing weight :math:`q` is the step :math:`\Delta\theta = -\theta_q e_q`. Each criterion predicts
+the loss change of that single step with a local model of the loss and adds the penalty
+:math:`\tfrac12\lambda\Delta\theta_q^2 = \tfrac12\lambda\theta_q^2`, which keeps the steps where
+the model can be trusted (λ ≥ 0). With :math:`g` the gradient and :math:`D` a diagonal curvature
+estimate, means over the scoring examples:
+
+============== ===========================================================================
+LinearModel    :math:`|g_q\theta_q| + \tfrac12\lambda\theta_q^2`
+QuadraticModel :math:`|-g_q\theta_q + \tfrac12 D_q\theta_q^2| + \tfrac12\lambda\theta_q^2`
+OBD            :math:`\tfrac12 D_q\theta_q^2 + \tfrac12\lambda\theta_q^2` (LeCun et al. 1990)
+============== ===========================================================================
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor
+
+from ..curvature import Statistic
+from .base import Criterion, ScoringContext, check_lam
+
+__all__ = ["LinearModel", "QuadraticModel", "OBD", "CURVATURES"]
+
+#: Diagonal curvature estimates a quadratic model can use.
+CURVATURES = ("fisher", "fisher_mc", "hessian_diag")
+
+
+def _curvature_statistic(curvature: object, mc_samples: object, probes: object) -> Statistic:
+    if not isinstance(curvature, str):
+        raise TypeError(f"curvature must be a str, got {type(curvature).__name__}")
+    if curvature == "fisher":
+        return Statistic("fisher")
+    if curvature == "fisher_mc":
+        return Statistic("fisher_mc", mc_samples)  # type: ignore[arg-type]
+    if curvature == "hessian_diag":
+        return Statistic("hutchinson", probes)  # type: ignore[arg-type]
+    raise ValueError(f"curvature must be one of {CURVATURES}, got {curvature!r}")
+
+
+class _DiagonalCurvatureModel(Criterion):
+    """Shared options of the criteria that read a diagonal curvature estimate ``D``."""
+
+    def __init__(
+        self,
+        lam: float = 0.0,
+        curvature: str = "fisher",
+        *,
+        mc_samples: int = 10,
+        probes: int = 64,
+    ) -> None:
+        self.lam = check_lam(lam)
+        self._curvature = _curvature_statistic(curvature, mc_samples, probes)
+        self.curvature = curvature
+        self.mc_samples = mc_samples
+        self.probes = probes
+
+    def _options(self) -> dict[str, Any]:
+        options: dict[str, Any] = {"lam": self.lam, "curvature": self.curvature}
+        if self.curvature == "fisher_mc":
+            options["mc_samples"] = self.mc_samples
+        if self.curvature == "hessian_diag":
+            options["probes"] = self.probes
+        return options
+
+    def _diagonal(self, context: ScoringContext) -> dict[str, Tensor]:
+        assert context.statistics is not None
+        return context.statistics[self._curvature]
+
+
+class LinearModel(Criterion):
+    r"""First-order loss model (LM): :math:`s_q = |g_q\theta_q| + \tfrac12\lambda\theta_q^2`.
+
+    Args:
+        lam: strength λ ≥ 0 of the step-size constraint.
+    """
+
+    def __init__(self, lam: float = 0.0) -> None:
+        self.lam = check_lam(lam)
+
+    def requests(self) -> frozenset[Statistic]:
+        return frozenset({Statistic("grad")})
+
+    def score(self, context: ScoringContext) -> dict[str, Tensor]:
+        assert context.statistics is not None
+        grad = context.statistics.grad
+        return {
+            k: (grad[k].to(p.dtype) * p).abs() + 0.5 * self.lam * p.square()
+            for k, p in context.params.items()
+        }
+
+    def _options(self) -> dict[str, Any]:
+        return {"lam": self.lam}
+
+
+class QuadraticModel(_DiagonalCurvatureModel):
+    r"""Second-order loss model (QM) with diagonal curvature.
+
+    .. math:: s_q = \left|-g_q\theta_q + \tfrac12 D_q\theta_q^2\right| + \tfrac12\lambda\theta_q^2
+
+    Args:
+        lam: strength λ ≥ 0 of the step-size constraint.
+        curvature: ``"fisher"`` (exact Fisher/GGN diagonal, the paper's default),
+            ``"fisher_mc"`` (Monte-Carlo with ``mc_samples`` labels per example) or
+            ``"hessian_diag"`` (Hutchinson with ``probes`` Rademacher probes per batch).
+        mc_samples: labels sampled per example for ``"fisher_mc"`` (paper: 10).
+        probes: probes per batch for ``"hessian_diag"``.
+    """
+
+    def requests(self) -> frozenset[Statistic]:
+        return frozenset({Statistic("grad"), self._curvature})
+
+    def score(self, context: ScoringContext) -> dict[str, Tensor]:
+        assert context.statistics is not None
+        grad = context.statistics.grad
+        diag = self._diagonal(context)
+        return {
+            k: (-grad[k].to(p.dtype) * p + 0.5 * diag[k].to(p.dtype) * p.square()).abs()
+            + 0.5 * self.lam * p.square()
+            for k, p in context.params.items()
+        }
+
+
+class OBD(_DiagonalCurvatureModel):
+    r"""Optimal Brain Damage (LeCun et al. 1990) with the step-size constraint.
+
+    .. math:: s_q = \tfrac12 D_q\theta_q^2 + \tfrac12\lambda\theta_q^2
+
+    OBD assumes a minimum (no gradient term). Arguments as :class:`QuadraticModel`.
+    """
+
+    def requests(self) -> frozenset[Statistic]:
+        return frozenset({self._curvature})
+
+    def score(self, context: ScoringContext) -> dict[str, Tensor]:
+        diag = self._diagonal(context)
+        return {
+            k: 0.5 * (diag[k].to(p.dtype) + self.lam) * p.square()
+            for k, p in context.params.items()
+        }

@@ -1,0 +1,119 @@
+"""Scores of a criterion at the current weights: statistics pass, then the criterion's formula."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ._data import check_data
+from ._functional import check_deterministic
+from .criteria.base import Criterion, ScoringContext
+from .curvature import LossFn, NonFiniteError, Statistics, compute_statistics
+from .masks import prunable_parameters
+
+__all__ = ["scores", "compute_scores", "check_criterion"]
+
+
+def check_criterion(criterion: object, data: Any, loss_fn: object) -> Criterion:
+    """Validate a criterion together with what it needs (data and a loss for statistics)."""
+    if not isinstance(criterion, Criterion):
+        raise TypeError(
+            f"criterion must be a lossprune.Criterion, got {type(criterion).__name__}"
+        )
+    if data is not None:
+        check_data(data)
+    if criterion.requests():
+        if data is None:
+            raise ValueError(f"{criterion!r} computes statistics of the loss: pass data=...")
+        if loss_fn is None:
+            raise ValueError(f"{criterion!r} computes statistics of the loss: pass loss_fn=...")
+    if loss_fn is not None and not callable(loss_fn):
+        raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
+    return criterion
+
+
+def compute_scores(
+    model: nn.Module,
+    criterion: Criterion,
+    params: Mapping[str, Tensor],
+    data: Any,
+    loss_fn: LossFn | None,
+    *,
+    generator: torch.Generator | None = None,
+    chunk_size: int | None = None,
+) -> tuple[dict[str, Tensor], Statistics | None]:
+    """Run the statistics pass the criterion asks for, then score.
+
+    Returns:
+        ``(scores, statistics)``; ``statistics`` is ``None`` for data-free criteria.
+
+    Raises:
+        NonFiniteError: a loss, gradient, statistic or score is NaN or infinite.
+    """
+    params = {k: p.detach() for k, p in params.items()}
+    statistics = None
+    requests = criterion.requests()
+    if requests:
+        assert loss_fn is not None
+        statistics = compute_statistics(
+            model, params, data, loss_fn, requests, generator=generator, chunk_size=chunk_size
+        )
+    result = criterion.score(ScoringContext(model, params, statistics, data))
+    for name, param in params.items():
+        score = result.get(name)
+        if score is None or score.shape != param.shape:
+            raise RuntimeError(f"{criterion!r} returned no score of the right shape for {name!r}")
+        if not torch.isfinite(score).all():
+            raise NonFiniteError(
+                f"{criterion!r} gave a non-finite score for {name!r}; nothing was modified"
+            )
+    return result, statistics
+
+
+def scores(
+    model: nn.Module,
+    criterion: Criterion,
+    data: Any = None,
+    *,
+    loss_fn: LossFn | None = None,
+    include: Any = None,
+    exclude: Any = None,
+    generator: torch.Generator | None = None,
+    chunk_size: int | None = None,
+) -> dict[str, Tensor]:
+    """Per-weight scores of ``criterion`` for the prunable weights of ``model``, lower = pruned first.
+
+    Args:
+        model: the network, in eval mode if it has batch norm or dropout.
+        criterion: any :class:`~lossprune.Criterion` (or a composite).
+        data: an ``(inputs, targets)`` batch or a re-iterable of batches (DataLoader); statistics
+            are example-weighted means over all of it. Not needed by data-free criteria.
+        loss_fn: batch-mean loss ``loss_fn(outputs, targets)``.
+        include, exclude: which parameters to score (see
+            :func:`lossprune.masks.prunable_parameters`); default every Linear/Conv ``.weight``.
+        generator: random source for Monte-Carlo criteria.
+        chunk_size: memory bound for the curvature routines.
+
+    Returns:
+        Qualified parameter name to a score tensor shaped like the parameter.
+
+    Example:
+        >>> import torch
+        >>> from lossprune import LinearModel, scores
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 3))
+        >>> batch = (torch.randn(8, 4), torch.randint(0, 3, (8,)))
+        >>> s = scores(model, LinearModel(lam=1e-3), batch, loss_fn=torch.nn.CrossEntropyLoss())
+        >>> s["0.weight"].shape
+        torch.Size([3, 4])
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    check_criterion(criterion, data, loss_fn)
+    check_deterministic(model)
+    params = prunable_parameters(model, include, exclude)
+    return compute_scores(
+        model, criterion, params, data, loss_fn, generator=generator, chunk_size=chunk_size
+    )[0]
