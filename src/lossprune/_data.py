@@ -26,9 +26,13 @@ def is_single_batch(data: Any) -> bool:
 def check_data(data: Any) -> None:
     """Fail early on data of the wrong kind (before any weight is touched)."""
     if data is None:
-        raise TypeError("data must be an (inputs, targets) tuple or an iterable of such batches, got None")
+        raise TypeError(
+            "data must be an (inputs, targets) tuple or an iterable of such batches, got None"
+        )
     if isinstance(data, Tensor):
-        raise TypeError("data must be an (inputs, targets) tuple or an iterable of such batches, got a Tensor")
+        raise TypeError(
+            "data must be an (inputs, targets) tuple or an iterable of such batches, got a Tensor"
+        )
     if is_single_batch(data):
         inputs, targets = data
         if len(inputs) == 0:

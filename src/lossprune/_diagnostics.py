@@ -49,9 +49,7 @@ def predicted_loss_change(
 
 
 @torch.no_grad()
-def mean_loss(
-    model: nn.Module, params: Mapping[str, Tensor], data: Any, loss_fn: LossFn
-) -> float:
+def mean_loss(model: nn.Module, params: Mapping[str, Tensor], data: Any, loss_fn: LossFn) -> float:
     """Example-weighted mean loss over ``data`` with the prunable weights set to ``params``."""
     device = next(iter(params.values())).device
     fmodel = FunctionalModel(model, params)

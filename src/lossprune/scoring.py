@@ -20,9 +20,7 @@ __all__ = ["scores", "compute_scores", "check_criterion"]
 def check_criterion(criterion: object, data: Any, loss_fn: object) -> Criterion:
     """Validate a criterion together with what it needs (data and a loss for statistics)."""
     if not isinstance(criterion, Criterion):
-        raise TypeError(
-            f"criterion must be a lossprune.Criterion, got {type(criterion).__name__}"
-        )
+        raise TypeError(f"criterion must be a lossprune.Criterion, got {type(criterion).__name__}")
     if data is not None:
         check_data(data)
     if criterion.requests():
@@ -84,7 +82,7 @@ def scores(
     generator: torch.Generator | None = None,
     chunk_size: int | None = None,
 ) -> dict[str, Tensor]:
-    """Per-weight scores of ``criterion`` for the prunable weights of ``model``, lower = pruned first.
+    """Scores of ``criterion`` for the prunable weights of ``model``, lower = pruned first.
 
     Args:
         model: the network, in eval mode if it has batch norm or dropout.

@@ -29,6 +29,11 @@ CURVATURES = ("fisher", "fisher_mc", "hessian_diag")
 
 
 def _curvature_statistic(curvature: object, mc_samples: object, probes: object) -> Statistic:
+    for name, value in (("mc_samples", mc_samples), ("probes", probes)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
     if not isinstance(curvature, str):
         raise TypeError(f"curvature must be a str, got {type(curvature).__name__}")
     if curvature == "fisher":

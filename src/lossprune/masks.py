@@ -1,0 +1,503 @@
+r"""Selection and application of unstructured pruning masks.
+
+Conventions used throughout this module (and by everything built on it):
+
+- A *mask* is a ``bool`` tensor shaped like the parameter it belongs to; ``True`` means the entry
+  is kept, ``False`` that it is pruned (held at zero).
+- Masks, scores and parameters are dictionaries keyed by the parameter's qualified name, as
+  :meth:`torch.nn.Module.named_parameters` spells it (``"features.0.weight"``).
+- *Sparsity* is the fraction of entries that are pruned (zero); *density* is ``1 - sparsity``,
+  the fraction that is kept.
+- *Scores*: lower = pruned first. Masks are cumulative: an entry pruned once stays pruned, so a
+  new mask is always a subset of the previous one.
+- At sparsity :math:`p` exactly :math:`k = \operatorname{round}(P \cdot p)` entries are zero,
+  :math:`P` the number of entries (Python's ``round``, which rounds halves to even), as in
+  Laurent et al., "Revisiting Loss Modelling for Unstructured Pruning", arXiv:2006.12279.
+
+The converters :func:`to_torch_prune` and :func:`from_torch_prune` move masks to and from the
+``weight_orig`` / ``weight_mask`` form of :mod:`torch.nn.utils.prune`.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import re
+from collections.abc import Iterable, Mapping
+from fractions import Fraction
+
+import torch
+from torch import Tensor, nn
+from torch.nn.modules.conv import _ConvNd
+from torch.nn.utils import prune
+
+__all__ = [
+    "prunable_parameters",
+    "select_masks",
+    "apply_masks",
+    "count_pruned",
+    "sparsity_of",
+    "layer_densities",
+    "to_torch_prune",
+    "from_torch_prune",
+]
+
+_SCOPES = ("global", "layerwise")
+
+
+# --------------------------------------------------------------------------------------------
+# Which parameters are pruned
+# --------------------------------------------------------------------------------------------
+
+
+def prunable_parameters(model: nn.Module, include=None, exclude=None) -> dict[str, nn.Parameter]:
+    r"""The parameters of ``model`` that pruning may touch, keyed by qualified name.
+
+    By default these are the ``.weight`` of every :class:`~torch.nn.Linear` and every convolution
+    (``Conv1d/2d/3d`` and their transposed forms), as in the paper: no biases, no normalisation
+    parameters. They come in ``model.named_parameters()`` order, which follows
+    ``model.named_modules()``.
+
+    A parameter shared by several modules (tied weights) is counted once, under the first name
+    ``named_parameters()`` gives it. Frozen parameters (``requires_grad=False``) are skipped.
+
+    Args:
+        model: The network.
+        include: ``None``, a string or an iterable of strings. Each string selects the parameters
+            whose qualified name equals it or matches it as a regular expression
+            (:func:`re.fullmatch`). When given, the candidates are *all* parameters of the model
+            that match any pattern, not only the default weights. A tied parameter matches if any
+            of its names does.
+        exclude: Same form as ``include``; matching parameters are removed from the candidates.
+
+    Returns:
+        Qualified name to parameter, e.g. ``{"features.0.weight": Parameter, ...}``.
+
+    Raises:
+        TypeError: ``model`` is not a module, or a pattern is not a string.
+        ValueError: A pattern matches no parameter of the model, or nothing is left to prune.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+        >>> list(prunable_parameters(net))
+        ['0.weight', '2.weight']
+        >>> list(prunable_parameters(net, include=r".*\.bias", exclude="2.bias"))
+        ['0.bias']
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    include = _patterns(include, "include")
+    exclude = _patterns(exclude, "exclude")
+
+    # Every name of every parameter, grouped by parameter: the first name is the canonical one
+    # (the one named_parameters() and functional_call use), the others are aliases of tied weights.
+    names: dict[int, list[str]] = {}
+    params: dict[int, nn.Parameter] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(param), []).append(name)
+        params.setdefault(id(param), param)
+    all_names = [name for group in names.values() for name in group]
+    for option, patterns in (("include", include), ("exclude", exclude)):
+        for pattern in patterns or ():
+            if not any(_matches(pattern, name) for name in all_names):
+                raise ValueError(f"{option} pattern {pattern!r} matches no parameter of the model")
+
+    if include is None:
+        chosen = {
+            id(module.weight)
+            for module in model.modules()
+            if isinstance(module, (nn.Linear, _ConvNd))
+            and isinstance(module._parameters.get("weight"), nn.Parameter)
+        }
+    else:
+        chosen = {key for key, group in names.items() if _any_match(include, group)}
+    if exclude is not None:
+        chosen = {key for key in chosen if not _any_match(exclude, names[key])}
+
+    selected = {
+        names[key][0]: params[key] for key in names if key in chosen and params[key].requires_grad
+    }
+    if not selected:
+        raise ValueError(
+            "no prunable parameters: the model has no trainable Linear or Conv weight "
+            "left after include/exclude"
+        )
+    return selected
+
+
+def _patterns(patterns, option: str) -> list[str] | None:
+    """Normalise an include/exclude argument to ``None`` or a list of strings."""
+    if patterns is None:
+        return None
+    if isinstance(patterns, str):
+        return [patterns]
+    if not isinstance(patterns, Iterable):
+        raise TypeError(
+            f"{option} must be None, a string or an iterable of strings, "
+            f"got {type(patterns).__name__}"
+        )
+    patterns = list(patterns)
+    for pattern in patterns:
+        if not isinstance(pattern, str):
+            raise TypeError(f"{option} patterns must be strings, got {type(pattern).__name__}")
+    return patterns
+
+
+def _matches(pattern: str, name: str) -> bool:
+    """Exact name, or a regular expression matching the whole name."""
+    if pattern == name:
+        return True
+    try:
+        return re.fullmatch(pattern, name) is not None
+    except re.error:
+        # Not a valid regular expression: then it can only have been meant as an exact name.
+        return False
+
+
+def _any_match(patterns: list[str], names: list[str]) -> bool:
+    return any(_matches(pattern, name) for pattern in patterns for name in names)
+
+
+# --------------------------------------------------------------------------------------------
+# Selection
+# --------------------------------------------------------------------------------------------
+
+
+def select_masks(
+    scores: dict[str, Tensor],
+    masks: dict[str, Tensor],
+    *,
+    sparsity: float,
+    scope: str = "global",
+    min_density: float = 0.0,
+) -> dict[str, Tensor]:
+    r"""New cumulative masks with exactly the target number of pruned entries.
+
+    Entries are pruned lowest score first. Entries already pruned (``False`` in ``masks``) count
+    as pruned whatever their score (as if it were :math:`-\infty`), so the pruned set only grows.
+
+    - ``scope="global"``: :math:`k = \operatorname{round}(P \cdot p)` entries are pruned over all
+      tensors together, :math:`P` the total number of entries.
+    - ``scope="layerwise"``: tensor :math:`l` with :math:`n_l` entries gets
+      :math:`k_l = \operatorname{round}(n_l \cdot p)`.
+
+    Ties are broken deterministically: among equal scores, the entry that comes first in the
+    concatenation order (the order of ``masks``, then the row-major flattened index) is pruned
+    first. The selection is linear time (:func:`torch.kthvalue` plus a scan), not a full sort.
+
+    With ``min_density`` :math:`d > 0` every tensor keeps at least :math:`\lceil d \, n_l \rceil`
+    entries (computed exactly from the decimal value of :math:`d`, so ``0.3`` of 10 entries is 3),
+    unless it already has fewer, which cannot be undone. Globally, the :math:`k` lowest entries
+    subject to these per-tensor limits are pruned; this guards against layer collapse.
+
+    Args:
+        scores: Name to score tensor shaped like the mask; lower = pruned first. Scores of kept
+            entries must be finite; those of pruned entries are ignored.
+        masks: Name to current ``bool`` mask (``True`` = kept). Not modified.
+        sparsity: Target fraction of pruned entries, a real number in ``[0, 1)``.
+        scope: ``"global"`` (one ranking over all tensors) or ``"layerwise"``.
+        min_density: Fraction of each tensor that must stay, in ``[0, 1)``.
+
+    Returns:
+        Name to new ``bool`` mask, in the order of ``masks``, on each mask's device.
+
+    Raises:
+        TypeError: Wrong argument types (non-tensor, non-bool mask, non-real sparsity, ...).
+        ValueError: Mismatched keys or shapes, sparsity, scope or min_density out of range,
+            a non-finite score on a kept entry, a target below the number already pruned
+            (masks never shrink), or a target that ``min_density`` makes unreachable.
+
+    Example:
+        >>> scores = {"w": torch.tensor([3.0, 1.0, 2.0, 1.0])}
+        >>> masks = {"w": torch.ones(4, dtype=torch.bool)}
+        >>> select_masks(scores, masks, sparsity=0.5)["w"]
+        tensor([ True, False,  True, False])
+    """
+    _check_selection_args(scores, masks, sparsity, scope, min_density)
+    names = list(masks)
+    keys = _selection_keys(scores, masks, names)
+    sizes = [key.numel() for key in keys]
+    already = [int(masks[name].numel() - masks[name].count_nonzero()) for name in names]
+    # Most entries each tensor may lose: what min_density leaves, or what it has already lost.
+    caps = [
+        max(n - _ceil_times(min_density, n), pruned)
+        for n, pruned in zip(sizes, already, strict=True)
+    ]
+
+    if scope == "layerwise":
+        pruned = []
+        for name, key, n, done, cap in zip(names, keys, sizes, already, caps, strict=True):
+            k = round(n * float(sparsity))
+            _check_target(k, done, cap, f"tensor {name!r} ({n} entries)", sparsity, min_density)
+            pruned.append(_lowest(key, k))
+    else:
+        total = sum(sizes)
+        k = round(total * float(sparsity))
+        _check_target(k, sum(already), sum(caps), f"{total} entries", sparsity, min_density)
+        pruned = _lowest(torch.cat(keys), k).split(sizes)
+        if any(int(p.count_nonzero()) > cap for p, cap in zip(pruned, caps, strict=True)):
+            # Each tensor may only lose its `cap` lowest entries; pushing the others to +inf
+            # leaves them out of the global choice (the capacity check keeps k below their rank).
+            # When no limit binds, the unconstrained choice above is already the answer.
+            keys = [
+                key if cap >= n else key.masked_fill(~_lowest(key, cap), math.inf)
+                for key, cap, n in zip(keys, caps, sizes, strict=True)
+            ]
+            pruned = _lowest(torch.cat(keys), k).split(sizes)
+
+    return {
+        name: (~chosen).reshape(masks[name].shape).to(masks[name].device)
+        for name, chosen in zip(names, pruned, strict=True)
+    }
+
+
+def _check_selection_args(scores, masks, sparsity, scope, min_density) -> None:
+    """Validate everything :func:`select_masks` gets before any work is done."""
+    for option, value in (("scores", scores), ("masks", masks)):
+        if not isinstance(value, Mapping):
+            raise TypeError(f"{option} must be a dict of tensors, got {type(value).__name__}")
+    if set(scores) != set(masks):
+        raise ValueError(
+            "scores and masks must have the same keys; only in scores: "
+            f"{sorted(set(scores) - set(masks))}, only in masks: {sorted(set(masks) - set(scores))}"
+        )
+    if not masks:
+        raise ValueError("masks is empty: nothing to select from")
+    for name, mask in masks.items():
+        score = scores[name]
+        if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
+            raise TypeError(f"masks[{name!r}] must be a bool tensor, got {_describe(mask)}")
+        if not isinstance(score, Tensor) or score.dtype == torch.bool or score.is_complex():
+            raise TypeError(f"scores[{name!r}] must be a real tensor, got {_describe(score)}")
+        if score.shape != mask.shape:
+            raise ValueError(
+                f"scores[{name!r}] has shape {tuple(score.shape)} but masks[{name!r}] has shape "
+                f"{tuple(mask.shape)}"
+            )
+    _check_fraction(sparsity, "sparsity")
+    _check_fraction(min_density, "min_density")
+    if not isinstance(scope, str) or scope not in _SCOPES:
+        raise ValueError(f"scope must be one of {_SCOPES}, got {scope!r}")
+
+
+def _check_fraction(value, option: str) -> None:
+    # bool is an int subclass, but sparsity=True is certainly a mistake.
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{option} must be a real number in [0, 1), got {value!r}")
+    if not 0.0 <= float(value) < 1.0:
+        raise ValueError(f"{option} must be in [0, 1), got {value!r}")
+
+
+def _describe(value) -> str:
+    if isinstance(value, Tensor):
+        return f"a tensor of dtype {value.dtype}"
+    return type(value).__name__
+
+
+def _selection_keys(scores, masks, names) -> list[Tensor]:
+    """Flat score tensors with pruned entries at -inf, on the first score's device.
+
+    All keys share one floating dtype so that they can be concatenated; widening float16 or
+    integer scores to float32/float64 keeps their order.
+    """
+    dtype = scores[names[0]].dtype
+    for name in names:
+        dtype = torch.promote_types(dtype, scores[name].dtype)
+    dtype = torch.promote_types(dtype, torch.float32) if dtype.is_floating_point else torch.float64
+    device = scores[names[0]].device
+    keys = []
+    for name in names:
+        score = scores[name].reshape(-1).to(device=device, dtype=dtype)
+        kept = masks[name].reshape(-1).to(device)
+        if not bool(torch.isfinite(score).logical_or(~kept).all()):
+            raise ValueError(f"scores[{name!r}] has non-finite values (NaN or inf) on kept entries")
+        keys.append(score.masked_fill(~kept, -math.inf))
+    return keys
+
+
+def _ceil_times(fraction, n: int) -> int:
+    """``ceil(fraction * n)`` without float error (0.3 * 10 is 3.0000000000000004 in floats)."""
+    return math.ceil(Fraction(repr(float(fraction))) * n)
+
+
+def _check_target(k: int, done: int, cap: int, what: str, sparsity, min_density) -> None:
+    if k < done:
+        raise ValueError(
+            f"sparsity {sparsity!r} asks for {k} pruned of {what} but {done} are already pruned; "
+            "masks never shrink"
+        )
+    if k > cap:
+        raise ValueError(
+            f"sparsity {sparsity!r} asks for {k} pruned of {what} but min_density={min_density!r} "
+            f"allows at most {cap}"
+        )
+
+
+def _lowest(keys: Tensor, k: int) -> Tensor:
+    """Bool tensor marking the ``k`` lowest entries of the 1-d ``keys``, ties by lower index.
+
+    The k-th smallest value is the threshold: everything strictly below it is chosen, and the
+    entries equal to it are taken in index order until there are ``k``. This is the same set a
+    stable sort would give, in linear instead of n log n time.
+    """
+    if k <= 0:
+        return torch.zeros_like(keys, dtype=torch.bool)
+    if k >= keys.numel():
+        return torch.ones_like(keys, dtype=torch.bool)
+    threshold = torch.kthvalue(keys, k).values
+    below = keys < threshold
+    tied = keys == threshold
+    needed = k - int(below.count_nonzero())
+    # Usually every tied entry is needed; the cumulative count is only paid for when not.
+    if int(tied.count_nonzero()) > needed:
+        tied &= tied.cumsum(0) <= needed
+    return below | tied
+
+
+# --------------------------------------------------------------------------------------------
+# Application and bookkeeping
+# --------------------------------------------------------------------------------------------
+
+
+def apply_masks(params: dict[str, Tensor], masks: dict[str, Tensor]) -> None:
+    """Zero the pruned entries of ``params`` in place.
+
+    Parameters keep their identity (the same tensor objects, so optimizers and the model's
+    ``state_dict`` keys are unaffected). Everything is validated before any entry is written.
+
+    Args:
+        params: Name to parameter (or tensor), e.g. from :func:`prunable_parameters`.
+        masks: Name to ``bool`` mask (``True`` = kept); every name must be in ``params``.
+
+    Raises:
+        TypeError: A mask is not a bool tensor.
+        ValueError: A mask names no parameter, or its shape differs from the parameter's.
+    """
+    if not isinstance(params, Mapping) or not isinstance(masks, Mapping):
+        raise TypeError("params and masks must be dicts of tensors")
+    for name, mask in masks.items():
+        if name not in params:
+            raise ValueError(f"masks[{name!r}] names no entry of params")
+        if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
+            raise TypeError(f"masks[{name!r}] must be a bool tensor, got {_describe(mask)}")
+        if mask.shape != params[name].shape:
+            raise ValueError(
+                f"masks[{name!r}] has shape {tuple(mask.shape)} but the parameter has shape "
+                f"{tuple(params[name].shape)}"
+            )
+    with torch.no_grad():
+        for name, mask in masks.items():
+            param = params[name]
+            param.masked_fill_(~mask.to(param.device), 0)
+
+
+def count_pruned(masks: dict[str, Tensor]) -> int:
+    """Number of pruned (``False``) entries over all masks."""
+    return sum(mask.numel() - int(mask.count_nonzero()) for mask in _bool_masks(masks))
+
+
+def sparsity_of(masks: dict[str, Tensor]) -> float:
+    """Fraction of entries pruned over all masks (0.0 when there are no entries)."""
+    total = sum(mask.numel() for mask in _bool_masks(masks))
+    return count_pruned(masks) / total if total else 0.0
+
+
+def layer_densities(masks: dict[str, Tensor]) -> dict[str, float]:
+    """Name to fraction of the tensor's entries kept (1.0 for a tensor with no entries)."""
+    _bool_masks(masks)
+    return {
+        name: int(mask.count_nonzero()) / mask.numel() if mask.numel() else 1.0
+        for name, mask in masks.items()
+    }
+
+
+def _bool_masks(masks) -> list[Tensor]:
+    if not isinstance(masks, Mapping):
+        raise TypeError(f"masks must be a dict of bool tensors, got {type(masks).__name__}")
+    for name, mask in masks.items():
+        if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
+            raise TypeError(f"masks[{name!r}] must be a bool tensor, got {_describe(mask)}")
+    return list(masks.values())
+
+
+# --------------------------------------------------------------------------------------------
+# torch.nn.utils.prune interoperability
+# --------------------------------------------------------------------------------------------
+
+
+def to_torch_prune(model: nn.Module, masks: dict[str, Tensor]) -> None:
+    """Attach ``masks`` to ``model`` in :mod:`torch.nn.utils.prune` form.
+
+    For each name ``"a.b.weight"``, :func:`torch.nn.utils.prune.custom_from_mask` is applied to
+    module ``a.b``: the parameter becomes ``weight_orig``, the mask the buffer ``weight_mask``, and
+    ``weight`` is recomputed as their product before every forward pass. This changes the
+    model's ``state_dict`` keys; :func:`from_torch_prune` goes back.
+
+    A tied weight is masked only in the module its name points to: ``torch.nn.utils.prune``
+    works per module, and the other modules keep using the unmasked ``weight_orig``.
+
+    Args:
+        model: The network.
+        masks: Qualified parameter name to ``bool`` mask (``True`` = kept).
+
+    Raises:
+        TypeError: A mask is not a bool tensor.
+        ValueError: A name does not lead to a parameter of ``model`` or the shapes differ.
+    """
+    targets = []
+    for name, mask in masks.items():
+        module, attribute = _owner(model, name)
+        if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
+            raise TypeError(f"masks[{name!r}] must be a bool tensor, got {_describe(mask)}")
+        param = module._parameters[attribute]
+        if mask.shape != param.shape:
+            raise ValueError(
+                f"masks[{name!r}] has shape {tuple(mask.shape)} but the parameter has shape "
+                f"{tuple(param.shape)}"
+            )
+        targets.append((module, attribute, mask.to(param.device)))
+    for module, attribute, mask in targets:
+        prune.custom_from_mask(module, attribute, mask)
+
+
+def from_torch_prune(model: nn.Module, *, remove: bool = False) -> dict[str, Tensor]:
+    """Read the masks of a model pruned with :mod:`torch.nn.utils.prune`.
+
+    Args:
+        model: A network whose modules carry ``torch.nn.utils.prune`` pre-hooks
+            (``weight_orig`` / ``weight_mask``).
+        remove: Also make the pruning permanent with :func:`torch.nn.utils.prune.remove`: plain
+            parameters come back, with the pruned entries already zero.
+
+    Returns:
+        Qualified name of each pruned parameter (``"a.b.weight"``) to its ``bool`` mask
+        (``True`` = kept), in ``model.named_modules()`` order.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    masks = {}
+    pruned = []
+    for module_name, module in model.named_modules():
+        for hook in module._forward_pre_hooks.values():
+            if isinstance(hook, prune.BasePruningMethod):
+                attribute = hook._tensor_name
+                name = f"{module_name}.{attribute}" if module_name else attribute
+                # `!= 0` makes a new tensor, so the mask outlives the buffer prune.remove deletes.
+                masks[name] = getattr(module, attribute + "_mask") != 0
+                pruned.append((module, attribute))
+    if remove:
+        for module, attribute in pruned:
+            prune.remove(module, attribute)
+    return masks
+
+
+def _owner(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    """The module holding parameter ``name`` and the parameter's attribute name there."""
+    module_name, _, attribute = name.rpartition(".")
+    try:
+        module = model.get_submodule(module_name)
+    except AttributeError:
+        module = None
+    if module is None or not isinstance(module._parameters.get(attribute), nn.Parameter):
+        raise ValueError(f"{name!r} is not a parameter of the model")
+    return module, attribute
