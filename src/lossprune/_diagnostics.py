@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from ._data import iter_batches
+from ._distributed import all_reduce_floats
 from ._functional import FunctionalModel
 from .curvature import LossFn, hvp
 
@@ -32,7 +33,8 @@ def predicted_loss_change(
     gradient + Hessian-vector-product pass per batch.
 
     Returns:
-        ``(loss, predicted_change)``, example-weighted over ``data``.
+        ``(loss, predicted_change)``, example-weighted over ``data`` (and over all ranks of an
+        initialised process group).
     """
     device = next(iter(params.values())).device
     vectors = {k: d.unsqueeze(0) for k, d in delta.items()}
@@ -45,6 +47,9 @@ def predicted_loss_change(
         linear += n * sum(float((grad[k] * delta[k]).sum()) for k in delta)
         quadratic += n * sum(float((products[k][0] * delta[k]).sum()) for k in delta)
         examples += n
+    loss_sum, linear, quadratic, examples = all_reduce_floats(
+        [loss_sum, linear, quadratic, examples], device
+    )
     return loss_sum / examples, (linear + 0.5 * quadratic) / examples
 
 
@@ -58,4 +63,5 @@ def mean_loss(model: nn.Module, params: Mapping[str, Tensor], data: Any, loss_fn
     for inputs, targets in iter_batches(data, device):
         total += len(inputs) * float(loss_fn(fmodel(params, inputs), targets))
         examples += len(inputs)
+    total, examples = all_reduce_floats([total, examples], device)
     return total / examples

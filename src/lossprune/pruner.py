@@ -99,7 +99,10 @@ class Pruner:
     only grow. Laurent et al. (2020, Sec. 4) show that more stages keep the loss far lower.
 
     Args:
-        model: the network; pruned in place (parameters keep their identity).
+        model: the network; pruned in place (parameters keep their identity). A
+            ``DistributedDataParallel``/``DataParallel`` wrapper is unwrapped; with
+            :mod:`torch.distributed` initialised, every statistic and diagnostic is all-reduced
+            (example-weighted) so that all ranks select the same mask from their own shards.
         criterion: e.g. ``QuadraticModel(lam=1e-3)``.
         schedule: e.g. ``ExponentialSchedule(sparsity=0.9, stages=14)``.
         loss_fn: batch-mean loss ``loss_fn(outputs, targets)``.
@@ -156,6 +159,10 @@ class Pruner:
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            # Statistics are computed functionally on the wrapped network (its own all-reduce
+            # below replaces DDP's gradient sync); masks use the names of the unwrapped model.
+            model = model.module
         check_criterion(criterion, data, loss_fn)
         self._targets = _check_schedule(schedule)
         if scope not in _SCOPES:
