@@ -9,6 +9,7 @@ Unstructured Pruning" (arXiv:2006.12279)::
     reports = pruner.run()
 """
 
+from ._compensation import Compensation
 from .criteria import (
     OBD,
     Criterion,
@@ -20,7 +21,7 @@ from .criteria import (
     SynFlow,
 )
 from .curvature import NonFiniteError
-from .pruner import MaskHandle, Pruner, StageReport
+from .pruner import LayerCollapseError, LayerCollapseWarning, MaskHandle, Pruner, StageReport
 from .schedules import ExponentialSchedule, LinearSchedule, Schedule
 from .scoring import scores
 
@@ -28,9 +29,12 @@ __version__ = "0.1.0"
 
 __all__ = [
     "OBD",
+    "Compensation",
     "Criterion",
     "ExponentialSchedule",
     "GraSP",
+    "LayerCollapseError",
+    "LayerCollapseWarning",
     "LinearModel",
     "LinearSchedule",
     "Magnitude",

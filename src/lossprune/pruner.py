@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import numbers
 import time
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -14,6 +15,13 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from ._compensation import (
+    CGResult,
+    Compensation,
+    compensation_step,
+    curvature_product,
+    trust_region_step,
+)
 from ._data import random_subset
 from ._diagnostics import mean_loss, predicted_loss_change
 from ._functional import check_deterministic
@@ -30,9 +38,21 @@ from .masks import (
 from .schedules import Schedule
 from .scoring import check_criterion, compute_scores
 
-__all__ = ["Pruner", "StageReport"]
+__all__ = ["Pruner", "StageReport", "LayerCollapseWarning", "LayerCollapseError"]
 
 _SCOPES = ("global", "layerwise")
+_UPDATES = ("zero", "compensate")
+_ON_COLLAPSE = ("warn", "raise", "ignore")
+
+
+class LayerCollapseWarning(UserWarning):
+    """A stage pruned every weight of a layer: the network's output no longer depends on its input
+    through it (the OBD π = 1, λ = 0 divergence of Laurent et al. 2020, Sec. 5)."""
+
+
+class LayerCollapseError(ValueError):
+    """Raised instead of :class:`LayerCollapseWarning` with ``on_collapse="raise"``; nothing was
+    modified."""
 
 
 @dataclass(frozen=True)
@@ -44,7 +64,8 @@ class StageReport:
         target_sparsity: the schedule's target after this stage.
         sparsity: fraction of prunable weights pruned after this stage.
         pruned: number of weights pruned in this stage.
-        step_norm_sq: :math:`\\|\\Delta\\theta\\|^2`, the squared norm of the weights removed now.
+        step_norm_sq: :math:`\\|\\Delta\\theta\\|^2` of the stage: the squared norm of the
+            weights removed now (plus the compensation of the kept weights, if any).
         loss_before: mean loss on the stage's scoring data before the step (``None`` without
             diagnostics).
         loss_after: the same after the step.
@@ -52,6 +73,12 @@ class StageReport:
             \\tfrac12\\Delta\\theta^\\top H\\Delta\\theta` (exact Hessian).
         layer_density: fraction of each parameter kept, by qualified name.
         seconds: wall time of the stage.
+        update_lam: λ of the compensation update (``None`` when pruned weights are only zeroed).
+        compensated: whether the kept weights moved (``False``: ``auto_lam`` found no λ for
+            which the model held and fell back to zeroing only; ``None`` without compensation).
+        cg_iterations: curvature-vector products spent in conjugate gradients.
+        cg_residual: final relative CG residual.
+        cg_negative_curvature: CG stopped at a direction of negative curvature (Hessian only).
     """
 
     stage: int
@@ -64,6 +91,11 @@ class StageReport:
     predicted_delta: float | None
     layer_density: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
+    update_lam: float | None = None
+    compensated: bool | None = None
+    cg_iterations: int | None = None
+    cg_residual: float | None = None
+    cg_negative_curvature: bool | None = None
 
     @property
     def delta_loss(self) -> float | None:
@@ -122,6 +154,15 @@ class Pruner:
             report (one extra gradient + Hessian-vector pass and one forward pass per stage).
             Default: whenever ``data`` and ``loss_fn`` are given.
         chunk_size: memory bound passed to the curvature routines.
+        update: ``"zero"`` (the paper: pruned weights are set to zero, the rest is untouched),
+            ``"compensate"`` (the kept weights also take the step-size-constrained quadratic
+            model's best step, see :class:`Compensation`) or a :class:`Compensation`.
+        update_lam, curvature, cg_iters, cg_tol, auto_lam: shortcuts for the fields ``lam``,
+            ``curvature``, ``cg_iters``, ``cg_tol``, ``auto_lam`` of :class:`Compensation`
+            (only with ``update="compensate"``).
+        on_collapse: what to do when a stage would prune every weight of a layer: ``"warn"``
+            (:class:`LayerCollapseWarning`, default), ``"raise"`` (:class:`LayerCollapseError`
+            before anything is modified) or ``"ignore"``. ``min_density`` prevents it.
 
     Example:
         >>> import torch
@@ -156,6 +197,13 @@ class Pruner:
         eval_mode: bool = False,
         diagnostics: bool | None = None,
         chunk_size: int | None = None,
+        update: str | Compensation = "zero",
+        update_lam: float | None = None,
+        curvature: str | None = None,
+        cg_iters: int | None = None,
+        cg_tol: float | None = None,
+        auto_lam: bool | None = None,
+        on_collapse: str = "warn",
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -182,6 +230,19 @@ class Pruner:
             diagnostics = data is not None and loss_fn is not None
         elif diagnostics and (data is None or loss_fn is None):
             raise ValueError("diagnostics=True needs data and loss_fn")
+        shortcuts = {
+            "lam": update_lam,
+            "curvature": curvature,
+            "cg_iters": cg_iters,
+            "cg_tol": cg_tol,
+            "auto_lam": auto_lam,
+        }
+        self.compensation = _make_compensation(update, shortcuts)
+        if self.compensation is not None and (data is None or loss_fn is None):
+            raise ValueError("update='compensate' needs data and loss_fn")
+        if on_collapse not in _ON_COLLAPSE:
+            raise ValueError(f"on_collapse must be one of {_ON_COLLAPSE}, got {on_collapse!r}")
+        self.on_collapse = on_collapse
 
         self.model = model
         self.criterion = criterion
@@ -202,6 +263,10 @@ class Pruner:
         }
         self.stage = 0
         self.reports: list[StageReport] = []
+        # Compensation state carried across stages: λ (auto_lam) and the last kept-weight step
+        # (CG warm start). Both are checkpointed so that a resumed run is identical.
+        self._update_lam = None if self.compensation is None else self.compensation.lam
+        self._last_step: dict[str, Tensor] | None = None
 
     # ----------------------------------------------------------------------------------------
     # Running the schedule
@@ -249,7 +314,12 @@ class Pruner:
                 min_density=self.min_density,
             )
             newly_pruned = {k: self.masks[k] & ~masks[k] for k in masks}
-            delta = {k: torch.where(newly_pruned[k], -params[k], 0) for k in params}
+            self._check_collapse(masks)
+            cg = lam_used = None
+            if self.compensation is None:
+                delta = {k: torch.where(newly_pruned[k], -params[k], 0) for k in params}
+            else:
+                delta, cg, lam_used = self._compensate(params, masks, newly_pruned, data)
             loss_before = loss_after = predicted = None
             if self.diagnostics:
                 assert self.loss_fn is not None
@@ -263,9 +333,18 @@ class Pruner:
                         f"the loss after stage {self.stage + 1} is not finite; nothing was modified"
                     )
         step_norm_sq = float(sum(d.double().square().sum() for d in delta.values()))
-        apply_masks(self.params, masks)
+        with torch.no_grad():
+            for k, param in self.params.items():
+                param.add_(delta[k].to(param.dtype))
+        apply_masks(self.params, masks)  # pruned weights exactly zero, whatever the rounding
         self.masks = masks
         self.stage += 1
+        if self.compensation is not None:
+            assert lam_used is not None
+            # Levenberg-Marquardt: after a stage needed a larger λ, try a smaller one next time,
+            # never below the user's λ.
+            self._update_lam = max(self.compensation.lam, lam_used / 10.0)
+            self._last_step = {k: torch.where(masks[k], delta[k], 0) for k in delta}
         report = StageReport(
             stage=self.stage,
             target_sparsity=target,
@@ -277,9 +356,83 @@ class Pruner:
             predicted_delta=predicted,
             layer_density=layer_densities(masks),
             seconds=time.perf_counter() - start,
+            update_lam=lam_used,
+            compensated=None if self.compensation is None else cg is not None,
+            cg_iterations=None if cg is None else cg.iterations,
+            cg_residual=None if cg is None else cg.residual,
+            cg_negative_curvature=None if cg is None else cg.negative_curvature,
         )
         self.reports.append(report)
         return report
+
+    def _check_collapse(self, masks: dict[str, Tensor]) -> None:
+        emptied = [k for k, m in masks.items() if self.masks[k].any() and not m.any()]
+        if not emptied or self.on_collapse == "ignore":
+            return
+        message = (
+            f"stage {self.stage + 1} prunes every weight of {emptied} (layer collapse: the "
+            "output no longer depends on the input through it); pass min_density=... to keep "
+            "some weights in every layer"
+        )
+        if self.on_collapse == "raise":
+            raise LayerCollapseError(message + "; nothing was modified")
+        warnings.warn(message, LayerCollapseWarning, stacklevel=3)
+
+    def _compensate(
+        self,
+        params: dict[str, Tensor],
+        masks: dict[str, Tensor],
+        newly_pruned: dict[str, Tensor],
+        data: Any,
+    ) -> tuple[dict[str, Tensor], CGResult | None, float]:
+        """The compensated step, its CG result (``None``: auto_lam fell back to the zero step)
+        and the λ used."""
+        options = self.compensation
+        assert options is not None and self.loss_fn is not None and self._update_lam is not None
+        loss_fn = self.loss_fn
+
+        def solve(lam: float) -> tuple[dict[str, Tensor], CGResult]:
+            return compensation_step(
+                self.model,
+                params,
+                masks,
+                newly_pruned,
+                data,
+                loss_fn,
+                lam=lam,
+                curvature=options.curvature,
+                max_iters=options.cg_iters,
+                tol=options.cg_tol,
+                warm_start=self._last_step,
+                chunk_size=self.chunk_size,
+            )
+
+        if not options.auto_lam:
+            return (*solve(self._update_lam), self._update_lam)
+        loss_before = mean_loss(self.model, params, data, loss_fn)
+
+        def model_change(delta: dict[str, Tensor]) -> float:
+            grad, product = curvature_product(
+                self.model,
+                params,
+                data,
+                loss_fn,
+                delta,
+                curvature=options.curvature,
+                chunk_size=self.chunk_size,
+            )
+            return float(
+                sum((grad[k] * delta[k]).sum() + 0.5 * (product[k] * delta[k]).sum() for k in delta)
+            )
+
+        def measured_change(delta: dict[str, Tensor]) -> float:
+            after = {k: params[k] + delta[k] for k in params}
+            return mean_loss(self.model, after, data, loss_fn) - loss_before
+
+        zero_step = {k: torch.where(newly_pruned[k], -params[k], 0) for k in params}
+        return trust_region_step(
+            solve, model_change, measured_change, zero_step, self._update_lam, options
+        )
 
     def run(self) -> list[StageReport]:
         """Run every remaining stage; returns their reports (a progress bar if asked for)."""
@@ -353,6 +506,10 @@ class Pruner:
             "criterion": repr(self.criterion.config()),
             "scope": self.scope,
             "min_density": self.min_density,
+            "update_lam": self._update_lam,
+            "last_step": None
+            if self._last_step is None
+            else {k: v.detach().cpu().clone() for k, v in self._last_step.items()},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -387,6 +544,13 @@ class Pruner:
         self.masks = {k: masks[k].to(self.params[k].device).clone() for k in self.params}
         self.stage = stage
         self.generator.set_state(state["generator"])
+        self._update_lam = state.get("update_lam", self._update_lam)
+        last_step = state.get("last_step")
+        self._last_step = (
+            None
+            if last_step is None
+            else {k: last_step[k].to(self.params[k].device) for k in self.params}
+        )
         self.apply()
 
     # ----------------------------------------------------------------------------------------
@@ -446,6 +610,22 @@ def _check_schedule(schedule: object) -> tuple[float, ...]:
             raise ValueError(f"schedule target decreases at stage {stage}: masks never shrink")
         previous = target
     return targets
+
+
+def _make_compensation(update: object, shortcuts: dict[str, Any]) -> Compensation | None:
+    given = {k: v for k, v in shortcuts.items() if v is not None}
+    if isinstance(update, Compensation):
+        if given:
+            raise ValueError(f"pass {sorted(given)} inside the Compensation, not beside it")
+        return update
+    if update not in _UPDATES:
+        raise ValueError(f"update must be one of {_UPDATES} or a Compensation, got {update!r}")
+    if update == "zero":
+        if given:
+            names = ["update_lam" if k == "lam" else k for k in sorted(given)]
+            raise ValueError(f"{names} only apply with update='compensate'")
+        return None
+    return Compensation(**given)
 
 
 def _make_generator(generator: object) -> torch.Generator:
