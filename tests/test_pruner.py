@@ -13,6 +13,7 @@ from lossprune import (
     OBD,
     ExponentialSchedule,
     GraSP,
+    LayerCollapseWarning,
     LinearModel,
     LinearSchedule,
     Magnitude,
@@ -40,7 +41,10 @@ def data(n=40, dtype=torch.float64):
 def test_exact_counts_and_monotone_masks(schedule_cls, scope, criterion):
     model = make_mlp()
     schedule = schedule_cls(0.9, 5)
-    pruner = Pruner(model, criterion, schedule, loss_fn=CE, data=data(), scope=scope)
+    # 90% of a 62-weight MLP may empty its 12-weight last layer: not what is tested here.
+    pruner = Pruner(
+        model, criterion, schedule, loss_fn=CE, data=data(), scope=scope, on_collapse="ignore"
+    )
     sizes = {k: p.numel() for k, p in pruner.params.items()}
     total = sum(sizes.values())
     previous = {k: m.clone() for k, m in pruner.masks.items()}
@@ -333,7 +337,8 @@ def test_min_density_prevents_layer_collapse():
     pruner.run()
     assert pruner.masks["2.weight"].float().mean() >= 0.2
     unprotected = Pruner(original, Magnitude(), LinearSchedule(0.7, 1))
-    unprotected.run()
+    with pytest.warns(LayerCollapseWarning, match="2.weight"):
+        unprotected.run()
     assert not unprotected.masks["2.weight"].any()  # without it the layer collapses
     with pytest.raises(ValueError, match="min_density"):
         Pruner(model, Magnitude(), LinearSchedule(0.9, 1), min_density=0.2).step()

@@ -215,13 +215,10 @@ class Pruner:
         self._targets = _check_schedule(schedule)
         if scope not in _SCOPES:
             raise ValueError(f"scope must be one of {_SCOPES}, got {scope!r}")
-        if examples is not None:
-            if isinstance(examples, bool) or not isinstance(examples, numbers.Integral):
-                raise TypeError(f"examples must be an int or None, got {type(examples).__name__}")
-            if examples < 1:
-                raise ValueError(f"examples must be >= 1, got {examples}")
-            if data is None:
-                raise ValueError("examples=n needs data to draw from")
+        _check_optional_positive_int("examples", examples)
+        _check_optional_positive_int("chunk_size", chunk_size)
+        if examples is not None and data is None:
+            raise ValueError("examples=n needs data to draw from")
         if isinstance(min_density, bool) or not isinstance(min_density, numbers.Real):
             raise TypeError(f"min_density must be a real number, got {type(min_density).__name__}")
         if not 0.0 <= float(min_density) < 1.0:
@@ -610,6 +607,15 @@ def _check_schedule(schedule: object) -> tuple[float, ...]:
             raise ValueError(f"schedule target decreases at stage {stage}: masks never shrink")
         previous = target
     return targets
+
+
+def _check_optional_positive_int(name: str, value: object) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int or None, got {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
 
 
 def _make_compensation(update: object, shortcuts: dict[str, Any]) -> Compensation | None:
