@@ -221,6 +221,7 @@ def test_same_seed_gives_identical_masks():
             data=data(60),
             examples=10,
             generator=seed,
+            on_collapse="ignore",  # 1-sample Monte-Carlo OBD on a tiny MLP may empty a layer
         )
         pruner.run()
         return pruner.masks
