@@ -9,6 +9,8 @@ Unstructured Pruning" (arXiv:2006.12279)::
     reports = pruner.run()
 """
 
+from importlib.metadata import PackageNotFoundError, version
+
 from ._compensation import Compensation
 from .criteria import (
     OBD,
@@ -25,7 +27,10 @@ from .pruner import LayerCollapseError, LayerCollapseWarning, MaskHandle, Pruner
 from .schedules import ExponentialSchedule, LinearSchedule, Schedule
 from .scoring import scores
 
-__version__ = "0.1.0"
+try:
+    __version__ = version("lossprune")
+except PackageNotFoundError:  # a source tree that was never installed
+    __version__ = "0.0.0+unknown"
 
 __all__ = [
     "OBD",

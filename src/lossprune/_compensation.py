@@ -19,7 +19,6 @@ negative curvature (Steihaug 1983) and says so.
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -27,6 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ._checks import check_nonnegative, check_positive_int
 from ._data import iter_batches
 from ._distributed import all_reduce_floats, all_reduce_sum
 from .curvature import LossFn, hvp
@@ -72,17 +72,9 @@ class Compensation:
 
     def __post_init__(self) -> None:
         for name in ("lam", "cg_tol", "auto_lam_tol"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, numbers.Real):
-                raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-            if not (math.isfinite(value) and value >= 0):
-                raise ValueError(f"{name} must be finite and >= 0, got {value}")
+            check_nonnegative(name, getattr(self, name))
         for name in ("cg_iters", "auto_lam_tries"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-            if value < 1:
-                raise ValueError(f"{name} must be >= 1, got {value}")
+            check_positive_int(name, getattr(self, name))
         if self.curvature not in _CURVATURES:
             raise ValueError(f"curvature must be one of {_CURVATURES}, got {self.curvature!r}")
         if not isinstance(self.auto_lam, bool):
@@ -93,12 +85,12 @@ class Compensation:
 
 @dataclass(frozen=True)
 class CGResult:
-    """How the conjugate-gradient solve ended.
+    r"""How the conjugate-gradient solve ended.
 
     Attributes:
         iterations: curvature-vector products spent on CG iterations.
-        residual: final relative residual :math:`\\|b - Ax\\| / \\|b\\|`.
-        negative_curvature: CG met a direction with :math:`p^\\top A p \\le 0` and stopped.
+        residual: final relative residual :math:`\|b - Ax\| / \|b\|`.
+        negative_curvature: CG met a direction with :math:`p^\top A p \le 0` and stopped.
     """
 
     iterations: int
@@ -161,6 +153,7 @@ def compensation_step(
     r"""The full step :math:`\Delta` (pruned weights to zero, kept weights compensated).
 
     Args:
+        model: the network (called functionally, never modified).
         params: current weights θ.
         kept: bool masks of the weights kept AFTER this stage (:math:`K`).
         newly_pruned: bool masks of the weights pruned in this stage (:math:`P`).
@@ -169,6 +162,9 @@ def compensation_step(
         max_iters: CG iteration cap.
         tol: stop when the relative residual falls below it.
         warm_start: initial :math:`\delta_K` (e.g. the previous stage's step); zero otherwise.
+        data: scoring data, an ``(inputs, targets)`` batch or a DataLoader.
+        loss_fn: batch-mean loss.
+        chunk_size: memory bound for the curvature-vector products.
 
     Returns:
         ``(delta, result)`` with ``delta`` shaped like ``params``.

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import numbers
 import time
 import warnings
 from collections.abc import Iterator
@@ -15,6 +14,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from ._checks import check_fraction, check_optional_positive_int, is_int
 from ._compensation import (
     CGResult,
     Compensation,
@@ -46,31 +46,36 @@ _ON_COLLAPSE = ("warn", "raise", "ignore")
 
 
 class LayerCollapseWarning(UserWarning):
-    """A stage pruned every weight of a layer: the network's output no longer depends on its input
-    through it (the OBD π = 1, λ = 0 divergence of Laurent et al. 2020, Sec. 5)."""
+    """A stage pruned every weight of a layer.
+
+    The network's output then no longer depends on its input through that layer: the OBD π = 1,
+    λ = 0 divergence of Laurent et al. (2020, Sec. 5).
+    """
 
 
 class LayerCollapseError(ValueError):
-    """Raised instead of :class:`LayerCollapseWarning` with ``on_collapse="raise"``; nothing was
-    modified."""
+    """Raised instead of :class:`LayerCollapseWarning` with ``on_collapse="raise"``.
+
+    Nothing was modified when it is raised.
+    """
 
 
 @dataclass(frozen=True)
 class StageReport:
-    """What one pruning stage did.
+    r"""What one pruning stage did.
 
     Attributes:
         stage: 1-based stage number.
         target_sparsity: the schedule's target after this stage.
         sparsity: fraction of prunable weights pruned after this stage.
         pruned: number of weights pruned in this stage.
-        step_norm_sq: :math:`\\|\\Delta\\theta\\|^2` of the stage: the squared norm of the
+        step_norm_sq: :math:`\|\Delta\theta\|^2` of the stage: the squared norm of the
             weights removed now (plus the compensation of the kept weights, if any).
         loss_before: mean loss on the stage's scoring data before the step (``None`` without
             diagnostics).
         loss_after: the same after the step.
-        predicted_delta: the quadratic model's :math:`g^\\top\\Delta\\theta +
-            \\tfrac12\\Delta\\theta^\\top H\\Delta\\theta` (exact Hessian).
+        predicted_delta: the quadratic model's :math:`g^\top\Delta\theta +
+            \tfrac12\Delta\theta^\top H\Delta\theta` (exact Hessian).
         layer_density: fraction of each parameter kept, by qualified name.
         seconds: wall time of the stage.
         update_lam: λ of the compensation update (``None`` when pruned weights are only zeroed).
@@ -215,14 +220,11 @@ class Pruner:
         self._targets = _check_schedule(schedule)
         if scope not in _SCOPES:
             raise ValueError(f"scope must be one of {_SCOPES}, got {scope!r}")
-        _check_optional_positive_int("examples", examples)
-        _check_optional_positive_int("chunk_size", chunk_size)
+        examples = check_optional_positive_int("examples", examples)
+        chunk_size = check_optional_positive_int("chunk_size", chunk_size)
         if examples is not None and data is None:
             raise ValueError("examples=n needs data to draw from")
-        if isinstance(min_density, bool) or not isinstance(min_density, numbers.Real):
-            raise TypeError(f"min_density must be a real number, got {type(min_density).__name__}")
-        if not 0.0 <= float(min_density) < 1.0:
-            raise ValueError(f"min_density must be in [0, 1), got {min_density}")
+        min_density = check_fraction("min_density", min_density)
         if diagnostics is None:
             diagnostics = data is not None and loss_fn is not None
         elif diagnostics and (data is None or loss_fn is None):
@@ -247,8 +249,8 @@ class Pruner:
         self.loss_fn = loss_fn
         self.data = data
         self.scope = scope
-        self.examples = None if examples is None else int(examples)
-        self.min_density = float(min_density)
+        self.examples = examples
+        self.min_density = min_density
         self.generator = _make_generator(generator)
         self.progress = bool(progress)
         self.eval_mode = bool(eval_mode)
@@ -382,8 +384,10 @@ class Pruner:
         newly_pruned: dict[str, Tensor],
         data: Any,
     ) -> tuple[dict[str, Tensor], CGResult | None, float]:
-        """The compensated step, its CG result (``None``: auto_lam fell back to the zero step)
-        and the λ used."""
+        """The compensated step, its CG result and the λ used.
+
+        The CG result is ``None`` when ``auto_lam`` fell back to the zero step.
+        """
         options = self.compensation
         assert options is not None and self.loss_fn is not None and self._update_lam is not None
         loss_fn = self.loss_fn
@@ -585,6 +589,7 @@ class MaskHandle:
         self._handles = handles
 
     def remove(self) -> None:
+        """Detach the hooks that keep pruned weights at zero; calling it again does nothing."""
         for handle in self._handles:
             handle.remove()
         self._handles = []
@@ -607,15 +612,6 @@ def _check_schedule(schedule: object) -> tuple[float, ...]:
             raise ValueError(f"schedule target decreases at stage {stage}: masks never shrink")
         previous = target
     return targets
-
-
-def _check_optional_positive_int(name: str, value: object) -> None:
-    if value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int or None, got {type(value).__name__}")
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}")
 
 
 def _make_compensation(update: object, shortcuts: dict[str, Any]) -> Compensation | None:
@@ -645,6 +641,6 @@ def _make_generator(generator: object) -> torch.Generator:
         else:
             own.manual_seed(generator.initial_seed())
         return own
-    if isinstance(generator, numbers.Integral) and not isinstance(generator, bool):
-        return torch.Generator().manual_seed(int(generator))
+    if is_int(generator):
+        return torch.Generator().manual_seed(int(generator))  # type: ignore[call-overload]
     raise TypeError(f"generator must be None, an int seed or a torch.Generator, got {generator!r}")

@@ -11,9 +11,10 @@ is expected (:class:`typing.Protocol`).
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Iterator
 from typing import Any, Protocol, runtime_checkable
+
+from ._checks import check_fraction, check_positive_int, is_int
 
 __all__ = ["Schedule", "LinearSchedule", "ExponentialSchedule"]
 
@@ -39,23 +40,15 @@ class _StagedSchedule:
     """Shared validation, iteration and serialisation; subclasses define ``_fraction``."""
 
     def __init__(self, sparsity: float, stages: int) -> None:
-        if isinstance(sparsity, bool) or not isinstance(sparsity, numbers.Real):
-            raise TypeError(f"sparsity must be a real number, got {type(sparsity).__name__}")
-        if not 0.0 <= float(sparsity) < 1.0:
-            raise ValueError(f"sparsity must satisfy 0 <= sparsity < 1, got {sparsity}")
-        if isinstance(stages, bool) or not isinstance(stages, numbers.Integral):
-            raise TypeError(f"stages must be an int, got {type(stages).__name__}")
-        if stages < 1:
-            raise ValueError(f"stages must be >= 1, got {stages}")
-        self.target = float(sparsity)
-        self.stages = int(stages)
+        self.target = check_fraction("sparsity", sparsity)
+        self.stages = check_positive_int("stages", stages)
 
     def _fraction(self, stage: int) -> float:
         raise NotImplementedError
 
     def sparsity(self, stage: int) -> float:
         """Target sparsity after ``stage`` (1-based); the last stage returns the target exactly."""
-        if isinstance(stage, bool) or not isinstance(stage, numbers.Integral):
+        if not is_int(stage):
             raise TypeError(f"stage must be an int, got {type(stage).__name__}")
         if not 1 <= stage <= self.stages:
             raise ValueError(f"stage must be in 1..{self.stages}, got {stage}")

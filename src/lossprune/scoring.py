@@ -90,8 +90,9 @@ def scores(
         data: an ``(inputs, targets)`` batch or a re-iterable of batches (DataLoader); statistics
             are example-weighted means over all of it. Not needed by data-free criteria.
         loss_fn: batch-mean loss ``loss_fn(outputs, targets)``.
-        include, exclude: which parameters to score (see
+        include: which parameters to score, by name or regular expression (see
             :func:`lossprune.masks.prunable_parameters`); default every Linear/Conv ``.weight``.
+        exclude: parameters to leave out, same form as ``include``.
         generator: random source for Monte-Carlo criteria.
         chunk_size: memory bound for the curvature routines.
 

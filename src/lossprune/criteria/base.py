@@ -17,6 +17,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from .._checks import check_nonnegative, is_real
 from ..curvature import Statistic, Statistics
 
 __all__ = ["Criterion", "ScoringContext", "SumCriterion", "ScaledCriterion", "check_lam"]
@@ -87,11 +88,11 @@ class Criterion(ABC):
         return NotImplemented
 
     def __mul__(self, factor: object) -> Criterion:
-        if isinstance(factor, bool) or not isinstance(factor, numbers.Real):
+        if not is_real(factor):
             return NotImplemented
-        if not math.isfinite(float(factor)):
+        if not math.isfinite(float(factor)):  # type: ignore[arg-type]
             raise ValueError(f"a criterion can only be scaled by a finite number, got {factor}")
-        return ScaledCriterion(float(factor), self)
+        return ScaledCriterion(float(factor), self)  # type: ignore[arg-type]
 
     __rmul__ = __mul__
 
@@ -146,8 +147,4 @@ class ScaledCriterion(Criterion):
 
 def check_lam(lam: object) -> float:
     """λ, the strength of the step-size constraint: a finite real number ≥ 0."""
-    if isinstance(lam, bool) or not isinstance(lam, numbers.Real):
-        raise TypeError(f"lam must be a real number, got {type(lam).__name__}")
-    if not (math.isfinite(float(lam)) and lam >= 0):
-        raise ValueError(f"lam must be finite and >= 0, got {lam}")
-    return float(lam)
+    return check_nonnegative("lam", lam)

@@ -19,6 +19,7 @@ from typing import Any
 
 from torch import Tensor
 
+from .._checks import check_positive_int
 from ..curvature import Statistic
 from .base import Criterion, ScoringContext, check_lam
 
@@ -29,19 +30,16 @@ CURVATURES = ("fisher", "fisher_mc", "hessian_diag")
 
 
 def _curvature_statistic(curvature: object, mc_samples: object, probes: object) -> Statistic:
-    for name, value in (("mc_samples", mc_samples), ("probes", probes)):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-        if value < 1:
-            raise ValueError(f"{name} must be >= 1, got {value}")
+    mc_samples = check_positive_int("mc_samples", mc_samples)
+    probes = check_positive_int("probes", probes)
     if not isinstance(curvature, str):
         raise TypeError(f"curvature must be a str, got {type(curvature).__name__}")
     if curvature == "fisher":
         return Statistic("fisher")
     if curvature == "fisher_mc":
-        return Statistic("fisher_mc", mc_samples)  # type: ignore[arg-type]
+        return Statistic("fisher_mc", mc_samples)
     if curvature == "hessian_diag":
-        return Statistic("hutchinson", probes)  # type: ignore[arg-type]
+        return Statistic("hutchinson", probes)
     raise ValueError(f"curvature must be one of {CURVATURES}, got {curvature!r}")
 
 
