@@ -38,7 +38,9 @@ class FunctionalModel:
         named = dict(model.named_parameters())
         unknown = explicit - named.keys()
         if unknown:
-            raise ValueError(f"params has names that are not parameters of the model: {sorted(unknown)}")
+            raise ValueError(
+                f"params has names that are not parameters of the model: {sorted(unknown)}"
+            )
         self.constants: dict[str, Tensor] = {
             k: v.detach() for k, v in named.items() if k not in explicit
         }

@@ -38,8 +38,10 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.func import grad_and_value, hessian, jvp, vjp, vmap
 
+from ._chain import NotAChain, find_chain, run_chain
 from ._data import iter_batches
 from ._functional import FunctionalModel, check_mean_reduction, statistics_dtype
+from ._layer_diag import layer_ggn_diag
 
 __all__ = [
     "Statistic",
@@ -125,7 +127,11 @@ def output_hessian_sqrt(outputs: Tensor, targets: Tensor, loss_fn: LossFn) -> Te
 
 
 def _sample_output_cotangents(
-    outputs: Tensor, targets: Tensor, loss_fn: LossFn, samples: int, generator: torch.Generator | None
+    outputs: Tensor,
+    targets: Tensor,
+    loss_fn: LossFn,
+    samples: int,
+    generator: torch.Generator | None,
 ) -> Tensor:
     r"""Random :math:`z_n` with :math:`\mathbb E[z_n z_n^\top] = H_n`, shape ``(N, O, samples)``.
 
@@ -190,8 +196,12 @@ def _warn_double_backward_once(error: Exception) -> None:
 
 def _forward_ad_missing(error: Exception) -> bool:
     text = str(error).lower()
-    return isinstance(error, NotImplementedError) or (
-        "forward" in text and ("not implemented" in text or "not supported" in text)
+    # "ZeroTensors are immutable": some backward formulas (mse_loss in torch 2.13) write in place
+    # into the zero tangent of a constant input under forward-over-reverse.
+    return (
+        isinstance(error, NotImplementedError)
+        or ("forward" in text and ("not implemented" in text or "not supported" in text))
+        or "zerotensors are immutable" in text
     )
 
 
@@ -204,6 +214,7 @@ def hvp(
     *,
     curvature: str = "hessian",
     chunk_size: int | None = None,
+    fast: bool = True,
 ) -> tuple[Tensor, Params, Params]:
     r"""Loss, gradient and curvature-vector products for a stack of ``k`` vectors, fused.
 
@@ -222,6 +233,23 @@ def hvp(
     check_mean_reduction(loss_fn)
     params = dict(params)
     _check_vectors(params, vectors)
+    if curvature not in ("hessian", "ggn"):
+        raise ValueError(f"curvature must be 'hessian' or 'ggn', got {curvature!r}")
+    chain = find_chain(model, params) if fast else None
+    if chain is not None:
+        try:
+            loss, grads, products = run_chain(
+                chain,
+                params,
+                batch,
+                loss_fn,
+                vectors,
+                hessian=curvature == "hessian",
+                chunk_size=chunk_size,
+            )
+            return loss, {k: grads[k] for k in params}, {k: products[k] for k in params}
+        except NotAChain:
+            pass  # the generic path below is exact for every model
     if curvature == "hessian":
         try:
             return _hvp_forward_over_reverse(model, params, batch, loss_fn, vectors, chunk_size)
@@ -243,9 +271,12 @@ def ggn_vp(
     vectors: Mapping[str, Tensor],
     *,
     chunk_size: int | None = None,
+    fast: bool = True,
 ) -> tuple[Tensor, Params, Params]:
     """:func:`hvp` with ``curvature="ggn"``."""
-    return hvp(model, params, batch, loss_fn, vectors, curvature="ggn", chunk_size=chunk_size)
+    return hvp(
+        model, params, batch, loss_fn, vectors, curvature="ggn", chunk_size=chunk_size, fast=fast
+    )
 
 
 def _check_vectors(params: Params, vectors: Mapping[str, Tensor]) -> int:
@@ -316,7 +347,7 @@ def _hvp_double_backward(
         )
         for i, name in enumerate(leaves)
     }
-    return loss.detach(), dict(zip(leaves, (g.detach() for g in grads))), products
+    return loss.detach(), dict(zip(leaves, (g.detach() for g in grads), strict=True)), products
 
 
 def _ggn_vp(
@@ -339,10 +370,13 @@ def _ggn_vp(
     def output_grad(o: Tensor) -> Tensor:
         return torch.func.grad(loss_fn)(o, targets)
 
+    # H_f Jv as the vjp of the output gradient (H_f is symmetric): reverse-over-reverse on the
+    # small output space only, and it avoids forward-AD gaps in loss backward formulas.
+    _, output_hessian = vjp(output_grad, outputs)
+
     def ggn_one(v: Params) -> Params:
         _, jv = jvp(outputs_of, (params,), (v,))
-        _, h_jv = jvp(output_grad, (outputs,), (jv,))
-        return pullback(h_jv)[0]
+        return pullback(output_hessian(jv)[0])[0]
 
     loss = loss_fn(outputs, targets)
     (grads,) = pullback(output_grad(outputs))
@@ -359,22 +393,29 @@ _PER_EXAMPLE_ELEMENTS = 1 << 24
 
 
 def _sum_squared_per_example_vjps(
-    fmodel: FunctionalModel, params: Params, inputs: Tensor, cotangents: Tensor, chunk_size: int | None
+    fmodel: FunctionalModel,
+    params: Params,
+    inputs: Tensor,
+    cotangents: Tensor,
+    chunk_size: int | None,
+    fixed: Params | None = None,
 ) -> Params:
     r""":math:`\sum_n \sum_r (J_n^\top c_{nr})^2` for output cotangents ``(N, O, R)``.
 
     Each example's Jacobian is pulled back along its ``R`` columns (vmapped), squared and summed.
     Examples are processed ``chunk_size`` at a time so that at most
-    ``chunk_size * R * P`` per-example numbers exist at once.
+    ``chunk_size * R * P`` per-example numbers exist at once. ``fixed`` tensors of ``fmodel``'s
+    explicit parameters are held constant (the layers a fast path already covered).
     """
     n, _, columns = cotangents.shape
     size = sum(p.numel() for p in params.values())
+    fixed = fixed or {}
     if chunk_size is None:
         chunk_size = max(1, _PER_EXAMPLE_ELEMENTS // max(1, columns * size))
 
     def one_example(x: Tensor, cots: Tensor) -> Params:
         def output(p: Params) -> Tensor:
-            return fmodel.single(p, x).reshape(-1)
+            return fmodel.single({**fixed, **p}, x).reshape(-1)
 
         _, pullback = vjp(output, params)
         per_column = vmap(lambda c: pullback(c)[0], in_dims=1)(cots)
@@ -396,6 +437,7 @@ def fisher_diag(
     loss_fn: LossFn,
     *,
     chunk_size: int | None = None,
+    fast: bool = True,
 ) -> Params:
     r"""Exact diagonal of the GGN (= Fisher for softmax cross-entropy), batch mean.
 
@@ -405,7 +447,7 @@ def fisher_diag(
         chunk_size: examples processed at once (default: bounded by ``2**24`` per-example numbers).
     """
     check_mean_reduction(loss_fn)
-    return _diag_from_cotangents(model, dict(params), batch, loss_fn, None, 0, chunk_size)
+    return _diag_from_cotangents(model, dict(params), batch, loss_fn, None, 0, chunk_size, fast)
 
 
 def fisher_diag_mc(
@@ -417,6 +459,7 @@ def fisher_diag_mc(
     samples: int = 1,
     generator: torch.Generator | None = None,
     chunk_size: int | None = None,
+    fast: bool = True,
 ) -> Params:
     r"""Monte-Carlo estimate of :func:`fisher_diag` from ``samples`` sampled outputs per example.
 
@@ -428,7 +471,9 @@ def fisher_diag_mc(
     """
     check_mean_reduction(loss_fn)
     _check_positive_int("samples", samples)
-    return _diag_from_cotangents(model, dict(params), batch, loss_fn, generator, samples, chunk_size)
+    return _diag_from_cotangents(
+        model, dict(params), batch, loss_fn, generator, samples, chunk_size, fast
+    )
 
 
 def _diag_from_cotangents(
@@ -439,20 +484,44 @@ def _diag_from_cotangents(
     generator: torch.Generator | None,
     samples: int,
     chunk_size: int | None,
+    fast: bool = True,
 ) -> Params:
-    """Exact (``samples == 0``) or Monte-Carlo GGN diagonal, mean over the batch."""
+    """Exact (``samples == 0``) or Monte-Carlo GGN diagonal, mean over the batch.
+
+    With ``fast``, Linear/Conv layers get their diagonal from squared contractions of one
+    batched backward pass (:func:`~lossprune._layer_diag.layer_ggn_diag`); whatever it does not
+    cover goes through the generic per-example ``vmap`` path, its slow twin.
+    """
     inputs, targets = batch
     fmodel = FunctionalModel(model, params)
-    with torch.no_grad():
-        outputs = fmodel(params, inputs)
-    if samples == 0:
-        cotangents = output_hessian_sqrt(outputs, targets, loss_fn)
-        scale = 1.0 / len(inputs)
-    else:
-        cotangents = _sample_output_cotangents(outputs, targets, loss_fn, samples, generator)
-        scale = 1.0 / (len(inputs) * samples)
-    total = _sum_squared_per_example_vjps(fmodel, params, inputs, cotangents, chunk_size)
-    return {k: v * scale for k, v in total.items()}
+
+    def cotangents_of(outputs: Tensor) -> Tensor:
+        if samples == 0:
+            return output_hessian_sqrt(outputs, targets, loss_fn)
+        return _sample_output_cotangents(outputs, targets, loss_fn, samples, generator)
+
+    scale = 1.0 / (len(inputs) * max(samples, 1))
+    total: Params = {}
+    cotangents = None
+    if fast:
+        drawn: list[Tensor] = []  # the one draw of cotangents, reused by the generic remainder
+
+        def remember(outputs: Tensor) -> Tensor:
+            drawn.append(cotangents_of(outputs))
+            return drawn[0]
+
+        _, total = layer_ggn_diag(model, params, inputs, remember)
+        cotangents = drawn[0] if drawn else None
+    rest = {k: v for k, v in params.items() if k not in total}
+    if rest:
+        if cotangents is None:
+            with torch.no_grad():
+                cotangents = cotangents_of(fmodel(params, inputs))
+        fixed = {k: v for k, v in params.items() if k in total}
+        total.update(
+            _sum_squared_per_example_vjps(fmodel, rest, inputs, cotangents, chunk_size, fixed)
+        )
+    return {k: total[k] * scale for k in params}
 
 
 def hutchinson_diag(
@@ -633,7 +702,12 @@ def _batch_statistics(
             diagonals[request] = fisher_diag(model, params, batch, loss_fn, chunk_size=chunk_size)
         elif request.kind == "fisher_mc":
             diagonals[request] = fisher_diag_mc(
-                model, params, batch, loss_fn, samples=request.samples, generator=generator,
+                model,
+                params,
+                batch,
+                loss_fn,
+                samples=request.samples,
+                generator=generator,
                 chunk_size=chunk_size,
             )
     if grads is None:

@@ -1,0 +1,462 @@
+"""Side-by-side benchmark of the curvature core against the usual ways of computing the same thing.
+
+Usage::
+
+    python benchmarks/run.py [--quick] [--device cpu|cuda] --out FILE.json
+
+Every method of a bench runs in this one process on the same model, batch and vectors. Each
+result is first checked against a reference (the double-backward loop, or the generic
+``torch.func`` path), then timed: warm-up calls, then ``repeats`` rounds in which every method
+(and the plain gradient it is compared with) runs once, interleaved so that a change of machine
+load hits all of them alike; the median is reported. ``ratio_to_grad`` is the median time over
+the median time of ONE plain gradient (forward + backward, ``torch.autograd.grad``) of the same
+model and batch; for ``hvp_batch`` it is per vector. ``peak_mb`` is the peak memory of one call
+above what existed before it: ``torch.cuda.max_memory_allocated`` on CUDA; on CPU the growth of
+the peak resident set size of a fresh child process that runs the call once (``--quick`` measures
+it only for the chunked-memory bench).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from torch.func import grad_and_value, jvp, vmap
+
+from lossprune import curvature
+
+CE = nn.CrossEntropyLoss()
+QUICK = False
+MINIMA: dict[str, float] = {}  # fastest round of the last side-by-side timing, by method
+
+
+# ---------------------------------------------------------------------------------------------
+# Workloads
+# ---------------------------------------------------------------------------------------------
+
+
+class MLP(nn.Module):
+    """784-300-100-10 with tanh (Laurent et al. 2020, MNIST), written like the experiments' MLP."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.flatten = nn.Flatten()
+        self.layers = nn.Sequential(
+            nn.Linear(784, 300), nn.Tanh(), nn.Linear(300, 100), nn.Tanh(), nn.Linear(100, 10)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(self.flatten(x))
+
+
+def cnn() -> nn.Module:
+    """Three 3x3 convolutions with ReLU and pooling on 32x32x3 inputs, then a linear classifier."""
+    return nn.Sequential(
+        nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(), nn.AvgPool2d(8),
+        nn.Flatten(), nn.Linear(64, 10),
+    )  # fmt: skip
+
+
+def workload(name: str, device: torch.device, seed: int = 0, quick: bool = False):
+    """The MLP on an MNIST-sized batch of 1000; the CNN on 128 CIFAR-sized images (64 quick)."""
+    torch.manual_seed(seed)
+    if name == "mlp":
+        model, x = MLP(), torch.randn(1000, 1, 28, 28)
+    else:
+        model, x = cnn(), torch.randn(64 if quick else 128, 3, 32, 32)
+    model = model.to(device).eval()
+    y = torch.randint(0, 10, (len(x),))
+    params = {k: p.detach() for k, p in model.named_parameters()}
+    return model, params, (x.to(device), y.to(device))
+
+
+def random_vectors(params, k, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    return {n: torch.randn((k, *p.shape), generator=gen).to(p.device) for n, p in params.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Methods
+# ---------------------------------------------------------------------------------------------
+
+
+def plain_grad(model, params, batch):
+    leaves = {k: v.clone().requires_grad_(True) for k, v in params.items()}
+    out = torch.func.functional_call(model, leaves, (batch[0],))
+    return torch.autograd.grad(CE(out, batch[1]), list(leaves.values()))
+
+
+def double_backward(model, params, batch, vectors):
+    """Reverse-over-reverse, the hand-written loop: k > 1 uses ``is_grads_batched``."""
+    leaves = {k: v.clone().requires_grad_(True) for k, v in params.items()}
+    out = torch.func.functional_call(model, leaves, (batch[0],))
+    grads = torch.autograd.grad(CE(out, batch[1]), list(leaves.values()), create_graph=True)
+    k = next(iter(vectors.values())).shape[0]
+    v = [vectors[n] for n in leaves]
+    if k == 1:
+        hv = torch.autograd.grad(grads, list(leaves.values()), [t[0] for t in v])
+        return {n: h.unsqueeze(0) for n, h in zip(leaves, hv, strict=True)}
+    hv = torch.autograd.grad(grads, list(leaves.values()), v, is_grads_batched=True)
+    return dict(zip(leaves, hv, strict=True))
+
+
+def naive_fused(model, params, batch, vectors):
+    """``jvp(grad(f))`` from torch.func, vmapped over the k vectors (k = 1: no vmap)."""
+    x, y = batch
+
+    def loss(p):
+        return CE(torch.func.functional_call(model, p, (x,)), y)
+
+    def one(v):
+        return jvp(grad_and_value(loss), (params,), (v,), has_aux=True)[1]
+
+    k = next(iter(vectors.values())).shape[0]
+    if k == 1:
+        return {n: t.unsqueeze(0) for n, t in one({n: v[0] for n, v in vectors.items()}).items()}
+    return vmap(one)(vectors)
+
+
+def lossprune_hvp(model, params, batch, vectors, chunk_size=None):
+    return curvature.hvp(model, params, batch, CE, vectors, chunk_size=chunk_size)[2]
+
+
+# ---------------------------------------------------------------------------------------------
+# Optional baselines (extra ``bench``)
+# ---------------------------------------------------------------------------------------------
+
+
+def curvlinops_methods(model, params, batch, vectors):
+    """curvlinops' HessianLinearOperator / GGNLinearOperator applied to the k vectors."""
+    try:
+        from curvlinops import GGNLinearOperator, HessianLinearOperator
+    except ImportError:
+        return {}
+    plist = [p for p in model.parameters()]
+    k = next(iter(vectors.values())).shape[0]
+    names = list(params)
+    mat = torch.cat([vectors[n].reshape(k, -1) for n in names], 1).T.contiguous()
+    methods = {}
+    for label, cls in (("hessian", HessianLinearOperator), ("ggn", GGNLinearOperator)):
+        try:
+            op = cls(model, CE, plist, [batch], progressbar=False, check_deterministic=False)
+        except TypeError:
+            op = cls(model, CE, plist, [batch])
+
+        def apply(op=op):
+            return op @ mat
+
+        methods[label] = apply
+    return methods
+
+
+def backpack_fisher(model, batch):
+    """BackPACK's DiagGGNExact on the same model and batch, or None when not installed."""
+    try:
+        from backpack import backpack, extend
+        from backpack.extensions import DiagGGNExact
+    except ImportError:
+        return None
+    import copy
+
+    extended = extend(copy.deepcopy(model))
+    loss_fn = extend(nn.CrossEntropyLoss())
+
+    def run():
+        extended.zero_grad()
+        loss = loss_fn(extended(batch[0]), batch[1])
+        with backpack(DiagGGNExact()):
+            loss.backward()
+        return {n: p.diag_ggn_exact for n, p in extended.named_parameters()}
+
+    return run
+
+
+# ---------------------------------------------------------------------------------------------
+# Timing, checking, memory
+# ---------------------------------------------------------------------------------------------
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_side_by_side(methods: dict[str, Callable], device, warmup: int, repeats: int):
+    """Median seconds of each method; rounds interleave all methods."""
+    for fn in methods.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in methods}
+    for _ in range(repeats):
+        for name, fn in methods.items():
+            synchronize(device)
+            start = time.perf_counter()
+            fn()
+            synchronize(device)
+            times[name].append(time.perf_counter() - start)
+    MINIMA.update({name: min(t) for name, t in times.items()})
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def check(result, reference, name, rtol=2e-3, atol=1e-5):
+    """Relative error in the norm of all entries; raise when a fast result is wrong."""
+    if isinstance(result, dict):
+        keys = list(reference)
+        result = torch.cat([result[k].reshape(-1) for k in keys])
+        reference = torch.cat([reference[k].reshape(-1) for k in keys])
+    error = float((result - reference).norm() / reference.norm().clamp_min(1e-30))
+    if error > rtol:
+        raise AssertionError(f"{name}: relative error {error:.2e} against the reference")
+    return error
+
+
+def cuda_peak_mb(fn, device) -> float:
+    synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    fn()
+    synchronize(device)
+    return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+
+
+def child_peak_mb(bench: str, model: str, method: str, k: int, chunk: int | None) -> float:
+    """Peak RSS growth of one call in a fresh process (CPU has no allocator peak counter)."""
+    args = [sys.executable, __file__, "--child", bench, model, method, str(k), str(chunk or 0)]
+    args.append("quick" if QUICK else "full")
+    out = subprocess.run(args, capture_output=True, text=True, check=True, env=os.environ.copy())
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def child_main(bench, model_name, method, k, chunk, mode):
+    device = torch.device("cpu")
+    model, params, batch = workload(model_name, device, quick=mode == "quick")
+    vectors = random_vectors(params, int(k))
+    fn = build_call(bench, method, model, params, batch, vectors, int(chunk) or None)
+    # No warm-up call: the peak RSS only grows, so the one measured call must be the first.
+    rss_kb = int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1024
+    fn()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print((peak - rss_kb) / 1024)
+
+
+def build_call(bench, method, model, params, batch, vectors, chunk):
+    if bench == "grad":
+        return lambda: plain_grad(model, params, batch)
+    if bench in ("grad_hvp", "hvp_batch", "hvp_memory"):
+        if method == "lossprune":
+            return lambda: lossprune_hvp(model, params, batch, vectors, chunk)
+        if method == "double_backward":
+            return lambda: double_backward(model, params, batch, vectors)
+        return lambda: naive_fused(model, params, batch, vectors)
+    if bench == "fisher_diag":
+        fast = method == "lossprune"
+        return lambda: curvature.fisher_diag(model, params, batch, CE, fast=fast)
+    raise ValueError(bench)
+
+
+# ---------------------------------------------------------------------------------------------
+# Benches
+# ---------------------------------------------------------------------------------------------
+
+
+def run(args) -> dict:
+    device = torch.device(args.device)
+    quick = args.quick
+    warmup, repeats = (1, 3) if quick else (2, 9)
+    results: list[dict] = []
+
+    def record(bench, model_name, method, k, seconds, grad_seconds, per=1, keys=None, **extra):
+        fast, base = keys or (method, "grad")
+        row = {
+            "bench": bench, "model": model_name, "method": method, "k": k,
+            "ratio_to_grad": seconds / per / grad_seconds, "seconds": seconds,
+            "ratio_of_minima": MINIMA[fast] / per / MINIMA[base],
+            "peak_mb": extra.pop("peak_mb", None), **extra,
+        }  # fmt: skip
+        results.append(row)
+        print(
+            f"{bench:12s} {model_name:4s} {method:16s} k={k:<3d} "
+            f"ratio={row['ratio_to_grad']:.3f} (min {row['ratio_of_minima']:.3f}) "
+            f"t={seconds * 1e3:.1f}ms"
+            + (f" peak={row['peak_mb']:.0f}MB" if row["peak_mb"] is not None else ""),
+            flush=True,
+        )
+
+    def memory(bench, model_name, method, model, params, batch, vectors, k, chunk=None):
+        if device.type == "cuda":
+            fn = build_call(bench, method, model, params, batch, vectors, chunk)
+            return cuda_peak_mb(fn, device)
+        if (quick and bench != "hvp_memory") or method == "backpack":
+            return None
+        return child_peak_mb(bench, model_name, method, k, chunk)
+
+    def timing(methods, warm=None, reps=None):
+        return time_side_by_side(
+            methods, device, warmup if warm is None else warm, repeats if reps is None else reps
+        )
+
+    for model_name in ("mlp", "cnn"):
+        model, params, batch = workload(model_name, device, quick=quick)
+        for bench, k in (("grad_hvp", 1), ("hvp_batch", 16)):
+            bench_hvp(bench, k, model_name, model, params, batch, record, memory, timing)
+        if model_name == "cnn" or not quick:
+            for k, chunk in ((16, 4), (64, 4), (16, 16)):
+                bench_memory(k, chunk, model_name, model, params, batch, record, memory, timing)
+        bench_fisher(model_name, model, params, batch, record, memory, timing)
+        if model_name == "mlp":
+            pruner_step(model_name, device, record, quick)
+    return {
+        "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "machine": platform.processor() or platform.machine(),
+        "quick": quick,
+        "load_average": os.getloadavg(),
+        "results": results,
+    }
+
+
+def bench_hvp(bench, k, model_name, model, params, batch, record, memory, timing):
+    """Gradient + k HVPs: correctness against double-backward, then interleaved timing."""
+    vectors = random_vectors(params, k)
+    reference = double_backward(model, params, batch, vectors)
+    methods = {
+        "grad": lambda: plain_grad(model, params, batch),
+        "lossprune": lambda: lossprune_hvp(model, params, batch, vectors),
+        "double_backward": lambda: double_backward(model, params, batch, vectors),
+        "torch_func_naive": lambda: naive_fused(model, params, batch, vectors),
+    }
+    for name in ("lossprune", "torch_func_naive"):
+        check(methods[name](), reference, f"{bench}/{model_name}/{name}")
+    for label, fn in curvlinops_methods(model, params, batch, vectors).items():
+        if label == "hessian":
+            flat = torch.cat([reference[n].reshape(k, -1) for n in params], 1).T
+            check(fn(), flat, f"{bench}/{model_name}/curvlinops")
+        methods[f"curvlinops_{label}"] = fn
+    times = timing(methods)
+    for name, seconds in times.items():
+        if name == "grad":
+            continue
+        method = "curvlinops" if name.startswith("curvlinops") else name
+        curv = "ggn" if name.endswith("ggn") else "hessian"
+        peak = None
+        if method != "curvlinops":
+            peak = memory(bench, model_name, method, model, params, batch, vectors, k)
+        record(
+            bench, model_name, method, k, seconds, times["grad"], per=k, keys=(name, "grad"),
+            peak_mb=peak, curvature=curv, examples=len(batch[0]),
+        )  # fmt: skip
+
+
+def bench_memory(k, chunk, model_name, model, params, batch, record, memory, timing):
+    """Peak memory of k batched HVPs grows with ``chunk_size``, not with k."""
+    vectors = random_vectors(params, k)
+    peak = memory("hvp_memory", model_name, "lossprune", model, params, batch, vectors, k, chunk)
+    seconds = timing(
+        {
+            "grad": lambda: plain_grad(model, params, batch),
+            "lp": lambda: lossprune_hvp(model, params, batch, vectors, chunk),
+        },
+        1, 3,
+    )  # fmt: skip
+    record(
+        "hvp_memory", model_name, "lossprune", k, seconds["lp"], seconds["grad"], per=k,
+        keys=("lp", "grad"),
+        peak_mb=peak, chunk_size=chunk, examples=len(batch[0]),
+    )  # fmt: skip
+
+
+def bench_fisher(model_name, model, params, batch, record, memory, timing):
+    """Exact Fisher diagonal over C = 10 classes; the generic path on a tenth of the batch."""
+    fisher = curvature.fisher_diag(model, params, batch, CE)
+    sub = (batch[0][: len(batch[0]) // 10], batch[1][: len(batch[1]) // 10])
+    check(
+        curvature.fisher_diag(model, params, sub, CE),
+        curvature.fisher_diag(model, params, sub, CE, fast=False),
+        f"fisher/{model_name}",
+    )
+    methods = {
+        "grad": lambda: plain_grad(model, params, batch),
+        "lossprune": lambda: curvature.fisher_diag(model, params, batch, CE),
+    }
+    bp = backpack_fisher(model, batch)
+    if bp is not None:
+        check(bp(), fisher, f"fisher/{model_name}/backpack")
+        methods["backpack"] = bp
+    times = timing(methods)
+    for name in ("lossprune", "backpack"):
+        if name in times:
+            peak = memory("fisher_diag", model_name, name, model, params, batch, None, 0)
+            record("fisher_diag", model_name, name, 10, times[name], times["grad"],
+                   peak_mb=peak, examples=len(batch[0]))  # fmt: skip
+    times = timing(
+        {
+            "grad": lambda: plain_grad(model, params, sub),
+            "naive": lambda: curvature.fisher_diag(model, params, sub, CE, fast=False),
+        },
+        0, 1,
+    )  # fmt: skip
+    record("fisher_diag", model_name, "torch_func_naive", 10, times["naive"], times["grad"],
+           keys=("naive", "grad"),
+           examples=len(sub[0]))  # fmt: skip
+
+
+def pruner_step(model_name, device, record, quick):
+    """One QM stage of the Pruner against its statistics pass alone (target: <= 1.25x)."""
+    try:
+        from lossprune import ExponentialSchedule, Pruner, QuadraticModel
+    except ImportError:
+        print("pruner_step skipped: lossprune.Pruner is not importable")
+        return
+    model, params, batch = workload(model_name, device, quick=quick)
+    requests = QuadraticModel().requests()
+    stats = lambda: curvature.compute_statistics(model, params, batch, CE, requests)  # noqa: E731
+    rounds = 3 if quick else 7
+    for diagnostics in (False, True):
+        state = {k: v.clone() for k, v in model.state_dict().items()}
+        pruner = Pruner(
+            model, QuadraticModel(lam=1e-3), ExponentialSchedule(0.9, rounds + 2),
+            loss_fn=CE, data=batch, diagnostics=diagnostics,
+        )  # fmt: skip
+        pruner.step()  # warm-up
+        times = time_side_by_side({"stats": stats, "step": pruner.step}, device, 0, rounds)
+        model.load_state_dict(state)
+        record("pruner_step", model_name, "lossprune", 0, times["step"], times["stats"],
+               keys=("step", "stats"),
+               relative_to="statistics pass", diagnostics=diagnostics)  # fmt: skip
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--child":
+        torch.set_num_threads(int(os.environ.get("BENCH_THREADS", torch.get_num_threads())))
+        child_main(*sys.argv[2:8])
+        return
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer repeats (< 90 s on 2 cores)")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--out", required=True, help="JSON file for the results")
+    args = parser.parse_args()
+    global QUICK
+    QUICK = args.quick
+    start = time.perf_counter()
+    report = run(args)
+    report["wall_seconds"] = time.perf_counter() - start
+    with open(args.out, "w") as f:
+        json.dump(report, f, indent=1)
+    print(f"wrote {args.out} ({report['wall_seconds']:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
