@@ -4,8 +4,10 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 # The CPU build of torch lies on disk; a bare `torch` requirement would pull a multi-GB CUDA build.
 TORCH_PIN ?= torch==2.13.0
+# What ruff and mypy check (Markdown is excluded in pyproject.toml).
+LINT_PATHS := src tests examples benchmarks docs/conf.py
 
-.PHONY: install test test-slow demo lint bench clean
+.PHONY: install test test-slow test-notebooks notebooks demo docs lint format typecheck bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -16,6 +18,11 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml
 	$(BIN)/pip install -e '.[test,experiments]'
 	touch $@
 
+# Each optional extra gets its own stamp, so `make test` never waits for them.
+$(VENV)/.installed-%: $(VENV)/.installed
+	$(BIN)/pip install -e '.[$*]'
+	touch $@
+
 install: $(VENV)/.installed
 
 test: install
@@ -24,12 +31,32 @@ test: install
 test-slow: install
 	$(BIN)/python -m pytest -q -m slow
 
+# Executes examples/*.ipynb (slow-marked tests) and checks what they print.
+test-notebooks: $(VENV)/.installed-notebooks
+	$(BIN)/python -m pytest -q -m slow tests/test_notebooks.py
+
+# Re-executes the notebooks and stores their outputs (run after editing one).
+notebooks: $(VENV)/.installed-notebooks
+	cd examples && OMP_NUM_THREADS=1 ../$(BIN)/jupyter execute --inplace *.ipynb
+
 demo: install
 	$(BIN)/lossprune sweep --preset digits-quick
 
-lint: install
-	$(BIN)/pip install -q ruff
-	$(BIN)/ruff check src tests
+# HTML documentation in docs/_build/html; any Sphinx warning is an error.
+docs: $(VENV)/.installed-docs
+	$(BIN)/python -m sphinx -W --keep-going -b html docs docs/_build/html
+
+lint: $(VENV)/.installed-lint
+	$(BIN)/ruff check $(LINT_PATHS)
+	$(BIN)/ruff format --check $(LINT_PATHS)
+
+format: $(VENV)/.installed-lint
+	$(BIN)/ruff check --fix $(LINT_PATHS)
+	$(BIN)/ruff format $(LINT_PATHS)
+
+# Type hints of the public API (files and options in [tool.mypy] of pyproject.toml).
+typecheck: $(VENV)/.installed-lint
+	$(BIN)/mypy
 
 clean:
-	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache
+	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache docs/_build
