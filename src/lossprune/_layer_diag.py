@@ -150,7 +150,7 @@ def layer_ggn_diag(
 
 
 def _batched_output_grads(outputs: Tensor, zs: list[Tensor], cotangents: Tensor) -> list[Tensor]:
-    """:math:`\\partial (c_r^\\top f)/\\partial z` for every column ``r``: ``(R, *z.shape)``.
+    r""":math:`\partial (c_r^\top f)/\partial z` for every column ``r``: ``(R, *z.shape)``.
 
     Columns go through the graph as one vmapped backward, in chunks bounding ``R' x |z|``.
     """
@@ -256,6 +256,7 @@ def _squared_contraction(unfolded: Tensor, delta: Tensor, groups: int) -> Tensor
     Args:
         unfolded: ``(N, in_total, P)`` inputs per position.
         delta: ``(R, N, out_total, P)`` output gradients per position.
+        groups: convolution groups (1 for a Linear layer); channels only mix within a group.
     """
     columns, n, out_total, positions = delta.shape
     in_total = unfolded.shape[1]

@@ -27,19 +27,19 @@ example-weighted means (all-reduced across ranks when :mod:`torch.distributed` i
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 from torch.func import grad_and_value, hessian, jvp, vjp, vmap
 
 from ._chain import NotAChain, find_chain, run_chain
+from ._checks import check_positive_int
 from ._data import iter_batches
+from ._distributed import all_reduce_floats, all_reduce_sum
 from ._functional import FunctionalModel, check_mean_reduction, statistics_dtype
 from ._layer_diag import layer_ggn_diag
 
@@ -82,7 +82,7 @@ def _is_plain_cross_entropy(loss_fn: object, outputs: Tensor, targets: Tensor) -
 
 
 def _per_example_loss(loss_fn: LossFn) -> Callable[[Tensor, Tensor], Tensor]:
-    """:math:`\\ell_n` as a function of one example's output and target (a batch of one)."""
+    r""":math:`\ell_n` as a function of one example's output and target (a batch of one)."""
 
     def loss_one(output: Tensor, target: Tensor) -> Tensor:
         return loss_fn(output.unsqueeze(0), target.unsqueeze(0))
@@ -224,8 +224,15 @@ def hvp(
     Hessian product, vector-Jacobian product), PSD for convex losses.
 
     Args:
+        model: the network, called functionally (never modified).
+        params: tensors to differentiate with respect to, by qualified parameter name.
+        batch: ``(inputs, targets)``.
+        loss_fn: batch-mean loss ``loss_fn(outputs, targets)``.
         vectors: for every name in ``params``, a tensor of shape ``(k, *param.shape)``.
+        curvature: ``"hessian"`` or ``"ggn"``.
         chunk_size: at most this many vectors are processed at once (bounds memory).
+        fast: use the layer-batched chain path when the model qualifies (``False``: always the
+            generic ``torch.func`` path, the slow twin used in tests).
 
     Returns:
         ``(loss, grad, products)``, products shaped like ``vectors``.
@@ -323,7 +330,7 @@ def _hvp_double_backward(
     loss_fn: LossFn,
     vectors: Mapping[str, Tensor],
 ) -> tuple[Tensor, Params, Params]:
-    """Reverse-over-reverse twin: :math:`Hv = \\nabla(g^\\top v)`, one backward per vector."""
+    r"""Reverse-over-reverse twin: :math:`Hv = \nabla(g^\top v)`, one backward per vector."""
     inputs, targets = batch
     leaves = {k: v.detach().requires_grad_(True) for k, v in params.items()}
     with torch.enable_grad():
@@ -444,7 +451,13 @@ def fisher_diag(
     .. math:: D = \frac1N \sum_n \sum_c (J_n^\top S_n e_c)^2
 
     Args:
+        model: the network, called functionally (never modified).
+        params: tensors to differentiate with respect to, by qualified parameter name.
+        batch: ``(inputs, targets)``.
+        loss_fn: batch-mean loss ``loss_fn(outputs, targets)``.
         chunk_size: examples processed at once (default: bounded by ``2**24`` per-example numbers).
+        fast: use the per-layer squared contractions where they are exact (``False``: always the
+            generic per-example path, the slow twin used in tests).
     """
     check_mean_reduction(loss_fn)
     return _diag_from_cotangents(model, dict(params), batch, loss_fn, None, 0, chunk_size, fast)
@@ -470,7 +483,7 @@ def fisher_diag_mc(
     k = 10 on ImageNet).
     """
     check_mean_reduction(loss_fn)
-    _check_positive_int("samples", samples)
+    check_positive_int("samples", samples)
     return _diag_from_cotangents(
         model, dict(params), batch, loss_fn, generator, samples, chunk_size, fast
     )
@@ -541,7 +554,7 @@ def hutchinson_diag(
 
     The ``k`` products share one primal pass (:func:`hvp`).
     """
-    _check_positive_int("probes", probes)
+    check_positive_int("probes", probes)
     _, _, estimate = _hutchinson(model, dict(params), batch, loss_fn, probes, generator, chunk_size)
     return estimate
 
@@ -558,13 +571,6 @@ def _hutchinson(
     z = {k: _rademacher((probes, *p.shape), p, generator) for k, p in params.items()}
     loss, grads, hz = hvp(model, params, batch, loss_fn, z, chunk_size=chunk_size)
     return loss, grads, {k: (z[k] * hz[k]).mean(0) for k in params}
-
-
-def _check_positive_int(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -592,7 +598,7 @@ class Statistic:
         if self.kind not in _KINDS:
             raise ValueError(f"unknown statistic {self.kind!r}; expected one of {sorted(_KINDS)}")
         if self.kind in ("fisher_mc", "hutchinson"):
-            _check_positive_int("samples", self.samples)
+            check_positive_int("samples", self.samples)
 
 
 _KINDS = frozenset({"grad", "fisher", "fisher_mc", "hutchinson", "hessian_grad"})
@@ -730,7 +736,7 @@ def _add_hessian_grad(
     for batch in iter_batches(data, device):
         _, _, products = hvp(model, params, batch, loss_fn, vectors, chunk_size=chunk_size)
         _add_scaled(sums[request], {k: v[0] for k, v in products.items()}, len(batch[0]))
-    _all_reduce_sums(sums[request])
+    all_reduce_sum(sums[request])
 
 
 def _zeros(params: Params, dtype: torch.dtype) -> Params:
@@ -742,23 +748,8 @@ def _add_scaled(total: Params, value: Mapping[str, Tensor], scale: float) -> Non
         total[k].add_(v.to(total[k].dtype), alpha=scale)
 
 
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
-def _all_reduce_sums(*tensors: Tensor | Params) -> None:
-    """Sum accumulators over ranks in place (a no-op without a process group)."""
-    if not _distributed():
-        return
-    for t in tensors:
-        for tensor in t.values() if isinstance(t, dict) else [t]:
-            dist.all_reduce(tensor)
-
-
 def _all_reduce(examples: int, loss_sum: Tensor, *sums: Params) -> int:
     """All-reduce the first-pass accumulators and return the total number of examples."""
-    if not _distributed():
-        return examples
-    count = torch.tensor(float(examples), dtype=torch.float64, device=loss_sum.device)
-    _all_reduce_sums(count, loss_sum, *sums)
-    return int(math.floor(count.item() + 0.5))
+    all_reduce_sum(loss_sum, *sums)
+    (total,) = all_reduce_floats([float(examples)], loss_sum.device)
+    return round(total)
