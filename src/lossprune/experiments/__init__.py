@@ -6,6 +6,16 @@ Submodules, imported on demand so that ``import lossprune.experiments`` stays ch
 * :mod:`~lossprune.experiments.data` -- digits (bundled), MNIST / CIFAR-10 / ImageNet from local
   files, ``load_dataset`` and seeded loaders.
 * :mod:`~lossprune.experiments.training` -- SGD training and masked fine-tuning, ``evaluate``.
+* :mod:`~lossprune.experiments.presets` -- named sweep grids (``digits-quick``, ``mnist-paper``...).
+* :mod:`~lossprune.experiments.records` -- run configurations and the resumable results file.
+* :mod:`~lossprune.experiments.checkpoints` -- dense networks trained once per seed, cached.
+* :mod:`~lossprune.experiments.run` -- one run: prune, measure, fine-tune, measure.
+* :mod:`~lossprune.experiments.sweep` -- expand a preset, run what is missing, append records.
+* :mod:`~lossprune.experiments.analysis`, :mod:`~lossprune.experiments.figures`,
+  :mod:`~lossprune.experiments.findings` -- read records, draw the paper's figures, check its
+  five findings.
+* :mod:`~lossprune.experiments.cli` -- the ``lossprune`` command line.
+* :mod:`~lossprune.experiments.allocator` -- glibc tuning that makes CPU sweeps faster.
 
 The library never imports this package.
 """

@@ -1,0 +1,91 @@
+"""Reading sweep records: the measured quantities and their means over seeds.
+
+Shared by the figures and the findings summary, so both read the records the same way.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import numpy as np
+from scipy.stats import spearmanr
+
+__all__ = [
+    "Record",
+    "ok_records",
+    "delta_loss",
+    "gap_before",
+    "gap_after",
+    "select",
+    "by_lam",
+    "mean_std",
+    "values",
+    "spearman",
+    "Metric",
+]
+
+Record = dict[str, Any]
+Metric = Callable[[Record], float]
+
+
+def ok_records(records: Iterable[Record]) -> list[Record]:
+    """The runs that finished (diverged runs carry no measurements after the divergence)."""
+    return [r for r in records if r.get("status") == "ok"]
+
+
+def delta_loss(record: Record) -> float:
+    """ΔL: mean training loss after minus before pruning (eval mode)."""
+    return float(record["delta_loss"])
+
+
+def gap_before(record: Record) -> float:
+    """Validation error of the pruned network minus that of the dense one, before fine-tuning."""
+    return float(record["pruned"]["val_error"] - record["dense"]["val_error"])
+
+
+def gap_after(record: Record) -> float:
+    """The same after fine-tuning with the mask fixed (best validation checkpoint)."""
+    return float(record["finetuned"]["val_error"] - record["dense"]["val_error"])
+
+
+def select(records: Iterable[Record], **where: Any) -> list[Record]:
+    """Records whose config matches every ``field=value`` (a tuple value means any of them)."""
+
+    def matches(record: Record) -> bool:
+        config = record["config"]
+        for name, value in where.items():
+            allowed = value if isinstance(value, tuple) else (value,)
+            if config[name] not in allowed:
+                return False
+        return True
+
+    return [r for r in records if matches(r)]
+
+
+def by_lam(records: Iterable[Record], metric: Metric) -> dict[float, list[float]]:
+    """``metric`` of the records grouped by lambda (over seeds), sorted by lambda."""
+    groups: dict[float, list[float]] = defaultdict(list)
+    for record in records:
+        groups[float(record["config"]["lam"])].append(metric(record))
+    return dict(sorted(groups.items()))
+
+
+def mean_std(values: Iterable[float]) -> tuple[float, float]:
+    """Mean and (population) standard deviation; the std of a single value is 0."""
+    array = np.asarray(list(values), dtype=float)
+    return float(array.mean()), float(array.std())
+
+
+def values(records: Iterable[Record], key: str) -> list[Any]:
+    """Distinct values of config field ``key``, sorted (``None`` first)."""
+    found = {r["config"][key] for r in records}
+    return sorted(found, key=lambda v: (v is not None, v if v is not None else 0))
+
+
+def spearman(xs: Sequence[float], ys: Sequence[float]) -> float:
+    """Spearman's rank correlation (:func:`scipy.stats.spearmanr`); NaN when undefined."""
+    if len(xs) < 3 or len(set(xs)) < 2 or len(set(ys)) < 2:
+        return float("nan")
+    return float(spearmanr(xs, ys).statistic)

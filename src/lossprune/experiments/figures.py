@@ -1,0 +1,332 @@
+"""The reproduction's figures, drawn from sweep records (numbers follow Laurent et al. 2020).
+
+Each ``fig_*`` function draws one figure from a list of records and returns a
+:class:`matplotlib.figure.Figure` (or ``None`` when the records hold nothing to draw, e.g. no
+linear-schedule runs). :func:`write_figures` saves every figure as PNG and PDF. Figures are built
+with the object-oriented API (no ``pyplot``), so no display and no global backend are involved.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+from matplotlib.ticker import ScalarFormatter
+
+from .analysis import (
+    Metric,
+    Record,
+    by_lam,
+    delta_loss,
+    gap_after,
+    gap_before,
+    mean_std,
+    ok_records,
+    select,
+    spearman,
+    values,
+)
+from .presets import LOSS_MODELS
+
+__all__ = [
+    "FIGURES",
+    "fig1_delta_loss",
+    "fig2_schedules",
+    "fig3_gap_vs_delta_loss",
+    "fig6_gap_before_finetuning",
+    "fig7_gap_after_finetuning",
+    "fig15_finetuning_curves",
+    "fig16_baselines",
+    "write_figures",
+]
+
+COLORS = {
+    "LM": "tab:blue",
+    "QM": "tab:orange",
+    "OBD": "tab:green",
+    "MP": "black",
+    "GraSP": "tab:red",
+    "SynFlow": "tab:purple",
+}
+SCHEDULE_STYLE = {"exponential": "-", "linear": "--"}
+
+
+def _lam_axis(lams: Sequence[float]) -> Callable[[float], float]:
+    """Map lambda to an x position on a log axis: 0 sits one decade left of the smallest λ > 0."""
+    positive = [lam for lam in lams if lam > 0]
+    zero_at = min(positive) / 10 if positive else 1.0
+    return lambda lam: lam if lam > 0 else zero_at
+
+
+def _format_lam_axis(ax: Axes, lams: Sequence[float]) -> None:
+    position = _lam_axis(lams)
+    ax.set_xscale("log")
+    ax.set_xticks([position(lam) for lam in lams])
+    ax.set_xticklabels(["0" if lam == 0 else f"{lam:g}" for lam in lams], rotation=45)
+    ax.minorticks_off()
+    ax.set_xlabel("λ")
+
+
+def _positive_log_y(ax: Axes, data: Sequence[float]) -> None:
+    if len(data) and min(data) > 0:
+        ax.set_yscale("log")
+
+
+def _lam_panels(records: list[Record], metric: Metric, ylabel: str, title: str) -> Figure | None:
+    """One panel per π: metric vs λ for LM/QM/OBD (mean ± std over seeds), MP dashed."""
+    records = select(ok_records(records), schedule="exponential")
+    models = select(records, criterion=LOSS_MODELS)
+    if not models:
+        return None
+    stages = values(models, "stages")
+    lams = values(models, "lam")
+    position = _lam_axis(lams)
+    figure = Figure(figsize=(4 * len(stages), 3.4), layout="constrained")
+    axes = figure.subplots(1, len(stages), sharey=True, squeeze=False)[0]
+    for ax, pi in zip(axes, stages, strict=True):
+        plotted: list[float] = []
+        for criterion in LOSS_MODELS:
+            groups = by_lam(select(models, criterion=criterion, stages=pi), metric)
+            if not groups:
+                continue
+            xs = [position(lam) for lam in groups]
+            stats = np.array([mean_std(v) for v in groups.values()])
+            ax.plot(xs, stats[:, 0], "o-", color=COLORS[criterion], label=criterion, ms=3)
+            ax.fill_between(
+                xs,
+                *(stats[:, 0] + s * stats[:, 1] for s in (-1, 1)),
+                color=COLORS[criterion],
+                alpha=0.2,
+            )
+            plotted.extend(stats[:, 0])
+        magnitude = [metric(r) for r in select(records, criterion="MP", stages=pi)]
+        if magnitude:
+            # Magnitude pruning ignores λ: one run per seed, drawn across the whole λ range.
+            mean, _ = mean_std(magnitude)
+            ax.axhline(mean, color=COLORS["MP"], ls="--", label="MP")
+            plotted.append(mean)
+        _format_lam_axis(ax, lams)
+        _positive_log_y(ax, plotted)
+        ax.set_title(f"π = {pi}")
+    axes[0].set_ylabel(ylabel)
+    axes[-1].legend(fontsize="small")
+    figure.suptitle(title)
+    return figure
+
+
+def fig1_delta_loss(records: list[Record]) -> Figure | None:
+    """Fig. 1: ΔL after pruning vs λ, one panel per number of stages π."""
+    return _lam_panels(records, delta_loss, "ΔL (training loss)", "Loss change after pruning")
+
+
+def fig6_gap_before_finetuning(records: list[Record]) -> Figure | None:
+    """Fig. 6: validation error gap right after pruning vs λ."""
+    return _lam_panels(records, gap_before, "val. error gap", "Validation gap before fine-tuning")
+
+
+def fig7_gap_after_finetuning(records: list[Record]) -> Figure | None:
+    """Fig. 7: validation error gap after fine-tuning vs λ."""
+    return _lam_panels(records, gap_after, "val. error gap", "Validation gap after fine-tuning")
+
+
+def _schedule_lam(records: list[Record]) -> float | None:
+    """The λ for the per-stage panels: the middle one of those run with the linear schedule."""
+    lams = values(select(records, schedule="linear"), "lam")
+    return lams[len(lams) // 2] if lams else None
+
+
+def fig2_schedules(records: list[Record], criterion: str = "QM") -> Figure | None:
+    """Fig. 2: linear vs exponential schedule for ``criterion``.
+
+    Panels: ΔL vs λ; ‖Δθ‖² removed at each stage; training loss vs sparsity along the stages.
+    """
+    records = select(ok_records(records), criterion=criterion)
+    lam = _schedule_lam(records)
+    if lam is None:
+        return None
+    stages = values(select(records, schedule="linear"), "stages")
+    lams = values(select(records, stages=tuple(stages)), "lam")
+    position = _lam_axis(lams)
+    figure = Figure(figsize=(13, 3.6), layout="constrained")
+    ax_lam, ax_step, ax_curve = figure.subplots(1, 3)
+    shades = dict(zip(stages, ("tab:blue", "tab:red", "tab:green", "tab:olive"), strict=False))
+    for pi in stages:
+        for schedule, style in SCHEDULE_STYLE.items():
+            runs = select(records, stages=pi, schedule=schedule)
+            groups = by_lam(runs, delta_loss)
+            if not groups:
+                continue
+            label = f"π={pi} {schedule}"
+            means = [mean_std(v)[0] for v in groups.values()]
+            ax_lam.plot(
+                [position(x) for x in groups],
+                means,
+                style,
+                marker="o",
+                ms=3,
+                color=shades[pi],
+                label=label,
+            )
+            chosen = select(runs, lam=lam)
+            steps = np.array([r["stages"]["step_norm_sq"] for r in chosen])
+            if steps.size:
+                ax_step.plot(
+                    np.arange(1, pi + 1), steps.mean(axis=0), style, color=shades[pi], label=label
+                )
+            curves = [r["loss_curve"] for r in chosen if "loss_curve" in r]
+            if curves:
+                sparsity = [p["sparsity"] for p in curves[0]]
+                loss = np.mean([[p["train_loss"] for p in c] for c in curves], axis=0)
+                ax_curve.plot(sparsity, loss - loss[0], style, color=shades[pi], label=label)
+    _format_lam_axis(ax_lam, lams)
+    ax_lam.set_yscale("log")
+    ax_lam.set_ylabel("ΔL")
+    ax_lam.set_title(f"{criterion}: ΔL vs λ")
+    ax_step.set_yscale("log")
+    ax_step.set_xscale("log")
+    ax_step.set(xlabel="stage", ylabel="‖Δθ‖² removed", title=f"per stage (λ={lam:g})")
+    ax_curve.set(xlabel="sparsity", ylabel="ΔL so far", title=f"along the stages (λ={lam:g})")
+    ax_curve.set_yscale("symlog", linthresh=1e-2)
+    ax_lam.legend(fontsize="small")
+    return figure
+
+
+def fig3_gap_vs_delta_loss(records: list[Record]) -> Figure | None:
+    """Fig. 3: validation gap after fine-tuning vs ΔL, Spearman's ρ per loss model.
+
+    ρ is taken over all runs of a criterion (seeds x π x λ x schedules); Magnitude runs, which
+    differ only by seed, are drawn in every panel for reference.
+    """
+    records = ok_records(records)
+    criteria = [c for c in LOSS_MODELS if select(records, criterion=c)]
+    if not criteria:
+        return None
+    magnitude = select(records, criterion="MP")
+    figure = Figure(figsize=(3.8 * len(criteria), 3.4), layout="constrained")
+    axes = figure.subplots(1, len(criteria), sharex=True, sharey=True, squeeze=False)[0]
+    for ax, criterion in zip(axes, criteria, strict=True):
+        runs = select(records, criterion=criterion)
+        xs, ys = [delta_loss(r) for r in runs], [gap_after(r) for r in runs]
+        ax.scatter(xs, ys, s=12, color=COLORS[criterion], alpha=0.7, label=criterion)
+        ax.scatter(
+            [delta_loss(r) for r in magnitude],
+            [gap_after(r) for r in magnitude],
+            s=12,
+            color=COLORS["MP"],
+            label="MP",
+        )
+        ax.set_title(f"{criterion}: ρ = {spearman(xs, ys):.2f} (n={len(xs)})")
+        ax.set(xlabel="ΔL", xscale="symlog", xlim=(0, None))
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.legend(fontsize="small")
+    axes[0].set_ylabel("val. error gap after fine-tuning")
+    return figure
+
+
+def fig15_finetuning_curves(records: list[Record]) -> Figure | None:
+    """Fig. 15: validation error along fine-tuning (epoch 0 = right after pruning).
+
+    One panel per π of the loss models, each at its λ of lowest mean ΔL, with MP; GraSP and
+    SynFlow (whatever their number of stages) are drawn dotted in every panel for reference.
+    """
+    records = select(ok_records(records), schedule="exponential")
+    stages = values(select(records, criterion=(*LOSS_MODELS, "MP")), "stages")
+    if not stages:
+        return None
+    baselines = _representatives(select(records, criterion=("GraSP", "SynFlow")))
+    figure = Figure(figsize=(4 * len(stages), 3.4), layout="constrained")
+    axes = figure.subplots(1, len(stages), sharey=True, squeeze=False)[0]
+    for ax, pi in zip(axes, stages, strict=True):
+        chosen = _representatives(select(records, stages=pi, criterion=(*LOSS_MODELS, "MP")))
+        for criterion, runs in (chosen | baselines).items():
+            curves = np.array([[e["val_error"] for e in r["finetune_history"]] for r in runs])
+            style = ":" if criterion in baselines else "-"
+            label = criterion
+            if criterion in baselines:
+                label += f" (π={runs[0]['config']['stages']})"
+            ax.plot(
+                curves.mean(axis=0), style, marker="o", ms=3, color=COLORS[criterion], label=label
+            )
+        ax.set(title=f"π = {pi}", xlabel="fine-tuning epoch")
+        ax.xaxis.get_major_locator().set_params(integer=True)
+    axes[0].set_ylabel("validation error")
+    axes[-1].legend(fontsize="small")
+    return figure
+
+
+def _representatives(records: list[Record]) -> dict[str, list[Record]]:
+    """Per criterion, the runs (all seeds) of its λ with the lowest mean ΔL."""
+    chosen: dict[str, list[Record]] = {}
+    for criterion in COLORS:
+        runs = select(records, criterion=criterion)
+        if not runs:
+            continue
+        if criterion in LOSS_MODELS:
+            groups = by_lam(runs, delta_loss)
+            best = min(groups, key=lambda lam: mean_std(groups[lam])[0])
+            runs = select(runs, lam=best)
+        chosen[criterion] = runs
+    return chosen
+
+
+def fig16_baselines(records: list[Record]) -> Figure | None:
+    """Fig. 16: GraSP and SynFlow among the other runs, validation gap vs ΔL."""
+    records = ok_records(records)
+    baselines = select(records, criterion=("GraSP", "SynFlow"))
+    if not baselines:
+        return None
+    figure = Figure(figsize=(9, 3.6), layout="constrained")
+    ax_before, ax_after = figure.subplots(1, 2, sharex=True)
+    for criterion, color in COLORS.items():
+        runs = select(records, criterion=criterion)
+        if not runs:
+            continue
+        big = criterion in ("GraSP", "SynFlow")
+        for ax, metric in ((ax_before, gap_before), (ax_after, gap_after)):
+            ax.scatter(
+                [delta_loss(r) for r in runs],
+                [metric(r) for r in runs],
+                color=color,
+                s=60 if big else 10,
+                marker="*" if big else "o",
+                alpha=1.0 if big else 0.5,
+                label=criterion,
+                zorder=3 if big else 2,
+            )
+    for ax, when in ((ax_before, "before"), (ax_after, "after")):
+        ax.set(xlabel="ΔL", ylabel=f"val. error gap {when} fine-tuning", xscale="symlog")
+    ax_after.legend(fontsize="small")
+    return figure
+
+
+FIGURES: dict[str, Callable[[list[Record]], Figure | None]] = {
+    "fig1_delta_loss_vs_lambda": fig1_delta_loss,
+    "fig2_linear_vs_exponential": fig2_schedules,
+    "fig3_gap_vs_delta_loss": fig3_gap_vs_delta_loss,
+    "fig6_gap_before_finetuning": fig6_gap_before_finetuning,
+    "fig7_gap_after_finetuning": fig7_gap_after_finetuning,
+    "fig15_finetuning_curves": fig15_finetuning_curves,
+    "fig16_grasp_synflow": fig16_baselines,
+}
+"""File stem -> figure function."""
+
+
+def write_figures(
+    records: list[Record], out_dir: str | Path, formats: Sequence[str] = ("png", "pdf")
+) -> list[Path]:
+    """Draw every figure of :data:`FIGURES` that the records support; return the files written."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for stem, draw in FIGURES.items():
+        figure = draw(records)
+        if figure is None:
+            continue
+        for extension in formats:
+            path = out / f"{stem}.{extension}"
+            figure.savefig(path, dpi=110)
+            written.append(path)
+    return written

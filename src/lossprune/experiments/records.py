@@ -1,0 +1,131 @@
+"""Run configurations and the JSON-lines results file that makes sweeps resumable.
+
+Every finished run is appended to the results file as one JSON object per line, immediately, so
+that an interrupted sweep loses at most the run in progress. A run is identified by its
+canonical configuration (:meth:`RunConfig.key`): a resumed sweep skips every configuration whose
+key is already in the file, so no run is ever recorded twice.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from .presets import LOSS_MODELS, TrainSetup
+
+__all__ = ["RunConfig", "ResultsFile"]
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything that determines one pruning run (and nothing that does not, like the device).
+
+    ``lam`` is ``None`` for criteria without a step-size constraint (MP, GraSP, SynFlow).
+    """
+
+    dataset: str
+    model: str
+    sparsity: float
+    criterion: str
+    lam: float | None
+    stages: int
+    schedule: str
+    seed: int
+    examples: int
+    curvature: str
+    loss_examples: int | None
+    train: TrainSetup
+    finetune: TrainSetup
+
+    def __post_init__(self) -> None:
+        # Normalise so that equal runs get equal keys: lambda only matters for loss models.
+        lam = float(self.lam) if self.criterion in LOSS_MODELS and self.lam is not None else None
+        object.__setattr__(self, "lam", lam)
+        if self.criterion not in ("QM", "OBD"):
+            object.__setattr__(self, "curvature", "none")
+
+    def as_dict(self) -> dict[str, Any]:
+        """A JSON-friendly dict (nested dicts for the training setups)."""
+        return asdict(self)
+
+    def key(self) -> str:
+        """Canonical identity: sorted-key JSON of :meth:`as_dict`."""
+        return canonical_key(self.as_dict())
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RunConfig:
+        """Inverse of :meth:`as_dict`."""
+        fields = dict(data)
+        fields["train"] = TrainSetup(**fields["train"])
+        fields["finetune"] = TrainSetup(**fields["finetune"])
+        return cls(**fields)
+
+    def label(self) -> str:
+        """Short human-readable name, e.g. ``QM λ=0.01 π=14 exp seed 0``."""
+        lam = "" if self.lam is None else f" λ={self.lam:g}"
+        return f"{self.criterion}{lam} π={self.stages} {self.schedule[:3]} seed {self.seed}"
+
+
+def canonical_key(config: dict[str, Any]) -> str:
+    """Sorted, whitespace-free JSON: the same configuration always gives the same string."""
+    return json.dumps(config, sort_keys=True, separators=(",", ":"))
+
+
+class ResultsFile:
+    """Append-only JSON-lines file of run records (each with a ``"config"`` entry).
+
+    Args:
+        path: the file; created, with its folder, on the first :meth:`append`.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        """The records in file order. A truncated last line (a run killed mid-write) is skipped."""
+        if not self.path.exists():
+            return
+        with open(self.path, encoding="utf-8") as file:
+            for line in file:
+                line = line.strip()
+                if not line:
+                    continue
+                try:
+                    yield json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+
+    def records(self) -> list[dict[str, Any]]:
+        """All records."""
+        return list(self)
+
+    def keys(self) -> set[str]:
+        """Canonical keys of the configurations already recorded."""
+        return {canonical_key(record["config"]) for record in self}
+
+    def append(self, record: dict[str, Any]) -> None:
+        """Write one record as one line and flush it to disk before returning."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        line = json.dumps(record, allow_nan=True) + "\n"
+        # Start on a fresh line if an earlier run was killed in the middle of writing one.
+        prefix = "\n" if self._ends_mid_line() else ""
+        with open(self.path, "a", encoding="utf-8") as file:
+            file.write(prefix + line)
+            file.flush()
+            os.fsync(file.fileno())
+
+    def extend(self, records: Iterable[dict[str, Any]]) -> None:
+        """:meth:`append` each record."""
+        for record in records:
+            self.append(record)
+
+    def _ends_mid_line(self) -> bool:
+        if not self.path.exists() or self.path.stat().st_size == 0:
+            return False
+        with open(self.path, "rb") as file:
+            file.seek(-1, os.SEEK_END)
+            return file.read(1) != b"\n"

@@ -1,0 +1,218 @@
+"""One pruning run: prune a trained network, measure it, fine-tune it, measure it again.
+
+Measurements follow PAPER.md ("What is measured"): ΔL is the mean training-set loss in eval mode
+after minus before pruning (all stages together), ‖Δθ‖² per stage comes from the
+:class:`~lossprune.StageReport` s, and the validation gap is taken before and after fine-tuning
+with the mask fixed (best validation checkpoint kept).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset, Subset, TensorDataset
+
+import lossprune
+from lossprune import (
+    OBD,
+    Criterion,
+    ExponentialSchedule,
+    GraSP,
+    LinearModel,
+    LinearSchedule,
+    Magnitude,
+    NonFiniteError,
+    Pruner,
+    QuadraticModel,
+    Schedule,
+    SynFlow,
+)
+
+from .checkpoints import fresh_model
+from .data import Split, make_loader
+from .records import RunConfig
+from .training import evaluate, train
+
+__all__ = ["make_criterion", "make_schedule", "loss_set", "measure", "prune_run"]
+
+# At most this many points of the loss-vs-sparsity curve per run: a full evaluation after each
+# of 140 stages would cost more than the pruning itself.
+_TRACKED_POINTS = 20
+
+
+def make_criterion(
+    name: str, lam: float | None, curvature: str, in_shape: tuple[int, ...]
+) -> Criterion:
+    """The library criterion called ``name`` in configs (see ``presets.CRITERIA``)."""
+    lam = 0.0 if lam is None else lam
+    if name == "LM":
+        return LinearModel(lam=lam)
+    if name == "QM":
+        return QuadraticModel(lam=lam, curvature=curvature)
+    if name == "OBD":
+        return OBD(lam=lam, curvature=curvature)
+    if name == "MP":
+        return Magnitude()
+    if name == "GraSP":
+        return GraSP()
+    if name == "SynFlow":
+        return SynFlow(input_shape=in_shape)
+    raise ValueError(f"unknown criterion {name!r}")
+
+
+def make_schedule(name: str, sparsity: float, stages: int) -> Schedule:
+    """``"exponential"`` or ``"linear"`` schedule reaching ``sparsity`` in ``stages`` stages."""
+    if name == "exponential":
+        return ExponentialSchedule(sparsity, stages)
+    if name == "linear":
+        return LinearSchedule(sparsity, stages)
+    raise ValueError(f"schedule must be 'exponential' or 'linear', got {name!r}")
+
+
+def loss_set(split: Split, examples: int | None, seed: int) -> Dataset:
+    """The training examples ΔL is measured on: all of them, or a fixed seeded subset."""
+    if examples is None or examples >= len(split.train):  # type: ignore[arg-type]
+        return split.train
+    order = torch.randperm(len(split.train), generator=torch.Generator().manual_seed(seed))
+    return Subset(split.train, order[:examples].tolist())
+
+
+def measure(model: nn.Module, split: Split, train_set: Dataset, device: torch.device) -> dict:
+    """Loss and error (eval mode) on the training set, validation set and test set."""
+    metrics: dict[str, float] = {}
+    for part, dataset in (("train", train_set), ("val", split.val), ("test", split.test)):
+        loss, error = evaluate(model, dataset, device=device)
+        metrics[f"{part}_loss"], metrics[f"{part}_error"] = loss, error
+    return metrics
+
+
+def _scoring_data(split: Split, device: torch.device) -> Any:
+    """Training data in the form the Pruner samples from cheaply: tensors if in memory."""
+    if isinstance(split.train, TensorDataset):
+        inputs, targets = split.train.tensors
+        return inputs.to(device), targets.to(device)
+    return make_loader(split.train, 100, shuffle=False, seed=0)
+
+
+def _tracked(stage: int, stages: int) -> bool:
+    every = math.ceil(stages / _TRACKED_POINTS)
+    return stage % every == 0 or stage == stages
+
+
+def prune_run(
+    config: RunConfig,
+    split: Split,
+    dense_state: dict[str, torch.Tensor],
+    *,
+    device: str | torch.device = "cpu",
+    track_stages: bool = False,
+) -> dict[str, Any]:
+    """Prune a fresh copy of the dense network as ``config`` says; return the run's record.
+
+    A run whose loss or fine-tuning diverges (non-finite values) is recorded with
+    ``"status": "diverged"`` and the error message, since divergence is itself a result
+    (PAPER.md, finding 2).
+    """
+    device = torch.device(device)
+    start = time.perf_counter()
+    model = fresh_model(config.model, split, config.seed)
+    model.load_state_dict(dense_state)
+    model.to(device)
+    train_set = loss_set(split, config.loss_examples, config.seed)
+    record: dict[str, Any] = {
+        "config": config.as_dict(),
+        "status": "ok",
+        "lossprune_version": lossprune.__version__,
+    }
+    dense = measure(model, split, train_set, device)
+    record["dense"] = dense
+    prune_start = time.perf_counter()
+
+    scoring = _scoring_data(split, device)
+    pruner = Pruner(
+        model,
+        make_criterion(config.criterion, config.lam, config.curvature, split.in_shape),
+        make_schedule(config.schedule, config.sparsity, config.stages),
+        loss_fn=nn.CrossEntropyLoss(),
+        data=scoring,
+        examples=min(config.examples, len(split.train)),  # type: ignore[arg-type]
+        generator=config.seed,
+        eval_mode=True,
+        # ΔL is measured on the whole training set below; the per-stage predictions would
+        # cost one extra gradient and Hessian-vector pass per stage.
+        diagnostics=False,
+    )
+    curve = [{"stage": 0, "sparsity": 0.0, "train_loss": dense["train_loss"]}]
+    # Layer-collapse warnings are a result here (PAPER.md, finding 2): keep them in the record.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            while not pruner.finished:
+                report = pruner.step()
+                if track_stages and _tracked(report.stage, config.stages):
+                    loss = evaluate(model, train_set, device=device)[0]
+                    curve.append(
+                        {"stage": report.stage, "sparsity": report.sparsity, "train_loss": loss}
+                    )
+        except NonFiniteError as error:
+            return _diverged(record, error, start)
+    record["warnings"] = sorted({str(w.message) for w in caught})
+    prune_seconds = time.perf_counter() - prune_start
+    reports = pruner.reports
+    record["stages"] = {
+        "step_norm_sq": [r.step_norm_sq for r in reports],
+        "sparsity": [r.sparsity for r in reports],
+        "pruned": [r.pruned for r in reports],
+    }
+    if track_stages:
+        record["loss_curve"] = curve
+    record["layer_density"] = reports[-1].layer_density
+    record["collapsed_layers"] = [k for k, v in reports[-1].layer_density.items() if v == 0.0]
+    record["sparsity"] = pruner.sparsity()
+    pruned = measure(model, split, train_set, device)
+    record["pruned"] = pruned
+    record["delta_loss"] = pruned["train_loss"] - dense["train_loss"]
+
+    finetune_start = time.perf_counter()
+    try:
+        history = train(
+            model,
+            split,
+            epochs=config.finetune.epochs,
+            lr=config.finetune.lr,
+            momentum=config.finetune.momentum,
+            weight_decay=config.finetune.weight_decay,
+            batch_size=config.finetune.batch_size,
+            lr_schedule=config.finetune.lr_schedule,
+            seed=config.seed,
+            device=device,
+            masks=pruner.masks,
+        )
+    except FloatingPointError as error:
+        return _diverged(record, error, start)
+    record["finetune_history"] = [
+        {"epoch": 0, "val_loss": pruned["val_loss"], "val_error": pruned["val_error"]},
+        *history,
+    ]
+    record["finetuned"] = measure(model, split, train_set, device)
+    # A check that the mask held through fine-tuning: counted on the weights, not the masks.
+    zeros = sum(int((p == 0).sum()) for p in pruner.params.values())
+    record["finetuned_sparsity"] = zeros / sum(p.numel() for p in pruner.params.values())
+    record["seconds"] = {
+        "prune": prune_seconds,
+        "finetune": time.perf_counter() - finetune_start,
+        "total": time.perf_counter() - start,
+    }
+    return record
+
+
+def _diverged(record: dict[str, Any], error: Exception, start: float) -> dict[str, Any]:
+    record["status"] = "diverged"
+    record["error"] = str(error)
+    record["seconds"] = {"total": time.perf_counter() - start}
+    return record
