@@ -39,8 +39,9 @@ test-notebooks: $(VENV)/.installed-notebooks
 notebooks: $(VENV)/.installed-notebooks
 	cd examples && OMP_NUM_THREADS=1 ../$(BIN)/jupyter execute --inplace *.ipynb
 
+# --resume: a second `make demo` finishes or reuses the first one's runs instead of refusing.
 demo: install
-	$(BIN)/lossprune sweep --preset digits-quick
+	$(BIN)/lossprune sweep --preset digits-quick --resume
 
 # HTML documentation in docs/_build/html; any Sphinx warning is an error.
 docs: $(VENV)/.installed-docs
@@ -57,6 +58,20 @@ format: $(VENV)/.installed-lint
 # Type hints of the public API (files and options in [tool.mypy] of pyproject.toml).
 typecheck: $(VENV)/.installed-lint
 	$(BIN)/mypy
+
+# Benchmarks against curvlinops and BackPACK. Both need torchvision, which only imports beside
+# torch 2.14.1 (a 5.5 GB CUDA build that also runs on CPU): they get their own venv, never .venv.
+BENCH_VENV ?= .venv-bench
+BENCH_ARGS ?= --quick --out benchmarks/results-cpu-quick.json
+
+$(BENCH_VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/pip install torch==2.14.1 torchvision==0.29.1
+	$(BENCH_VENV)/bin/pip install -e '.[bench]'
+	touch $@
+
+bench: $(BENCH_VENV)/.installed
+	$(BENCH_VENV)/bin/python benchmarks/run.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache docs/_build
