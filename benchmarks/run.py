@@ -170,15 +170,19 @@ def backpack_fisher(model, batch):
         return None
     import copy
 
-    extended = extend(copy.deepcopy(model))
+    # BackPACK only extends nn.Sequential containers: both workloads are chains of leaf modules,
+    # so the same layers (same parameter order) are handed to it as one Sequential.
+    leaves = [m for m in model.modules() if not list(m.children())]
+    extended = extend(copy.deepcopy(nn.Sequential(*leaves)))
     loss_fn = extend(nn.CrossEntropyLoss())
+    names = [n for n, _ in model.named_parameters()]
 
     def run():
         extended.zero_grad()
         loss = loss_fn(extended(batch[0]), batch[1])
         with backpack(DiagGGNExact()):
             loss.backward()
-        return {n: p.diag_ggn_exact for n, p in extended.named_parameters()}
+        return {n: p.diag_ggn_exact for n, p in zip(names, extended.parameters(), strict=True)}
 
     return run
 
