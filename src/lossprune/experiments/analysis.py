@@ -15,6 +15,9 @@ from scipy.stats import spearmanr
 __all__ = [
     "Record",
     "ok_records",
+    "paper_records",
+    "setting",
+    "update_label",
     "delta_loss",
     "gap_before",
     "gap_after",
@@ -33,6 +36,34 @@ Metric = Callable[[Record], float]
 def ok_records(records: Iterable[Record]) -> list[Record]:
     """The runs that finished (diverged runs carry no measurements after the divergence)."""
     return [r for r in records if r.get("status") == "ok"]
+
+
+# Config fields beyond the paper and their defaults: records written before they existed, and
+# records of runs that keep the defaults, do not carry them.
+_BEYOND = {"update": "zero", "update_lam": None, "auto_lam": False, "min_density": 0.0}
+
+
+def setting(record: Record, name: str) -> Any:
+    """Config field ``name`` of ``record``, with the default of the fields beyond the paper."""
+    config = record["config"]
+    return config[name] if name in config else _BEYOND[name]
+
+
+def paper_records(records: Iterable[Record]) -> list[Record]:
+    """The runs done as in the paper: pruned weights zeroed, no minimum layer density."""
+    return [r for r in records if setting(r, "update") == "zero" and not setting(r, "min_density")]
+
+
+def update_label(record: Record) -> str:
+    """``"zero"``, ``"comp λu=0.1"``, ``"comp auto"``, with ``" min_density=…"`` if any."""
+    if setting(record, "update") == "zero":
+        label = "zero"
+    elif setting(record, "auto_lam"):
+        label = "comp auto"
+    else:
+        label = f"comp λu={setting(record, 'update_lam'):g}"
+    density = setting(record, "min_density")
+    return label + (f" min_density={density:g}" if density else "")
 
 
 def delta_loss(record: Record) -> float:

@@ -23,7 +23,7 @@ from .allocator import keep_freed_memory
 from .checkpoints import load_or_train
 from .data import DATASET_NAMES, load_dataset
 from .figures import write_figures
-from .findings import findings, findings_table
+from .findings import beyond_table, findings, findings_table
 from .models import MODEL_NAMES
 from .presets import CRITERIA, PRESETS, SCHEDULES, TrainSetup, get_preset
 from .records import ResultsFile, RunConfig
@@ -155,6 +155,9 @@ def _report(results: Path, out: Path, formats: Sequence[str] = ("png", "pdf")) -
     """Write figures and ``findings.md`` next to them; print the findings."""
     records = ResultsFile(results).records()
     written = write_figures(records, out, formats)
+    beyond = beyond_table(records)
+    if beyond:
+        (out / "beyond.md").write_text(beyond)
     table = findings_table(findings(records))
     (out / "findings.md").write_text(table)
     print(f"{len(written)} figure files and findings.md written to {out}")

@@ -25,14 +25,19 @@ from .analysis import (
     gap_before,
     mean_std,
     ok_records,
+    paper_records,
     select,
     spearman,
+    update_label,
     values,
 )
 from .presets import LOSS_MODELS
 
 __all__ = [
     "FIGURES",
+    "BEYOND_FIGURES",
+    "fig_predicted_vs_measured",
+    "fig_compensation",
     "fig1_delta_loss",
     "fig2_schedules",
     "fig3_gap_vs_delta_loss",
@@ -314,15 +319,173 @@ FIGURES: dict[str, Callable[[list[Record]], Figure | None]] = {
 """File stem -> figure function."""
 
 
+# ------------------------------------------------------------------------------------------------
+# Beyond the paper: compensation updates and layer-collapse protection (issue 5)
+# ------------------------------------------------------------------------------------------------
+
+UPDATE_COLORS = {
+    "zero": "black",
+    "comp λu=0.1": "tab:blue",
+    "comp λu=1": "tab:cyan",
+    "comp auto": "tab:red",
+}
+_OTHER_COLORS = ("tab:olive", "tab:brown", "tab:pink", "tab:gray", "tab:purple")
+
+
+def _update_colors(labels: Sequence[str]) -> dict[str, str]:
+    """A color per update label: the digits-beyond ones fixed, others in turn."""
+    others = iter(_OTHER_COLORS * 4)
+    return {u: UPDATE_COLORS.get(u) or next(others) for u in labels}
+
+
+def _sorted_updates(records: list[Record]) -> list[str]:
+    return sorted({update_label(r) for r in records}, key=lambda u: (u != "zero", u))
+
+
+def fig_predicted_vs_measured(records: list[Record]) -> Figure | None:
+    r"""Quadratic model's predicted ΔL vs measured ΔL, per stage, one panel per criterion.
+
+    Predicted: :math:`g^\top\Delta\theta + \tfrac12\Delta\theta^\top H\Delta\theta` (exact
+    Hessian) of the stage's whole step; measured: the loss after minus before the step; both on
+    the stage's scoring data (``diagnostics=True`` runs). Symmetric-log axes, identity dashed;
+    circles are one-shot runs (π = 1), dots the stages of multi-stage runs.
+    """
+    records = [r for r in ok_records(records) if "predicted_delta" in r.get("stages", {})]
+    if not records:
+        return None
+    criteria = [c for c in COLORS if select(records, criterion=c)]
+    colors = _update_colors(_sorted_updates(records))
+    figure = Figure(figsize=(4.2 * len(criteria), 3.9), layout="constrained")
+    axes = figure.subplots(1, len(criteria), sharex=True, sharey=True, squeeze=False)[0]
+    extent = 0.0
+    for ax, criterion in zip(axes, criteria, strict=True):
+        runs = select(records, criterion=criterion)
+        labelled: set[str] = set()
+        for label in _sorted_updates(runs):
+            for one_shot in (True, False):
+                chosen = [
+                    r
+                    for r in runs
+                    if update_label(r) == label and (r["config"]["stages"] == 1) == one_shot
+                ]
+                xs = [x for r in chosen for x in r["stages"]["predicted_delta"]]
+                ys = [
+                    a - b
+                    for r in chosen
+                    for a, b in zip(r["stages"]["loss_after"], r["stages"]["loss_before"])
+                ]
+                if not xs:
+                    continue
+                extent = max(extent, *map(abs, xs), *map(abs, ys))
+                ax.scatter(
+                    xs,
+                    ys,
+                    s=30 if one_shot else 8,
+                    marker="o",
+                    facecolors="none" if one_shot else colors[label],
+                    edgecolors=colors[label],
+                    alpha=0.9 if one_shot else 0.6,
+                    label=None if label in labelled else label,
+                )
+                labelled.add(label)
+        ax.set_title(criterion)
+        ax.set_xlabel("predicted ΔL (quadratic model)")
+    limit = 1.5 * extent if extent else 1.0
+    for ax in axes:
+        ax.plot([-limit, limit], [-limit, limit], "--", color="gray", lw=1, zorder=0)
+        ax.set_xscale("symlog", linthresh=1e-3)
+        ax.set_yscale("symlog", linthresh=1e-3)
+        ax.set(xlim=(-limit, limit), ylim=(-limit, limit))
+    axes[0].set_ylabel("measured ΔL (scoring data)")
+    axes[-1].legend(fontsize="small", title="○ π=1, • π>1 stages", title_fontsize="small")
+    figure.suptitle("Per-stage loss change: quadratic model vs measured")
+    return figure
+
+
+def fig_compensation(records: list[Record]) -> Figure | None:
+    """ΔL and validation gap before/after fine-tuning, per setting, with each weight update.
+
+    One x position per criterion, π and λ that has runs beyond the paper; one marker per update
+    (mean over seeds, bars from the lowest to the highest seed). Diverged runs are left out.
+    """
+    records = ok_records(records)
+    beyond = [r for r in records if update_label(r) != "zero"]
+    if not beyond:
+        return None
+    settings = sorted(
+        {(r["config"]["criterion"], r["config"]["stages"], r["config"]["lam"]) for r in beyond},
+        key=lambda k: (k[0], k[1], k[2]),
+    )
+    labels = _sorted_updates(
+        [
+            r
+            for r in records
+            if (r["config"]["criterion"], r["config"]["stages"], r["config"]["lam"]) in settings
+        ]
+    )
+    colors = _update_colors(labels)
+    figure = Figure(figsize=(13, 3.8), layout="constrained")
+    axes = figure.subplots(1, 3, sharex=True)
+    width = 0.8 / len(labels)
+    metrics = (
+        (delta_loss, "ΔL (training loss)"),
+        (gap_before, "val. error gap before FT"),
+        (gap_after, "val. error gap after FT"),
+    )
+    for ax, (metric, title) in zip(axes, metrics, strict=True):
+        for i, label in enumerate(labels):
+            xs, means, lows, highs = [], [], [], []
+            for x, (criterion, stages, lam) in enumerate(settings):
+                runs = [
+                    r
+                    for r in select(records, criterion=criterion, stages=stages, lam=lam)
+                    if update_label(r) == label
+                ]
+                if not runs:
+                    continue
+                found = [metric(r) for r in runs]
+                xs.append(x - 0.4 + width * (i + 0.5))
+                means.append(float(np.mean(found)))
+                lows.append(means[-1] - min(found))
+                highs.append(max(found) - means[-1])
+            ax.errorbar(
+                xs, means, yerr=[lows, highs], fmt="o", ms=4, color=colors[label], label=label
+            )
+        ax.set_title(title)
+        ax.set_xticks(range(len(settings)))
+        ax.set_xticklabels(
+            [f"{c} π={s}\nλ={lam:g}" for c, s, lam in settings], rotation=60, fontsize="small"
+        )
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].set_yscale("log")
+    axes[-1].legend(fontsize="small", loc="upper right")
+    figure.suptitle("Zeroing (the paper) vs compensating the kept weights")
+    return figure
+
+
+BEYOND_FIGURES: dict[str, Callable[[list[Record]], Figure | None]] = {
+    "beyond_predicted_vs_measured": fig_predicted_vs_measured,
+    "beyond_compensation": fig_compensation,
+}
+"""Figures of the runs beyond the paper (drawn only when the records hold such runs)."""
+
+
 def write_figures(
     records: list[Record], out_dir: str | Path, formats: Sequence[str] = ("png", "pdf")
 ) -> list[Path]:
-    """Draw every figure of :data:`FIGURES` that the records support; return the files written."""
+    """Draw every figure that the records support; return the files written.
+
+    The paper's figures (:data:`FIGURES`) are drawn from the runs done as in the paper only
+    (:func:`~.analysis.paper_records`); :data:`BEYOND_FIGURES` from all of them.
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written = []
-    for stem, draw in FIGURES.items():
-        figure = draw(records)
+    paper = paper_records(records)
+    drawings = [(stem, draw, paper) for stem, draw in FIGURES.items()]
+    drawings += [(stem, draw, records) for stem, draw in BEYOND_FIGURES.items()]
+    for stem, draw, chosen in drawings:
+        figure = draw(chosen)
         if figure is None:
             continue
         for extension in formats:

@@ -20,13 +20,24 @@ from .analysis import (
     gap_before,
     mean_std,
     ok_records,
+    paper_records,
     select,
     spearman,
+    update_label,
     values,
 )
 from .presets import LOSS_MODELS
 
-__all__ = ["Finding", "findings", "findings_table", "HOLDS", "PARTLY", "FAILS", "UNMEASURED"]
+__all__ = [
+    "Finding",
+    "findings",
+    "findings_table",
+    "beyond_table",
+    "HOLDS",
+    "PARTLY",
+    "FAILS",
+    "UNMEASURED",
+]
 
 
 HOLDS, PARTLY, FAILS, UNMEASURED = "holds", "partly", "does not hold", "not measured"
@@ -65,6 +76,8 @@ def finding_stages(records: list[Record]) -> Finding:
         return Finding(1, claim, "needs at least two values of π", UNMEASURED)
     parts, falls = [], []
     for criterion in LOSS_MODELS:
+        if not select(exp, criterion=criterion):
+            continue  # e.g. a sweep without LM
         best = [min(_mean_delta(exp, criterion=criterion, stages=pi).values()) for pi in stages]
         falls.append(best[-1] < best[0])
         parts.append(f"{criterion} " + " → ".join(f"{v:.3f}" for v in best))
@@ -93,7 +106,12 @@ def finding_lambda(records: list[Record]) -> Finding:
     if not exp:
         return Finding(2, claim, "no loss-model runs", UNMEASURED)
     wins, parts = 0, []
-    pairs = [(c, pi) for c in LOSS_MODELS for pi in values(exp, "stages")]
+    pairs = [
+        (c, pi)
+        for c in LOSS_MODELS
+        for pi in values(exp, "stages")
+        if select(exp, criterion=c, stages=pi)
+    ]
     for criterion, pi in pairs:
         means = _mean_delta(exp, criterion=criterion, stages=pi)
         best = min(means, key=means.__getitem__)
@@ -239,7 +257,8 @@ def finding_one_epoch(records: list[Record]) -> Finding:
 
 def findings(records: list[Record]) -> list[Finding]:
     """All five findings, on the finished runs of ``records``."""
-    records = ok_records(records)
+    # The paper's runs only: compensation or a minimum density would blur its findings.
+    records = paper_records(ok_records(records))
     checks = (
         finding_stages,
         finding_lambda,
@@ -255,4 +274,69 @@ def findings_table(results: list[Finding]) -> str:
     lines = ["| # | paper | on these runs | numbers |", "|---|---|---|---|"]
     for f in results:
         lines.append(f"| {f.number} | {f.claim} | {f.verdict} | {f.measured} |")
+    return "\n".join(lines) + "\n"
+
+
+def _fmt(values: list[float], digits: str = ".3f") -> str:
+    return "–" if not values else format(float(np.mean(values)), digits)
+
+
+def _lam_range(lams: list[float]) -> str:
+    if not lams:
+        return "–"
+    low, high = min(lams), max(lams)
+    return f"{low:g}" if low == high else f"{low:g}–{high:g} (median {np.median(lams):g})"
+
+
+def beyond_table(records: list[Record]) -> str:
+    """A Markdown table of the runs beyond the paper, next to the paper's runs of the same setup.
+
+    One row per criterion, π, λ and weight update (see :func:`~.analysis.update_label`), means
+    over seeds: ΔL (whole training set), validation gap before and after fine-tuning, CG
+    iterations per run, the λ of the compensation step over all stages (``auto_lam`` chooses
+    it per stage), the number of stages where ``auto_lam`` fell back to zeroing only, and the
+    quadratic model's predicted ΔL summed over the stages next to the measured one (both on the
+    scoring data). Empty when no record goes beyond the paper.
+    """
+    beyond = [r for r in records if update_label(r) != "zero" or r["config"].get("diagnostics")]
+    if not beyond:
+        return ""
+    keys = sorted(
+        {(r["config"]["criterion"], r["config"]["stages"], r["config"]["lam"]) for r in beyond},
+        key=lambda k: (k[0], k[1], -1 if k[2] is None else k[2]),
+    )
+    lines = [
+        "| criterion | π | λ | update | runs | ΔL | gap before FT | gap after FT "
+        "| CG iters/run | λu used | stages not compensated | Σ predicted ΔL | Σ measured ΔL |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for criterion, stages, lam in keys:
+        runs = select(records, criterion=criterion, stages=stages, lam=lam, schedule="exponential")
+        by_update: dict[str, list[Record]] = {}
+        for r in runs:
+            by_update.setdefault(update_label(r), []).append(r)
+        for label in sorted(by_update, key=lambda u: (u != "zero", u)):
+            group = by_update[label]
+            ok = ok_records(group)
+            diverged = len(group) - len(ok)
+            count = f"{len(ok)}" + (f" (+{diverged} diverged)" if diverged else "")
+            stage = [r["stages"] for r in ok]
+            cg = [sum(n or 0 for n in s["cg_iterations"]) for s in stage if "cg_iterations" in s]
+            lams = [x for s in stage for x in s.get("update_lam", []) if x is not None]
+            fallback = [
+                sum(c is False for c in s["compensated"]) for s in stage if "compensated" in s
+            ]
+            predicted = [sum(s["predicted_delta"]) for s in stage if "predicted_delta" in s]
+            measured = [
+                sum(a - b for a, b in zip(s["loss_after"], s["loss_before"], strict=True))
+                for s in stage
+                if "loss_after" in s
+            ]
+            lam_text = "–" if lam is None else f"{lam:g}"
+            lines.append(
+                f"| {criterion} | {stages} | {lam_text} | {label} | {count} "
+                f"| {_fmt([delta_loss(r) for r in ok])} | {_fmt([gap_before(r) for r in ok])} "
+                f"| {_fmt([gap_after(r) for r in ok])} | {_fmt(cg, '.0f')} | {_lam_range(lams)} "
+                f"| {_fmt(fallback, '.1f')} | {_fmt(predicted)} | {_fmt(measured)} |"
+            )
     return "\n".join(lines) + "\n"

@@ -23,6 +23,8 @@ __all__ = [
     "SCHEDULES",
     "PAPER_LAMS",
     "TrainSetup",
+    "Update",
+    "UPDATES",
     "Grid",
     "Preset",
     "PRESETS",
@@ -36,6 +38,9 @@ LOSS_MODELS: tuple[str, ...] = ("LM", "QM", "OBD")
 """The criteria that take a step-size strength lambda."""
 
 SCHEDULES: tuple[str, ...] = ("exponential", "linear")
+
+UPDATES: tuple[str, ...] = ("zero", "compensate")
+"""What happens to the kept weights after each stage (see :class:`lossprune.Pruner`)."""
 
 PAPER_LAMS: tuple[float, ...] = (0.0, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
 PAPER_STAGES: tuple[int, ...] = (1, 14, 140)
@@ -54,6 +59,33 @@ class TrainSetup:
 
 
 @dataclass(frozen=True)
+class Update:
+    """The weight update of a run (beyond the paper, which only zeroes the pruned weights).
+
+    Attributes:
+        kind: ``"zero"`` (the paper) or ``"compensate"`` (the kept weights take the
+            step-size-constrained quadratic model's best step, :class:`lossprune.Compensation`).
+        lam: λ of the compensation step ``(C + λI)``; with ``auto_lam`` the starting λ.
+        auto_lam: choose λ per stage as a trust region (Levenberg-Marquardt).
+    """
+
+    kind: str = "zero"
+    lam: float | None = None
+    auto_lam: bool = False
+
+    def __post_init__(self) -> None:
+        if self.kind not in UPDATES:
+            raise ValueError(f"update must be one of {UPDATES}, got {self.kind!r}")
+        if self.kind == "zero" and (self.lam is not None or self.auto_lam):
+            raise ValueError("update lam and auto_lam only apply with kind='compensate'")
+        if self.lam is not None and self.lam < 0:
+            raise ValueError(f"update lam must be >= 0, got {self.lam}")
+
+
+ZERO = Update()
+
+
+@dataclass(frozen=True)
 class Grid:
     """One block of a sweep: every combination of its criteria, lambdas, stages and schedules.
 
@@ -63,6 +95,10 @@ class Grid:
         stages: numbers of pruning stages pi.
         schedules: names from :data:`SCHEDULES`.
         track_stages: also record the training loss after every stage (ΔL vs sparsity, Fig. 2).
+        updates: the weight updates to cross with the rest (default: the paper's zeroing only).
+        min_density: every layer keeps at least this fraction of its weights.
+        diagnostics: record every stage's loss before/after and the quadratic model's
+            predicted ΔL (one more gradient and Hessian-vector pass per stage).
     """
 
     criteria: tuple[str, ...]
@@ -70,6 +106,9 @@ class Grid:
     stages: tuple[int, ...] = (1,)
     schedules: tuple[str, ...] = ("exponential",)
     track_stages: bool = False
+    updates: tuple[Update, ...] = (ZERO,)
+    min_density: float = 0.0
+    diagnostics: bool = False
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.criteria) - set(CRITERIA))
@@ -82,6 +121,10 @@ class Grid:
             raise ValueError(f"stages must be >= 1, got {self.stages}")
         if any(lam < 0 for lam in self.lams):
             raise ValueError(f"lams must be >= 0, got {self.lams}")
+        if not all(isinstance(u, Update) for u in self.updates) or not self.updates:
+            raise ValueError(f"updates must be a non-empty tuple of Update, got {self.updates}")
+        if not 0.0 <= self.min_density <= 1.0:
+            raise ValueError(f"min_density must be in [0, 1], got {self.min_density}")
 
 
 @dataclass(frozen=True)
@@ -105,6 +148,8 @@ class Preset:
         threads: torch intra-op threads per process (``None``: torch's default). Tiny models
             are several times faster on one thread than on two busy cores.
         jobs: default number of worker processes.
+        dense_from: another preset whose cached dense networks (``<out>/../<dense_from>/models``)
+            are copied instead of training again, when their training setup is the same.
     """
 
     name: str
@@ -122,6 +167,7 @@ class Preset:
     needs_root: bool = False
     threads: int | None = None
     jobs: int = 1
+    dense_from: str | None = None
 
 
 def _paper_grids(lams: tuple[float, ...], stages: tuple[int, ...], baseline_stages: int) -> tuple:
@@ -185,6 +231,35 @@ PRESETS: dict[str, Preset] = {
             finetune=TrainSetup(epochs=5),
             threads=1,
             jobs=_cpu_jobs(),
+        ),
+        Preset(
+            name="digits-beyond",
+            description="beyond the paper on digits: compensation updates, auto λ, min_density",
+            dataset="digits",
+            model="mlp",
+            sparsities=(0.95,),
+            seeds=(0, 1),
+            grids=(
+                Grid(
+                    ("QM", "OBD"),
+                    (0.0, 1e-2),
+                    (1, 14),
+                    updates=(
+                        ZERO,
+                        Update("compensate", 0.1),
+                        Update("compensate", 1.0),
+                        Update("compensate", 1e-3, auto_lam=True),
+                    ),
+                    diagnostics=True,
+                ),
+                # The paper's OBD π = 1, λ = 0 divergence, with every layer keeping 1%.
+                Grid(("OBD",), (0.0,), (1,), min_density=0.01, diagnostics=True),
+            ),
+            train=_DIGITS_TRAIN,
+            finetune=TrainSetup(epochs=5),
+            threads=1,
+            jobs=_cpu_jobs(),
+            dense_from="digits-quick",
         ),
         Preset(
             name="digits-full",

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from .presets import LOSS_MODELS, TrainSetup
+from .presets import LOSS_MODELS, UPDATES, TrainSetup
 
 __all__ = ["RunConfig", "ResultsFile"]
 
@@ -25,6 +25,9 @@ class RunConfig:
     """Everything that determines one pruning run (and nothing that does not, like the device).
 
     ``lam`` is ``None`` for criteria without a step-size constraint (MP, GraSP, SynFlow).
+    The fields after ``finetune`` go beyond the paper (``update``, ``update_lam``, ``auto_lam``,
+    ``min_density``, ``diagnostics``); they are left out of :meth:`as_dict`, and so of the key,
+    while they hold their defaults, so records written before they existed still resume.
     """
 
     dataset: str
@@ -40,6 +43,11 @@ class RunConfig:
     loss_examples: int | None
     train: TrainSetup
     finetune: TrainSetup
+    update: str = "zero"
+    update_lam: float | None = None
+    auto_lam: bool = False
+    min_density: float = 0.0
+    diagnostics: bool = False
 
     def __post_init__(self) -> None:
         # Normalise so that equal runs get equal keys: lambda only matters for loss models.
@@ -47,10 +55,29 @@ class RunConfig:
         object.__setattr__(self, "lam", lam)
         if self.criterion not in ("QM", "OBD"):
             object.__setattr__(self, "curvature", "none")
+        if self.update not in UPDATES:
+            raise ValueError(f"update must be one of {UPDATES}, got {self.update!r}")
+        if self.update == "zero":
+            object.__setattr__(self, "update_lam", None)
+            object.__setattr__(self, "auto_lam", False)
+        else:
+            # The library's default λ of the compensation step (lossprune.Compensation).
+            update_lam = 1e-3 if self.update_lam is None else float(self.update_lam)
+            object.__setattr__(self, "update_lam", update_lam)
+            object.__setattr__(self, "auto_lam", bool(self.auto_lam))
+        object.__setattr__(self, "min_density", float(self.min_density))
+        object.__setattr__(self, "diagnostics", bool(self.diagnostics))
 
     def as_dict(self) -> dict[str, Any]:
-        """A JSON-friendly dict (nested dicts for the training setups)."""
-        return asdict(self)
+        """A JSON-friendly dict (nested dicts for the training setups).
+
+        The fields beyond the paper are only present where they differ from their defaults.
+        """
+        data = asdict(self)
+        for name, default in _BEYOND_DEFAULTS.items():
+            if data[name] == default:
+                del data[name]
+        return data
 
     def key(self) -> str:
         """Canonical identity: sorted-key JSON of :meth:`as_dict`."""
@@ -67,7 +94,22 @@ class RunConfig:
     def label(self) -> str:
         """Short human-readable name, e.g. ``QM λ=0.01 π=14 exp seed 0``."""
         lam = "" if self.lam is None else f" λ={self.lam:g}"
-        return f"{self.criterion}{lam} π={self.stages} {self.schedule[:3]} seed {self.seed}"
+        extra = ""
+        if self.update == "compensate":
+            extra += " comp auto" if self.auto_lam else f" comp λu={self.update_lam:g}"
+        if self.min_density:
+            extra += f" min_density={self.min_density:g}"
+        return f"{self.criterion}{lam} π={self.stages} {self.schedule[:3]}{extra} seed {self.seed}"
+
+
+_BEYOND_DEFAULTS: dict[str, Any] = {
+    "update": "zero",
+    "update_lam": None,
+    "auto_lam": False,
+    "min_density": 0.0,
+    "diagnostics": False,
+}
+"""Fields of :class:`RunConfig` kept out of the key while they hold these values."""
 
 
 def canonical_key(config: dict[str, Any]) -> str:

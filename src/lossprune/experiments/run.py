@@ -44,6 +44,19 @@ __all__ = ["make_criterion", "make_schedule", "loss_set", "measure", "prune_run"
 # of 140 stages would cost more than the pruning itself.
 _TRACKED_POINTS = 20
 
+# StageReport fields recorded per stage (under "stages") where the run produced them: the
+# diagnostics (loss on the scoring data, quadratic model's prediction) and the compensation.
+_STAGE_EXTRAS = (
+    "loss_before",
+    "loss_after",
+    "predicted_delta",
+    "update_lam",
+    "compensated",
+    "cg_iterations",
+    "cg_residual",
+    "cg_negative_curvature",
+)
+
 
 def make_criterion(
     name: str, lam: float | None, curvature: str, in_shape: tuple[int, ...]
@@ -143,9 +156,11 @@ def prune_run(
         examples=min(config.examples, len(split.train)),  # type: ignore[arg-type]
         generator=config.seed,
         eval_mode=True,
-        # ΔL is measured on the whole training set below; the per-stage predictions would
-        # cost one extra gradient and Hessian-vector pass per stage.
-        diagnostics=False,
+        # ΔL is measured on the whole training set below; the per-stage predictions cost one
+        # extra gradient and Hessian-vector pass per stage, so only where the config asks.
+        diagnostics=config.diagnostics,
+        min_density=config.min_density,
+        **_update_options(config),
     )
     curve = [{"stage": 0, "sparsity": 0.0, "train_loss": dense["train_loss"]}]
     # Layer-collapse warnings are a result here (PAPER.md, finding 2): keep them in the record.
@@ -169,6 +184,10 @@ def prune_run(
         "sparsity": [r.sparsity for r in reports],
         "pruned": [r.pruned for r in reports],
     }
+    for name in _STAGE_EXTRAS:
+        column = [getattr(r, name) for r in reports]
+        if any(v is not None for v in column):
+            record["stages"][name] = column
     if track_stages:
         record["loss_curve"] = curve
     record["layer_density"] = reports[-1].layer_density
@@ -209,6 +228,13 @@ def prune_run(
         "total": time.perf_counter() - start,
     }
     return record
+
+
+def _update_options(config: RunConfig) -> dict[str, Any]:
+    """The Pruner's weight-update arguments for ``config`` (none for the paper's zeroing)."""
+    if config.update == "zero":
+        return {}
+    return {"update": config.update, "update_lam": config.update_lam, "auto_lam": config.auto_lam}
 
 
 def _diverged(record: dict[str, Any], error: Exception, start: float) -> dict[str, Any]:

@@ -9,6 +9,7 @@ configuration, so the records do not depend on ``jobs``, only their order in the
 from __future__ import annotations
 
 import multiprocessing
+import shutil
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from contextlib import contextmanager
@@ -55,8 +56,8 @@ def plan(preset: Preset, seeds: Sequence[int] | None = None) -> list[PlannedRun]
     seeds = tuple(preset.seeds if seeds is None else seeds)
     planned: dict[str, PlannedRun] = {}
     for seed, sparsity, grid in product(seeds, preset.sparsities, preset.grids):
-        for criterion, lam, stages, schedule in product(
-            grid.criteria, grid.lams, grid.stages, grid.schedules
+        for criterion, lam, stages, schedule, update in product(
+            grid.criteria, grid.lams, grid.stages, grid.schedules, grid.updates
         ):
             config = RunConfig(
                 dataset=preset.dataset,
@@ -72,6 +73,11 @@ def plan(preset: Preset, seeds: Sequence[int] | None = None) -> list[PlannedRun]
                 loss_examples=preset.loss_examples,
                 train=preset.train,
                 finetune=preset.finetune,
+                update=update.kind,
+                update_lam=update.lam,
+                auto_lam=update.auto_lam,
+                min_density=grid.min_density,
+                diagnostics=grid.diagnostics,
             )
             key = config.key()
             track = grid.track_stages or (key in planned and planned[key].track_stages)
@@ -184,8 +190,14 @@ def run_sweep(
 def _train_dense(
     preset: Preset, seeds: Sequence[int], out: Path, root: str | None, device: str, progress: bool
 ) -> None:
-    """Train (or find cached) the dense network of every seed before any run needs it."""
+    """Train (or find cached) the dense network of every seed before any run needs it.
+
+    With ``preset.dense_from``, a network already trained by that preset's sweep in a sibling
+    folder (same dataset, model, seed and training setup, so the same file name) is copied.
+    """
     for seed in seeds:
+        if preset.dense_from is not None:
+            _copy_dense(preset, seed, out, out.parent / preset.dense_from)
         load_or_train(
             out,
             preset.dataset,
@@ -196,6 +208,17 @@ def _train_dense(
             device=device,
             progress=progress,
         )
+
+
+def _copy_dense(preset: Preset, seed: int, out: Path, source_dir: Path) -> None:
+    target = checkpoint_path(out, preset.dataset, preset.model, seed, preset.train)
+    source = checkpoint_path(source_dir, preset.dataset, preset.model, seed, preset.train)
+    pairs = [(source, target), (source.with_suffix(".json"), target.with_suffix(".json"))]
+    if target.exists() or not all(src.exists() for src, _ in pairs):
+        return
+    target.parent.mkdir(parents=True, exist_ok=True)
+    for src, dst in pairs:
+        shutil.copyfile(src, dst)
 
 
 def _records(
