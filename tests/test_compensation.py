@@ -18,7 +18,7 @@ from lossprune import (
     Pruner,
     QuadraticModel,
 )
-from lossprune._compensation import compensation_step
+from lossprune._compensation import CGResult, compensation_step, trust_region_step
 from tests import brute_force as bf
 from tests.conftest import make_mlp
 
@@ -230,7 +230,43 @@ def test_auto_lam_never_does_worse_than_zeroing_on_the_scoring_data():
         )
         losses[update] = pruner.step()
     assert losses["compensate"].loss_after <= losses["zero"].loss_after + 1e-12
-    assert losses["compensate"].update_lam >= 1e-4
+    report = losses["compensate"]
+    assert report.update_lam >= 1e-4 if report.compensated else report.update_lam is None
+
+
+def test_trust_region_accepts_enough_improvement_and_falls_back_otherwise():
+    zero = {"w": torch.zeros(3)}
+    options = Compensation(lam=1e-3, auto_lam=True, auto_lam_tol=0.5, auto_lam_tries=3)
+    tried = []
+
+    def solve(lam):
+        tried.append(lam)
+        return {"w": torch.full((3,), 1.0 / lam)}, CGResult(2, 0.0, False)
+
+    def model_change(delta):  # the model predicts an improvement proportional to the step
+        return -float(delta["w"].sum())
+
+    # Measured improvement better than predicted: accepted at once (ratio > 1 is welcome).
+    delta, result, lam, accepted = trust_region_step(
+        solve, model_change, lambda d: 2 * model_change(d), zero, 1e-3, options
+    )
+    assert accepted and lam == 1e-3 and result.iterations == 2 and tried == [1e-3]
+    # Only a tenth of the predicted improvement until λ >= 0.1: two increases, iterations add up.
+    tried.clear()
+
+    def measured(d):
+        return model_change(d) * (1.0 if d["w"][0] <= 10 else 0.1)
+
+    delta, result, lam, accepted = trust_region_step(
+        solve, model_change, measured, zero, 1e-3, options
+    )
+    assert accepted and lam == pytest.approx(0.1) and result.iterations == 6
+    assert tried == pytest.approx([1e-3, 1e-2, 1e-1])
+    # A step that always makes the loss worse: fall back to the zero step after the tries.
+    delta, result, lam, accepted = trust_region_step(
+        solve, model_change, lambda d: abs(model_change(d)), zero, 1e-3, options
+    )
+    assert not accepted and delta is zero and result.iterations == 2 * (options.auto_lam_tries + 1)
 
 
 def test_compensation_options_are_validated():

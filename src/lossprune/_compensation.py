@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -55,10 +55,12 @@ class Compensation:
         cg_iters: conjugate-gradient iteration cap per solve.
         cg_tol: relative residual at which CG stops.
         auto_lam: choose λ per stage as a trust region (Levenberg-Marquardt, see
-            :func:`trust_region_step`): λ is multiplied by 10 until the measured effect of the
-            compensation agrees with the quadratic model's prediction within ``auto_lam_tol``
-            (relative), and divided by 10 for the next stage, never below ``lam``.
-        auto_lam_tol: relative agreement required by ``auto_lam``.
+            :func:`trust_region_step`): λ is multiplied by 10 until the compensation achieves
+            at least ``1 - auto_lam_tol`` of the loss improvement the quadratic model predicts
+            for it; the next stage starts from the accepted λ divided by 10, never below
+            ``lam``.
+        auto_lam_tol: how far the measured improvement may fall short of the predicted one
+            (0.5: at least half of it).
         auto_lam_tries: most λ increases per stage.
     """
 
@@ -67,7 +69,7 @@ class Compensation:
     cg_iters: int = 20
     cg_tol: float = 1e-4
     auto_lam: bool = False
-    auto_lam_tol: float = 0.25
+    auto_lam_tol: float = 0.5
     auto_lam_tries: int = 8
 
     def __post_init__(self) -> None:
@@ -223,29 +225,34 @@ def trust_region_step(
     zero_step: Params,
     lam: float,
     options: Compensation,
-) -> tuple[Params, CGResult | None, float]:
+) -> tuple[Params, CGResult, float, bool]:
     r"""Levenberg-Marquardt choice of λ for one stage's compensation.
 
     The compensation is judged by what it adds to the paper's step (pruned weights zeroed, the
-    rest untouched): its predicted gain :math:`m(\Delta) - m(\Delta_0)`, with :math:`m` the
-    quadratic model :math:`g^\top\Delta + \tfrac12\Delta^\top C\Delta`, against its measured
-    gain :math:`L(\theta+\Delta) - L(\theta+\Delta_0)` on the scoring data. The step is
-    accepted when the measured gain is not positive and agrees with the prediction within
-    ``options.auto_lam_tol`` (relative); otherwise λ is multiplied by 10, which shortens the step
-    towards the region where the model holds (Moré 1978). After ``options.auto_lam_tries``
-    increases the stage falls back to the zero step, so compensation never does worse on the
-    scoring data than pruning alone.
+    rest untouched): its predicted gain :math:`\rho_m = m(\Delta) - m(\Delta_0)`, with
+    :math:`m` the quadratic model :math:`g^\top\Delta + \tfrac12\Delta^\top C\Delta`, against
+    its measured gain :math:`\rho_L = L(\theta+\Delta) - L(\theta+\Delta_0)` on the scoring
+    data. As in Levenberg-Marquardt (Moré 1978) the step is accepted when it achieves at least
+    ``1 - options.auto_lam_tol`` of the improvement the model predicts,
+    :math:`\rho_L \le (1 - \text{tol}) \min(\rho_m, 0)` (a larger improvement is welcome);
+    otherwise λ is multiplied by 10, which shortens the step towards the region where the model
+    holds. After ``options.auto_lam_tries`` increases the stage falls back to the zero step, so
+    compensation never does worse on the scoring data than pruning alone.
 
     Returns:
-        ``(delta, cg_result, lam)``: ``cg_result`` is ``None`` when it fell back.
+        ``(delta, cg_result, lam, accepted)``: ``cg_result`` counts the CG iterations of every
+        try; ``lam`` is the accepted λ (the last one tried when ``accepted`` is False).
     """
     zero_model, zero_measured = model_change(zero_step), measured_change(zero_step)
-    for _ in range(options.auto_lam_tries + 1):
+    iterations = 0
+    for attempt in range(options.auto_lam_tries + 1):
+        if attempt:
+            lam *= 10.0
         delta, result = solve(lam)
+        iterations += result.iterations
+        result = replace(result, iterations=iterations)
         predicted = model_change(delta) - zero_model
         measured = measured_change(delta) - zero_measured
-        scale = max(abs(predicted), abs(measured), 1e-12)
-        if measured <= 0 and abs(measured - predicted) <= options.auto_lam_tol * scale:
-            return delta, result, lam
-        lam *= 10.0
-    return zero_step, None, lam
+        if measured <= 0 and measured <= (1.0 - options.auto_lam_tol) * min(predicted, 0.0):
+            return delta, result, lam, True
+    return zero_step, result, lam, False

@@ -314,11 +314,13 @@ class Pruner:
             )
             newly_pruned = {k: self.masks[k] & ~masks[k] for k in masks}
             self._check_collapse(masks)
-            cg = lam_used = None
+            cg = lam_used = compensated = None
             if self.compensation is None:
                 delta = {k: torch.where(newly_pruned[k], -params[k], 0) for k in params}
             else:
-                delta, cg, lam_used = self._compensate(params, masks, newly_pruned, data)
+                delta, cg, lam_used, compensated = self._compensate(
+                    params, masks, newly_pruned, data
+                )
             loss_before = loss_after = predicted = None
             if self.diagnostics:
                 assert self.loss_fn is not None
@@ -338,10 +340,11 @@ class Pruner:
         apply_masks(self.params, masks)  # pruned weights exactly zero, whatever the rounding
         self.masks = masks
         self.stage += 1
-        if self.compensation is not None:
+        if self.compensation is not None and compensated:
             assert lam_used is not None
             # Levenberg-Marquardt: after a stage needed a larger λ, try a smaller one next time,
-            # never below the user's λ.
+            # never below the user's λ. After a fall-back the next stage starts where this one
+            # did, not from the rejected λ.
             self._update_lam = max(self.compensation.lam, lam_used / 10.0)
             self._last_step = {k: torch.where(masks[k], delta[k], 0) for k in delta}
         report = StageReport(
@@ -355,8 +358,8 @@ class Pruner:
             predicted_delta=predicted,
             layer_density=layer_densities(masks),
             seconds=time.perf_counter() - start,
-            update_lam=lam_used,
-            compensated=None if self.compensation is None else cg is not None,
+            update_lam=lam_used if compensated else None,
+            compensated=compensated,
             cg_iterations=None if cg is None else cg.iterations,
             cg_residual=None if cg is None else cg.residual,
             cg_negative_curvature=None if cg is None else cg.negative_curvature,
@@ -383,10 +386,11 @@ class Pruner:
         masks: dict[str, Tensor],
         newly_pruned: dict[str, Tensor],
         data: Any,
-    ) -> tuple[dict[str, Tensor], CGResult | None, float]:
-        """The compensated step, its CG result and the λ used.
+    ) -> tuple[dict[str, Tensor], CGResult, float, bool]:
+        """The step, its CG result, the λ used and whether the kept weights were compensated.
 
-        The CG result is ``None`` when ``auto_lam`` fell back to the zero step.
+        Not compensated: ``auto_lam`` found no λ for which the model held and fell back to the
+        zero step.
         """
         options = self.compensation
         assert options is not None and self.loss_fn is not None and self._update_lam is not None
@@ -409,7 +413,7 @@ class Pruner:
             )
 
         if not options.auto_lam:
-            return (*solve(self._update_lam), self._update_lam)
+            return (*solve(self._update_lam), self._update_lam, True)
         loss_before = mean_loss(self.model, params, data, loss_fn)
 
         def model_change(delta: dict[str, Tensor]) -> float:
@@ -431,9 +435,10 @@ class Pruner:
             return mean_loss(self.model, after, data, loss_fn) - loss_before
 
         zero_step = {k: torch.where(newly_pruned[k], -params[k], 0) for k in params}
-        return trust_region_step(
+        delta, result, lam, accepted = trust_region_step(
             solve, model_change, measured_change, zero_step, self._update_lam, options
         )
+        return delta, result, lam, accepted
 
     def run(self) -> list[StageReport]:
         """Run every remaining stage; returns their reports (a progress bar if asked for)."""
