@@ -457,7 +457,9 @@ def fig_compensation(records: list[Record]) -> Figure | None:
             [f"{c} π={s}\nλ={lam:g}" for c, s, lam in settings], rotation=60, fontsize="small"
         )
         ax.grid(axis="y", alpha=0.3)
-    axes[0].set_yscale("log")
+    # symlog, not log: compensation can leave the pruned network BELOW the dense loss (ΔL < 0).
+    axes[0].set_yscale("symlog", linthresh=1e-2)
+    axes[0].axhline(0.0, color="grey", lw=0.5)
     axes[-1].legend(fontsize="small", loc="upper right")
     figure.suptitle("Zeroing (the paper) vs compensating the kept weights")
     return figure
