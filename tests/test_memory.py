@@ -42,10 +42,10 @@ def test_statistics_pass_on_millions_of_weights_stays_within_bound():
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["weights"] == 1024 * 2048 + 2048 * 2048 + 2048 * 10  # 6.3 M weights
     weights_mb = result["weights"] * 4 / 2**20  # 24 MB of float32
-    # Measured here: 369 MB. Stated bound: 30 copies of the weights (gradient, Fisher diagonal, scores, masks, the
-    # functional call's copies, per-layer contractions) plus 256 MB for one chunk of per-example
-    # or per-column tensors and the allocator's slack. Without chunking, per-example gradients
-    # of 256 examples x 10 classes would need 256 * 10 * 24 MB = 60 GB.
+    # Measured here: 369 MB. Stated bound: 30 copies of the weights (gradient, Fisher diagonal,
+    # scores, masks, the functional call's copies, per-layer contractions) plus 256 MB for one
+    # chunk of per-example or per-column tensors and the allocator's slack. Without chunking,
+    # per-example gradients of 256 examples x 10 classes would need 256 * 10 * 24 MB = 60 GB.
     bound_mb = 30 * weights_mb + 256
     assert result["growth_mb"] < bound_mb, result
     assert abs(result["sparsity"] - (1 - 0.1**0.5)) < 1e-6  # stage 1 of 2 towards 90%

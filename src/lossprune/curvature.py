@@ -30,7 +30,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -259,6 +259,7 @@ def hvp(
                 hessian=curvature == "hessian",
                 chunk_size=chunk_size,
             )
+            assert products is not None  # run_chain only omits them when asked for none
             return loss, {k: grads[k] for k in params}, {k: products[k] for k in params}
         except NotAChain:
             pass  # the generic path below is exact for every model
@@ -319,7 +320,10 @@ def _hvp_forward_over_reverse(
         return grad_and_value(batch_loss)(p, inputs, targets)
 
     def one_tangent(v: Params) -> tuple[Params, Params, Tensor]:
-        return jvp(grad_with_loss, (params,), (v,), has_aux=True)
+        # (gradient, Hessian-vector product, loss): jvp's stubs do not know has_aux's arity.
+        return cast(
+            "tuple[Params, Params, Tensor]", jvp(grad_with_loss, (params,), (v,), has_aux=True)
+        )
 
     grads, products, loss = vmap(one_tangent, chunk_size=chunk_size)(dict(vectors))
     # The primal outputs do not depend on the tangent: vmap expands them, take one copy.
@@ -376,7 +380,9 @@ def _ggn_vp(
     def outputs_of(p: Params) -> Tensor:
         return fmodel(p, inputs)
 
-    outputs, pullback = vjp(outputs_of, params)
+    # vjp's stubs allow an aux output; index instead of unpacking so the types stay exact.
+    primal = vjp(outputs_of, params)
+    outputs, pullback = primal[0], primal[1]
     outputs = outputs.detach()
 
     def output_grad(o: Tensor) -> Tensor:
@@ -384,10 +390,10 @@ def _ggn_vp(
 
     # H_f Jv as the vjp of the output gradient (H_f is symmetric): reverse-over-reverse on the
     # small output space only, and it avoids forward-AD gaps in loss backward formulas.
-    _, output_hessian = vjp(output_grad, outputs)
+    output_hessian = vjp(output_grad, outputs)[1]
 
     def ggn_one(v: Params) -> Params:
-        _, jv = jvp(outputs_of, (params,), (v,))
+        jv = jvp(outputs_of, (params,), (v,))[1]
         return pullback(output_hessian(jv)[0])[0]
 
     loss = loss_fn(outputs, targets)
@@ -429,7 +435,7 @@ def _sum_squared_per_example_vjps(
         def output(p: Params) -> Tensor:
             return fmodel.single({**fixed, **p}, x).reshape(-1)
 
-        _, pullback = vjp(output, params)
+        pullback = vjp(output, params)[1]
         per_column = vmap(lambda c: pullback(c)[0], in_dims=1)(cots)
         return {k: (g * g).sum(0) for k, g in per_column.items()}
 
@@ -721,7 +727,7 @@ def _batch_statistics(
                 generator=generator,
                 chunk_size=chunk_size,
             )
-    if grads is None:
+    if loss is None or grads is None:
         loss, grads = loss_and_grad(model, params, batch, loss_fn)
     return loss, grads, diagonals
 

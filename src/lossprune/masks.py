@@ -359,7 +359,7 @@ def _lowest(keys: Tensor, k: int) -> Tensor:
 # --------------------------------------------------------------------------------------------
 
 
-def apply_masks(params: dict[str, Tensor], masks: dict[str, Tensor]) -> None:
+def apply_masks(params: Mapping[str, Tensor], masks: Mapping[str, Tensor]) -> None:
     """Zero the pruned entries of ``params`` in place.
 
     Parameters keep their identity (the same tensor objects, so optimizers and the model's
@@ -446,10 +446,9 @@ def to_torch_prune(model: nn.Module, masks: dict[str, Tensor]) -> None:
     """
     targets = []
     for name, mask in masks.items():
-        module, attribute = _owner(model, name)
+        module, attribute, param = _owner(model, name)
         if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
             raise TypeError(f"masks[{name!r}] must be a bool tensor, got {_describe(mask)}")
-        param = module._parameters[attribute]
         if mask.shape != param.shape:
             raise ValueError(
                 f"masks[{name!r}] has shape {tuple(mask.shape)} but the parameter has shape "
@@ -491,13 +490,14 @@ def from_torch_prune(model: nn.Module, *, remove: bool = False) -> dict[str, Ten
     return masks
 
 
-def _owner(model: nn.Module, name: str) -> tuple[nn.Module, str]:
-    """The module holding parameter ``name`` and the parameter's attribute name there."""
+def _owner(model: nn.Module, name: str) -> tuple[nn.Module, str, nn.Parameter]:
+    """The module holding parameter ``name``, its attribute name there, and the parameter."""
     module_name, _, attribute = name.rpartition(".")
     try:
         module = model.get_submodule(module_name)
     except AttributeError:
         module = None
-    if module is None or not isinstance(module._parameters.get(attribute), nn.Parameter):
+    param = None if module is None else module._parameters.get(attribute)
+    if module is None or not isinstance(param, nn.Parameter):
         raise ValueError(f"{name!r} is not a parameter of the model")
-    return module, attribute
+    return module, attribute, param
