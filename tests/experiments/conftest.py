@@ -11,7 +11,28 @@ import torch
 
 from lossprune.experiments.cli import main
 from lossprune.experiments.presets import Grid, Preset, TrainSetup, get_preset
-from lossprune.experiments.records import ResultsFile
+from lossprune.experiments.records import ResultsFile, RunConfig
+
+
+def make_config(**changes) -> RunConfig:
+    """A digits-quick-like run configuration with ``changes`` applied."""
+    fields = dict(
+        dataset="digits",
+        model="mlp",
+        sparsity=0.95,
+        criterion="QM",
+        lam=1e-2,
+        stages=14,
+        schedule="exponential",
+        seed=0,
+        examples=1000,
+        curvature="fisher",
+        loss_examples=None,
+        train=TrainSetup(20),
+        finetune=TrainSetup(5),
+    )
+    fields.update(changes)
+    return RunConfig(**fields)
 
 
 @pytest.fixture(autouse=True)

@@ -19,58 +19,39 @@ from lossprune.experiments.findings import beyond_table
 from lossprune.experiments.presets import Grid, TrainSetup, Update, get_preset
 from lossprune.experiments.records import ResultsFile, RunConfig
 from lossprune.experiments.sweep import plan, run_sweep
+from tests.experiments.conftest import make_config
 
 _BEYOND_FIELDS = ("update", "update_lam", "auto_lam", "min_density", "diagnostics")
 
 
-def _config(**changes) -> RunConfig:
-    fields = dict(
-        dataset="digits",
-        model="mlp",
-        sparsity=0.95,
-        criterion="QM",
-        lam=1e-2,
-        stages=14,
-        schedule="exponential",
-        seed=0,
-        examples=1000,
-        curvature="fisher",
-        loss_examples=None,
-        train=TrainSetup(20),
-        finetune=TrainSetup(5),
-    )
-    fields.update(changes)
-    return RunConfig(**fields)
-
-
 def test_new_fields_round_trip_and_stay_out_of_the_key_at_their_defaults() -> None:
-    paper = _config()
+    paper = make_config()
     assert not set(_BEYOND_FIELDS) & set(paper.as_dict())  # keys of old records unchanged
-    assert paper.key() == _config(update="zero", min_density=0.0, diagnostics=False).key()
+    assert paper.key() == make_config(update="zero", min_density=0.0, diagnostics=False).key()
     # update_lam and auto_lam mean nothing without compensation.
-    assert _config(update_lam=5.0, auto_lam=True) == paper
-    compensate = _config(update="compensate", update_lam=0.1, diagnostics=True)
-    auto = _config(update="compensate", auto_lam=True, min_density=0.01)
+    assert make_config(update_lam=5.0, auto_lam=True) == paper
+    compensate = make_config(update="compensate", update_lam=0.1, diagnostics=True)
+    auto = make_config(update="compensate", auto_lam=True, min_density=0.01)
     for config in (compensate, auto):
         assert RunConfig.from_dict(json.loads(json.dumps(config.as_dict()))) == config
         assert config.key() != paper.key()
     assert auto.update_lam == 1e-3  # the library's default start
-    assert compensate.key() != _config(update="compensate", update_lam=1.0).key()
+    assert compensate.key() != make_config(update="compensate", update_lam=1.0).key()
     assert compensate.label() == "QM λ=0.01 π=14 exp comp λu=0.1 seed 0"
     assert auto.label() == "QM λ=0.01 π=14 exp comp auto min_density=0.01 seed 0"
     with pytest.raises(ValueError, match="update"):
-        _config(update="newton")
+        make_config(update="newton")
     with pytest.raises(ValueError, match="compensate"):
         Update("zero", lam=0.1)
 
 
-def test_old_records_resume_under_the_extended_config(tmp_path: Path) -> None:
+def test_old_records_resume_under_the_extendedmake_config(tmp_path: Path) -> None:
     # A record written before the new fields existed: the paper's fields only.
-    old = {k: v for k, v in asdict(_config()).items() if k not in _BEYOND_FIELDS}
+    old = {k: v for k, v in asdict(make_config()).items() if k not in _BEYOND_FIELDS}
     results = ResultsFile(tmp_path / "results.jsonl")
     results.append({"config": old})
-    assert results.keys() == {_config().key()}
-    assert RunConfig.from_dict(old) == _config()
+    assert results.keys() == {make_config().key()}
+    assert RunConfig.from_dict(old) == make_config()
     quick = plan(get_preset("digits-quick"))
     assert all(not set(_BEYOND_FIELDS) & set(r.config.as_dict()) for r in quick)
 
