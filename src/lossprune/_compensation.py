@@ -27,17 +27,10 @@ import torch
 from torch import Tensor, nn
 
 from ._checks import check_nonnegative, check_positive_int
-from ._data import iter_batches
-from ._distributed import all_reduce_floats, all_reduce_sum
-from .curvature import LossFn, hvp
+from ._diagnostics import curvature_product
+from .curvature import LossFn
 
-__all__ = [
-    "CGResult",
-    "Compensation",
-    "compensation_step",
-    "curvature_product",
-    "trust_region_step",
-]
+__all__ = ["CGResult", "Compensation", "compensation_step", "trust_region_step"]
 
 Params = dict[str, Tensor]
 
@@ -100,39 +93,6 @@ class CGResult:
     negative_curvature: bool
 
 
-def curvature_product(
-    model: nn.Module,
-    params: Mapping[str, Tensor],
-    data: Any,
-    loss_fn: LossFn,
-    vector: Mapping[str, Tensor],
-    *,
-    curvature: str,
-    chunk_size: int | None = None,
-) -> tuple[Params, Params]:
-    """Example-weighted mean gradient and curvature-vector product ``C v`` over ``data``."""
-    device = next(iter(params.values())).device
-    grad_sum = {k: torch.zeros_like(p) for k, p in params.items()}
-    product_sum = {k: torch.zeros_like(p) for k, p in params.items()}
-    examples = 0
-    stacked = {k: v.unsqueeze(0) for k, v in vector.items()}
-    for batch in iter_batches(data, device):
-        n = len(batch[0])
-        _, grad, products = hvp(
-            model, params, batch, loss_fn, stacked, curvature=curvature, chunk_size=chunk_size
-        )
-        for k in params:
-            grad_sum[k].add_(grad[k], alpha=n)
-            product_sum[k].add_(products[k][0], alpha=n)
-        examples += n
-    all_reduce_sum(grad_sum, product_sum)
-    (examples,) = all_reduce_floats([examples], device)
-    return (
-        {k: v / examples for k, v in grad_sum.items()},
-        {k: v / examples for k, v in product_sum.items()},
-    )
-
-
 def _dot(a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> float:
     return float(sum((a[k].double() * b[k].double()).sum() for k in a))
 
@@ -176,13 +136,13 @@ def compensation_step(
 
     def restricted_product(v: Mapping[str, Tensor]) -> Params:
         """(C + λI)_KK v for v supported on K."""
-        _, cv = curvature_product(
+        _, _, cv = curvature_product(
             model, params, data, loss_fn, v, curvature=curvature, chunk_size=chunk_size
         )
         return {k: (cv[k] + lam * v[k]) * keep[k] for k in v}
 
     # b = -g_K - (C Δ_P)_K, with Δ_P = -θ_P.
-    grad, c_pruned = curvature_product(
+    _, grad, c_pruned = curvature_product(
         model, params, data, loss_fn, pruned_step, curvature=curvature, chunk_size=chunk_size
     )
     b = {k: -(grad[k] + c_pruned[k]) * keep[k] for k in params}

@@ -9,11 +9,53 @@ import torch
 from torch import Tensor, nn
 
 from ._data import iter_batches
-from ._distributed import all_reduce_floats
+from ._distributed import all_reduce_floats, all_reduce_sum
 from ._functional import FunctionalModel
 from .curvature import LossFn, hvp
 
-__all__ = ["predicted_loss_change", "mean_loss"]
+__all__ = ["curvature_product", "predicted_loss_change", "mean_loss"]
+
+Params = dict[str, Tensor]
+
+
+def curvature_product(
+    model: nn.Module,
+    params: Mapping[str, Tensor],
+    data: Any,
+    loss_fn: LossFn,
+    vector: Mapping[str, Tensor],
+    *,
+    curvature: str = "hessian",
+    chunk_size: int | None = None,
+) -> tuple[float, Params, Params]:
+    """Mean loss, gradient and curvature-vector product ``C v`` over ``data``, example-weighted.
+
+    One fused gradient + product pass per batch (:func:`lossprune.curvature.hvp`), all-reduced
+    over the ranks of an initialised process group.
+    """
+    device = next(iter(params.values())).device
+    grad_sum = {k: torch.zeros_like(p) for k, p in params.items()}
+    product_sum = {k: torch.zeros_like(p) for k, p in params.items()}
+    loss_sum = 0.0
+    examples = 0
+    stacked = {k: v.unsqueeze(0) for k, v in vector.items()}
+    for batch in iter_batches(data, device):
+        n = len(batch[0])
+        loss, grad, products = hvp(
+            model, params, batch, loss_fn, stacked, curvature=curvature, chunk_size=chunk_size
+        )
+        loss_sum += n * float(loss)
+        for k in params:
+            grad_sum[k].add_(grad[k], alpha=n)
+            product_sum[k].add_(products[k][0], alpha=n)
+        examples += n
+    all_reduce_sum(grad_sum, product_sum)
+    loss_sum, examples = all_reduce_floats([loss_sum, examples], device)
+    return (
+        loss_sum / examples,
+        {k: v / examples for k, v in grad_sum.items()},
+        {k: v / examples for k, v in product_sum.items()},
+    )
 
 
 def predicted_loss_change(
@@ -23,34 +65,29 @@ def predicted_loss_change(
     data: Any,
     loss_fn: LossFn,
     *,
+    curvature: str = "hessian",
     chunk_size: int | None = None,
 ) -> tuple[float, float]:
     r"""Mean loss at θ and the quadratic model's prediction of the change for the step Δθ.
 
-    .. math:: \Delta L \approx g^\top\Delta\theta + \tfrac12 \Delta\theta^\top H \Delta\theta
+    .. math:: \Delta L \approx g^\top\Delta\theta + \tfrac12 \Delta\theta^\top C \Delta\theta
 
-    with :math:`g` and :math:`H` the gradient and Hessian of the mean loss at θ, from ONE fused
-    gradient + Hessian-vector-product pass per batch.
+    with :math:`g` the gradient of the mean loss at θ and :math:`C` its Hessian (or, with
+    ``curvature="ggn"``, its Gauss-Newton matrix), from ONE fused gradient +
+    curvature-vector-product pass per batch.
 
     Returns:
         ``(loss, predicted_change)``, example-weighted over ``data`` (and over all ranks of an
         initialised process group).
     """
-    device = next(iter(params.values())).device
-    vectors = {k: d.unsqueeze(0) for k, d in delta.items()}
-    loss_sum = linear = quadratic = 0.0
-    examples = 0
-    for batch in iter_batches(data, device):
-        n = len(batch[0])
-        loss, grad, products = hvp(model, params, batch, loss_fn, vectors, chunk_size=chunk_size)
-        loss_sum += n * float(loss)
-        linear += n * sum(float((grad[k] * delta[k]).sum()) for k in delta)
-        quadratic += n * sum(float((products[k][0] * delta[k]).sum()) for k in delta)
-        examples += n
-    loss_sum, linear, quadratic, examples = all_reduce_floats(
-        [loss_sum, linear, quadratic, examples], device
+    loss, grad, product = curvature_product(
+        model, params, data, loss_fn, delta, curvature=curvature, chunk_size=chunk_size
     )
-    return loss_sum / examples, (linear + 0.5 * quadratic) / examples
+    change = sum(
+        float((grad[k].double() * delta[k]).sum() + 0.5 * (product[k].double() * delta[k]).sum())
+        for k in delta
+    )
+    return loss, change
 
 
 @torch.no_grad()

@@ -19,7 +19,6 @@ from ._compensation import (
     CGResult,
     Compensation,
     compensation_step,
-    curvature_product,
     trust_region_step,
 )
 from ._data import random_subset
@@ -314,12 +313,12 @@ class Pruner:
             )
             newly_pruned = {k: self.masks[k] & ~masks[k] for k in masks}
             self._check_collapse(masks)
+            # The paper's step: pruned weights to zero, the others untouched.
+            delta = {k: torch.where(newly_pruned[k], -params[k], 0) for k in params}
             cg = lam_used = compensated = None
-            if self.compensation is None:
-                delta = {k: torch.where(newly_pruned[k], -params[k], 0) for k in params}
-            else:
+            if self.compensation is not None:
                 delta, cg, lam_used, compensated = self._compensate(
-                    params, masks, newly_pruned, data
+                    params, masks, newly_pruned, delta, data
                 )
             loss_before = loss_after = predicted = None
             if self.diagnostics:
@@ -385,12 +384,13 @@ class Pruner:
         params: dict[str, Tensor],
         masks: dict[str, Tensor],
         newly_pruned: dict[str, Tensor],
+        zero_step: dict[str, Tensor],
         data: Any,
     ) -> tuple[dict[str, Tensor], CGResult, float, bool]:
         """The step, its CG result, the λ used and whether the kept weights were compensated.
 
-        Not compensated: ``auto_lam`` found no λ for which the model held and fell back to the
-        zero step.
+        Not compensated: ``auto_lam`` found no λ for which the model held and fell back to
+        ``zero_step`` (the paper's step).
         """
         options = self.compensation
         assert options is not None and self.loss_fn is not None and self._update_lam is not None
@@ -417,28 +417,18 @@ class Pruner:
         loss_before = mean_loss(self.model, params, data, loss_fn)
 
         def model_change(delta: dict[str, Tensor]) -> float:
-            grad, product = curvature_product(
-                self.model,
-                params,
-                data,
-                loss_fn,
-                delta,
-                curvature=options.curvature,
+            return predicted_loss_change(
+                self.model, params, delta, data, loss_fn, curvature=options.curvature,
                 chunk_size=self.chunk_size,
-            )
-            return float(
-                sum((grad[k] * delta[k]).sum() + 0.5 * (product[k] * delta[k]).sum() for k in delta)
-            )
+            )[1]  # fmt: skip
 
         def measured_change(delta: dict[str, Tensor]) -> float:
             after = {k: params[k] + delta[k] for k in params}
             return mean_loss(self.model, after, data, loss_fn) - loss_before
 
-        zero_step = {k: torch.where(newly_pruned[k], -params[k], 0) for k in params}
-        delta, result, lam, accepted = trust_region_step(
+        return trust_region_step(
             solve, model_change, measured_change, zero_step, self._update_lam, options
         )
-        return delta, result, lam, accepted
 
     def run(self) -> list[StageReport]:
         """Run every remaining stage; returns their reports (a progress bar if asked for)."""
