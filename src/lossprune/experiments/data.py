@@ -115,6 +115,25 @@ def _holdout(n: int, val_size: int, seed: int) -> tuple[torch.Tensor, torch.Tens
     return order[val_size:].sort().values, order[:val_size].sort().values
 
 
+def _holdout_split(
+    train_x: torch.Tensor,
+    train_y: torch.Tensor,
+    test: tuple[torch.Tensor, torch.Tensor],
+    val_size: int,
+    seed: int,
+    standardize: bool,
+) -> Split:
+    """A 10-class :class:`Split` whose validation set is a seeded holdout of the training set."""
+    train_idx, val_idx = _holdout(len(train_y), val_size, seed)
+    return _tensor_split(
+        (train_x[train_idx], train_y[train_idx]),
+        (train_x[val_idx], train_y[val_idx]),
+        test,
+        classes=10,
+        standardize=standardize,
+    )
+
+
 def load_digits_split(
     seed: int = 0,
     val_fraction: float = 0.2,
@@ -258,14 +277,7 @@ def load_mnist(
             raise ValueError(f"MNIST {prefix}: {len(images)} images but {len(labels)} labels")
         parts.append((_unit_interval(images).unsqueeze(1), torch.tensor(labels, dtype=torch.int64)))
     (train_x, train_y), test = parts
-    train_idx, val_idx = _holdout(len(train_y), val_size, seed)
-    return _tensor_split(
-        (train_x[train_idx], train_y[train_idx]),
-        (train_x[val_idx], train_y[val_idx]),
-        test,
-        classes=10,
-        standardize=standardize,
-    )
+    return _holdout_split(train_x, train_y, test, val_size, seed, standardize)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -343,14 +355,7 @@ def load_cifar10(
     train_y = torch.from_numpy(np.concatenate([b[1] for b in batches]))
     test_images, test_labels = _read_cifar_batch(directory / _CIFAR_TEST)
     test = (_unit_interval(test_images), torch.from_numpy(test_labels))
-    train_idx, val_idx = _holdout(len(train_y), val_size, seed)
-    return _tensor_split(
-        (train_x[train_idx], train_y[train_idx]),
-        (train_x[val_idx], train_y[val_idx]),
-        test,
-        classes=10,
-        standardize=standardize,
-    )
+    return _holdout_split(train_x, train_y, test, val_size, seed, standardize)
 
 
 # ---------------------------------------------------------------------------------------------
