@@ -5,6 +5,8 @@ Numbers are checked in float64 against the dense model; timings are only checked
 """
 
 import copy
+import doctest
+import importlib
 import itertools
 
 import pytest
@@ -91,6 +93,12 @@ def assert_unchanged(model, before):
 def assert_close_to_dense(sparse_out, dense_out, tol=1e-12):
     scale = dense_out.abs().max()
     assert torch.allclose(sparse_out, dense_out, rtol=0, atol=tol * scale)
+
+
+@pytest.mark.parametrize("module", ["lossprune.sparse", "lossprune._nm"])
+def test_docstring_examples(module):
+    result = doctest.testmod(importlib.import_module(module), optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0 and result.failed == 0
 
 
 # --------------------------------------------------------------------------------------------
@@ -297,6 +305,16 @@ def test_to_sparse_refuses_layers_it_cannot_convert_faithfully():
     on_meta = nn.Sequential(nn.Linear(4, 4, device="meta"))
     with pytest.raises(ValueError, match="supported on cpu and cuda, not on meta"):
         to_sparse(on_meta, layers=["0"])
+
+
+def test_weights_that_are_not_plain_dense_matrices_are_refused():
+    model = nn.Sequential(nn.Linear(4, 4).double())
+    model[0].weight = nn.Parameter(torch.eye(4, dtype=F64).to_sparse_csr(), requires_grad=False)
+    for convert in (to_sparse, to_semi_structured):
+        with pytest.raises(ValueError, match="layer '0' has no plain dense weight"):
+            convert(model)
+    with pytest.raises(ValueError, match="layer '0' has no plain dense weight"):
+        speed_report(model, torch.randn(2, 4, dtype=F64))
 
 
 def test_subclasses_of_linear_stay_dense():

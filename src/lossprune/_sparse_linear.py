@@ -36,6 +36,7 @@ __all__ = [
     "linear_weights",
     "is_linear",
     "check_convertible",
+    "check_dense_weight",
     "check_sparse_support",
     "check_blocksize",
     "check_model",
@@ -97,9 +98,21 @@ def check_convertible(name: str, module: nn.Module) -> None:
             "first (for torch.nn.utils.prune: lossprune.masks.from_torch_prune(model, "
             "remove=True))"
         )
+    check_dense_weight(name, module)
+
+
+def check_dense_weight(name: str, module: nn.Module) -> None:
+    """Refuse a weight that is not a plain dense matrix (already sparse, or a tensor subclass).
+
+    Sparsity, conversion and the dense reference of :func:`speed_report` all read the weight as
+    an ordinary strided tensor; a subclass (a semi-structured weight, ...) would answer otherwise.
+    """
     weight = module.weight
-    if not isinstance(weight, Tensor) or weight.layout != torch.strided or weight.dim() != 2:
-        raise ValueError(f"layer {name!r} has no dense 2-d weight to convert")
+    if type(weight) not in (Tensor, nn.Parameter) or weight.layout != torch.strided:
+        raise ValueError(
+            f"layer {name!r} has no plain dense weight (got {type(weight).__name__} of layout "
+            f"{getattr(weight, 'layout', None)}): convert or measure the dense model"
+        )
 
 
 def check_sparse_support(

@@ -34,6 +34,7 @@ from ._sparse_linear import (
     SparseLinear,
     check_blocksize,
     check_convertible,
+    check_dense_weight,
     check_model,
     check_sparse_support,
     is_linear,
@@ -227,6 +228,8 @@ def speed_report(
     calls = _captured_inputs(model, example_inputs)
     if not calls:
         raise ValueError("no nn.Linear or Conv1D layer of the model ran on example_inputs")
+    for name, (module, _) in calls.items():
+        check_dense_weight(name, module)
     layers = tuple(
         _time_layer(name, module, x, forms, blocksize, repeats)
         for name, (module, x) in calls.items()

@@ -23,6 +23,9 @@ the pattern from the weights' exact zeros, which is where :class:`~lossprune.Pru
 masks. The converted layers are for inference: their weights do not train.
 
 Example:
+    >>> import torch
+    >>> from torch import nn
+    >>> from lossprune.sparse import to_sparse
     >>> model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2)).double()
     >>> with torch.no_grad():
     ...     _ = model[0].weight.masked_fill_(torch.rand(8, 8) < 0.9, 0.0)
@@ -48,6 +51,7 @@ from ._sparse_linear import (
     SparseLinear,
     check_blocksize,
     check_convertible,
+    check_dense_weight,
     check_model,
     check_sparse_support,
     is_linear,
@@ -188,11 +192,10 @@ def _chosen_layers(
 ) -> dict[str, nn.Module]:
     """Name to module of the layers to convert: ``layers``, or the linear ones that qualify."""
     if layers is None:
-        found = {
-            name: module
-            for name, module in model.named_modules()
-            if is_linear(module) and qualifies(module.weight)
-        }
+        linear = {name: module for name, module in model.named_modules() if is_linear(module)}
+        for name, module in linear.items():
+            check_dense_weight(name, module)  # before its zeros are counted
+        found = {name: module for name, module in linear.items() if qualifies(module.weight)}
         if not found:
             raise ValueError(
                 f"nothing to convert: no nn.Linear or Conv1D weight of the model has "
