@@ -6,15 +6,7 @@ is built from the same weights, its output is compared with the dense layer's, a
 and sparse calls are timed in interleaved rounds (so that a change of machine load hits all of
 them alike). Speed-ups are ratios of medians, and of minima (what to read on a busy machine).
 
-Agreement is judged against the rounding error a dot product may carry: a sparse output
-:math:`\tilde y_{ij}` agrees with the dense :math:`y_{ij}` when
-
-.. math:: |\tilde y_{ij} - y_{ij}| \le \tau \Big(\sum_k |x_{ik}| |W_{jk}| + |b_j|\Big),
-
-with :math:`\tau` = 1e-12 (float64), 1e-5 (float32), 5e-3 (float16), 2e-2 (bfloat16): a few
-hundred units in the last place of the sum of absolute terms, the scale of the summation error
-bound (Higham, *Accuracy and Stability of Numerical Algorithms*, 2nd ed., §3.1), so a
-cancelling sum is not mistaken for a wrong one.
+Agreement is judged against the rounding error of a dot product (see :func:`speed_report`).
 """
 
 from __future__ import annotations
@@ -63,7 +55,7 @@ class FormTiming:
         speedup: Dense median over this median; above 1 the sparse form is faster.
         speedup_of_minima: Dense minimum over this minimum.
         max_abs_error: Largest absolute difference from the dense output.
-        agrees: Whether every output entry is within the tolerance of the module docstring.
+        agrees: Whether every output entry is within the tolerance of :func:`speed_report`.
         skipped: Why this form was not built for this layer (the converter's refusal), or None.
     """
 
@@ -193,13 +185,20 @@ def speed_report(
     input of every :class:`~torch.nn.Linear` and Hugging Face ``Conv1D`` that runs; then for
     each such layer and layout the sparse form is built from the layer's weights (as
     :func:`~lossprune.sparse.to_sparse` or :func:`~lossprune.sparse.to_semi_structured` would),
-    its output is checked against the dense layer's (tolerance: module docstring of
-    :mod:`lossprune.sparse` / :class:`FormTiming`), and dense and sparse calls are timed in
+    its output is checked against the dense layer's, and dense and sparse calls are timed in
     ``repeats`` interleaved rounds after one warm-up call each. On CUDA each call is timed with
     CUDA events and a synchronisation, on CPU with :func:`time.perf_counter`. A layout that
     cannot be built for a layer (dense layer with 2:4, a dtype the kernel lacks, a blocksize not
     dividing the weight, ...) is reported with the reason instead of a time. ``model`` is not
     modified.
+
+    Agreement is judged against the rounding error a dot product may carry: a sparse output
+    :math:`\tilde y_{ij}` agrees with the dense :math:`y_{ij}` when
+    :math:`|\tilde y_{ij} - y_{ij}| \le \tau (\sum_k |x_{ik}| |W_{jk}| + |b_j|)`, with
+    :math:`\tau` = 1e-12 (float64), 1e-5 (float32), 5e-3 (float16), 2e-2 (bfloat16): a few
+    hundred units in the last place of the sum of absolute terms, the scale of the summation
+    error bound (Higham, *Accuracy and Stability of Numerical Algorithms*, 2nd ed., §3.1), so
+    that a cancelling sum is not mistaken for a wrong one.
 
     The speed-ups depend on sparsity, shape, batch, dtype and machine: on a CPU unstructured
     CSR needs roughly 90 % sparsity to break even; 2:4 needs large float16/bfloat16 layers on a

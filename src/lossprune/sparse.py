@@ -152,10 +152,9 @@ def to_semi_structured(model: nn.Module, *, layers: Iterable[str] | str | None =
     Which layers: by default every :class:`torch.nn.Linear` and ``Conv1D`` (exact types) with at
     least one zero weight (a pruned layer: trained weights are not exactly zero otherwise), so
     that a pruned layer that lost its 2:4 pattern is refused rather than left dense; or exactly
-    ``layers``.
-    Each of them must be 2:4, float16 or bfloat16, of a shape the kernels accept, and on a CUDA
-    device of compute capability 8.0 or newer. Every check runs before anything is copied, the
-    device check last, so the other refusals are the same on a CPU.
+    ``layers``. Each of them must be 2:4, float16 or bfloat16, of a shape the kernels accept,
+    and on a CUDA device of compute capability 8.0 or newer. Every check runs before anything is
+    copied, the device check last, so the other refusals are the same on a CPU.
 
     Args:
         model: The network.
@@ -167,9 +166,9 @@ def to_semi_structured(model: nn.Module, *, layers: Iterable[str] | str | None =
     Raises:
         TypeError: ``model`` is not a module, or a weight is not float16/bfloat16.
         ValueError: A name in ``layers`` that is not a Linear or Conv1D of the model, hooks on a
-            layer, an input dimension not divisible by 4, a weight that is
-            not 2:4 along the input dimension, a shape the kernels refuse, a weight not on a
-            CUDA device of compute capability >= 8.0, or nothing to convert.
+            layer, an input dimension not divisible by 4, a weight that is not 2:4 along the
+            input dimension, a shape the kernels refuse, a weight not on a CUDA device of
+            compute capability >= 8.0, or nothing to convert.
     """
     check_model(model)
     chosen = _chosen_layers(model, layers, lambda weight: _sparsity(weight) > 0, "a zero weight")
