@@ -255,6 +255,22 @@ def test_sparse_linear_without_bias_and_its_repr():
         assert_close_to_dense(sparse(x), linear(x))
 
 
+def test_sparse_linear_handles_vectors_empty_batches_and_input_gradients():
+    linear = nn.Linear(8, 4).double()
+    with torch.no_grad():
+        linear.weight[:, :5] = 0.0
+    sparse = to_sparse(linear)
+    vector = torch.randn(8, dtype=F64)
+    with torch.no_grad():
+        assert_close_to_dense(sparse(vector), linear(vector))
+        assert sparse(torch.zeros(0, 8, dtype=F64)).shape == (0, 4)
+    x = torch.randn(3, 8, dtype=F64, requires_grad=True)
+    (grad,) = torch.autograd.grad(sparse(x).square().sum(), x)
+    x_ref = x.detach().requires_grad_()
+    (grad_ref,) = torch.autograd.grad(linear(x_ref).square().sum(), x_ref)
+    assert_close_to_dense(grad, grad_ref)
+
+
 def test_sparse_linear_needs_a_sparse_weight():
     with pytest.raises(ValueError, match="must be a 2-d sparse CSR or BSR tensor"):
         SparseLinear(torch.zeros(3, 4))
@@ -418,6 +434,13 @@ def test_speed_report_structure_and_agreement():
     assert report.all_agree
     assert sorted(report.faster("csr") + report.slower("csr")) == ["fc", "head", "proj"]
     assert report.faster("semi_structured") == report.slower("semi_structured") == ()
+    dense, best = report.linear_seconds("csr")
+    assert dense == pytest.approx(sum(layer.dense_seconds for layer in report.layers))
+    expected = sum(
+        layer.forms[0].seconds if layer.name in report.faster("csr") else layer.dense_seconds
+        for layer in report.layers
+    )
+    assert best == pytest.approx(expected) and best <= dense
     text = str(report)
     assert "csr ms (speed-up)" in text and "proj" in text and "48x32" in text
     assert "csr: pays off on" in text and "not measured:" in text and "MISMATCH" not in text

@@ -123,6 +123,21 @@ class SpeedReport:
         """Names of the layers whose ``layout`` form was measured and was not faster."""
         return self._split(layout)[1]
 
+    def linear_seconds(self, layout: str) -> tuple[float, float]:
+        """Median seconds of all linear layers together: dense, and with ``layout`` where faster.
+
+        The second number is what converting exactly :meth:`faster` layers (e.g.
+        ``to_sparse(model, layers=report.faster("csr"))``) would cost, call for call.
+        """
+        faster = set(self.faster(layout))
+        dense = sum(layer.dense_seconds for layer in self.layers)
+        best = 0.0
+        for layer in self.layers:
+            form = next(form for form in layer.forms if form.layout == layout)
+            seconds = form.seconds if layer.name in faster else None
+            best += layer.dense_seconds if seconds is None else seconds
+        return dense, best
+
     def _split(self, layout: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
         if layout not in self.layouts:
             raise ValueError(f"layout {layout!r} is not in this report's layouts {self.layouts}")
@@ -157,13 +172,21 @@ class SpeedReport:
             f"speed report on {self.device}: median of {self.repeats} interleaved calls; "
             "speed-up = dense time / sparse time (> 1: sparsity pays off)"
         ]
-        lines += ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)) for row in rows]
+        lines += [
+            "  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip()
+            for row in rows
+        ]
         for layout in self.layouts:
             faster, slower = self._split(layout)
-            lines.append(
-                f"{layout}: pays off on {len(faster)} of {len(faster) + len(slower)} measured "
-                f"layers" + (f" ({', '.join(faster)})" if faster else "")
-            )
+            measured = len(faster) + len(slower)
+            line = f"{layout}: pays off on {len(faster)} of {measured} measured layers"
+            if faster:
+                dense, best = self.linear_seconds(layout)
+                line += (
+                    f" ({', '.join(name or '(model)' for name in faster)}); converting only "
+                    f"those takes the linear layers from {1e3 * dense:.3f} to {1e3 * best:.3f} ms"
+                )
+            lines.append(line)
         if not self.all_agree:
             lines.append("MISMATCH: a sparse form disagrees with dense beyond rounding")
         if notes:
