@@ -42,12 +42,16 @@ __all__ = [
     "check_model",
 ]
 
-# Dtypes the sparse-times-dense kernels of torch 2.13 implement, by device type and layout: MKL on
-# CPU has no float16/bfloat16 kernel ("addmm_out_sparse_csr_impl_mkl" not implemented for 'Half').
+# Dtypes for which the sparse-times-dense kernels of torch 2.13 give the dense layer's numbers, by
+# device type and layout. MKL on CPU has no float16/bfloat16 kernel ("addmm_out_sparse_csr_impl_mkl"
+# not implemented for 'Half'). On CUDA, cuSPARSE's bsrmm has float32/float64 kernels only, and
+# torch calls SpMM for CSR with the data type as compute type: float16/bfloat16 would accumulate
+# in half precision, less accurately than the dense layer (cuBLAS accumulates in float32), so
+# they are refused. This project has not run the CUDA rows on a GPU yet.
 SPARSE_DTYPES = {
     ("cpu", "csr"): (torch.float32, torch.float64),
     ("cpu", "bsr"): (torch.float32, torch.float64),
-    ("cuda", "csr"): (torch.float16, torch.bfloat16, torch.float32, torch.float64),
+    ("cuda", "csr"): (torch.float32, torch.float64),
     ("cuda", "bsr"): (torch.float32, torch.float64),
 }
 _HF_CONV1D_MODULE = "transformers.pytorch_utils"
@@ -66,8 +70,8 @@ def is_linear(module: nn.Module) -> bool:
     if type(module) is nn.Linear:
         return True
     kind = type(module)
-    # Matched by name and home module: transformers need not be installed to convert GPT-2-like
-    # models saved with it, and importing it only to test a type would cost seconds.
+    # Matched by name and home module: lossprune does not depend on transformers, and importing
+    # it only to test a type would cost seconds.
     return kind.__name__ == "Conv1D" and kind.__module__ == _HF_CONV1D_MODULE
 
 
@@ -157,6 +161,9 @@ def check_blocksize(layout: str, blocksize: object) -> tuple[int, int] | None:
     if rows != columns:
         # MKL (CPU) and cuSPARSE (CUDA) multiply BSR matrices with square blocks only.
         raise ValueError(f"blocksize must be square (the BSR kernels need it), got {blocksize}")
+    if rows == 1:
+        # cuSPARSE's bsrmm needs blocks larger than 1 x 1, and such blocks are CSR anyway.
+        raise ValueError("blocksize (1, 1) is CSR: use layout='csr'")
     return rows, columns
 
 

@@ -7,8 +7,8 @@ pays off on the machine at hand:
 - :func:`to_sparse` (CPU and CUDA): each pruned :class:`torch.nn.Linear` (and Hugging Face
   ``Conv1D``) becomes a :class:`SparseLinear` holding a ``torch.sparse_csr`` or
   ``torch.sparse_bsr`` weight. Unstructured sparsity pays off on a CPU only when it is high
-  (this project measured the break-even near 90 % for a 4096 × 4096 layer at batch 128; see
-  ``benchmarks/README.md``).
+  (for a 4096 × 4096 layer at batch 128 on 2 cores this project measured the break-even between
+  80 and 85 %, and 2.4× at 95 %; see ``benchmarks/README.md``).
 - :func:`to_semi_structured` (CUDA, float16/bfloat16, Ampere or newer): 2:4-sparse weights
   become :func:`torch.sparse.to_sparse_semi_structured` tensors, which sparse tensor cores
   multiply at up to twice the dense rate (Mishra et al., arXiv:2104.08378; PyTorch measured
@@ -113,7 +113,7 @@ def to_sparse(
 
     Raises:
         TypeError: ``model`` is not a module, a wrong argument type, or a weight dtype the
-            sparse kernels of its device lack (CPU: float32 and float64 only).
+            sparse kernels lack or would compute less accurately (float32 and float64 only).
         ValueError: An unknown layout, a bad ``blocksize``, a name in ``layers`` that is not a
             Linear or Conv1D of the model (a parametrized Linear is not), a layer with hooks (a
             new module would drop them), a blocksize not dividing a weight, or nothing to
