@@ -11,10 +11,12 @@ import itertools
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 from torch.nn.utils import parametrize, prune
 
-from lossprune import _speed_report
+from lossprune import LinearSchedule, Magnitude, Pruner, _speed_report
 from lossprune.sparse import (
     FormTiming,
     LayerTiming,
@@ -28,6 +30,7 @@ from lossprune.sparse import (
 )
 
 F64 = torch.float64
+CE = nn.CrossEntropyLoss()
 
 
 class Conv1D(nn.Module):
@@ -135,6 +138,24 @@ def test_nm_mask_matches_brute_force_with_exact_counts(shape, n, m, dim):
     assert torch.equal(nm_mask(scores.to(torch.int64), n, m, dim), mask)
 
 
+@settings(max_examples=40, deadline=None)
+@given(
+    groups=st.integers(1, 3),
+    m=st.integers(1, 5),
+    rows=st.integers(1, 3),
+    dim=st.sampled_from([0, 1]),
+    data=st.data(),
+)
+def test_nm_mask_property_against_brute_force(groups, m, rows, dim, data):
+    n = data.draw(st.integers(1, m))
+    shape = (groups * m, rows) if dim == 0 else (rows, groups * m)
+    values = data.draw(st.lists(st.integers(-2, 2), min_size=shape[0] * shape[1], max_size=64))
+    scores = torch.tensor(values[: shape[0] * shape[1]], dtype=F64).reshape(shape)
+    mask = nm_mask(scores, n, m, dim)
+    assert torch.equal(mask, brute_force_nm(scores, n, m, dim))
+    assert is_nm(mask, n, m, dim) and int(mask.sum()) == n * groups * rows
+
+
 def test_is_nm_counts_at_most_n_per_group():
     mask = torch.tensor([[True, False, False, False, True, True, False, False]])
     assert is_nm(mask, 2, 4, 1)
@@ -194,6 +215,25 @@ def test_to_sparse_computes_the_dense_function_and_leaves_the_model_alone(layout
         out = sparse(x)
         assert out.is_contiguous() and out.shape == (3, 7, 5)
         assert_close_to_dense(out, net(x))
+
+
+def test_to_sparse_exports_what_a_pruner_pruned_after_fine_tuning():
+    model = nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 3)).double()
+    data = (torch.randn(32, 6, dtype=F64), torch.randint(0, 3, (32,)))
+    pruner = Pruner(model, Magnitude(), LinearSchedule(0.75, stages=2), data=data, loss_fn=CE)
+    pruner.run()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    pruner.attach(optimizer)  # gradient hooks on the parameters, not on the modules
+    for _ in range(2):
+        optimizer.zero_grad()
+        CE(model(data[0]), data[1]).backward()
+        optimizer.step()
+    sparse = to_sparse(model)
+    for index in (0, 2):
+        kept = int(pruner.masks[f"{index}.weight"].sum())
+        assert sparse[index].weight.values().numel() == kept
+    with torch.no_grad():
+        assert_close_to_dense(sparse(data[0]), model(data[0]))
 
 
 def test_to_sparse_stores_only_the_nonzeros_and_converts_named_layers():
