@@ -255,6 +255,9 @@ def test_to_sparse_replaces_a_shared_layer_everywhere_and_a_bare_linear():
     model = nn.Sequential(shared, nn.Tanh(), shared)
     sparse = to_sparse(model)
     assert sparse[0] is sparse[2] and isinstance(sparse[0], SparseLinear)
+    named_twice = to_sparse(model, layers=["0", "2"])
+    assert named_twice[0] is named_twice[2] and isinstance(named_twice[0], SparseLinear)
+    assert torch.equal(named_twice[0].weight.to_dense(), shared.weight.detach())
     bare = to_sparse(shared)
     assert isinstance(bare, SparseLinear)
     x = torch.randn(5, 6, dtype=F64)
@@ -332,6 +335,7 @@ def test_sparse_linear_needs_a_sparse_weight():
         ({"layers": ["act"]}, ValueError, "'act' is a Tanh, not an nn.Linear"),
         ({"layers": [3]}, TypeError, "layers must be None, a module name"),
         ({"layers": []}, TypeError, "layers must be None"),
+        ({"layers": 3}, TypeError, "layers must be None"),
     ],
 )
 def test_to_sparse_refuses_before_copying(kwargs, error, match):

@@ -201,10 +201,10 @@ def _chosen_layers(
                 f"{requirement} (pass layers=[...] to name layers explicitly)"
             )
         return found
-    names = [layers] if isinstance(layers, str) else list(layers)
+    names = [layers] if isinstance(layers, str) else list(layers) if _iterable(layers) else []
     if not names or not all(isinstance(name, str) for name in names):
         raise TypeError("layers must be None, a module name or a non-empty list of module names")
-    modules = dict(model.named_modules())
+    modules = dict(model.named_modules(remove_duplicate=False))
     for name in names:
         if name not in modules:
             raise ValueError(f"layers: {name!r} is not a module of the model")
@@ -216,6 +216,10 @@ def _chosen_layers(
     return {name: modules[name] for name in names}
 
 
+def _iterable(value: object) -> bool:
+    return isinstance(value, Iterable)
+
+
 def _sparsity(weight: Tensor) -> float:
     return 1.0 - int(weight.count_nonzero()) / max(1, weight.numel())
 
@@ -223,9 +227,13 @@ def _sparsity(weight: Tensor) -> float:
 def _converted_copy(model: nn.Module, chosen: dict[str, nn.Module], convert) -> nn.Module:
     """A deep copy of ``model`` in which each chosen layer is replaced by ``convert(weights)``."""
     duplicate = copy.deepcopy(model)
+    converted: set[int] = set()
     for name in chosen:
         old = duplicate.get_submodule(name)
+        if id(old) in converted:  # a shared layer, named twice in `layers`: replaced already
+            continue
         new = convert(linear_weights(old))
+        converted.add(id(new))
         if name == "":  # the model is itself the layer
             return new
         # Every parent that holds this module object (a shared layer has several) gets the new one.
