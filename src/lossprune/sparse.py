@@ -201,7 +201,11 @@ def _chosen_layers(
                 f"{requirement} (pass layers=[...] to name layers explicitly)"
             )
         return found
-    names = [layers] if isinstance(layers, str) else list(layers) if _iterable(layers) else []
+    names: list = []
+    if isinstance(layers, str):
+        names = [layers]
+    elif isinstance(layers, Iterable):
+        names = list(layers)
     if not names or not all(isinstance(name, str) for name in names):
         raise TypeError("layers must be None, a module name or a non-empty list of module names")
     modules = dict(model.named_modules(remove_duplicate=False))
@@ -214,10 +218,6 @@ def _chosen_layers(
                 "Hugging Face Conv1D"
             )
     return {name: modules[name] for name in names}
-
-
-def _iterable(value: object) -> bool:
-    return isinstance(value, Iterable)
 
 
 def _sparsity(weight: Tensor) -> float:
