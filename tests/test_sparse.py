@@ -425,6 +425,20 @@ def test_to_semi_structured_refusals_on_cpu_come_before_the_device_check():
     assert_unchanged(model, before)
 
 
+def test_conv1d_is_2_4_along_its_first_dimension():
+    # Conv1D stores (in, out): its input dimension, where 2:4 groups run, is dim 0.
+    conv = Conv1D(64, 128).half()  # 128 inputs, 64 outputs
+    with torch.no_grad():
+        conv.weight.mul_(nm_mask(conv.weight.abs(), 2, 4, dim=0))
+    with pytest.raises(ValueError, match="need a CUDA device"):  # every other check passed
+        to_semi_structured(nn.Sequential(conv))
+    wrong = Conv1D(64, 128).half()
+    with torch.no_grad():
+        wrong.weight.mul_(nm_mask(wrong.weight.abs(), 2, 4, dim=1))
+    with pytest.raises(ValueError, match="not 2:4 along the input dimension"):
+        to_semi_structured(nn.Sequential(wrong))
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_to_semi_structured_matches_dense_on_cuda():
