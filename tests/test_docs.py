@@ -1,7 +1,8 @@
 """The documentation keeps up with the code: every public name documented, every error listed.
 
 - every name in ``lossprune.__all__`` and every public function and class of
-  ``lossprune.curvature`` and ``lossprune.masks`` has a docstring and an entry in ``docs/api.rst``;
+  ``lossprune.curvature``, ``lossprune.masks`` and ``lossprune.sparse`` has a docstring and an
+  entry in ``docs/api.rst``;
 - ``docs/errors.csv`` (rendered by ``docs/errors.rst``) lists every ``raise`` of the library
   (``lossprune.experiments`` excluded), each with a test function that exists;
 - the Python examples of the user guide run.
@@ -36,7 +37,7 @@ def public_names() -> list[tuple[str, object]]:
     """(documented name, object) for every public object."""
     names = [(f"lossprune.{n}", getattr(lossprune, n)) for n in lossprune.__all__]
     seen = {id(obj) for _, obj in names}  # NonFiniteError is lossprune.NonFiniteError
-    for module_name in ("lossprune.curvature", "lossprune.masks"):
+    for module_name in ("lossprune.curvature", "lossprune.masks", "lossprune.sparse"):
         module = importlib.import_module(module_name)
         for name in module.__all__:
             obj = getattr(module, name)
@@ -190,7 +191,7 @@ def test_error_table_names_existing_tests():
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("page", ["getting_started.md", "concepts.md"])
+@pytest.mark.parametrize("page", ["getting_started.md", "concepts.md", "sparse.md"])
 def test_user_guide_python_examples_run(page, capsys):
     text = (DOCS / page).read_text()
     blocks = re.findall(r"^```python\n(.*?)^```", text, re.S | re.M)
