@@ -392,12 +392,12 @@ def test_tied_weights_are_counted_once():
     model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
     model[1].weight = model[0].weight
     assert list(prunable_parameters(model)) == ["0.weight"]
-    # Keyed by the name named_parameters() gives, even when that name is not a Linear's
-    # (a language model's output layer tied to its embedding).
-    tied = nn.ModuleDict({"emb": nn.Embedding(5, 4), "out": nn.Linear(4, 5)})
+    # A language model's output layer tied to its embedding is the embedding: it stays dense by
+    # default, and a pattern naming the alias selects it under the name named_parameters()
+    # gives.
+    tied = nn.ModuleDict({"emb": nn.Embedding(5, 4), "out": nn.Linear(4, 5), "fc": nn.Linear(4, 4)})
     tied["out"].weight = tied["emb"].weight
-    assert list(prunable_parameters(tied)) == ["emb.weight"]
-    # A pattern naming the alias selects the parameter.
+    assert list(prunable_parameters(tied)) == ["fc.weight"]
     assert list(prunable_parameters(tied, include="out.weight")) == ["emb.weight"]
 
 

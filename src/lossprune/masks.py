@@ -24,15 +24,21 @@ import math
 import numbers
 import re
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from fractions import Fraction
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
-from torch.nn.modules.conv import _ConvNd
 from torch.nn.utils import prune
+
+from ._linear_maps import dense_by_default, weight_matrices
 
 __all__ = [
     "prunable_parameters",
+    "describe_prunable",
+    "PrunableSummary",
+    "ParameterDecision",
     "select_masks",
     "apply_masks",
     "count_pruned",
@@ -53,10 +59,14 @@ _SCOPES = ("global", "layerwise")
 def prunable_parameters(model: nn.Module, include=None, exclude=None) -> dict[str, nn.Parameter]:
     r"""The parameters of ``model`` that pruning may touch, keyed by qualified name.
 
-    By default these are the ``.weight`` of every :class:`~torch.nn.Linear` and every convolution
-    (``Conv1d/2d/3d`` and their transposed forms), as in the paper: no biases, no normalisation
-    parameters. They come in ``model.named_parameters()`` order, which follows
-    ``model.named_modules()``.
+    By default these are the weight matrices of linear maps: the ``.weight`` of every
+    :class:`~torch.nn.Linear` and every convolution (``Conv1d/2d/3d`` and their transposed
+    forms), of Hugging Face's ``Conv1D`` (GPT-2), and the input projections of
+    :class:`~torch.nn.MultiheadAttention` (``in_proj_weight`` or ``q/k/v_proj_weight``), as in
+    the paper: no biases, no normalisation parameters. Embedding tables, weights tied to them
+    (GPT-2's ``lm_head``) and a language model's output head stay dense unless ``include``
+    names them. They come in ``model.named_parameters()`` order, which follows
+    ``model.named_modules()``; :func:`describe_prunable` says why each parameter is in or out.
 
     A parameter shared by several modules (tied weights) is counted once, under the first name
     ``named_parameters()`` gives it. Frozen parameters (``requires_grad=False``) are skipped.
@@ -84,6 +94,81 @@ def prunable_parameters(model: nn.Module, include=None, exclude=None) -> dict[st
         >>> list(prunable_parameters(net, include=r".*\.bias", exclude="2.bias"))
         ['0.bias']
     """
+    summary = describe_prunable(model, include, exclude)
+    params = dict(model.named_parameters())
+    selected = {row.name: params[row.name] for row in summary.rows if row.pruned}
+    if not selected:
+        raise ValueError(
+            "no prunable parameters: the model has no trainable weight matrix of a linear map "
+            "left after include/exclude (embeddings and language-model heads are only pruned "
+            "when include= names them)"
+        )
+    return selected
+
+
+class ParameterDecision(NamedTuple):
+    """One row of :class:`PrunableSummary`.
+
+    Attributes:
+        name: canonical qualified name (the first one ``named_parameters()`` gives).
+        aliases: the other names of a tied parameter.
+        shape: the parameter's shape.
+        pruned: whether pruning may touch it.
+        reason: why it is in or out.
+    """
+
+    name: str
+    aliases: tuple[str, ...]
+    shape: tuple[int, ...]
+    pruned: bool
+    reason: str
+
+
+@dataclass(frozen=True)
+class PrunableSummary:
+    """What pruning touches in a model and what it leaves, with the reason for each parameter.
+
+    ``str(summary)`` is a table a user can print; :attr:`rows` holds the decisions.
+    """
+
+    rows: tuple[ParameterDecision, ...]
+
+    @property
+    def pruned(self) -> tuple[str, ...]:
+        """Names of the parameters pruning may touch."""
+        return tuple(row.name for row in self.rows if row.pruned)
+
+    def __str__(self) -> str:
+        pruned = [row for row in self.rows if row.pruned]
+        weights = sum(math.prod(row.shape) for row in pruned)
+        total = sum(math.prod(row.shape) for row in self.rows)
+        lines = [
+            f"prunable: {len(pruned)} of {len(self.rows)} parameters, "
+            f"{weights:,} of {total:,} weights"
+        ]
+        width = max(len(row.name) for row in self.rows)
+        for row in self.rows:
+            mark = "prune" if row.pruned else "keep "
+            alias = f" (= {', '.join(row.aliases)})" if row.aliases else ""
+            shape = "x".join(map(str, row.shape)) or "scalar"
+            lines.append(f"  {mark}  {row.name:<{width}}  {shape:>12}  {row.reason}{alias}")
+        return "\n".join(lines)
+
+
+def describe_prunable(model: nn.Module, include=None, exclude=None) -> PrunableSummary:
+    """Every parameter of ``model``, whether :func:`prunable_parameters` selects it, and why.
+
+    Arguments and errors as :func:`prunable_parameters` (except that an empty selection is not
+    an error here).
+
+    Example:
+        >>> net = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 10))
+        >>> net[1].weight = net[0].weight  # a head tied to the embedding
+        >>> print(describe_prunable(net))  # doctest: +NORMALIZE_WHITESPACE
+        prunable: 0 of 2 parameters, 0 of 50 weights
+          keep   0.weight  10x4  embedding table (or tied to embedding '0') (= 1.weight)
+          keep   1.bias      10  not the weight matrix of a linear map
+    """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     include = _patterns(include, "include")
@@ -102,27 +187,31 @@ def prunable_parameters(model: nn.Module, include=None, exclude=None) -> dict[st
             if not any(_matches(pattern, name) for name in all_names):
                 raise ValueError(f"{option} pattern {pattern!r} matches no parameter of the model")
 
-    if include is None:
-        chosen = {
-            id(module.weight)
-            for module in model.modules()
-            if isinstance(module, (nn.Linear, _ConvNd))
-            and isinstance(module._parameters.get("weight"), nn.Parameter)
-        }
-    else:
-        chosen = {key for key, group in names.items() if _any_match(include, group)}
-    if exclude is not None:
-        chosen = {key for key in chosen if not _any_match(exclude, names[key])}
-
-    selected = {
-        names[key][0]: params[key] for key in names if key in chosen and params[key].requires_grad
+    matrices = {
+        id(module._parameters[local]): matrix.kind
+        for module in model.modules()
+        for local, matrix in weight_matrices(module).items()
     }
-    if not selected:
-        raise ValueError(
-            "no prunable parameters: the model has no trainable Linear or Conv weight "
-            "left after include/exclude"
+    dense = dense_by_default(model)
+    rows = []
+    for key, group in names.items():
+        if include is not None:
+            pruned = _any_match(include, group)
+            reason = "matches include=" if pruned else "not matched by include="
+        elif key in dense:
+            pruned, reason = False, dense[key]
+        elif key in matrices:
+            pruned, reason = True, f"weight matrix of {matrices[key]}"
+        else:
+            pruned, reason = False, "not the weight matrix of a linear map"
+        if pruned and exclude is not None and _any_match(exclude, group):
+            pruned, reason = False, "matches exclude="
+        if pruned and not params[key].requires_grad:
+            pruned, reason = False, "frozen (requires_grad=False)"
+        rows.append(
+            ParameterDecision(group[0], tuple(group[1:]), tuple(params[key].shape), pruned, reason)
         )
-    return selected
+    return PrunableSummary(tuple(rows))
 
 
 def _patterns(patterns, option: str) -> list[str] | None:
@@ -433,8 +522,9 @@ def to_torch_prune(model: nn.Module, masks: dict[str, Tensor]) -> None:
     ``weight`` is recomputed as their product before every forward pass. This changes the
     model's ``state_dict`` keys; :func:`from_torch_prune` goes back.
 
-    A tied weight is masked only in the module its name points to: ``torch.nn.utils.prune``
-    works per module, and the other modules keep using the unmasked ``weight_orig``.
+    A tied weight is masked in EVERY module that holds it (``torch.nn.utils.prune`` works per
+    module: masking only the one the name points to would let the others use the unmasked
+    weight); they share one ``weight_orig`` and each gets its own copy of the mask.
 
     Args:
         model: The network.
@@ -454,7 +544,7 @@ def to_torch_prune(model: nn.Module, masks: dict[str, Tensor]) -> None:
                 f"masks[{name!r}] has shape {tuple(mask.shape)} but the parameter has shape "
                 f"{tuple(param.shape)}"
             )
-        targets.append((module, attribute, mask.to(param.device)))
+        targets += [(m, a, mask.to(param.device)) for m, a in _holders(model, param)]
     for module, attribute, mask in targets:
         prune.custom_from_mask(module, attribute, mask)
 
@@ -476,18 +566,38 @@ def from_torch_prune(model: nn.Module, *, remove: bool = False) -> dict[str, Ten
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     masks = {}
     pruned = []
+    first_name: dict[int, str] = {}  # a tied weight masked in several modules is reported once
     for module_name, module in model.named_modules():
         for hook in module._forward_pre_hooks.values():
             if isinstance(hook, prune.BasePruningMethod):
                 attribute = hook._tensor_name
+                pruned.append((module, attribute))
                 name = f"{module_name}.{attribute}" if module_name else attribute
                 # `!= 0` makes a new tensor, so the mask outlives the buffer prune.remove deletes.
-                masks[name] = getattr(module, attribute + "_mask") != 0
-                pruned.append((module, attribute))
+                mask = getattr(module, attribute + "_mask") != 0
+                original = id(module._parameters[attribute + "_orig"])
+                if original not in first_name:
+                    first_name[original] = name
+                    masks[name] = mask
+                elif not torch.equal(masks[first_name[original]], mask):
+                    raise ValueError(
+                        f"{name!r} and {first_name[original]!r} are one tied weight with two "
+                        "different torch.nn.utils.prune masks: no single mask describes it"
+                    )
     if remove:
         for module, attribute in pruned:
             prune.remove(module, attribute)
     return masks
+
+
+def _holders(model: nn.Module, param: nn.Parameter) -> list[tuple[nn.Module, str]]:
+    """Every ``(module, attribute)`` that holds ``param`` itself (all aliases of a tied weight)."""
+    return [
+        (module, attribute)
+        for module in {id(m): m for m in model.modules()}.values()
+        for attribute, p in module._parameters.items()
+        if p is param
+    ]
 
 
 def _owner(model: nn.Module, name: str) -> tuple[nn.Module, str, nn.Parameter]:
