@@ -5,6 +5,8 @@ Shared by the figures and the findings summary, so both read the records the sam
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -27,6 +29,7 @@ __all__ = [
     "values",
     "spearman",
     "Metric",
+    "by_sweep",
 ]
 
 Record = dict[str, Any]
@@ -120,3 +123,27 @@ def spearman(xs: Sequence[float], ys: Sequence[float]) -> float:
     if len(xs) < 3 or len(set(xs)) < 2 or len(set(ys)) < 2:
         return float("nan")
     return float(spearmanr(xs, ys).statistic)
+
+
+# What every run of one sweep shares; runs that differ here must not be averaged together.
+_SWEEP_SETTING = ("dataset", "model", "examples", "loss_examples", "train", "finetune")
+
+
+def by_sweep(records: Iterable[Record]) -> dict[str, list[Record]]:
+    """Records grouped by the setting their sweep fixes (dataset, model, training, ...).
+
+    A group is named after the presets that wrote its records (``"digits-quick"``), or, for
+    records written by ``lossprune prune``, after its dataset, model and a digest of the setting.
+    """
+    groups: dict[str, list[Record]] = defaultdict(list)
+    for record in records:
+        setting = {name: record["config"].get(name) for name in _SWEEP_SETTING}
+        groups[json.dumps(setting, sort_keys=True)].append(record)
+    named = {}
+    for key, group in groups.items():
+        presets = sorted({r["preset"] for r in group if r.get("preset")})
+        digest = hashlib.sha1(key.encode()).hexdigest()[:8]
+        config = group[0]["config"]
+        name = "+".join(presets) or f"{config['dataset']}-{config['model']}-{digest}"
+        named[name if name not in named else f"{name}-{digest}"] = group
+    return named
