@@ -359,12 +359,21 @@ _COMMANDS = {"train": _train, "prune": _prune, "sweep": _sweep, "figures": _figu
 # Exit status 2: the arguments cannot work (as argparse's own errors). Exit status 1: they were
 # fine, but a file or the machine failed (corrupt data, unwritable folder, busy results file).
 # Checked in this order: DataFileError is a ValueError and OutputFolderError an OSError.
-_RUNTIME_ERRORS = (DataFileError, OutputFolderError, ResultsBusyError)
+_RUNTIME_ERRORS = (DataFileError, OutputFolderError, ResultsBusyError, FloatingPointError)
 _USAGE_ERRORS = (ValueError, FileNotFoundError, FileExistsError)
 
 
-def _missing_extra() -> list[str]:
-    return [name for name in EXTRA_MODULES if importlib.util.find_spec(name) is None]
+class MissingExtraError(ImportError):
+    """``lossprune`` was installed without the ``experiments`` extra the command line needs."""
+
+
+def _check_extra() -> None:
+    missing = [name for name in EXTRA_MODULES if importlib.util.find_spec(name) is None]
+    if missing:
+        raise MissingExtraError(
+            "the command line needs the 'experiments' extra "
+            f"({', '.join(missing)} not installed): pip install 'lossprune[experiments]'"
+        )
 
 
 def _one_line_warning(message: Warning | str, category: type[Warning], *_: Any) -> None:
@@ -377,13 +386,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     Every error is one line on stderr: exit status 2 for arguments that cannot work, 1 for
     files or machines that fail, 130 for Ctrl-C (finished runs stay recorded).
     """
-    missing = _missing_extra()
-    if missing:
-        print(
-            "lossprune: error: the command line needs the 'experiments' extra "
-            f"({', '.join(missing)} not installed): pip install 'lossprune[experiments]'",
-            file=sys.stderr,
-        )
+    try:
+        _check_extra()  # before parsing: even --help must not end in a traceback
+    except MissingExtraError as error:
+        print(f"lossprune: error: {error}", file=sys.stderr)
         return 1
     args = build_parser().parse_args(argv)
     prefix = f"lossprune {args.command}: error:"
