@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from lossprune.experiments import cli
 from lossprune.experiments.checks import OutputFolderError, check_output_folder
 from lossprune.experiments.cli import build_parser, main
 from lossprune.experiments.locking import writer_lock
@@ -180,6 +181,9 @@ def _run(argv: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str]:
         (["prune", "--examples", "0"], "argument --examples: the value must be an integer >= 1"),
         (["prune", "--finetune-epochs", "0"], "argument --finetune-epochs: the value must be"),
         (["prune", "--finetune-lr", "0"], "argument --finetune-lr: lr must be finite and > 0"),
+        (["prune", "--dataset", "cifar10"], "--dataset cifar10 is read from local files: pass"),
+        (["train", "--dataset", "mnist"], "--dataset mnist is read from local files: pass"),
+        (["figures", "--results", "r.jsonl", "--formats", "jpeg"], "argument --formats: invalid"),
     ],
 )
 def test_bad_arguments_are_one_line_usage_errors_before_any_work(
@@ -343,3 +347,14 @@ def test_without_the_experiments_extra_the_command_says_what_to_install() -> Non
         "lossprune: error: the command line needs the 'experiments' extra (matplotlib not "
         "installed): pip install 'lossprune[experiments]'\n"
     )
+
+
+def test_ctrl_c_is_one_line_and_exit_status_130(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    def interrupted(args: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(cli._COMMANDS, "sweep", interrupted)
+    status, err = _run(["sweep", "--device", "cpu"], capsys)
+    assert status == 130 and err == "lossprune sweep: interrupted"

@@ -40,6 +40,9 @@ from .records import SkippedLinesWarning
 
 __all__ = ["main", "build_parser"]
 
+FIGURE_FORMATS = ("png", "pdf", "svg", "eps", "ps")
+"""File formats of ``lossprune figures --formats`` (checked before anything is drawn)."""
+
 EXTRA_MODULES = ("matplotlib", "sklearn")
 """Modules of the ``experiments`` extra that the command line needs (figures, digits)."""
 
@@ -197,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     figures = commands.add_parser("figures", help="draw the figures of a results file")
     figures.add_argument("--results", required=True, help="a results.jsonl written by sweep")
     figures.add_argument("--out", required=True, help="folder for the PNG/PDF files")
-    figures.add_argument("--formats", nargs="+", default=["png", "pdf"])
+    figures.add_argument("--formats", nargs="+", default=["png", "pdf"], choices=FIGURE_FORMATS)
     return parser
 
 
@@ -236,10 +239,19 @@ def _report(results: Path, out: Path, formats: Sequence[str] = ("png", "pdf")) -
         print(table)
 
 
+def _check_data_root(args: argparse.Namespace) -> None:
+    if args.dataset != "digits" and args.data_root is None:
+        raise UsageError(
+            f"--dataset {args.dataset} is read from local files: pass --data-root DIR "
+            "(nothing is downloaded)"
+        )
+
+
 def _train(args: argparse.Namespace) -> None:
     from .checkpoints import load_or_train
     from .data import load_dataset
 
+    _check_data_root(args)
     out = check_output_folder(args.out)
     _set_threads(args.threads)
     split = load_dataset(args.dataset, args.data_root, args.seed)
@@ -269,6 +281,7 @@ def _prune(args: argparse.Namespace) -> None:
     from .run import prune_run
     from .sweep import RESULTS_NAME
 
+    _check_data_root(args)
     out = check_output_folder(args.out)
     config = RunConfig(
         dataset=args.dataset,
