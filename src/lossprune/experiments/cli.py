@@ -18,7 +18,7 @@ import sys
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TextIO
 
 import torch
 
@@ -389,7 +389,15 @@ def _check_extra() -> None:
         )
 
 
-def _one_line_warning(message: Warning | str, category: type[Warning], *_: Any) -> None:
+def _one_line_warning(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: TextIO | None = None,
+    line: str | None = None,
+) -> None:
+    # Replaces warnings.showwarning inside main: the message only, no source line.
     print(f"lossprune: warning: {message}", file=sys.stderr)
 
 
