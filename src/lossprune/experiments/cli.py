@@ -23,6 +23,8 @@ from typing import Any, NoReturn, TextIO
 import torch
 
 from .allocator import keep_freed_memory
+from .analysis import by_sweep
+from .checkpoints import load_or_train
 from .checks import (
     OutputFolderError,
     UsageError,
@@ -32,11 +34,14 @@ from .checks import (
     check_number,
     check_output_folder,
 )
-from .data import DATASET_NAMES, DataFileError
-from .locking import ResultsBusyError
+from .data import DATASET_NAMES, DataFileError, load_dataset
+from .findings import beyond_table, findings, findings_table
+from .locking import ResultsBusyError, writer_lock
 from .models import MODEL_NAMES
-from .presets import CRITERIA, PRESETS, SCHEDULES, TrainSetup
-from .records import SkippedLinesWarning
+from .presets import CRITERIA, PRESETS, SCHEDULES, TrainSetup, get_preset
+from .records import ResultsFile, RunConfig, SkippedLinesWarning
+from .run import prune_run
+from .sweep import FIGURES_NAME, RESULTS_NAME, run_sweep
 
 __all__ = ["main", "build_parser"]
 
@@ -216,17 +221,15 @@ def _report(results: Path, out: Path, formats: Sequence[str] = ("png", "pdf")) -
     Runs of different sweeps (dataset, model, training setup) are never averaged together: a
     file holding several gets one sub-folder of figures per sweep.
     """
-    # Imported here: matplotlib is only needed for figures.
-    from .analysis import by_sweep
+    # Imported here, not above: without matplotlib this module must still import, so that main
+    # can say which extra to install.
     from .figures import write_figures
-    from .findings import beyond_table, findings, findings_table
-    from .records import ResultsFile
 
     check_output_folder(out)
-    groups = by_sweep(ResultsFile(results).records())
+    groups = by_sweep(ResultsFile(results).records()) or {"": []}  # empty: empty findings
     if len(groups) > 1:
         print(f"{results} holds {len(groups)} sweeps ({', '.join(groups)}): one folder each")
-    for name, records in groups.items() or {"": []}.items():
+    for name, records in groups.items():
         folder = check_output_folder(out / name) if len(groups) > 1 else out
         # The findings first: they are plain text and must not depend on drawing succeeding.
         table = findings_table(findings(records))
@@ -248,9 +251,6 @@ def _check_data_root(args: argparse.Namespace) -> None:
 
 
 def _train(args: argparse.Namespace) -> None:
-    from .checkpoints import load_or_train
-    from .data import load_dataset
-
     _check_data_root(args)
     out = check_output_folder(args.out)
     _set_threads(args.threads)
@@ -274,13 +274,6 @@ def _train(args: argparse.Namespace) -> None:
 
 
 def _prune(args: argparse.Namespace) -> None:
-    from .checkpoints import load_or_train
-    from .data import load_dataset
-    from .locking import writer_lock
-    from .records import ResultsFile, RunConfig
-    from .run import prune_run
-    from .sweep import RESULTS_NAME
-
     _check_data_root(args)
     out = check_output_folder(args.out)
     config = RunConfig(
@@ -334,9 +327,6 @@ def _prune(args: argparse.Namespace) -> None:
 
 
 def _sweep(args: argparse.Namespace) -> None:
-    from .presets import get_preset
-    from .sweep import FIGURES_NAME, run_sweep
-
     if args.list:
         for name, preset in PRESETS.items():
             print(f"{name:24s} {preset.description}")
