@@ -167,6 +167,7 @@ def _run(argv: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str]:
         (["sweep", "--max-runs", "-1"], "argument --max-runs: the value must be an integer >= 1"),
         (["sweep", "--jobs", "0"], "argument --jobs: the value must be an integer >= 1"),
         (["sweep", "--seeds", "0", "-1"], "argument --seeds: the value must be an integer >= 0"),
+        (["train", "--seed", str(2**32)], "argument --seed: the value must be an integer <= "),
         (["sweep", "--resume", "--overwrite"], "not allowed with argument --resume"),
         (["train", "--epochs", "0"], "argument --epochs: the value must be an integer >= 1"),
         (["train", "--lr", "inf"], "argument --lr: lr must be finite and > 0"),

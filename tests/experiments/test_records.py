@@ -42,6 +42,12 @@ def test_results_file_appends_and_skips_a_truncated_line(tmp_path: Path) -> None
 
 
 _VALID = {"config": make_config().as_dict(), "status": "diverged"}
+_OK = {
+    **_VALID,
+    "status": "ok",
+    **{"dense": {}, "pruned": {}, "finetuned": {}, "delta_loss": 0.1, "sparsity": 0.9},
+    "finetune_history": [],
+}
 
 
 @pytest.mark.parametrize(
@@ -52,15 +58,19 @@ _VALID = {"config": make_config().as_dict(), "status": "diverged"}
         ('{"config": {"dataset": "digits"}, "status": "ok"}', "has an invalid config"),
         (json.dumps({**_VALID, "status": "done"}), "has status 'done'"),
         (json.dumps({**_VALID, "status": "ok"}), "lacks dense, pruned"),
+        (json.dumps({**_OK, "delta_loss": "0.1"}), "has delta_loss of the wrong type"),
+        (json.dumps({**_OK, "dense": 1, "sparsity": True}), "has dense, sparsity of the wrong"),
+        ("\udcff\udcfe not text", "is not complete JSON"),
     ],
 )
 def test_lines_that_are_not_records_are_skipped_and_counted(
     tmp_path: Path, line: str, reason: str
 ) -> None:
     path = tmp_path / "results.jsonl"
-    path.write_text(f"{json.dumps(_VALID)}\n{line}\n{json.dumps(_VALID)}\n")
+    text = f"{json.dumps(_VALID)}\n{line}\n{json.dumps(_OK)}\n"
+    path.write_bytes(text.encode("utf-8", errors="surrogateescape"))  # raw bytes stay raw
     with pytest.warns(SkippedLinesWarning, match=f"skipped 1 lines .*line 2 {re.escape(reason)}"):
-        assert ResultsFile(path).records() == [_VALID, _VALID]
+        assert ResultsFile(path).records() == [_VALID, _OK]
 
 
 def test_set_aside_renames_and_never_overwrites(tmp_path: Path) -> None:

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 __all__ = [
+    "SEED_LIMIT",
     "UsageError",
     "OutputFolderError",
     "check_device",
@@ -24,6 +25,10 @@ __all__ = [
     "check_fraction",
     "check_number",
 ]
+
+
+SEED_LIMIT = 2**32 - 1
+"""Largest seed: scikit-learn's ``random_state`` (the digits split) takes 32-bit seeds."""
 
 
 class UsageError(ValueError):
@@ -81,14 +86,16 @@ def check_output_folder(path: str | Path) -> Path:
     return folder
 
 
-def check_int(name: str, value: int, minimum: int) -> int:
-    """``value`` if it is an int ``>= minimum``.
+def check_int(name: str, value: int, minimum: int, maximum: int | None = None) -> int:
+    """``value`` if it is an int in ``[minimum, maximum]``.
 
     Raises:
         UsageError: naming the argument.
     """
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise UsageError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    if maximum is not None and value > maximum:
+        raise UsageError(f"{name} must be an integer <= {maximum}, got {value!r}")
     return value
 
 

@@ -26,6 +26,7 @@ from .allocator import keep_freed_memory
 from .analysis import by_sweep
 from .checkpoints import load_or_train
 from .checks import (
+    SEED_LIMIT,
     OutputFolderError,
     UsageError,
     check_device,
@@ -86,12 +87,12 @@ def _integer(text: str) -> int:
         raise UsageError(f"expected an integer, got {text!r}") from None
 
 
-def _at_least(minimum: int) -> Callable[[str], int]:
-    return _argument(lambda text: check_int("the value", _integer(text), minimum))
+def _int_in(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
+    return _argument(lambda text: check_int("the value", _integer(text), minimum, maximum))
 
 
-_POSITIVE_INT = _at_least(1)
-_SEED = _at_least(0)
+_POSITIVE_INT = _int_in(1)
+_SEED = _int_in(0, SEED_LIMIT)
 _DEVICE = _argument(check_device)
 _SPARSITY = _argument(lambda text: check_fraction("sparsity", _number(text)))
 _LAM = _argument(lambda text: check_number("λ", _number(text), positive=False))

@@ -126,8 +126,15 @@ class SkippedLinesWarning(UserWarning):
 RECORD_STATUSES = ("ok", "diverged")
 """Values of a record's ``"status"``: ``"diverged"`` records stop at the divergence."""
 
-_MEASUREMENTS = ("dense", "pruned", "finetuned", "delta_loss", "sparsity", "finetune_history")
-"""Entries every ``"ok"`` record has (:func:`~lossprune.experiments.run.prune_run`)."""
+_MEASUREMENTS: dict[str, tuple[type, ...]] = {
+    "dense": (dict,),
+    "pruned": (dict,),
+    "finetuned": (dict,),
+    "delta_loss": (int, float),
+    "sparsity": (int, float),
+    "finetune_history": (list,),
+}
+"""Entries every ``"ok"`` record has (:func:`~lossprune.experiments.run.prune_run`), by type."""
 
 
 def record_problem(record: object) -> str | None:
@@ -144,9 +151,18 @@ def record_problem(record: object) -> str | None:
     status = record.get("status")
     if status not in RECORD_STATUSES:
         return f"has status {status!r}, not one of {RECORD_STATUSES}"
+    if status != "ok":
+        return None
     missing = [name for name in _MEASUREMENTS if name not in record]
-    if status == "ok" and missing:
+    if missing:
         return f"lacks {', '.join(missing)}"
+    wrong = [
+        name
+        for name, types in _MEASUREMENTS.items()
+        if not isinstance(record[name], types) or isinstance(record[name], bool)
+    ]
+    if wrong:
+        return f"has {', '.join(wrong)} of the wrong type"
     return None
 
 
@@ -192,7 +208,8 @@ class ResultsFile:
         if not self.path.exists():
             return
         skipped: list[str] = []
-        with open(self.path, encoding="utf-8") as file:
+        # errors="replace": a damaged byte spoils its line only, which is then skipped below.
+        with open(self.path, encoding="utf-8", errors="replace") as file:
             for number, line in enumerate(file, start=1):
                 line = line.strip()
                 if not line:

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from .allocator import keep_freed_memory
 from .checkpoints import checkpoint_path, load_or_train
-from .checks import UsageError, check_device, check_int, check_output_folder
+from .checks import SEED_LIMIT, UsageError, check_device, check_int, check_output_folder
 from .data import Split, load_dataset
 from .locking import writer_lock
 from .presets import LOSS_MODELS, Preset
@@ -232,7 +232,7 @@ def _check_sweep_arguments(
     if resume and overwrite:
         raise UsageError("resume and overwrite exclude each other")
     for seed in seeds or ():
-        check_int("seeds", seed, 0)
+        check_int("seeds", seed, 0, SEED_LIMIT)
     if jobs is not None:
         check_int("jobs", jobs, 1)
     if max_runs is not None:
