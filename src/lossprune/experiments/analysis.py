@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -30,6 +31,7 @@ __all__ = [
     "spearman",
     "Metric",
     "by_sweep",
+    "DuplicateRunsWarning",
 ]
 
 Record = dict[str, Any]
@@ -129,21 +131,63 @@ def spearman(xs: Sequence[float], ys: Sequence[float]) -> float:
 _SWEEP_SETTING = ("dataset", "model", "examples", "loss_examples", "train", "finetune")
 
 
-def by_sweep(records: Iterable[Record]) -> dict[str, list[Record]]:
-    """Records grouped by the setting their sweep fixes (dataset, model, training, ...).
+class DuplicateRunsWarning(UserWarning):
+    """A configuration is recorded more than once; only its first record is used."""
 
-    A group is named after the presets that wrote its records (``"digits-quick"``), or, for
-    records written by ``lossprune prune``, after its dataset, model and a digest of the setting.
+
+def by_sweep(records: Iterable[Record]) -> dict[str, list[Record]]:
+    """Records grouped by the sweep that wrote them, each configuration once.
+
+    Runs that differ in what a sweep fixes (dataset, model, scoring examples, training setups)
+    are never averaged together. Within one setting, the records of different presets (each
+    sweep records its preset's name) are separate groups too: ``digits-quick`` and
+    ``digits-beyond`` share a setting and some configurations. Records without a name (from
+    ``lossprune prune``, or sweeps older than the name) join the one named preset of their
+    setting, or else form a group named after dataset, model and a digest of the setting.
+
+    A configuration recorded twice (two sweeps that wrote one file at once, before results
+    files had a lock) counts once: its first record; a :class:`DuplicateRunsWarning` counts the
+    others.
     """
-    groups: dict[str, list[Record]] = defaultdict(list)
+    by_setting: dict[str, list[Record]] = defaultdict(list)
     for record in records:
         setting = {name: record["config"].get(name) for name in _SWEEP_SETTING}
-        groups[json.dumps(setting, sort_keys=True)].append(record)
-    named = {}
-    for key, group in groups.items():
-        presets = sorted({r["preset"] for r in group if r.get("preset")})
-        digest = hashlib.sha1(key.encode()).hexdigest()[:8]
-        config = group[0]["config"]
-        name = "+".join(presets) or f"{config['dataset']}-{config['model']}-{digest}"
-        named[name if name not in named else f"{name}-{digest}"] = group
-    return named
+        by_setting[json.dumps(setting, sort_keys=True)].append(record)
+    keyed: dict[tuple[str, str], list[Record]] = defaultdict(list)
+    for key, members in by_setting.items():
+        presets = sorted({r["preset"] for r in members if r.get("preset")})
+        config = members[0]["config"]
+        unnamed = f"{config['dataset']}-{config['model']}-{_digest(key)}"
+        for record in members:
+            name = record.get("preset") or (presets[0] if len(presets) == 1 else unnamed)
+            keyed[key, name].append(record)
+    groups: dict[str, list[Record]] = {}
+    repeated = 0
+    for (key, name), group in keyed.items():
+        once = _first_of_each_configuration(group)
+        repeated += len(group) - len(once)
+        groups[name if name not in groups else f"{name}-{_digest(key)}"] = once
+    if repeated:
+        warnings.warn(
+            DuplicateRunsWarning(
+                f"{repeated} records repeat a configuration recorded before them; "
+                "each configuration counts once (its first record)"
+            ),
+            stacklevel=2,
+        )
+    return groups
+
+
+def _first_of_each_configuration(records: list[Record]) -> list[Record]:
+    seen: set[str] = set()
+    first = []
+    for record in records:
+        config = json.dumps(record["config"], sort_keys=True)
+        if config not in seen:
+            seen.add(config)
+            first.append(record)
+    return first
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha1(text.encode()).hexdigest()[:8]
