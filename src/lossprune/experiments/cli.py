@@ -420,7 +420,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{prefix} {error}", file=sys.stderr)
             return 1
         except KeyboardInterrupt:
-            print(f"lossprune {args.command}: interrupted", file=sys.stderr)
+            hint = "; the finished runs are recorded: continue with --resume"
+            print(
+                f"lossprune {args.command}: interrupted{hint if args.command == 'sweep' else ''}",
+                file=sys.stderr,
+            )
             return 130
     return 0
 
