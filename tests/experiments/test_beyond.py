@@ -49,7 +49,7 @@ def test_old_records_resume_under_the_extendedmake_config(tmp_path: Path) -> Non
     # A record written before the new fields existed: the paper's fields only.
     old = {k: v for k, v in asdict(make_config()).items() if k not in _BEYOND_FIELDS}
     results = ResultsFile(tmp_path / "results.jsonl")
-    results.append({"config": old})
+    results.append({"config": old, "status": "diverged"})
     assert results.keys() == {make_config().key()}
     assert RunConfig.from_dict(old) == make_config()
     quick = plan(get_preset("digits-quick"))

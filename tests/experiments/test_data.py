@@ -14,6 +14,7 @@ from sklearn.datasets import load_digits
 from torch.utils.data import DataLoader, TensorDataset
 
 from lossprune.experiments.data import (
+    DataFileError,
     Split,
     imagenet_folder,
     load_cifar10,
@@ -173,6 +174,25 @@ def test_load_mnist_standardizes_and_splits_by_seed(tmp_path: Path) -> None:
         load_mnist(tmp_path, val_size=12)
 
 
+def test_corrupt_gzip_file_is_named(tmp_path: Path) -> None:
+    _fake_mnist(tmp_path, gz=True)
+    path = tmp_path / "t10k-images-idx3-ubyte.gz"
+    whole = path.read_bytes()
+    path.write_bytes(whole[: len(whole) // 2])  # truncated download
+    with pytest.raises(DataFileError, match="t10k-images-idx3-ubyte.gz cannot be decompressed"):
+        load_mnist(tmp_path, val_size=3)
+    path.write_bytes(b"not gzip at all, but named .gz")
+    with pytest.raises(DataFileError, match="cannot be decompressed"):
+        load_mnist(tmp_path, val_size=3)
+
+
+def test_mnist_labels_outside_the_ten_classes_are_refused(tmp_path: Path) -> None:
+    _fake_mnist(tmp_path)
+    _write_idx(tmp_path / "train-labels-idx1-ubyte", np.array([0, 1, 10] + [2] * 9))
+    with pytest.raises(DataFileError, match=r"labels must be in 0\.\.9, found 0\.\.10"):
+        load_mnist(tmp_path, val_size=3)
+
+
 def test_load_mnist_missing_files_are_named(tmp_path: Path) -> None:
     arrays = _fake_mnist(tmp_path)
     (tmp_path / "t10k-labels-idx1-ubyte").unlink()
@@ -248,7 +268,25 @@ def test_load_cifar10_refuses_code_in_pickles(tmp_path: Path) -> None:
     _fake_cifar(tmp_path)
     with open(tmp_path / "test_batch", "wb") as file:
         pickle.dump({b"data": print, b"labels": []}, file, protocol=2)  # a global, not an array
-    with pytest.raises(pickle.UnpicklingError, match="refusing to load .*print"):
+    with pytest.raises(DataFileError, match="refusing to load .*print"):
+        load_cifar10(tmp_path, val_size=5)
+
+
+@pytest.mark.parametrize("keep", [0, 10, 2000])
+def test_truncated_cifar_batch_is_named(tmp_path: Path, keep: int) -> None:
+    _fake_cifar(tmp_path)
+    whole = (tmp_path / "data_batch_3").read_bytes()
+    (tmp_path / "data_batch_3").write_bytes(whole[:keep])  # a download cut short
+    with pytest.raises(DataFileError, match="data_batch_3 is not a readable CIFAR-10 batch"):
+        load_cifar10(tmp_path, val_size=5)
+
+
+def test_cifar_labels_outside_the_ten_classes_are_refused(tmp_path: Path) -> None:
+    _fake_cifar(tmp_path)
+    data = np.zeros((3, 3072), dtype=np.uint8)
+    with open(tmp_path / "test_batch", "wb") as file:
+        pickle.dump({b"data": data, b"labels": [0, 10, 3]}, file, protocol=2)
+    with pytest.raises(DataFileError, match=r"test_batch: labels must be in 0\.\.9, found 0\.\.10"):
         load_cifar10(tmp_path, val_size=5)
 
 

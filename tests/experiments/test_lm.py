@@ -58,3 +58,16 @@ def test_fine_tuning_keeps_the_pruners_masks(split):
 def test_training_arguments_are_checked(split):
     with pytest.raises(ValueError, match="steps must be positive"):
         train_lm(build_tiny_lm(TINY), split, steps=0, seed=0)
+
+
+def test_lm_errors_are_clear(split, monkeypatch):
+    with pytest.raises(ValueError, match="no predicted token"):
+        evaluate_lm(build_tiny_lm(TINY), [])
+    model = build_tiny_lm(TINY)
+    with torch.no_grad():
+        model.lm_head.weight.fill_(float("nan"))
+    with pytest.raises(FloatingPointError, match="training loss is not finite at step 1"):
+        train_lm(model, split, steps=2, seed=0, batch_size=4)
+    monkeypatch.setitem(__import__("sys").modules, "transformers", None)
+    with pytest.raises(ModuleNotFoundError, match=r"pip install 'lossprune\[transformers\]'"):
+        build_tiny_lm(TINY)

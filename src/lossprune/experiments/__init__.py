@@ -15,6 +15,9 @@ Submodules, imported on demand so that ``import lossprune.experiments`` stays ch
   :mod:`~lossprune.experiments.findings` -- read records, draw the paper's figures, check its
   five findings.
 * :mod:`~lossprune.experiments.cli` -- the ``lossprune`` command line.
+* :mod:`~lossprune.experiments.checks` -- the command line's input, checked before any work.
+* :mod:`~lossprune.experiments.locking` -- one writer per results file.
+* :mod:`~lossprune.experiments.workers` -- worker processes that end with their sweep.
 * :mod:`~lossprune.experiments.allocator` -- glibc tuning that makes CPU sweeps faster.
 
 The library never imports this package.

@@ -5,6 +5,9 @@ Shared by the figures and the findings summary, so both read the records the sam
 
 from __future__ import annotations
 
+import hashlib
+import json
+import warnings
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -27,6 +30,8 @@ __all__ = [
     "values",
     "spearman",
     "Metric",
+    "by_sweep",
+    "DuplicateRunsWarning",
 ]
 
 Record = dict[str, Any]
@@ -120,3 +125,69 @@ def spearman(xs: Sequence[float], ys: Sequence[float]) -> float:
     if len(xs) < 3 or len(set(xs)) < 2 or len(set(ys)) < 2:
         return float("nan")
     return float(spearmanr(xs, ys).statistic)
+
+
+# What every run of one sweep shares; runs that differ here must not be averaged together.
+_SWEEP_SETTING = ("dataset", "model", "examples", "loss_examples", "train", "finetune")
+
+
+class DuplicateRunsWarning(UserWarning):
+    """A configuration is recorded more than once; only its first record is used."""
+
+
+def by_sweep(records: Iterable[Record]) -> dict[str, list[Record]]:
+    """Records grouped by the sweep that wrote them, each configuration once.
+
+    Runs that differ in what a sweep fixes (dataset, model, scoring examples, training setups)
+    are never averaged together. Within one setting, the records of different presets (each
+    sweep records its preset's name) are separate groups too: ``digits-quick`` and
+    ``digits-beyond`` share a setting and some configurations. Records without a name (from
+    ``lossprune prune``, or sweeps older than the name) join the one named preset of their
+    setting, or else form a group named after dataset, model and a digest of the setting.
+
+    A configuration recorded twice (two sweeps that wrote one file at once, before results
+    files had a lock) counts once: its first record; a :class:`DuplicateRunsWarning` counts the
+    others.
+    """
+    by_setting: dict[str, list[Record]] = defaultdict(list)
+    for record in records:
+        setting = {name: record["config"].get(name) for name in _SWEEP_SETTING}
+        by_setting[json.dumps(setting, sort_keys=True)].append(record)
+    keyed: dict[tuple[str, str], list[Record]] = defaultdict(list)
+    for key, members in by_setting.items():
+        presets = sorted({r["preset"] for r in members if r.get("preset")})
+        config = members[0]["config"]
+        unnamed = f"{config['dataset']}-{config['model']}-{_digest(key)}"
+        for record in members:
+            name = record.get("preset") or (presets[0] if len(presets) == 1 else unnamed)
+            keyed[key, name].append(record)
+    groups: dict[str, list[Record]] = {}
+    repeated = 0
+    for (key, name), group in keyed.items():
+        once = _first_of_each_configuration(group)
+        repeated += len(group) - len(once)
+        groups[name if name not in groups else f"{name}-{_digest(key)}"] = once
+    if repeated:
+        warnings.warn(
+            DuplicateRunsWarning(
+                f"{repeated} records repeat a configuration recorded before them; "
+                "each configuration counts once (its first record)"
+            ),
+            stacklevel=2,
+        )
+    return groups
+
+
+def _first_of_each_configuration(records: list[Record]) -> list[Record]:
+    seen: set[str] = set()
+    first = []
+    for record in records:
+        config = json.dumps(record["config"], sort_keys=True)
+        if config not in seen:
+            seen.add(config)
+            first.append(record)
+    return first
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha1(text.encode()).hexdigest()[:8]

@@ -17,6 +17,7 @@ from __future__ import annotations
 import gzip
 import io
 import pickle
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +37,7 @@ from torch.utils.data import (
 
 __all__ = [
     "Split",
+    "DataFileError",
     "DATASET_NAMES",
     "load_digits_split",
     "read_idx",
@@ -71,6 +73,18 @@ class Split:
     test: Dataset
     in_shape: tuple[int, ...]
     classes: int
+
+
+class DataFileError(ValueError):
+    """A dataset file exists but does not hold what it should (corrupt, truncated, bad labels)."""
+
+
+def _check_labels(path: Path, labels: np.ndarray, classes: int = 10) -> None:
+    # A label outside 0..classes-1 would only fail as an IndexError deep inside training.
+    if labels.size and not (labels.min() >= 0 and labels.max() < classes):
+        raise DataFileError(
+            f"{path}: labels must be in 0..{classes - 1}, found {labels.min()}..{labels.max()}"
+        )
 
 
 def _standardize(train: torch.Tensor, *others: torch.Tensor) -> list[torch.Tensor]:
@@ -215,23 +229,27 @@ def read_idx(path: str | Path, ndim: int) -> np.ndarray:
         A ``uint8`` array of the stored shape.
 
     Raises:
-        ValueError: If the magic number or the file size does not match.
+        DataFileError: If the file cannot be decompressed, or the magic number or the file
+            size does not match.
     """
     path = Path(path)
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as file:
-        raw = file.read()
+    try:
+        with opener(path, "rb") as file:
+            raw = file.read()
+    except (EOFError, zlib.error, gzip.BadGzipFile) as error:
+        raise DataFileError(f"{path} cannot be decompressed ({error}): download it again") from None
     expected_magic = 0x0800 + ndim
     magic = int.from_bytes(raw[:4], "big") if len(raw) >= 4 else None
     if magic != expected_magic:
-        raise ValueError(
+        raise DataFileError(
             f"{path} is not a {ndim}-dimensional unsigned-byte idx file: magic number "
             f"{magic if magic is None else hex(magic)}, expected {hex(expected_magic)}"
         )
     header = 4 + 4 * ndim
     shape = tuple(int(n) for n in np.frombuffer(raw, dtype=">i4", count=ndim, offset=4))
     if len(raw) != header + int(np.prod(shape)):
-        raise ValueError(
+        raise DataFileError(
             f"{path}: header announces shape {shape} ({int(np.prod(shape))} bytes of data), "
             f"but the file has {len(raw) - header}"
         )
@@ -256,7 +274,8 @@ def load_mnist(
 
     Raises:
         FileNotFoundError: Naming the missing files and the directories searched.
-        ValueError: For a malformed idx file or inconsistent image/label counts.
+        DataFileError: For a malformed idx file, inconsistent image/label counts or labels
+            outside ``0..9``.
     """
     root = Path(root)
     directories = (root, root / "MNIST" / "raw")
@@ -274,7 +293,8 @@ def load_mnist(
     for prefix in ("train", "test"):
         images, labels = arrays[f"{prefix}_images"], arrays[f"{prefix}_labels"]
         if len(images) != len(labels):
-            raise ValueError(f"MNIST {prefix}: {len(images)} images but {len(labels)} labels")
+            raise DataFileError(f"MNIST {prefix}: {len(images)} images but {len(labels)} labels")
+        _check_labels(paths[f"{prefix}_labels"], labels)  # type: ignore[arg-type]
         parts.append((_unit_interval(images).unsqueeze(1), torch.tensor(labels, dtype=torch.int64)))
     (train_x, train_y), test = parts
     return _holdout_split(train_x, train_y, test, val_size, seed, standardize)
@@ -307,17 +327,28 @@ class _ArrayUnpickler(pickle.Unpickler):
 def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """``(images uint8 (N, 3, 32, 32), labels int64 (N,))`` of one CIFAR-10 python batch."""
     with open(path, "rb") as file:
+        data = file.read()
+    try:
         # The original batches were pickled by Python 2; "bytes" keeps their str keys as bytes.
-        batch = _ArrayUnpickler(io.BytesIO(file.read()), encoding="bytes").load()
+        batch = _ArrayUnpickler(io.BytesIO(data), encoding="bytes").load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, IndexError) as error:
+        # A truncated or damaged pickle fails in many ways, all meaning the same for the user.
+        raise DataFileError(f"{path} is not a readable CIFAR-10 batch ({error})") from None
     if not isinstance(batch, dict):
-        raise ValueError(f"{path} is not a CIFAR-10 batch (expected a dict, got {type(batch)})")
+        raise DataFileError(f"{path} is not a CIFAR-10 batch (expected a dict, got {type(batch)})")
     batch = {key.decode() if isinstance(key, bytes) else key: value for key, value in batch.items()}
     if "data" not in batch or "labels" not in batch:
-        raise ValueError(f"{path} is not a CIFAR-10 batch: keys {sorted(batch)} lack data/labels")
-    images = np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
-    labels = np.asarray(batch["labels"], dtype=np.int64)
+        raise DataFileError(
+            f"{path} is not a CIFAR-10 batch: keys {sorted(batch)} lack data/labels"
+        )
+    try:
+        images = np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+        labels = np.asarray(batch["labels"], dtype=np.int64)
+    except (ValueError, TypeError) as error:
+        raise DataFileError(f"{path}: data or labels have the wrong shape ({error})") from None
     if len(images) != len(labels):
-        raise ValueError(f"{path}: {len(images)} images but {len(labels)} labels")
+        raise DataFileError(f"{path}: {len(images)} images but {len(labels)} labels")
+    _check_labels(path, labels)
     return images, labels
 
 
@@ -339,7 +370,8 @@ def load_cifar10(
 
     Raises:
         FileNotFoundError: Naming the missing files and the directories searched.
-        ValueError: For a file that is not a CIFAR-10 batch.
+        DataFileError: For a file that is not a readable CIFAR-10 batch or has labels outside
+            ``0..9``.
     """
     root = Path(root)
     names = (*_CIFAR_TRAIN, _CIFAR_TEST)

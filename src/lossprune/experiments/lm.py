@@ -50,7 +50,7 @@ class LMEvaluation(NamedTuple):
 def _transformers() -> Any:
     try:
         import transformers
-    except ModuleNotFoundError as error:  # pragma: no cover - the test extra installs it
+    except ModuleNotFoundError as error:
         raise ModuleNotFoundError(
             "the tiny language model needs Hugging Face transformers: "
             "pip install 'lossprune[transformers]'"

@@ -4,12 +4,19 @@ Every finished run is appended to the results file as one JSON object per line, 
 that an interrupted sweep loses at most the run in progress. A run is identified by its
 canonical configuration (:meth:`RunConfig.key`): a resumed sweep skips every configuration whose
 key is already in the file, so no run is ever recorded twice.
+
+Reading is forgiving where it must be and loud about it: a line that is not a run record (not
+JSON, a truncated last line, ``[1, 2, 3]``, a record without a valid configuration) is skipped
+and counted in one :class:`SkippedLinesWarning`, so neither figures nor resumed sweeps fail on a
+damaged file, and neither pretends it was intact.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import time
+import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -17,7 +24,7 @@ from typing import Any
 
 from .presets import LOSS_MODELS, UPDATES, TrainSetup
 
-__all__ = ["RunConfig", "ResultsFile"]
+__all__ = ["RunConfig", "ResultsFile", "SkippedLinesWarning", "record_problem", "set_aside"]
 
 
 @dataclass(frozen=True)
@@ -112,6 +119,71 @@ _BEYOND_DEFAULTS: dict[str, Any] = {
 """Fields of :class:`RunConfig` kept out of the key while they hold these values."""
 
 
+class SkippedLinesWarning(UserWarning):
+    """Lines of a results file that are not run records were skipped while reading it."""
+
+
+RECORD_STATUSES = ("ok", "diverged")
+"""Values of a record's ``"status"``: ``"diverged"`` records stop at the divergence."""
+
+_MEASUREMENTS: dict[str, tuple[type, ...]] = {
+    "dense": (dict,),
+    "pruned": (dict,),
+    "finetuned": (dict,),
+    "delta_loss": (int, float),
+    "sparsity": (int, float),
+    "finetune_history": (list,),
+}
+"""Entries every ``"ok"`` record has (:func:`~lossprune.experiments.run.prune_run`), by type."""
+
+
+def record_problem(record: object) -> str | None:
+    """Why ``record`` (a parsed JSON line) is not a run record, or ``None`` if it is one."""
+    if not isinstance(record, dict):
+        return f"is a JSON {type(record).__name__}, not an object"
+    config = record.get("config")
+    if not isinstance(config, dict):
+        return "has no config object"
+    try:
+        RunConfig.from_dict(config)
+    except (KeyError, TypeError, ValueError) as error:
+        return f"has an invalid config ({type(error).__name__}: {error})"
+    status = record.get("status")
+    if status not in RECORD_STATUSES:
+        return f"has status {status!r}, not one of {RECORD_STATUSES}"
+    if status != "ok":
+        return None
+    missing = [name for name in _MEASUREMENTS if name not in record]
+    if missing:
+        return f"lacks {', '.join(missing)}"
+    wrong = [
+        name
+        for name, types in _MEASUREMENTS.items()
+        if not isinstance(record[name], types) or isinstance(record[name], bool)
+    ]
+    if wrong:
+        return f"has {', '.join(wrong)} of the wrong type"
+    return None
+
+
+def set_aside(path: Path) -> Path | None:
+    """Rename ``path`` (a file or folder) to ``<path>.bak-<time>``; return the new name.
+
+    Results are never deleted: a sweep started with the wrong arguments must not cost the old
+    ones. Returns ``None`` when ``path`` does not exist.
+    """
+    if not path.exists():
+        return None
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    target = path.with_name(f"{path.name}.bak-{stamp}")
+    counter = 1
+    while target.exists():  # two overwrites within one second
+        target = path.with_name(f"{path.name}.bak-{stamp}-{counter}")
+        counter += 1
+    path.rename(target)
+    return target
+
+
 def canonical_key(config: dict[str, Any]) -> str:
     """Sorted, whitespace-free JSON: the same configuration always gives the same string."""
     return json.dumps(config, sort_keys=True, separators=(",", ":"))
@@ -128,18 +200,39 @@ class ResultsFile:
         self.path = Path(path)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        """The records in file order. A truncated last line (a run killed mid-write) is skipped."""
+        """The records in file order; lines that are not records are skipped with a warning.
+
+        Warns:
+            SkippedLinesWarning: once, counting the skipped lines and saying why for the first.
+        """
         if not self.path.exists():
             return
-        with open(self.path, encoding="utf-8") as file:
-            for line in file:
+        skipped: list[str] = []
+        # errors="replace": a damaged byte spoils its line only, which is then skipped below.
+        with open(self.path, encoding="utf-8", errors="replace") as file:
+            for number, line in enumerate(file, start=1):
                 line = line.strip()
                 if not line:
                     continue
                 try:
-                    yield json.loads(line)
+                    record = json.loads(line)
                 except json.JSONDecodeError:
+                    # Typically the last line of a run killed while writing it.
+                    skipped.append(f"line {number} is not complete JSON")
                     continue
+                problem = record_problem(record)
+                if problem is None:
+                    yield record
+                else:
+                    skipped.append(f"line {number} {problem}")
+        if skipped:
+            warnings.warn(
+                SkippedLinesWarning(
+                    f"{self.path}: skipped {len(skipped)} lines that are not run records "
+                    f"({'; '.join(skipped[:3])}{'; ...' if len(skipped) > 3 else ''})"
+                ),
+                stacklevel=2,
+            )
 
     def records(self) -> list[dict[str, Any]]:
         """All records."""
@@ -147,7 +240,7 @@ class ResultsFile:
 
     def keys(self) -> set[str]:
         """Canonical keys of the configurations already recorded."""
-        return {canonical_key(record["config"]) for record in self}
+        return {RunConfig.from_dict(record["config"]).key() for record in self}
 
     def append(self, record: dict[str, Any]) -> None:
         """Write one record as one line and flush it to disk before returning."""

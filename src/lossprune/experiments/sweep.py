@@ -9,6 +9,7 @@ configuration, so the records do not depend on ``jobs``, only their order in the
 from __future__ import annotations
 
 import multiprocessing
+import os
 import shutil
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -24,18 +25,36 @@ from tqdm.auto import tqdm
 
 from .allocator import keep_freed_memory
 from .checkpoints import checkpoint_path, load_or_train
+from .checks import SEED_LIMIT, UsageError, check_device, check_int, check_output_folder
 from .data import Split, load_dataset
+from .locking import writer_lock
 from .presets import LOSS_MODELS, Preset
-from .records import ResultsFile, RunConfig
+from .records import ResultsFile, RunConfig, set_aside
 from .run import prune_run
+from .workers import die_with_parent
 
-__all__ = ["PlannedRun", "SweepExistsError", "plan", "run_sweep", "RESULTS_NAME"]
+__all__ = [
+    "PlannedRun",
+    "SweepExistsError",
+    "MixedResultsError",
+    "plan",
+    "run_sweep",
+    "check_same_sweep",
+    "RESULTS_NAME",
+    "FIGURES_NAME",
+]
 
 RESULTS_NAME = "results.jsonl"
+FIGURES_NAME = "figures"
+"""Folder of ``<out>`` that ``lossprune sweep`` draws the figures into."""
 
 
 class SweepExistsError(FileExistsError):
     """The output folder already holds results and neither resume nor overwrite was asked for."""
+
+
+class MixedResultsError(UsageError):
+    """A resumed sweep would add runs of one preset to the results of another."""
 
 
 @dataclass(frozen=True)
@@ -137,6 +156,12 @@ def run_sweep(
 ) -> Path:
     """Run the runs of ``preset`` not yet in ``<out_dir>/results.jsonl``; return that path.
 
+    Everything is checked before any work starts and before any result is touched: the
+    arguments, the device, the output folder, the data files of the seeds to run, and that an
+    existing results file belongs to this preset. Only then are the old results of
+    ``overwrite`` set aside (renamed ``results.jsonl.bak-<time>``, never deleted). The results
+    file has one writer at a time (:func:`~lossprune.experiments.locking.writer_lock`).
+
     Args:
         preset: what to run.
         out_dir: receives ``results.jsonl`` and the trained dense networks (``models/``).
@@ -144,47 +169,120 @@ def run_sweep(
         device: where to train and prune (``"cpu"``, ``"cuda"``, ``"cuda:1"``...).
         data_root: folder of the dataset files for presets that read local files.
         resume: skip the configurations already recorded.
-        overwrite: delete existing results first (the cached dense networks are kept).
+        overwrite: set the existing results and figures aside first (the cached dense networks
+            are kept).
         jobs: worker processes (default: the preset's on CPU, 1 on a GPU).
         max_runs: stop after this many new runs (a resumable partial sweep).
         progress: show a tqdm bar over runs.
 
     Raises:
+        UsageError: bad ``seeds``, ``jobs``, ``max_runs`` or ``device``, both ``resume`` and
+            ``overwrite``, or no ``data_root`` for a preset that reads local files.
         SweepExistsError: results exist and neither ``resume`` nor ``overwrite`` is set.
-        ValueError: the preset reads local files and ``data_root`` is missing.
+        MixedResultsError: ``resume`` on results of another preset or configuration.
         FileNotFoundError: the dataset's files are not in ``data_root`` (the message names them).
+        OutputFolderError: ``out_dir`` cannot be written.
+        ResultsBusyError: another process is writing the same results file.
     """
+    _check_sweep_arguments(preset, seeds, data_root, resume, overwrite, jobs, max_runs)
+    check_device(device)
+    out = check_output_folder(out_dir)
+    results = ResultsFile(out / RESULTS_NAME)
+    with writer_lock(results.path):
+        records = [] if overwrite else results.records()
+        check_same_sweep(records, preset, results.path)
+        if records and not resume:
+            raise SweepExistsError(
+                f"{results.path} already holds {len(records)} runs: pass --resume to run only "
+                "the missing ones, or --overwrite to set them aside and start again"
+            )
+        done = {RunConfig.from_dict(record["config"]).key() for record in records}
+        pending = [run for run in plan(preset, seeds) if run.config.key() not in done]
+        if max_runs is not None:
+            pending = pending[:max_runs]
+        root = None if data_root is None else str(data_root)
+        run_seeds = sorted({r.config.seed for r in pending})
+        for seed in run_seeds:
+            _split(preset.dataset, root, seed)  # missing or corrupt data fails here
+        if overwrite:
+            set_aside(results.path)
+            set_aside(out / FIGURES_NAME)  # drawn from the results just set aside
+        if jobs is None:
+            jobs = preset.jobs if torch.device(device).type == "cpu" else 1
+        with _threads(preset.threads):
+            _train_dense(preset, run_seeds, out, root, device, progress)
+            bar = tqdm(total=len(pending), desc=preset.name, unit="run", disable=not progress)
+            with bar:
+                for record in _records(pending, str(out), root, device, preset.threads, jobs):
+                    results.append({**record, "preset": preset.name})
+                    bar.set_postfix_str(RunConfig.from_dict(record["config"]).label())
+                    bar.update()
+    return results.path
+
+
+def _check_sweep_arguments(
+    preset: Preset,
+    seeds: Sequence[int] | None,
+    data_root: str | Path | None,
+    resume: bool,
+    overwrite: bool,
+    jobs: int | None,
+    max_runs: int | None,
+) -> None:
+    if resume and overwrite:
+        raise UsageError("resume and overwrite exclude each other")
+    for seed in seeds or ():
+        check_int("seeds", seed, 0, SEED_LIMIT)
+    if jobs is not None:
+        check_int("jobs", jobs, 1)
+    if max_runs is not None:
+        check_int("max_runs", max_runs, 1)
     if preset.needs_root and data_root is None:
-        raise ValueError(
+        raise UsageError(
             f"preset {preset.name!r} reads {preset.dataset} from local files: "
             "pass --data-root DIR (nothing is downloaded)"
         )
-    out = Path(out_dir)
-    results = ResultsFile(out / RESULTS_NAME)
-    done = results.keys()
-    if done and overwrite:
-        results.path.unlink()
-        done = set()
-    elif done and not resume:
-        raise SweepExistsError(
-            f"{results.path} already holds {len(done)} runs: pass --resume to run only the "
-            "missing ones, or --overwrite to start again"
-        )
-    pending = [run for run in plan(preset, seeds) if run.config.key() not in done]
-    if max_runs is not None:
-        pending = pending[:max_runs]
-    root = None if data_root is None else str(data_root)
-    if jobs is None:
-        jobs = preset.jobs if torch.device(device).type == "cpu" else 1
-    with _threads(preset.threads):
-        _train_dense(preset, sorted({r.config.seed for r in pending}), out, root, device, progress)
-        bar = tqdm(total=len(pending), desc=preset.name, unit="run", disable=not progress)
-        with bar:
-            for record in _records(pending, str(out), root, device, preset.threads, jobs):
-                results.append(record)
-                bar.set_postfix_str(RunConfig.from_dict(record["config"]).label())
-                bar.update()
-    return results.path
+
+
+def check_same_sweep(records: Sequence[dict[str, Any]], preset: Preset, path: Path) -> None:
+    """Refuse to resume ``preset`` on records written by another preset or configuration.
+
+    Records carry the name of the preset that wrote them; records without one (written by
+    ``lossprune prune`` or before the name was recorded) must at least share the preset's
+    dataset, model, sparsities, scoring examples and training setups.
+
+    Raises:
+        MixedResultsError: naming the preset or the setting that differs.
+    """
+    expected = {
+        "dataset": preset.dataset,
+        "model": preset.model,
+        "examples": preset.examples,
+        "loss_examples": preset.loss_examples,
+        "train": preset.train,
+        "finetune": preset.finetune,
+    }
+    for record in records:
+        name = record.get("preset")
+        if name is not None and name != preset.name:
+            raise MixedResultsError(
+                f"{path} holds runs of preset {name!r}, not {preset.name!r}{_ADVICE}"
+            )
+        config = RunConfig.from_dict(record["config"])
+        for field, value in expected.items():
+            if getattr(config, field) != value:
+                raise MixedResultsError(
+                    f"{path} holds runs with {field}={getattr(config, field)!r}, but preset "
+                    f"{preset.name!r} has {field}={value!r}{_ADVICE}"
+                )
+        if config.sparsity not in preset.sparsities:
+            raise MixedResultsError(
+                f"{path} holds runs with sparsity={config.sparsity!r}, but preset "
+                f"{preset.name!r} has sparsities {preset.sparsities}{_ADVICE}"
+            )
+
+
+_ADVICE = ": pass another --out, or --overwrite to set those results aside"
 
 
 def _train_dense(
@@ -236,7 +334,10 @@ def _records(
         return
     # "spawn": forking a process that has already run torch's thread pools can deadlock.
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(jobs, mp_context=context) as pool:
+    # Workers die with this process, also when it is killed without running any cleanup.
+    with ProcessPoolExecutor(
+        jobs, mp_context=context, initializer=die_with_parent, initargs=(os.getpid(),)
+    ) as pool:
         futures = [pool.submit(_execute, run, out, root, device, threads) for run in pending]
         try:
             for future in as_completed(futures):
