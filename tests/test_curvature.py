@@ -17,6 +17,7 @@ from torch import nn
 from torch.func import functional_call, hessian, jacrev
 
 from lossprune import curvature
+from lossprune.curvature import products as curvature_products
 from lossprune.curvature import (
     NonFiniteError,
     Statistic,
@@ -306,7 +307,7 @@ def test_double_backward_twin_equals_fused(name):
     model, params, batch = setup(name)
     vectors = random_vectors(params, k=3)
     fused = hvp(model, params, batch, CE, vectors)
-    twin = curvature._hvp_double_backward(model, params, batch, CE, vectors)
+    twin = curvature_products._hvp_double_backward(model, params, batch, CE, vectors)
     for a, b in zip(fused, twin, strict=True):
         assert_close(a, b)
 
@@ -349,7 +350,7 @@ def test_double_backward_fallback_when_forward_ad_missing():
     batch = (torch.randn(5, 6, dtype=DTYPE), torch.randint(0, 3, (5,)))
     vectors = random_vectors(params, k=2)
     with pytest.warns(RuntimeWarning, match="double-backward"):
-        curvature._WARNED_DOUBLE_BACKWARD.clear()
+        curvature_products._WARNED_DOUBLE_BACKWARD.clear()
         _, _, products = hvp(model, params, batch, CE, vectors)
     twin = NoForwardAD(plain=True).to(DTYPE)
     twin.load_state_dict(model.state_dict())
@@ -554,10 +555,10 @@ def test_float32_fast_paths_agree_with_generic():
 )
 def test_layer_diag_covers_exactly_the_safe_layers(name, uncovered):
     """The squared-contraction path takes plain once-used layers and nothing else."""
-    from lossprune._layer_diag import layer_ggn_diag
+    from lossprune.curvature.contractions import layer_ggn_diag
 
     model, params, (x, y) = setup(name)
-    _, sums = layer_ggn_diag(model, params, x, lambda o: curvature.output_hessian_sqrt(o, y, CE))
+    sums = layer_ggn_diag(model, params, x, lambda o: curvature.output_hessian_sqrt(o, y, CE)).sums
     assert set(params) - set(sums) == uncovered
 
 
@@ -578,7 +579,7 @@ def test_layer_diag_covers_exactly_the_safe_layers(name, uncovered):
 )
 @pytest.mark.parametrize("subset", [False, True])
 def test_chain_fast_path_is_selected_exactly_for_chains(name, is_chain, subset):
-    from lossprune._chain import find_chain
+    from lossprune.curvature.chain import find_chain
 
     model, params, _ = setup(name, subset=subset)
     assert (find_chain(model, params) is not None) == is_chain
