@@ -69,11 +69,19 @@ def _sum_squared_per_example_vjps(
         return {k: (g * g).sum(0) for k, g in per_column.items()}
 
     total = {k: torch.zeros_like(p) for k, p in params.items()}
-    for start in range(0, n, chunk_size):
-        stop = min(n, start + chunk_size)
-        chunk = vmap(one_example)(inputs[start:stop], cotangents[start:stop])
-        for k in total:
-            total[k] += chunk[k].sum(0)
+    try:
+        for start in range(0, n, chunk_size):
+            stop = min(n, start + chunk_size)
+            chunk = vmap(one_example)(inputs[start:stop], cotangents[start:stop])
+            for k in total:
+                total[k] += chunk[k].sum(0)
+    except RuntimeError:
+        # A module that cannot run under vmap over examples (e.g. an LSTM builds its initial
+        # state from the unbatched size): the same sums, one example at a time.
+        total = {k: torch.zeros_like(p) for k, p in params.items()}
+        for x, cots in zip(inputs, cotangents, strict=True):
+            for k, v in one_example(x, cots).items():
+                total[k] += v
     return total
 
 

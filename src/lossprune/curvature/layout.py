@@ -315,10 +315,12 @@ class _Prover(torch.fx.Interpreter):
         a = args[0][1]
         kind = type(module)
         if kind in RULES:
-            self.layer_inputs[str(node.target)] = (
-                Layout.EXAMPLE if _batched_layer_input(module, a) else Layout.UNKNOWN
-            )
-            return _batched_layer_input(module, a)
+            batched = _batched_layer_input(module, a)
+            if RULES[kind].parametric:
+                self.layer_inputs[str(node.target)] = (
+                    Layout.EXAMPLE if batched else Layout.UNKNOWN
+                )
+            return batched
         if kind in _NORMS:
             assert isinstance(module, nn.modules.batchnorm._BatchNorm)
             return not module.training and module.track_running_stats and a.dim() >= 2

@@ -155,6 +155,10 @@ class OutputCurvature:
         r""":math:`\partial^2 L/\partial f^2\, r`: the exact output Hessian (Hessian products)."""
         raise NotImplementedError
 
+    def ggn_product_one(self, r: Any) -> Any:
+        """:meth:`ggn_product` of ONE direction laid out like the outputs, ``(N, *out)``."""
+        return self.ggn_product(r.unsqueeze(1)).squeeze(1)
+
     def sqrt_columns(self) -> Tensor:
         """Columns :math:`S_n` with :math:`S_n S_n^T = M_n`, ``(N, O, R)``."""
         raise NotImplementedError
@@ -257,6 +261,9 @@ class GenericLoss(OutputCurvature):
         return vmap(lambda v: product(v)[0], in_dims=1, out_dims=1)(r)
 
     ggn_product = hessian_product
+
+    def ggn_product_one(self, r: Any) -> Any:
+        return self._output_hessian(r)[0]
 
     def sqrt_columns(self) -> Tensor:
         outputs = _single_tensor(self.outputs)

@@ -298,7 +298,6 @@ def _hvp_double_backward(
                         grad_outputs=[vectors[name][j] for name in leaves],
                         retain_graph=j < k - 1,
                         allow_unused=True,
-                        materialize_grads=True,
                     )
                 )
     except (RuntimeError, NotImplementedError) as error:
@@ -308,8 +307,22 @@ def _hvp_double_backward(
             f"and one has none ({first_line}); use curvature='ggn' or an implementation with "
             "double-backward support (e.g. the math attention kernel)"
         ) from error
+    connected = any(g.requires_grad for g in grads)
+    unused = [name for i, name in enumerate(leaves) if columns[0][i] is None]
+    if connected and unused:
+        # The gradient does not depend on these parameters at all: either the loss is linear in
+        # them with no interaction (a zero Hessian column) or, far more often, a backward pass
+        # that is not itself differentiable (once_differentiable) cut the graph. Refuse both.
+        raise TypeError(
+            "Hessian-vector products need second derivatives of every operation of the model, "
+            f"but the gradient is disconnected from {unused} (an operation whose backward is "
+            "not differentiable, e.g. once_differentiable); use curvature='ggn'"
+        )
     products = {
-        name: torch.stack([c[i] for c in columns]).detach() for i, name in enumerate(leaves)
+        name: torch.stack(
+            [c[i] if c[i] is not None else torch.zeros_like(leaves[name]) for c in columns]
+        ).detach()
+        for i, name in enumerate(leaves)
     }
     return CurvatureProducts(
         loss.detach(), {k: g.detach() for k, g in zip(leaves, grads, strict=True)}, products
@@ -339,9 +352,7 @@ def _ggn_vp(
 
     def ggn_one(v: Params) -> Params:
         jv = jvp(outputs_of, (params,), (v,))[1]
-        stacked = tree_map(lambda t: t.unsqueeze(1), jv)  # (N, 1, *out): one direction
-        mjv = tree_map(lambda t: t.squeeze(1), space.ggn_product(stacked))
-        return pullback(mjv)[0]
+        return pullback(space.ggn_product_one(jv))[0]
 
     (grads,) = pullback(output_grad)
     products = vmap(ggn_one, chunk_size=chunk_size)(dict(vectors))
