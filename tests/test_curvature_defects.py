@@ -66,8 +66,8 @@ def check_all_exact(model, batch, loss_fn, params=None, k=3, ggn_loss=None, ggn_
     for kk in (k, 1):
         v = vectors_for(params, kk)
         for fast in (True, False):
-            close(hvp(model, params, batch, loss_fn, v, fast=fast).products, bf.products(h, v))
-            close(ggn_vp(model, params, batch, loss_fn, v, fast=fast).products, bf.products(g, v))
+            close(hvp(model, params, batch, loss_fn, v, fast=fast)[2], bf.products(h, v))
+            close(ggn_vp(model, params, batch, loss_fn, v, fast=fast)[2], bf.products(g, v))
     for fast in (True, False):
         close(fisher_diag(model, params, batch, loss_fn, fast=fast), bf.diagonal(g, params))
 
@@ -430,15 +430,15 @@ def test_models_returning_tuples():
     params = all_params(model)
     x, y = batch
     close(
-        loss_and_grad(model, params, batch, unpack_ce).grad,
+        loss_and_grad(model, params, batch, unpack_ce)[1],
         bf.unflatten(bf.gradient(model, params, x, y, unpack_ce), params),
     )
     h = bf.dense_hessian(model, params, x, y, unpack_ce)
     v = vectors_for(params, 3)
-    close(hvp(model, params, batch, unpack_ce, v).products, bf.products(h, v))
+    close(hvp(model, params, batch, unpack_ce, v)[2], bf.products(h, v))
     g = bf.dense_ggn(model.body, {k[5:]: p for k, p in params.items()}, x, y, CE)
     close(
-        ggn_vp(model, params, batch, unpack_ce, v).products,
+        ggn_vp(model, params, batch, unpack_ce, v)[2],
         {f"body.{k}": t for k, t in bf.products(g, {k[5:]: t for k, t in v.items()}).items()},
     )
     hutchinson_diag(model, params, batch, unpack_ce, probes=2)
