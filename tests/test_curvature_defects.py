@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -494,11 +495,42 @@ def test_operation_without_second_derivative_raises_a_clear_error():
     model = NoSecondDerivative().to(DTYPE)
     params = all_params(model)
     batch = (torch.randn(5, 4, dtype=DTYPE), torch.tensor([0, 1, 2, 1, 0]))
-    with pytest.raises(TypeError, match="second derivatives"):
+    with pytest.raises(TypeError, match="gradient is disconnected"):
         hvp(model, params, batch, CE, vectors_for(params, 1))
     curvature.products._WARNED_DOUBLE_BACKWARD.clear()
     with pytest.raises(TypeError, match="second derivatives"), pytest.warns(RuntimeWarning):
         hvp(model, params, batch, CE, vectors_for(params, 2))
+
+
+class FusedAttention(nn.Module):
+    """``scaled_dot_product_attention``: its fused CPU kernel has neither a double backward nor
+    forward-mode derivatives."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(4, 12)
+        self.out = nn.Linear(12, 3)
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).unsqueeze(1).chunk(3, -1)
+        return self.out(nn.functional.scaled_dot_product_attention(q, k, v).flatten(1))
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_fused_attention_kernels_raise_a_clear_error_or_are_exact():
+    torch.manual_seed(0)
+    model = FusedAttention().to(DTYPE)
+    params = all_params(model)
+    x, y = torch.randn(3, 3, 4, dtype=DTYPE), torch.tensor([0, 1, 2])
+    for k in (1, 2):
+        with pytest.raises(TypeError, match="double-backward support"):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                hvp(model, params, (x, y), CE, vectors_for(params, k))
+    with pytest.raises(TypeError, match="forward-mode derivatives"):
+        ggn_vp(model, params, (x, y), CE, vectors_for(params, 2))
+    g = bf.dense_ggn(model, params, x, y, CE)
+    close(fisher_diag(model, params, (x, y), CE), bf.diagonal(g, params))
 
 
 def test_fisher_mc_on_a_nan_batch_raises_non_finite_error():

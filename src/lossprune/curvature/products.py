@@ -304,8 +304,8 @@ def _hvp_double_backward(
         first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise TypeError(
             "Hessian-vector products need second derivatives of every operation of the model, "
-            f"and one has none ({first_line}); use curvature='ggn' or an implementation with "
-            "double-backward support (e.g. the math attention kernel)"
+            f"and one has none ({first_line}); use an implementation with double-backward "
+            "support (e.g. the math kernel of scaled_dot_product_attention)"
         ) from error
     connected = any(g.requires_grad for g in grads)
     unused = [name for i, name in enumerate(leaves) if columns[0][i] is None]
@@ -316,7 +316,7 @@ def _hvp_double_backward(
         raise TypeError(
             "Hessian-vector products need second derivatives of every operation of the model, "
             f"but the gradient is disconnected from {unused} (an operation whose backward is "
-            "not differentiable, e.g. once_differentiable); use curvature='ggn'"
+            "not differentiable, e.g. once_differentiable)"
         )
     products = {
         name: torch.stack(
@@ -355,7 +355,16 @@ def _ggn_vp(
         return pullback(space.ggn_product_one(jv))[0]
 
     (grads,) = pullback(output_grad)
-    products = vmap(ggn_one, chunk_size=chunk_size)(dict(vectors))
+    try:
+        products = vmap(ggn_one, chunk_size=chunk_size)(dict(vectors))
+    except (RuntimeError, NotImplementedError) as error:
+        first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise TypeError(
+            "Gauss-Newton-vector products need forward-mode derivatives (Jacobian-vector "
+            f"products) of every operation of the model, and one has none ({first_line}); use "
+            "an implementation with forward-mode support (e.g. the math kernel of "
+            "scaled_dot_product_attention)"
+        ) from error
     return CurvatureProducts(
         loss.detach(), {k: g.detach() for k, g in grads.items()}, products
     )
