@@ -84,7 +84,9 @@ def products(matrix: Tensor, vectors: dict[str, Tensor]) -> dict[str, Tensor]:
     """``matrix @ v`` for each of the k stacked vectors ``{name: (k, *shape)}``."""
     k = next(iter(vectors.values())).shape[0]
     like = {name: v[0] for name, v in vectors.items()}
-    columns = [unflatten(matrix @ flatten({n: v[j] for n, v in vectors.items()}), like) for j in range(k)]
+    columns = [
+        unflatten(matrix @ flatten({n: v[j] for n, v in vectors.items()}), like) for j in range(k)
+    ]
     return {name: torch.stack([c[name] for c in columns]) for name in vectors}
 
 

@@ -17,7 +17,6 @@ from torch import nn
 from torch.func import functional_call, hessian, jacrev
 
 from lossprune import curvature
-from lossprune.curvature import products as curvature_products
 from lossprune.curvature import (
     NonFiniteError,
     Statistic,
@@ -29,6 +28,7 @@ from lossprune.curvature import (
     hvp,
     loss_and_grad,
 )
+from lossprune.curvature import products as curvature_products
 
 DTYPE = torch.float64
 CE = nn.CrossEntropyLoss()

@@ -43,7 +43,9 @@ def curvature_product(
         return {"loss": loss, "grad": grad, "product": {k: v[0] for k, v in products.items()}}
 
     dtype = statistics_dtype(params)
-    means = dataset_mean(data, loss_fn, batch_values, device=device, dtype=dtype).means
+    means: dict[Hashable, Any] = dataset_mean(
+        data, loss_fn, batch_values, device=device, dtype=dtype
+    ).means
     return float(means["loss"]), dict(means["grad"]), dict(means["product"])
 
 
@@ -90,4 +92,5 @@ def mean_loss(model: nn.Module, params: Mapping[str, Tensor], data: Any, loss_fn
         return {"loss": loss_fn(fmodel(params, inputs), targets)}
 
     dtype = statistics_dtype(params)
-    return float(dataset_mean(data, loss_fn, batch_values, device=device, dtype=dtype).means["loss"])
+    loss: Any = dataset_mean(data, loss_fn, batch_values, device=device, dtype=dtype).means["loss"]
+    return float(loss)

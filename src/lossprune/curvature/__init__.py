@@ -38,7 +38,8 @@ a layer's input is laid out per example).
 
 from .diagonals import fisher_diag, fisher_diag_mc, hutchinson_diag
 from .errors import NonFiniteError
-from .outputs import LossFn, output_hessian_sqrt
+from .outputs import LossFn as LossFn  # the loss type of the modules above this package
+from .outputs import output_hessian_sqrt
 from .products import ggn_vp, hvp, loss_and_grad
 from .statistics import Statistic, Statistics, compute_statistics
 
@@ -55,5 +56,3 @@ __all__ = [
     "hutchinson_diag",
     "output_hessian_sqrt",
 ]
-
-

@@ -39,6 +39,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -95,7 +96,9 @@ class LayerRule:
     parametric = False
 
     def __init__(self, module: nn.Module, names: dict[str, str]) -> None:
-        self.module, self.names = module, names
+        # Typed Any: each rule reads the attributes of its own module type (weight, stride...).
+        self.module: Any = module
+        self.names = names
 
     @classmethod
     def supports(cls, module: nn.Module) -> bool:
@@ -135,7 +138,7 @@ class LayerRule:
         raise NotImplementedError
 
     def squared_contraction(self, a: Tensor, delta: Tensor, local: list[str]) -> Params:
-        """:math:`\\sum_n\\sum_r` of squared per-example gradients of the parameters ``local``."""
+        r""":math:`\sum_n\sum_r` of squared per-example gradients of the parameters ``local``."""
         raise NotImplementedError
 
     def _w(self, p: Params) -> Tensor:
@@ -221,7 +224,12 @@ class ConvRule(LayerRule):
         super().__init__(module, names)
         m = module
         assert isinstance(m, nn.Conv1d | nn.Conv2d)
-        self.args = (list(m.stride), list(m.padding), list(m.dilation))
+        assert not isinstance(m.padding, str)  # refused by supports()
+        self.args: tuple[list[int], list[int], list[int]] = (
+            list(m.stride),
+            [int(p) for p in m.padding],
+            list(m.dilation),
+        )
         self.conv = nn.functional.conv1d if isinstance(m, nn.Conv1d) else nn.functional.conv2d
 
     @classmethod
@@ -356,7 +364,7 @@ def _unfold(module: nn.Module, a: Tensor) -> Tensor:
             slice(o * dil, o * dil + st * (size - 1) + 1, st)
             for o, dil, st, size in zip(offset, dilation, stride, sizes, strict=True)
         )
-        patches.append(padded[(slice(None), slice(None), *index)])
+        patches.append(padded[(slice(None), slice(None)) + index])
     return torch.stack(patches, 2).reshape(a.shape[0], -1, math.prod(sizes))
 
 
@@ -410,7 +418,7 @@ class ElementwiseRule(LayerRule):
 
 
 class TanhRule(ElementwiseRule):
-    """:class:`~torch.nn.Tanh`: :math:`\\sigma' = 1 - y^2`, :math:`\\sigma'' = -2y\\sigma'`."""
+    r""":class:`~torch.nn.Tanh`: :math:`\sigma' = 1 - y^2`, :math:`\sigma'' = -2y\sigma'`."""
 
     function = staticmethod(torch.tanh)
 
@@ -420,7 +428,7 @@ class TanhRule(ElementwiseRule):
 
 
 class SigmoidRule(ElementwiseRule):
-    """:class:`~torch.nn.Sigmoid`: :math:`\\sigma' = y(1-y)`, :math:`\\sigma''=\\sigma'(1-2y)`."""
+    r""":class:`~torch.nn.Sigmoid`: :math:`\sigma' = y(1-y)`, :math:`\sigma''=\sigma'(1-2y)`."""
 
     function = staticmethod(torch.sigmoid)
 
@@ -430,7 +438,7 @@ class SigmoidRule(ElementwiseRule):
 
 
 class ReLURule(ElementwiseRule):
-    """:class:`~torch.nn.ReLU`: :math:`\\sigma'' = 0` almost everywhere."""
+    r""":class:`~torch.nn.ReLU`: :math:`\sigma'' = 0` almost everywhere."""
 
     function = staticmethod(torch.relu)
 
@@ -491,8 +499,9 @@ class FixedLinearRule(LayerRule):
         return self.module(a)
 
     def forward(self, a, p):
-        out, self.adjoint = vjp(self.map, a)
-        return out
+        primal = vjp(self.map, a)
+        self.adjoint = primal[1]
+        return primal[0]
 
     def backward(self, dz, a, p, need_input):
         return (self.adjoint(dz)[0] if need_input else None), {}
@@ -567,7 +576,12 @@ def parameter_uses(model: nn.Module) -> dict[int, int]:
 def _has_hooks(module: nn.Module) -> bool:
     return any(
         getattr(module, name, None)
-        for name in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+        for name in (
+            "_forward_hooks",
+            "_forward_pre_hooks",
+            "_backward_hooks",
+            "_backward_pre_hooks",
+        )
     )
 
 

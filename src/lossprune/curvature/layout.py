@@ -317,9 +317,7 @@ class _Prover(torch.fx.Interpreter):
         if kind in RULES:
             batched = _batched_layer_input(module, a)
             if RULES[kind].parametric:
-                self.layer_inputs[str(node.target)] = (
-                    Layout.EXAMPLE if batched else Layout.UNKNOWN
-                )
+                self.layer_inputs[str(node.target)] = Layout.EXAMPLE if batched else Layout.UNKNOWN
             return batched
         if kind in _NORMS:
             assert isinstance(module, nn.modules.batchnorm._BatchNorm)
@@ -334,7 +332,9 @@ class _Prover(torch.fx.Interpreter):
         self, node: torch.fx.Node, args: list[tuple[Layout, Any]], value: Tensor
     ) -> bool:
         target = node.target
-        first = args[0] if args else (Layout.UNKNOWN, None)
+        if not args:
+            return False
+        first: tuple[Layout, Any] = args[0]
         if target in _ELEMENTWISE:
             return all(_broadcasts(state, a, value) for state, a in args)
         if target in _RESHAPES:
@@ -407,4 +407,3 @@ def _getitem_keeps_dim0(node: torch.fx.Node) -> bool:
     if any(isinstance(i, (torch.fx.Node, Tensor, list)) for i in index):
         return False
     return index[0] == slice(None)
-

@@ -101,7 +101,11 @@ def _class_options(loss_fn: object) -> tuple[Tensor | None, int, float]:
     """``(weight, ignore_index, label_smoothing)`` of a cross-entropy or NLL loss."""
     if isinstance(loss_fn, nn.Module):
         weight = getattr(loss_fn, "weight", None)
-        return weight, getattr(loss_fn, "ignore_index", -100), getattr(loss_fn, "label_smoothing", 0.0)
+        return (
+            weight,
+            getattr(loss_fn, "ignore_index", -100),
+            getattr(loss_fn, "label_smoothing", 0.0),
+        )
     return None, -100, 0.0
 
 
@@ -208,9 +212,7 @@ class SoftmaxCrossEntropy(OutputCurvature):
         flat = p.movedim(1, -1).reshape(-1, classes)  # (N * D, C)
         labels = torch.multinomial(flat, samples, replacement=True, generator=generator)
         one_hot = nn.functional.one_hot(labels, classes).to(p.dtype)  # (N * D, k, C)
-        z = (one_hot - flat.unsqueeze(1)) * (
-            self.coefficients.reshape(-1, 1, 1) / samples
-        ).sqrt()
+        z = (one_hot - flat.unsqueeze(1)) * (self.coefficients.reshape(-1, 1, 1) / samples).sqrt()
         z = z.reshape(n, -1, samples, classes).permute(0, 3, 1, 2)  # (N, C, D, k)
         return z.reshape(n, -1, samples)
 
@@ -317,7 +319,7 @@ def _check_mean_of_per_example(loss: Tensor, per_example: Tensor) -> None:
 def _rademacher_columns(
     sqrt_columns: Tensor, samples: int, generator: torch.Generator | None
 ) -> Tensor:
-    r""":math:`z = S\varepsilon/\sqrt k` with Rademacher :math:`\varepsilon`: unbiased for :math:`M`."""
+    r""":math:`z = S\varepsilon/\sqrt k`, Rademacher :math:`\varepsilon`: unbiased for :math:`M`."""
     n, _, columns = sqrt_columns.shape
     eps = rademacher((n, columns, samples), sqrt_columns, generator)
     return sqrt_columns @ eps / math.sqrt(samples)
@@ -352,7 +354,9 @@ def output_curvature(loss_fn: LossFn, outputs: Any, targets: Tensor) -> OutputCu
     if isinstance(outputs, Tensor):
         outputs = outputs.detach()
         if not bool(torch.isfinite(outputs).all()):
-            raise NonFiniteError("the model outputs are not finite (NaN or inf); nothing was modified")
+            raise NonFiniteError(
+                "the model outputs are not finite (NaN or inf); nothing was modified"
+            )
     family = _family(loss_fn) if isinstance(outputs, Tensor) else "generic"
     if family in ("ce", "nll"):
         index = _index_targets(outputs, targets)

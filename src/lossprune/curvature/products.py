@@ -337,7 +337,7 @@ def _ggn_vp(
     vectors: Mapping[str, Tensor],
     chunk_size: int | None,
 ) -> CurvatureProducts:
-    """:math:`J^\\top M J v` with :func:`torch.func`; outputs may be any pytree of tensors."""
+    r""":math:`J^\top M J v` with :func:`torch.func`; outputs may be any pytree of tensors."""
     inputs, targets = batch
     fmodel = FunctionalModel(model, params)
 
@@ -365,6 +365,4 @@ def _ggn_vp(
             "an implementation with forward-mode support (e.g. the math kernel of "
             "scaled_dot_product_attention)"
         ) from error
-    return CurvatureProducts(
-        loss.detach(), {k: g.detach() for k, g in grads.items()}, products
-    )
+    return CurvatureProducts(loss.detach(), {k: g.detach() for k, g in grads.items()}, products)

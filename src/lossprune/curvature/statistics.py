@@ -39,7 +39,7 @@ Values = dict[Hashable, Tensor | Mapping[str, Tensor]]
 
 
 class DatasetMean(NamedTuple):
-    """Weighted means over a dataset (all ranks together).
+    r"""Weighted means over a dataset (all ranks together).
 
     Attributes:
         means: every accumulated value, divided by the total weight.
@@ -127,7 +127,7 @@ _KINDS = frozenset({"grad", "fisher", "fisher_mc", "hutchinson", "hessian_grad"}
 
 @dataclass
 class Statistics:
-    """Means over the scoring data (over the units the loss averages, module docstring).
+    r"""Means over the scoring data (over the units the loss averages, module docstring).
 
     Attributes:
         loss: mean loss.
@@ -160,8 +160,11 @@ class Statistics:
 
 
 def _ordered(requests: Iterable[Statistic]) -> list[Statistic]:
-    """Requests without duplicates in a fixed order, so that a seeded generator is consumed the
-    same way in every process (a set's order depends on PYTHONHASHSEED)."""
+    """Requests without duplicates, in a fixed order.
+
+    A seeded generator is then consumed the same way in every process (the order of a set of
+    requests depends on PYTHONHASHSEED).
+    """
     return sorted(set(requests), key=lambda r: (r.kind, r.samples))
 
 
@@ -210,9 +213,7 @@ def compute_statistics(
                     model, params, batch, loss_fn, request.samples, generator, chunk_size
                 )
             elif request.kind == "fisher":
-                values[request] = fisher_diag(
-                    model, params, batch, loss_fn, chunk_size=chunk_size
-                )
+                values[request] = fisher_diag(model, params, batch, loss_fn, chunk_size=chunk_size)
             else:
                 values[request] = fisher_diag_mc(
                     model,
@@ -268,4 +269,6 @@ def _hessian_grad(
         products = hvp(model, params, batch, loss_fn, vectors, chunk_size=chunk_size).products
         return {"hg": {k: v[0] for k, v in products.items()}}
 
-    return _params(dataset_mean(data, loss_fn, batch_values, device=device, dtype=dtype).means["hg"])
+    return _params(
+        dataset_mean(data, loss_fn, batch_values, device=device, dtype=dtype).means["hg"]
+    )
