@@ -87,7 +87,9 @@ def test_every_registered_layer_has_a_brute_force_case():
         model, params, (x, y) = setup(name)
         if find_chain(model, params) is not None:
             exercised |= {type(m) for m in model.modules()}
-        sums = layer_ggn_diag(model, params, x, lambda o: curvature.output_hessian_sqrt(o, y, CE))
+        sums = layer_ggn_diag(
+            model, params, x, lambda o, y=y: curvature.output_hessian_sqrt(o, y, CE)
+        )
         exercised |= {type(model.get_submodule(q.rpartition(".")[0])) for q in sums.sums}
     missing = [t.__name__ for t in RULES if t not in exercised]
     assert not missing, f"add a model in which a fast path runs {missing} to tests/cases.py"
