@@ -549,3 +549,19 @@ def test_missing_statistic_names_the_request():
     stats = compute_statistics(model, all_params(model), batch, CE, [Statistic("fisher")])
     with pytest.raises(ValueError, match="hutchinson.*was not requested"):
         stats[Statistic("hutchinson", 3)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_compensation_runs_in_float32_sums(dtype):
+    """The compensation solver's products take float32 CG vectors for a half-precision model."""
+    from lossprune._compensation import compensation_step
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).to(dtype)
+    params = all_params(model)
+    batch = (torch.randn(16, 4).to(dtype), torch.randint(0, 3, (16,)))
+    kept = {k: torch.rand(p.shape) > 0.3 for k, p in params.items()}
+    pruned = {k: ~m for k, m in kept.items()}
+    delta, result = compensation_step(model, params, kept, pruned, batch, CE, lam=0.1, max_iters=3)
+    assert result.iterations >= 1
+    assert all(torch.isfinite(d).all() for d in delta.values())

@@ -34,7 +34,8 @@ def curvature_product(
     the loss's units, accumulated in the statistics dtype, all-reduced over ranks).
     """
     device = next(iter(params.values())).device
-    stacked = {k: v.unsqueeze(0) for k, v in vector.items()}
+    # Products in the model's dtype (the CG vectors may be float32), sums in the statistics dtype.
+    stacked = {k: v.to(params[k].dtype).unsqueeze(0) for k, v in vector.items()}
 
     def batch_values(batch: tuple[Any, Tensor]) -> dict[Hashable, Any]:
         loss, grad, products = hvp(

@@ -9,17 +9,7 @@ there. :func:`rule_for` is the ONE eligibility check both fast paths use: exact 
 no parametrisation, no tied parameter and the rule's own conditions. Whatever it refuses takes
 the exact generic :mod:`torch.func` path.
 
-Tensor layout conventions of every rule (written once, here):
-
-* ``a``: the layer input, ``(N, *in)``, dim 0 indexes examples; ``z``: its output ``(N, *out)``;
-* ``p``: the differentiated tensors of the module's OWN parameters, by local name (``"weight"``,
-  ``"bias"``); parameters absent from ``p`` are read from the module and held fixed;
-* ``v``: tangents of ``p``, ``(k, *param.shape)``;
-* ``ra``, ``rz``: input and output tangents, ``(N, k, *in)`` and ``(N, k, *out)``, ``None`` when
-  zero;
-* ``dz``: the gradient of the loss at the output ``(N, *out)``; ``rdz`` its tangent
-  ``(N, k, *out)``;
-* ``delta``: output cotangent columns of :mod:`.contractions`, ``(R, N, *out)``.
+The tensor layout conventions of every rule are written once, in :class:`LayerRule`.
 
 For :math:`z = Wa + b` the R-operator equations are
 
@@ -84,7 +74,21 @@ def _add(x: Tensor | None, y: Tensor | None) -> Tensor | None:
 
 
 class LayerRule:
-    """One module type's pieces; layouts in the module docstring.
+    """One module type's pieces: forward, backward, tangents, squared contraction.
+
+    Tensor layouts, the same for every rule:
+
+    * ``a``: the layer input, ``(N, *in)``, dim 0 indexes examples; ``z``: its output
+      ``(N, *out)``;
+    * ``p``: the differentiated tensors of the module's OWN parameters, by local name
+      (``"weight"``, ``"bias"``); parameters absent from ``p`` are read from the module and held
+      fixed;
+    * ``v``: tangents of ``p``, ``(k, *param.shape)``;
+    * ``ra``, ``rz``: input and output tangents, ``(N, k, *in)`` and ``(N, k, *out)``, ``None``
+      when zero;
+    * ``dz``: the gradient of the loss at the output ``(N, *out)``; ``rdz`` its tangent
+      ``(N, k, *out)``;
+    * ``delta``: output cotangent columns of :mod:`.contractions`, ``(R, N, *out)``.
 
     Args:
         module: the module (read, never modified).
@@ -610,6 +614,16 @@ def rule_for(
     Eligible: its exact type is in :data:`RULES`, it has no hooks and no parametrisation, none of
     its own parameters is tied to another slot, and the rule's :meth:`LayerRule.supports` holds.
     ``names`` of the rule keep only the differentiated parameters (those in ``params``).
+
+    Example:
+        >>> from torch import nn
+        >>> layer = nn.Linear(3, 2)
+        >>> rule = rule_for(layer, "fc", {"fc.weight": layer.weight}, parameter_uses(layer))
+        >>> type(rule).__name__, rule.names
+        ('LinearRule', {'weight': 'fc.weight'})
+        >>> _ = layer.register_forward_hook(lambda module, args, output: 2 * output)
+        >>> rule_for(layer, "fc", {"fc.weight": layer.weight}, parameter_uses(layer)) is None
+        True
     """
     rule_class = RULES.get(type(module))
     if rule_class is None or _has_hooks(module) or parametrize.is_parametrized(module):
