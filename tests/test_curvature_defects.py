@@ -151,13 +151,29 @@ def test_layer_inputs_not_indexed_by_examples_are_exact(build, shape):
     close(fisher_diag(model, params, (x, y), CE), bf.diagonal(g, params))
 
 
+class ViewBySize(nn.Module):
+    """``x.view(x.size(0), -1)``, the usual flatten of a CNN, optionally mixing examples."""
+
+    def __init__(self, mix: bool = False) -> None:
+        super().__init__()
+        self.fc = nn.Linear(6, 3)
+        self.mix = mix
+
+    def forward(self, x):
+        h = x.view(x.size(0), -1)
+        return self.fc(h - h.mean(0) if self.mix else h)
+
+
 def test_reshape_that_keeps_examples_is_still_fast():
     """The proof accepts a reshape that keeps N in dim 0 (no regression of the fast path)."""
     from lossprune.curvature.layout import proven_layers
 
+    x = torch.randn(4, 2, 3, dtype=DTYPE)
     model = nn.Sequential(nn.Flatten(), nn.Linear(6, 3)).to(DTYPE)
-    assert proven_layers(model, torch.randn(4, 2, 3, dtype=DTYPE)) == {"1"}
-    assert proven_layers(FoldedHead().to(DTYPE), torch.randn(4, 2, 3, dtype=DTYPE)) == set()
+    assert proven_layers(model, x) == {"1"}
+    assert proven_layers(ViewBySize().to(DTYPE), x) == {"fc"}
+    assert proven_layers(ViewBySize(mix=True).to(DTYPE), x) == set()
+    assert proven_layers(FoldedHead().to(DTYPE), x) == set()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -565,3 +581,13 @@ def test_half_precision_compensation_runs_in_float32_sums(dtype):
     delta, result = compensation_step(model, params, kept, pruned, batch, CE, lam=0.1, max_iters=3)
     assert result.iterations >= 1
     assert all(torch.isfinite(d).all() for d in delta.values())
+
+
+def test_parameters_the_loss_does_not_use_have_zero_products():
+    model = nn.ModuleDict({"used": nn.Linear(4, 3), "unused": nn.Linear(2, 2)}).to(DTYPE)
+    model.forward = lambda x: model["used"](x)  # type: ignore[method-assign]
+    params = all_params(model)
+    batch = (torch.randn(5, 4, dtype=DTYPE), torch.tensor([0, 1, 2, 1, 0]))
+    for k in (1, 2):
+        products = hvp(model, params, batch, CE, vectors_for(params, k))[2]
+        assert all(not products[n].any() for n in params if n.startswith("unused"))

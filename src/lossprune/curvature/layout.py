@@ -292,6 +292,8 @@ class _Prover(torch.fx.Interpreter):
             if len(self._arg_states(node)) != 1:
                 self.output_state = Layout.UNKNOWN
             return self.output_state
+        if _is_shape_query(node):
+            return Layout.CONSTANT  # sizes are the same for every example: no example values
         args = self._arg_states(node)
         states = {s for s, _ in args}
         if Layout.UNKNOWN in states:
@@ -337,12 +339,14 @@ class _Prover(torch.fx.Interpreter):
         first: tuple[Layout, Any] = args[0]
         if target in _ELEMENTWISE:
             return all(_broadcasts(state, a, value) for state, a in args)
+        # One EXAMPLE tensor, every other argument a size or option (no tensor).
+        unary = first[0] is Layout.EXAMPLE and not any(isinstance(a, Tensor) for _, a in args[1:])
         if target in _RESHAPES:
-            return first[0] is Layout.EXAMPLE and self._batched(first[1]) and len(args) == 1
+            return unary and self._batched(first[1])
         if target in _TRANSPOSES:
-            return len(args) == 1 and _keeps_dim0(node, first[1])
+            return unary and _keeps_dim0(node, first[1])
         if target in _OVER_DIMS:
-            return len(args) == 1 and _dims_avoid_0(node, first[1])
+            return unary and _dims_avoid_0(node, first[1])
         if target in _MATMULS and len(args) == 2:
             (sa, a), (sb, b) = args
             if sa is Layout.EXAMPLE and sb is Layout.EXAMPLE:
@@ -353,10 +357,22 @@ class _Prover(torch.fx.Interpreter):
             same = all(s is Layout.EXAMPLE for s, _ in args)
             return same and isinstance(dim, int) and dim % value.dim() != 0
         if target in _POOLS:
-            return len(args) == 1 and first[1].dim() == _POOLS[target] + 2
+            return unary and first[1].dim() == _POOLS[target] + 2
         if target is operator.getitem:
-            return _getitem_keeps_dim0(node) and first[0] is Layout.EXAMPLE
+            return unary and _getitem_keeps_dim0(node)
         return False
+
+
+def _is_shape_query(node: torch.fx.Node) -> bool:
+    """``x.size(...)``, ``x.dim()``, ``x.shape``: metadata, not values of the examples."""
+    if node.op == "call_method":
+        return node.target in ("size", "dim")
+    return (
+        node.op == "call_function"
+        and node.target is getattr
+        and len(node.args) == 2
+        and node.args[1] in ("shape", "ndim")
+    )
 
 
 def _batched_layer_input(module: nn.Module, a: Any) -> bool:

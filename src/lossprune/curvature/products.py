@@ -282,23 +282,29 @@ def _hvp_double_backward(
     r"""Reverse-over-reverse: :math:`Hv = \nabla(g^\top v)`, one backward per vector."""
     inputs, targets = batch
     leaves = {k: v.detach().requires_grad_(True) for k, v in params.items()}
+    names = list(leaves)
     try:
         with torch.enable_grad():
             loss = loss_fn(FunctionalModel(model, params)(leaves, inputs), targets)
-            grads = torch.autograd.grad(
-                loss, list(leaves.values()), create_graph=True, materialize_grads=True
+            raw = torch.autograd.grad(
+                loss, list(leaves.values()), create_graph=True, allow_unused=True
             )
+            # Only gradients that are part of the graph have a derivative; the others (a
+            # parameter the loss does not use, or uses linearly) have a zero Hessian row.
+            in_graph = [i for i, g in enumerate(raw) if g is not None and g.requires_grad]
             k = next(iter(vectors.values())).shape[0]
             columns = []
             for j in range(k):
                 columns.append(
                     torch.autograd.grad(
-                        grads,
+                        [raw[i] for i in in_graph],
                         list(leaves.values()),
-                        grad_outputs=[vectors[name][j] for name in leaves],
+                        grad_outputs=[vectors[names[i]][j] for i in in_graph],
                         retain_graph=j < k - 1,
                         allow_unused=True,
                     )
+                    if in_graph
+                    else (None,) * len(names)
                 )
     except (RuntimeError, NotImplementedError) as error:
         first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
@@ -307,26 +313,27 @@ def _hvp_double_backward(
             f"and one has none ({first_line}); use an implementation with double-backward "
             "support (e.g. the math kernel of scaled_dot_product_attention)"
         ) from error
-    connected = any(g.requires_grad for g in grads)
-    unused = [name for i, name in enumerate(leaves) if columns[0][i] is None]
-    if connected and unused:
-        # The gradient does not depend on these parameters at all: either the loss is linear in
-        # them with no interaction (a zero Hessian column) or, far more often, a backward pass
-        # that is not itself differentiable (once_differentiable) cut the graph. Refuse both.
+    cut = [names[i] for i in in_graph if columns[0][i] is None]
+    if cut:
+        # A gradient that is part of the graph but does not reach its own parameter: a backward
+        # pass that is not itself differentiable (once_differentiable) cut the graph (or, in
+        # theory, a loss linear in that parameter with no interaction at all). Refuse it.
         raise TypeError(
             "Hessian-vector products need second derivatives of every operation of the model, "
-            f"but the gradient is disconnected from {unused} (an operation whose backward is "
+            f"but the gradient is disconnected from {cut} (an operation whose backward is "
             "not differentiable, e.g. once_differentiable)"
         )
     products = {
         name: torch.stack(
             [c[i] if c[i] is not None else torch.zeros_like(leaves[name]) for c in columns]
         ).detach()
-        for i, name in enumerate(leaves)
+        for i, name in enumerate(names)
     }
-    return CurvatureProducts(
-        loss.detach(), {k: g.detach() for k, g in zip(leaves, grads, strict=True)}, products
-    )
+    grads = {
+        name: (g.detach() if g is not None else torch.zeros_like(leaves[name]))
+        for name, g in zip(names, raw, strict=True)
+    }
+    return CurvatureProducts(loss.detach(), grads, products)
 
 
 def _ggn_vp(
