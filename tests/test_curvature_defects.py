@@ -591,3 +591,25 @@ def test_parameters_the_loss_does_not_use_have_zero_products():
     for k in (1, 2):
         products = hvp(model, params, batch, CE, vectors_for(params, k))[2]
         assert all(not products[n].any() for n in params if n.startswith("unused"))
+
+
+class CountsCalls(nn.Module):
+    """A module that updates a buffer in its forward pass."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+        self.register_buffer("calls", torch.zeros(()))
+
+    def forward(self, x):
+        self.calls += 1
+        return self.fc(x)
+
+
+def test_layout_proof_and_statistics_leave_buffers_untouched():
+    model = CountsCalls().to(DTYPE)
+    batch = (torch.randn(5, 4, dtype=DTYPE), torch.tensor([0, 1, 2, 1, 0]))
+    params = all_params(model)
+    fisher_diag(model, params, batch, CE)
+    hvp(model, params, batch, CE, vectors_for(params, 2))
+    assert float(model.calls) == 0

@@ -77,7 +77,7 @@ def _trace(model: nn.Module) -> _Traced:
     elif cached is not None:
         return cached
     try:
-        gm = torch.fx.symbolic_trace(model)
+        gm = _trace_without_side_effects(model)
     except Exception:  # noqa: BLE001 - any tracing failure means "not proven": generic path
         traced = _Traced(None, None)
     else:
@@ -85,6 +85,26 @@ def _trace(model: nn.Module) -> _Traced:
     _TRACES[model] = traced
     _PROOFS.pop(model, None)
     return traced
+
+
+def _trace_without_side_effects(model: nn.Module) -> torch.fx.GraphModule:
+    """:func:`torch.fx.symbolic_trace`, with every buffer restored afterwards.
+
+    Tracing runs the Python of ``forward``: an in-place update of a buffer would change the
+    user's model, and an assignment would leave a proxy in its place.
+    """
+    slots = [(m, dict(m._buffers)) for m in model.modules()]
+    values = [(b, b.detach().clone()) for b in model.buffers()]
+    try:
+        return torch.fx.symbolic_trace(model)
+    finally:
+        for module, buffers in slots:
+            module._buffers.clear()
+            module._buffers.update(buffers)
+        with torch.no_grad():
+            for buffer, value in values:
+                if not torch.equal(buffer, value):
+                    buffer.copy_(value)
 
 
 def _find(model: nn.Module, name: str) -> nn.Module | None:
@@ -145,15 +165,30 @@ def proven_layers(model: nn.Module, inputs: Tensor) -> frozenset[str]:
     key = (tuple(inputs.shape), inputs.dtype, inputs.device)
     proofs = _PROOFS.setdefault(model, {})
     if key not in proofs:
-        prover = _Prover(traced.graph_module, len(inputs))
+        gm = traced.graph_module
+        prover = _Prover(gm, len(inputs))
+        # Buffers are cloned: a forward pass that updates one must not touch the user's model.
+        buffers = {f"graph.{k}": b.clone() for k, b in gm.named_buffers()}
         with torch.no_grad():
             try:
-                prover.run(inputs)
+                torch.func.functional_call(_Running(gm, prover), buffers, (inputs,))
             except Exception:  # noqa: BLE001 - the model's own call will raise it again
                 proofs[key] = frozenset()
                 return proofs[key]
         proofs[key] = prover.proven()
     return proofs[key]
+
+
+class _Running(nn.Module):
+    """Runs ``prover`` over ``graph`` as a module, so that its state can be swapped."""
+
+    def __init__(self, graph: torch.fx.GraphModule, prover: _Prover) -> None:
+        super().__init__()
+        self.graph = graph
+        self.prover = [prover]  # a list: not registered as a submodule
+
+    def forward(self, inputs: Tensor) -> Any:
+        return self.prover[0].run(inputs)
 
 
 # Elementwise operations (function, method name): the output row n is a function of the
