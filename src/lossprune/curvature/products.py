@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import enum
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple, cast
 
 import torch
@@ -293,7 +293,7 @@ def _hvp_double_backward(
             # parameter the loss does not use, or uses linearly) have a zero Hessian row.
             in_graph = [i for i, g in enumerate(raw) if g is not None and g.requires_grad]
             k = next(iter(vectors.values())).shape[0]
-            columns = []
+            columns: list[Sequence[Tensor | None]] = []
             for j in range(k):
                 columns.append(
                     torch.autograd.grad(
