@@ -324,16 +324,16 @@ def _hvp_double_backward(
             "not differentiable, e.g. once_differentiable)"
         )
     products = {
-        name: torch.stack(
-            [c[i] if c[i] is not None else torch.zeros_like(leaves[name]) for c in columns]
-        ).detach()
+        name: torch.stack([_or_zeros(c[i], leaves[name]) for c in columns]).detach()
         for i, name in enumerate(names)
     }
-    grads = {
-        name: (g.detach() if g is not None else torch.zeros_like(leaves[name]))
-        for name, g in zip(names, raw, strict=True)
-    }
+    grads = {name: _or_zeros(g, leaves[name]).detach() for name, g in zip(names, raw, strict=True)}
     return CurvatureProducts(loss.detach(), grads, products)
+
+
+def _or_zeros(t: Tensor | None, like: Tensor) -> Tensor:
+    """A derivative autograd reported as unused (``None``) is zero."""
+    return torch.zeros_like(like) if t is None else t
 
 
 def _ggn_vp(
