@@ -613,3 +613,34 @@ def test_layout_proof_and_statistics_leave_buffers_untouched():
     fisher_diag(model, params, batch, CE)
     hvp(model, params, batch, CE, vectors_for(params, 2))
     assert float(model.calls) == 0
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_monte_carlo_fisher_is_unbiased_for_weighted_per_position_logits(fast):
+    """z = sqrt(c_u / k) (e_y - p_u), positions sampled independently: E = the exact diagonal."""
+    torch.manual_seed(0)
+    model = TokenLogits().to(DTYPE)
+    x = torch.randn(3, 4, 3, dtype=DTYPE)
+    y = torch.tensor([[0, 1, 2, -100], [2, -100, -100, 1], [1, 1, 0, 2]])
+    loss_fn = nn.CrossEntropyLoss(weight=WEIGHT, label_smoothing=0.1)
+    params = all_params(model)
+    exact = fisher_diag(model, params, (x, y), loss_fn)
+    gen = torch.Generator().manual_seed(0)
+    estimates = [
+        fisher_diag_mc(model, params, (x, y), loss_fn, samples=50, generator=gen, fast=fast)
+        for _ in range(40)
+    ]
+    for k in exact:
+        stacked = torch.stack([e[k] for e in estimates])
+        standard_error = stacked.std(0) / len(estimates) ** 0.5
+        assert torch.all((stacked.mean(0) - exact[k]).abs() <= 5 * standard_error + 1e-10), k
+
+
+def test_segmentation_logits_with_two_spatial_dims_are_exact():
+    """(N, C, H, W) logits of a chain of convolutions, class weights and ignored pixels."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 3, 2), nn.Tanh(), nn.Conv2d(3, 3, 1)).to(DTYPE)
+    x = torch.randn(2, 2, 3, 3, dtype=DTYPE)
+    y = torch.randint(0, 3, (2, 2, 2))
+    y[0, 1, 0] = -100
+    check_all_exact(model, (x, y), nn.CrossEntropyLoss(weight=WEIGHT), k=2)
