@@ -382,13 +382,19 @@ def test_log_softmax_with_nll_loss_is_the_fisher_of_the_logits():
     )
 
 
-def test_kl_divergence_batchmean_is_accepted_and_exact():
+@pytest.mark.parametrize("log_target", [False, True])
+def test_kl_divergence_batchmean_is_accepted_and_exact(log_target):
     logits_model = mlp()
     model = nn.Sequential(*logits_model, nn.LogSoftmax(1))
     x = torch.randn(6, 4, dtype=DTYPE)
     targets = torch.rand(6, 3, dtype=DTYPE).softmax(1)
-    loss_fn = nn.KLDivLoss(reduction="batchmean")
-    check_all_exact(model, (x, targets), loss_fn, ggn_model=logits_model, ggn_loss=CE)
+    loss_fn = nn.KLDivLoss(reduction="batchmean", log_target=log_target)
+    batch = (x, targets.log() if log_target else targets)
+
+    def soft_cross_entropy(logits, t):  # the Fisher split at the logits, on probabilities
+        return CE(logits, t.exp() if log_target else t)
+
+    check_all_exact(model, batch, loss_fn, ggn_model=logits_model, ggn_loss=soft_cross_entropy)
 
 
 def test_nll_loss_on_outputs_that_are_not_log_probabilities_is_refused():
