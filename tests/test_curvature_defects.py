@@ -6,6 +6,7 @@ Gauss-Newton matrices of the WHOLE batch loss, no assumption on how it splits in
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -415,6 +416,11 @@ def test_plain_function_with_a_sum_is_detected():
 
     with pytest.raises(ValueError, match="not the mean over examples"):
         fisher_diag(model, all_params(model), batch, summed)
+    with pytest.raises(ValueError, match="not the mean over examples"):
+        compute_statistics(model, all_params(model), batch, summed, [Statistic("hutchinson", 2)])
+    # A mean written as a plain function passes.
+    stats = compute_statistics(model, all_params(model), batch, lambda o, t: ((o - t) ** 2).mean())
+    assert math.isfinite(stats.loss)
 
 
 def test_loss_linear_in_the_outputs_is_refused():

@@ -54,6 +54,7 @@ from .errors import NonFiniteError
 __all__ = [
     "LossFn",
     "OutputCurvature",
+    "check_mean_over_examples",
     "check_reduction",
     "loss_normaliser",
     "output_curvature",
@@ -314,6 +315,36 @@ def _check_mean_of_per_example(loss: Tensor, per_example: Tensor) -> None:
             f"one ({float(loss):.6g} != {float(mean):.6g}): a sum (reduction='sum') or a loss "
             "that couples examples is not supported; pass a per-batch mean"
         )
+
+
+def check_mean_over_examples(
+    loss_fn: LossFn, outputs_of: Callable[[], Any], targets: Tensor
+) -> None:
+    """Detect, where possible, a plain-function loss that is not a mean over examples.
+
+    Losses with a closed form here declare their reduction (checked by :func:`check_reduction`);
+    any other loss of one tensor of outputs (``outputs_of()``, called only then) is compared with
+    the mean of its batches of one.
+    Nothing can be said about a batch of one example or a loss that cannot be vmapped.
+
+    Raises:
+        ValueError: the loss is a sum or couples the examples.
+    """
+    if _family(loss_fn) != "generic" or len(targets) < 2:
+        return
+    outputs = outputs_of()  # only now: a forward pass the closed-form losses never pay
+    if not isinstance(outputs, Tensor):
+        return
+    outputs = outputs.detach()
+
+    def loss_one(o: Tensor, t: Tensor) -> Tensor:
+        return loss_fn(o.unsqueeze(0), t.unsqueeze(0))
+
+    try:
+        per_example = vmap(loss_one)(outputs, targets)
+    except (RuntimeError, NotImplementedError):
+        return  # the loss does not run on batches of one under vmap: cannot be checked
+    _check_mean_of_per_example(loss_fn(outputs, targets), per_example)
 
 
 def _rademacher_columns(

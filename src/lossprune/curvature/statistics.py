@@ -26,10 +26,10 @@ from torch import Tensor, nn
 from .._checks import check_positive_int
 from .._data import iter_batches
 from .._distributed import all_reduce_floats, all_reduce_sum
-from .._functional import statistics_dtype
+from .._functional import FunctionalModel, statistics_dtype
 from .diagonals import fisher_diag, fisher_diag_mc, hutchinson
 from .errors import check_finite
-from .outputs import LossFn, loss_normaliser
+from .outputs import LossFn, check_mean_over_examples, loss_normaliser
 from .products import check_inputs, hvp, loss_and_grad
 
 __all__ = ["DatasetMean", "Statistic", "Statistics", "compute_statistics", "dataset_mean"]
@@ -231,6 +231,13 @@ def compute_statistics(
         values["loss"], values["grad"] = loss, grads
         return values
 
+    first_inputs, first_targets = next(iter_batches(data, device))
+
+    @torch.no_grad()
+    def first_outputs() -> Any:
+        return FunctionalModel(model, params)(params, first_inputs)
+
+    check_mean_over_examples(loss_fn, first_outputs, first_targets)
     result = dataset_mean(data, loss_fn, batch_values, device=device, dtype=dtype)
     means = result.means
     grad = _params(means["grad"])
