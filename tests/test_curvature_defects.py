@@ -656,3 +656,31 @@ def test_segmentation_logits_with_two_spatial_dims_are_exact():
     y = torch.randint(0, 3, (2, 2, 2))
     y[0, 1, 0] = -100
     check_all_exact(model, (x, y), nn.CrossEntropyLoss(weight=WEIGHT), k=2)
+
+
+def test_token_logits_closed_form_matches_the_dense_output_hessian():
+    """Language-model layout (N, T, V), labels (N, T): class weights, smoothing, ignored tokens."""
+    from lossprune.curvature.outputs import softmax_cross_entropy
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 4, 3, dtype=DTYPE)
+    labels = torch.tensor([[0, 2, -100, 1], [1, -100, -100, 2]])
+    options = {"weight": WEIGHT, "ignore_index": -100, "label_smoothing": 0.1}
+
+    def loss(o):
+        return nn.functional.cross_entropy(o.transpose(1, 2), labels, **options)
+
+    space = softmax_cross_entropy(logits, labels, class_dim=-1, **options)
+    dense = torch.func.hessian(loss)(logits).reshape(24, 24)
+    s = space.sqrt_columns()
+    torch.testing.assert_close(torch.block_diag(*(s @ s.transpose(1, 2))), dense)
+    r = torch.randn(2, 5, 4, 3, dtype=DTYPE)  # (N, k, T, V)
+    blocks = dense.view(2, 12, 2, 12).diagonal(dim1=0, dim2=2).permute(2, 0, 1)  # (N, 12, 12)
+    expected = torch.einsum("nij,nkj->nki", blocks, r.reshape(2, 5, 12))
+    torch.testing.assert_close(space.ggn_product(r).reshape(2, 5, 12), expected)
+    z = space.sample_columns(20000, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(
+        torch.block_diag(*(z @ z.transpose(1, 2))), dense, rtol=0.1, atol=0.01
+    )
+    with pytest.raises(ValueError, match="class_dim must be 1 or -1"):
+        softmax_cross_entropy(logits, labels, class_dim=2)

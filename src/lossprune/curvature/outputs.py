@@ -54,11 +54,13 @@ from .errors import NonFiniteError
 __all__ = [
     "LossFn",
     "OutputCurvature",
+    "SoftmaxCrossEntropy",
     "check_mean_over_examples",
     "check_reduction",
     "loss_normaliser",
     "output_curvature",
     "output_hessian_sqrt",
+    "softmax_cross_entropy",
 ]
 
 LossFn = Callable[[Any, Tensor], Tensor]
@@ -174,27 +176,43 @@ class OutputCurvature:
 
 
 class SoftmaxCrossEntropy(OutputCurvature):
-    r"""Closed forms of softmax cross-entropy, class dim 1, per-unit coefficients ``c_u``.
+    r"""Closed forms of softmax cross-entropy with per-unit coefficients :math:`c_u`.
 
     Args:
-        probs: :math:`p`, ``(N, C, d1, ...)``.
-        coefficients: :math:`c_u`, ``(N, d1, ...)`` (already divided by :math:`Z`).
+        probs: :math:`p`, ``(N, C, d1, ...)`` with ``class_dim=1`` (PyTorch's layout), or
+            ``(N, d1, ..., C)`` with ``class_dim=-1`` (a language model's ``(N, T, V)``).
+        coefficients: :math:`c_u`, one per unit, ``(N, d1, ...)`` (already divided by
+            :math:`Z`).
         exact_hessian: the output Hessian equals :math:`M` (logit outputs); ``False`` for
             log-probability outputs, where the loss is linear and its Hessian is zero.
+        class_dim: ``1`` or ``-1``.
     """
 
-    def __init__(self, probs: Tensor, coefficients: Tensor, exact_hessian: bool) -> None:
-        self.probs, self.coefficients, self.exact_hessian = probs, coefficients, exact_hessian
+    def __init__(
+        self, probs: Tensor, coefficients: Tensor, exact_hessian: bool, class_dim: int = 1
+    ) -> None:
+        if class_dim not in (1, -1):
+            raise ValueError(f"class_dim must be 1 or -1, got {class_dim}")
+        self.class_last = class_dim == -1 and probs.dim() > 2
+        # Internally the classes are dim 1: (N, C, d1, ...).
+        self.probs = probs.movedim(-1, 1) if self.class_last else probs
+        self.coefficients, self.exact_hessian = coefficients, exact_hessian
 
     def ggn_product(self, r: Tensor) -> Tensor:
+        r""":math:`c_u(p_u \odot r - p_u (p_u^\top r))` per unit."""
+        if self.class_last:
+            r = r.movedim(-1, 2)
         p = self.probs.unsqueeze(1)  # (N, 1, C, ...) against r (N, k, C, ...)
         c = self.coefficients.unsqueeze(1).unsqueeze(2)
-        return c * (p * r - p * (p * r).sum(2, keepdim=True))
+        product = c * (p * r - p * (p * r).sum(2, keepdim=True))
+        return product.movedim(2, -1) if self.class_last else product
 
     def hessian_product(self, r: Tensor) -> Tensor:
+        """:meth:`ggn_product` for logits; zero for log-probability outputs (a linear loss)."""
         return self.ggn_product(r) if self.exact_hessian else torch.zeros_like(r)
 
     def sqrt_columns(self) -> Tensor:
+        r"""Columns :math:`\sqrt{c_u p_{uc}}(e_c - p_u)`, block-diagonal over positions."""
         p = self.probs
         n, classes = p.shape[:2]
         positions = p[0, 0].numel()
@@ -202,20 +220,79 @@ class SoftmaxCrossEntropy(OutputCurvature):
         root = p.sqrt()
         blocks = torch.diag_embed(root) - p.unsqueeze(3) * root.unsqueeze(2)  # (N, D, C, C')
         blocks = blocks * self.coefficients.reshape(n, positions, 1, 1).sqrt()
-        # Output index c * D + d (row-major (C, D)); column (c', d'); zero unless d == d'.
+        # Rows and columns in the order of the flattened outputs: (c, d) for classes in dim 1,
+        # (d, c) for classes last; zero unless the two positions agree.
         eye = torch.eye(positions, dtype=p.dtype, device=p.device)
-        dense = torch.einsum("ndab,de->nadbe", blocks, eye)
+        pattern = "ndab,de->ndaeb" if self.class_last else "ndab,de->nadbe"
+        dense = torch.einsum(pattern, blocks, eye)
         return dense.reshape(n, classes * positions, classes * positions)
 
     def sample_columns(self, samples: int, generator: torch.Generator | None) -> Tensor:
+        r""":math:`\sqrt{c_u/k}(e_y - p_u)`, :math:`y \sim p_u`, every position independently."""
         p = self.probs
         n, classes = p.shape[:2]
         flat = p.movedim(1, -1).reshape(-1, classes)  # (N * D, C)
         labels = torch.multinomial(flat, samples, replacement=True, generator=generator)
         one_hot = nn.functional.one_hot(labels, classes).to(p.dtype)  # (N * D, k, C)
         z = (one_hot - flat.unsqueeze(1)) * (self.coefficients.reshape(-1, 1, 1) / samples).sqrt()
-        z = z.reshape(n, -1, samples, classes).permute(0, 3, 1, 2)  # (N, C, D, k)
+        z = z.reshape(n, -1, samples, classes)  # (N, D, k, C)
+        z = z.permute(0, 1, 3, 2) if self.class_last else z.permute(0, 3, 1, 2)
         return z.reshape(n, -1, samples)
+
+
+def softmax_cross_entropy(
+    outputs: Tensor,
+    targets: Tensor,
+    *,
+    class_dim: int = 1,
+    weight: Tensor | None = None,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    log_probabilities: bool = False,
+) -> SoftmaxCrossEntropy:
+    r"""The closed forms of :func:`torch.nn.functional.cross_entropy` (mean reduction).
+
+    Class indices ``targets`` have the outputs' shape without the class dim; probability
+    targets have the outputs' shape. With ``log_probabilities`` the outputs are log-probabilities
+    (``NLLLoss``): same Gauss-Newton matrix (at the logits), zero output Hessian.
+
+    Example:
+        >>> import torch
+        >>> logits = torch.randn(2, 3, 5, dtype=torch.float64)  # (N, T, V)
+        >>> labels = torch.tensor([[0, 4, -100], [1, 1, 2]])
+        >>> space = softmax_cross_entropy(logits, labels, class_dim=-1)
+        >>> loss = lambda o: torch.nn.functional.cross_entropy(o.transpose(1, 2), labels)
+        >>> h = torch.func.hessian(loss)(logits).reshape(30, 30)
+        >>> s = space.sqrt_columns()  # (N, T * V, T * V), the output order of (N, T, V)
+        >>> torch.allclose(torch.block_diag(*(s @ s.transpose(1, 2))), h)
+        True
+    """
+    moved = outputs.movedim(-1, 1) if class_dim == -1 else outputs
+    targets_moved = (
+        targets.movedim(-1, 1) if class_dim == -1 and targets.shape == outputs.shape else targets
+    )
+    probs = moved.exp() if log_probabilities else moved.softmax(1)
+    index = not targets.is_floating_point()
+    classes = moved.shape[1]
+    w = (
+        torch.ones(classes, dtype=outputs.dtype, device=outputs.device)
+        if weight is None
+        else weight.to(outputs.dtype)
+    )
+    smooth = label_smoothing / classes * w.sum()
+    if index:
+        kept = targets != ignore_index
+        w_y = w[torch.where(kept, targets, 0)]
+        units = ((1.0 - label_smoothing) * w_y + smooth) * kept
+        normaliser = (w_y * kept).sum()
+    else:
+        w_view = w.view(1, classes, *([1] * (moved.dim() - 2)))
+        units = (1.0 - label_smoothing) * (targets_moved * w_view).sum(1) + smooth
+        normaliser = torch.tensor(float(units.numel()), dtype=outputs.dtype)
+    probs_out = probs.movedim(1, -1) if class_dim == -1 else probs
+    return SoftmaxCrossEntropy(
+        probs_out, units / normaliser, exact_hessian=not log_probabilities, class_dim=class_dim
+    )
 
 
 class MeanSquaredError(OutputCurvature):
@@ -392,13 +469,17 @@ def output_curvature(loss_fn: LossFn, outputs: Any, targets: Tensor) -> OutputCu
     if family in ("ce", "nll"):
         index = _index_targets(outputs, targets)
         if index or (family == "ce" and _probability_targets(outputs, targets)):
-            if family == "ce":
-                probs = outputs.softmax(1)
-            else:
-                probs = _log_probabilities(outputs, "NLLLoss")
-            weights = _unit_weights(loss_fn, outputs, targets, index)
-            z = loss_normaliser(loss_fn, targets).to(outputs.dtype)
-            return SoftmaxCrossEntropy(probs, weights / z, exact_hessian=family == "ce")
+            if family == "nll":
+                _log_probabilities(outputs, "NLLLoss")
+            weight, ignore_index, smoothing = _class_options(loss_fn)
+            return softmax_cross_entropy(
+                outputs,
+                targets,
+                weight=weight,
+                ignore_index=ignore_index,
+                label_smoothing=smoothing,
+                log_probabilities=family == "nll",
+            )
     if family == "kl" and _probability_targets(outputs, targets):
         probs = _log_probabilities(outputs, "KLDivLoss")
         target = targets.exp() if getattr(loss_fn, "log_target", False) else targets
@@ -408,24 +489,6 @@ def output_curvature(loss_fn: LossFn, outputs: Any, targets: Tensor) -> OutputCu
     if family == "mse" and isinstance(targets, Tensor) and targets.shape == outputs.shape:
         return MeanSquaredError(outputs)
     return GenericLoss(loss_fn, outputs, targets)
-
-
-def _unit_weights(loss_fn: object, outputs: Tensor, targets: Tensor, index: bool) -> Tensor:
-    r""":math:`\sum_c a_{uc}` of every unit (module docstring), ``(N, d1, ...)``."""
-    weight, ignore_index, smoothing = _class_options(loss_fn)
-    classes = outputs.shape[1]
-    w = (
-        torch.ones(classes, dtype=outputs.dtype, device=outputs.device)
-        if weight is None
-        else weight.to(outputs.dtype)
-    )
-    smooth = smoothing / classes * w.sum()
-    if index:
-        kept = targets != ignore_index
-        w_y = w[torch.where(kept, targets, 0)]
-        return ((1.0 - smoothing) * w_y + smooth) * kept
-    w_view = w.view(1, classes, *([1] * (outputs.dim() - 2)))
-    return (1.0 - smoothing) * (targets * w_view).sum(1) + smooth
 
 
 def output_hessian_sqrt(outputs: Tensor, targets: Tensor, loss_fn: LossFn) -> Tensor:
