@@ -64,3 +64,31 @@ def fisher_diagonal_loop(model, params, inputs, targets) -> Tensor:
             (g,) = torch.autograd.grad(log_p[c], theta, retain_graph=True)
             total += log_p[c].exp().detach() * g**2
     return total / len(inputs)
+
+
+def dense_ggn(model, params, inputs, targets, loss_fn) -> Tensor:
+    """J^T (d^2 L / d f^2) J over the WHOLE batch: the Gauss-Newton matrix of the batch loss L,
+    with no assumption on how L splits into examples or units."""
+    theta = flatten(params)
+
+    def outputs_of(t):
+        return outputs_at(model, unflatten(t, params), inputs)
+
+    f = outputs_of(theta).detach()
+    jac = torch.func.jacrev(outputs_of)(theta).reshape(f.numel(), -1)
+    h = torch.func.hessian(lambda o: loss_fn(o.view_as(f), targets))(f.reshape(-1))
+    return jac.T @ h @ jac
+
+
+def products(matrix: Tensor, vectors: dict[str, Tensor]) -> dict[str, Tensor]:
+    """``matrix @ v`` for each of the k stacked vectors ``{name: (k, *shape)}``."""
+    k = next(iter(vectors.values())).shape[0]
+    like = {name: v[0] for name, v in vectors.items()}
+    columns = [
+        unflatten(matrix @ flatten({n: v[j] for n, v in vectors.items()}), like) for j in range(k)
+    ]
+    return {name: torch.stack([c[name] for c in columns]) for name in vectors}
+
+
+def diagonal(matrix: Tensor, like: dict[str, Tensor]) -> dict[str, Tensor]:
+    return {k: v.clone() for k, v in unflatten(torch.diagonal(matrix).clone(), like).items()}

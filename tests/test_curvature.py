@@ -1,10 +1,11 @@
-"""Float64 brute-force twins for every routine of :mod:`lossprune.curvature`.
+r"""Float64 brute-force twins for every routine of :mod:`lossprune.curvature`.
 
-References are built from scratch: dense Hessians with :func:`torch.func.hessian` of the loss of
-a flat parameter vector, GGNs 1/N sum_n J_n^T H_n J_n from :func:`torch.func.jacrev`, the Fisher
-as the explicit per-example, per-class loop of Laurent et al. (2020),
-1/N sum_n sum_c p_nc (d log p_c / d theta)^2. Every fast path is also compared with the generic
-``torch.func`` path it replaces (``fast=False``).
+Cases come from ONE table (:mod:`tests.cases`: model x loss x parameter subset, crossed with the
+available devices); references from ONE module (:mod:`tests.brute_force`): dense Hessians with
+:func:`torch.func.hessian` of the loss of a flat parameter vector, Gauss-Newton matrices
+:math:`J^\top (\partial^2 L/\partial f^2) J` of the whole batch, the Fisher as the explicit
+per-example, per-class loop of Laurent et al. (2020). Every fast path is also compared with the
+generic ``torch.func`` path it replaces (``fast=False``).
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import math
 import pytest
 import torch
 from torch import nn
-from torch.func import functional_call, hessian, jacrev
 
 from lossprune import curvature
 from lossprune.curvature import (
@@ -28,203 +28,24 @@ from lossprune.curvature import (
     hvp,
     loss_and_grad,
 )
+from lossprune.curvature import products as curvature_products
+from lossprune.curvature.layers import RULES
+from tests import brute_force as bf
+from tests.cases import CASES, DTYPE, MODELS, Case, build, case_params
 
-DTYPE = torch.float64
 CE = nn.CrossEntropyLoss()
 
 
-# ---------------------------------------------------------------------------------------------
-# Tiny models
-# ---------------------------------------------------------------------------------------------
-
-
-class TwoLayer(nn.Module):
-    """A non-Sequential chain (traced), like the experiments' MLP."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.flatten = nn.Flatten()
-        self.body = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.body(self.flatten(x))
-
-
-class Residual(nn.Module):
-    """Not a chain: every fast path must fall back (or handle it through hooks)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(6, 6)
-        self.fc2 = nn.Linear(6, 3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(x + torch.tanh(self.fc1(x)))
-
-
-class Tied(nn.Module):
-    """One Linear applied twice: its weight gets two uses."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc = nn.Linear(6, 6)
-        self.out = nn.Linear(6, 3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.out(torch.tanh(self.fc(torch.tanh(self.fc(x)))))
-
-
-class WeightReuse(nn.Module):
-    """A Linear whose weight is also used outside its own call."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc = nn.Linear(6, 4)
-        self.out = nn.Linear(4, 3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = torch.tanh(self.fc(x)) + 0.1 * (x @ self.fc.weight.T)
-        return self.out(h)
-
-
-class Sequence(nn.Module):
-    """A Linear applied over a sequence dimension (per-example sums over positions)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc = nn.Linear(3, 4)
-        self.out = nn.Linear(8, 3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.out(torch.tanh(self.fc(x.view(-1, 2, 3))).flatten(1))
-
-
-def mlp() -> nn.Module:
-    return nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 4), nn.Sigmoid(), nn.Linear(4, 3))
-
-
-def cnn() -> nn.Module:
-    return nn.Sequential(
-        nn.Conv2d(2, 3, 3, padding=1),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Conv2d(3, 4, 2, stride=1, bias=False),
-        nn.Tanh(),
-        nn.AvgPool2d(1),
-        nn.Flatten(),
-        nn.Linear(4, 3),
-    )
-
-
-def conv1d() -> nn.Module:
-    return nn.Sequential(
-        nn.Conv1d(2, 3, 3, padding=1, dilation=1), nn.Tanh(), nn.Flatten(), nn.Linear(12, 3)
-    )
-
-
-def bias_free() -> nn.Module:
-    return nn.Sequential(nn.Linear(6, 5, bias=False), nn.Tanh(), nn.Linear(5, 3, bias=False))
-
-
-def batch_norm() -> nn.Module:
-    model = nn.Sequential(nn.Linear(6, 5), nn.BatchNorm1d(5), nn.Tanh(), nn.Linear(5, 3))
-    model[1].running_mean.uniform_(-0.5, 0.5)
-    model[1].running_var.uniform_(0.5, 2.0)
-    return model.eval()
-
-
-MODELS = {
-    "mlp": (mlp, (6,)),
-    "traced": (TwoLayer, (2, 3)),
-    "cnn": (cnn, (2, 4, 4)),
-    "conv1d": (conv1d, (2, 4)),
-    "bias_free": (bias_free, (6,)),
-    "batch_norm": (batch_norm, (6,)),
-    "residual": (Residual, (6,)),
-    "tied": (Tied, (6,)),
-    "weight_reuse": (WeightReuse, (6,)),
-    "sequence": (Sequence, (6,)),
-}
-
-
 def setup(name: str, n: int = 7, subset: bool = False, seed: int = 0):
-    torch.manual_seed(seed)
-    build, shape = MODELS[name]
-    model = build().to(DTYPE)
-    params = {k: v.detach() for k, v in model.named_parameters()}
-    if subset:  # only the weights, not the biases: the rest is held fixed
-        params = {k: v for k, v in params.items() if k.endswith("weight")}
-    x = torch.randn(n, *shape, dtype=DTYPE)
-    y = torch.randint(0, 3, (n,))
-    return model, params, (x, y)
-
-
-# ---------------------------------------------------------------------------------------------
-# Brute force
-# ---------------------------------------------------------------------------------------------
-
-
-def flat_fn(model, params, fn):
-    """``fn(params_dict)`` as a function of one flat vector of all entries of ``params``."""
-    names = list(params)
-    shapes = [params[k].shape for k in names]
-    sizes = [params[k].numel() for k in names]
-
-    def unflatten(theta):
-        return {k: t.view(s) for k, t, s in zip(names, theta.split(sizes), shapes, strict=True)}
-
-    flat = torch.cat([params[k].reshape(-1) for k in names])
-    return flat, unflatten, lambda theta: fn(unflatten(theta))
-
-
-def call(model, params, x):
-    return functional_call(model, params, (x,), strict=False)
-
-
-def dense_hessian(model, params, batch, loss_fn=CE):
-    x, y = batch
-    flat, unflatten, f = flat_fn(model, params, lambda p: loss_fn(call(model, p, x), y))
-    return hessian(f)(flat), unflatten
-
-
-def dense_ggn(model, params, batch, loss_fn=CE):
-    x, y = batch
-    flat, unflatten, f = flat_fn(model, params, lambda p: call(model, p, x))
-    outputs = f(flat).detach()
-    jac = jacrev(f)(flat).reshape(len(x), -1, flat.numel())  # (N, O, P)
-    total = torch.zeros(flat.numel(), flat.numel(), dtype=DTYPE)
-    for n in range(len(x)):
-
-        def loss_n(o, n=n):
-            return loss_fn(o.view(1, *outputs.shape[1:]), y[n : n + 1])
-
-        h = hessian(loss_n)(outputs[n].reshape(-1))
-        total += jac[n].T @ h @ jac[n]
-    return total / len(x), unflatten
-
-
-def fisher_loop(model, params, batch):
-    """Laurent et al. (2020): 1/N sum_n sum_c p_nc (d log p_c / d theta)^2, one grad at a time."""
-    x, y = batch
-    leaves = {k: v.clone().requires_grad_(True) for k, v in params.items()}
-    total = {k: torch.zeros_like(v) for k, v in params.items()}
-    for n in range(len(x)):
-        log_p = call(model, leaves, x[n : n + 1]).log_softmax(1)[0]
-        for c in range(log_p.numel()):
-            grads = torch.autograd.grad(log_p[c], list(leaves.values()), retain_graph=True)
-            for k, g in zip(leaves, grads, strict=True):
-                total[k] += log_p[c].exp().detach() * g**2
-    return {k: v / len(x) for k, v in total.items()}
-
-
-def flatten(d):
-    return torch.cat([v.reshape(-1) for v in d.values()])
+    built = build(Case(name, "ce", subset), n=n, seed=seed)
+    return built.model, built.params, built.batch
 
 
 def random_vectors(params, k, seed=1):
     gen = torch.Generator().manual_seed(seed)
     return {
-        name: torch.randn((k, *p.shape), dtype=DTYPE, generator=gen) for name, p in params.items()
+        name: torch.randn((k, *p.shape), dtype=DTYPE, generator=gen).to(p.device)
+        for name, p in params.items()
     }
 
 
@@ -239,66 +60,90 @@ def assert_close(actual, expected, **kw):
         torch.testing.assert_close(actual, expected, **kw)
 
 
+def dense_hessian(model, params, batch, loss_fn=CE):
+    return bf.dense_hessian(model, params, *batch, loss_fn)
+
+
+def dense_ggn(model, params, batch, loss_fn=CE):
+    return bf.dense_ggn(model, params, *batch, loss_fn)
+
+
+def fisher_loop(model, params, batch):
+    return bf.unflatten(bf.fisher_diagonal_loop(model, params, *batch), params)
+
+
 ALL = list(MODELS)
 
 
+def test_every_registered_layer_has_a_brute_force_case():
+    """Adding a rule to the table without a case here fails: each rule must be run by a fast
+    path (the fused chain, or for layers with parameters the squared contractions) in some
+    model of the case table, which the tests below compare with brute force."""
+    from lossprune.curvature.chain import find_chain
+    from lossprune.curvature.contractions import layer_ggn_diag
+
+    exercised = set()
+    for name in MODELS:
+        model, params, (x, y) = setup(name)
+        if find_chain(model, params) is not None:
+            exercised |= {type(m) for m in model.modules()}
+        sums = layer_ggn_diag(
+            model, params, x, lambda o, y=y: curvature.output_hessian_sqrt(o, y, CE)
+        )
+        exercised |= {type(model.get_submodule(q.rpartition(".")[0])) for q in sums.sums}
+    missing = [t.__name__ for t in RULES if t not in exercised]
+    assert not missing, f"add a model in which a fast path runs {missing} to tests/cases.py"
+
+
 # ---------------------------------------------------------------------------------------------
-# Gradient and curvature-vector products
+# The case table against brute force
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ALL)
-@pytest.mark.parametrize("subset", [False, True])
-def test_loss_and_grad(name, subset):
-    model, params, (x, y) = setup(name, subset=subset)
-    loss, grads = loss_and_grad(model, params, (x, y), CE)
-    leaves = {k: v.clone().requires_grad_(True) for k, v in params.items()}
-    expected_loss = CE(call(model, leaves, x), y)
-    expected = torch.autograd.grad(expected_loss, list(leaves.values()))
-    assert_close(loss, expected_loss.detach())
-    assert_close(grads, dict(zip(leaves, expected, strict=True)))
+@case_params()
+def test_loss_and_grad(case, device):
+    model, params, (x, y), loss_fn = build(case, device)
+    loss, grads = loss_and_grad(model, params, (x, y), loss_fn)
+    assert_close(loss, bf.mean_loss(model, params, x, y, loss_fn))
+    assert_close(grads, bf.unflatten(bf.gradient(model, params, x, y, loss_fn), params))
 
 
-@pytest.mark.parametrize("name", ALL)
-@pytest.mark.parametrize("subset", [False, True])
+@case_params()
 @pytest.mark.parametrize("fast", [True, False])
-def test_hvp_matches_dense_hessian(name, subset, fast):
-    model, params, batch = setup(name, subset=subset)
-    vectors = random_vectors(params, k=3)
-    loss, grads, products = hvp(model, params, batch, CE, vectors, fast=fast)
-    h, unflatten = dense_hessian(model, params, batch)
-    v = torch.stack([flatten({k: vectors[k][j] for k in params}) for j in range(3)])
-    expected = {k: torch.stack([unflatten(h @ v[j])[k] for j in range(3)]) for k in params}
-    assert_close(products, expected)
-    ref_loss, ref_grads = loss_and_grad(model, params, batch, CE)
+def test_hvp_matches_dense_hessian(case, device, fast):
+    model, params, batch, loss_fn = build(case, device)
+    h = bf.dense_hessian(model, params, *batch, loss_fn)
+    for k in (3, 1):
+        vectors = random_vectors(params, k=k)
+        loss, grads, products = hvp(model, params, batch, loss_fn, vectors, fast=fast)
+        assert_close(products, bf.products(h, vectors))
+    ref_loss, ref_grads = loss_and_grad(model, params, batch, loss_fn)
     assert_close(loss, ref_loss)
     assert_close(grads, ref_grads)
 
 
-@pytest.mark.parametrize("name", ALL)
+@case_params()
 @pytest.mark.parametrize("fast", [True, False])
-def test_ggn_vp_matches_jacobian_sandwich(name, fast):
-    model, params, batch = setup(name)
+def test_ggn_vp_matches_dense_ggn(case, device, fast):
+    model, params, batch, loss_fn = build(case, device)
     vectors = random_vectors(params, k=2)
-    _, _, products = ggn_vp(model, params, batch, CE, vectors, fast=fast)
-    g, unflatten = dense_ggn(model, params, batch)
-    v = torch.stack([flatten({k: vectors[k][j] for k in params}) for j in range(2)])
-    expected = {k: torch.stack([unflatten(g @ v[j])[k] for j in range(2)]) for k in params}
-    assert_close(products, expected)
+    products = ggn_vp(model, params, batch, loss_fn, vectors, fast=fast).products
+    assert_close(products, bf.products(bf.dense_ggn(model, params, *batch, loss_fn), vectors))
 
 
-@pytest.mark.parametrize("name", ["mlp", "cnn"])
-def test_mse_hvp_and_ggn(name):
-    model, params, (x, _) = setup(name)
-    targets = torch.randn(len(x), 3, dtype=DTYPE)
-    mse = nn.MSELoss()
-    vectors = random_vectors(params, k=2)
-    for curv, dense in (("hessian", dense_hessian), ("ggn", dense_ggn)):
-        _, _, products = hvp(model, params, (x, targets), mse, vectors, curvature=curv)
-        m, unflatten = dense(model, params, (x, targets), mse)
-        v = torch.stack([flatten({k: vectors[k][j] for k in params}) for j in range(2)])
-        expected = {k: torch.stack([unflatten(m @ v[j])[k] for j in range(2)]) for k in params}
-        assert_close(products, expected)
+@case_params()
+@pytest.mark.parametrize("fast", [True, False])
+def test_fisher_diag_is_the_dense_ggn_diagonal(case, device, fast):
+    model, params, batch, loss_fn = build(case, device)
+    expected = bf.diagonal(bf.dense_ggn(model, params, *batch, loss_fn), params)
+    assert_close(fisher_diag(model, params, batch, loss_fn, fast=fast), expected)
+
+
+@case_params([c for c in CASES if c.loss == "ce"])
+def test_fisher_diag_matches_per_class_loop(case, device):
+    """The paper's formula, one example and one class at a time (Laurent et al. 2020)."""
+    model, params, batch, loss_fn = build(case, device)
+    assert_close(fisher_diag(model, params, batch, loss_fn), fisher_loop(model, params, batch))
 
 
 @pytest.mark.parametrize("name", ["mlp", "cnn", "residual"])
@@ -306,7 +151,7 @@ def test_double_backward_twin_equals_fused(name):
     model, params, batch = setup(name)
     vectors = random_vectors(params, k=3)
     fused = hvp(model, params, batch, CE, vectors)
-    twin = curvature._hvp_double_backward(model, params, batch, CE, vectors)
+    twin = curvature_products._hvp_double_backward(model, params, batch, CE, vectors)
     for a, b in zip(fused, twin, strict=True):
         assert_close(a, b)
 
@@ -349,14 +194,11 @@ def test_double_backward_fallback_when_forward_ad_missing():
     batch = (torch.randn(5, 6, dtype=DTYPE), torch.randint(0, 3, (5,)))
     vectors = random_vectors(params, k=2)
     with pytest.warns(RuntimeWarning, match="double-backward"):
-        curvature._WARNED_DOUBLE_BACKWARD.clear()
+        curvature_products._WARNED_DOUBLE_BACKWARD.clear()
         _, _, products = hvp(model, params, batch, CE, vectors)
     twin = NoForwardAD(plain=True).to(DTYPE)
     twin.load_state_dict(model.state_dict())
-    h, unflatten = dense_hessian(twin, params, batch)
-    v = torch.stack([flatten({k: vectors[k][j] for k in params}) for j in range(2)])
-    expected = {k: torch.stack([unflatten(h @ v[j])[k] for j in range(2)]) for k in params}
-    assert_close(products, expected)
+    assert_close(products, bf.products(dense_hessian(twin, params, batch), vectors))
 
 
 @pytest.mark.parametrize("name", ["mlp", "cnn", "residual"])
@@ -390,30 +232,14 @@ def test_unknown_curvature_and_bad_vectors_raise():
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ALL)
-@pytest.mark.parametrize("subset", [False, True])
-def test_fisher_diag_matches_per_class_loop(name, subset):
-    model, params, batch = setup(name, subset=subset)
-    expected = fisher_loop(model, params, batch)
-    assert_close(fisher_diag(model, params, batch, CE), expected)
-    assert_close(fisher_diag(model, params, batch, CE, fast=False), expected)
-
-
-@pytest.mark.parametrize("name", ["mlp", "cnn", "sequence"])
-def test_fisher_diag_is_ggn_diagonal(name):
-    model, params, batch = setup(name)
-    g, unflatten = dense_ggn(model, params, batch)
-    assert_close(fisher_diag(model, params, batch, CE), unflatten(torch.diagonal(g)))
-
-
 @pytest.mark.parametrize("name", ["mlp", "cnn"])
 def test_mse_fisher_diag_closed_form(name):
     """Mean MSE over N x O entries: H_n = 2/O I, so D = 2/(N O) sum_n sum_o (d f_no / d theta)^2."""
     model, params, (x, _) = setup(name)
     targets = torch.randn(len(x), 3, dtype=DTYPE)
-    flat, unflatten, f = flat_fn(model, params, lambda p: call(model, p, x))
-    jac = jacrev(f)(flat)  # (N, O, P)
-    expected = unflatten(2.0 * (jac**2).sum((0, 1)) / jac[..., 0].numel())
+    theta = bf.flatten(params)
+    jac = torch.func.jacrev(lambda t: bf.outputs_at(model, bf.unflatten(t, params), x))(theta)
+    expected = bf.unflatten(2.0 * (jac**2).sum((0, 1)) / jac[..., 0].numel(), params)
     for fast in (True, False):
         assert_close(fisher_diag(model, params, (x, targets), nn.MSELoss(), fast=fast), expected)
 
@@ -454,8 +280,7 @@ def test_fisher_diag_mc_fast_equals_generic_with_same_seed():
 @pytest.mark.parametrize("name", ["mlp", "cnn"])
 def test_hutchinson_diag_converges(name):
     model, params, batch = setup(name)
-    h, unflatten = dense_hessian(model, params, batch)
-    exact = unflatten(torch.diagonal(h).clone())
+    exact = bf.diagonal(dense_hessian(model, params, batch), params)
     gen = torch.Generator().manual_seed(0)
     estimates = [
         hutchinson_diag(model, params, batch, CE, probes=25, generator=gen) for _ in range(40)
@@ -480,8 +305,8 @@ def test_compute_statistics_batches_equal_full_batch(name):
     assert_close(split.grad, full.grad)
     for r in requests:
         assert_close(split[r], full[r])
-    h, unflatten = dense_hessian(model, params, (x, y))
-    assert_close(full[Statistic("hessian_grad")], unflatten(h @ flatten(full.grad)))
+    h = dense_hessian(model, params, (x, y))
+    assert_close(full[Statistic("hessian_grad")], bf.unflatten(h @ bf.flatten(full.grad), params))
     assert_close(full[Statistic("fisher")], fisher_loop(model, params, (x, y)))
 
 
@@ -525,7 +350,7 @@ def test_non_finite_loss_raises():
 
 def test_float32_fast_paths_agree_with_generic():
     torch.manual_seed(0)
-    model = cnn()
+    model = MODELS["cnn"][0]()
     params = {k: v.detach() for k, v in model.named_parameters()}
     batch = (torch.randn(5, 2, 4, 4), torch.randint(0, 3, (5,)))
     vectors = {k: torch.randn(2, *p.shape) for k, p in params.items()}
@@ -545,6 +370,10 @@ def test_float32_fast_paths_agree_with_generic():
     [
         ("mlp", set()),
         ("cnn", set()),
+        ("every_layer_1d", set()),
+        ("every_layer_2d", set()),
+        ("grouped_conv", set()),
+        ("residual", set()),
         ("conv1d", set()),
         ("sequence", set()),
         ("batch_norm", {"1.weight", "1.bias"}),
@@ -554,10 +383,10 @@ def test_float32_fast_paths_agree_with_generic():
 )
 def test_layer_diag_covers_exactly_the_safe_layers(name, uncovered):
     """The squared-contraction path takes plain once-used layers and nothing else."""
-    from lossprune._layer_diag import layer_ggn_diag
+    from lossprune.curvature.contractions import layer_ggn_diag
 
     model, params, (x, y) = setup(name)
-    _, sums = layer_ggn_diag(model, params, x, lambda o: curvature.output_hessian_sqrt(o, y, CE))
+    sums = layer_ggn_diag(model, params, x, lambda o: curvature.output_hessian_sqrt(o, y, CE)).sums
     assert set(params) - set(sums) == uncovered
 
 
@@ -565,6 +394,9 @@ def test_layer_diag_covers_exactly_the_safe_layers(name, uncovered):
     ("name", "is_chain"),
     [
         ("mlp", True),
+        ("every_layer_1d", True),
+        ("every_layer_2d", True),
+        ("grouped_conv", False),  # the chain rule of a convolution takes groups == 1
         ("traced", True),
         ("cnn", True),
         ("conv1d", True),
@@ -578,7 +410,7 @@ def test_layer_diag_covers_exactly_the_safe_layers(name, uncovered):
 )
 @pytest.mark.parametrize("subset", [False, True])
 def test_chain_fast_path_is_selected_exactly_for_chains(name, is_chain, subset):
-    from lossprune._chain import find_chain
+    from lossprune.curvature.chain import find_chain
 
     model, params, _ = setup(name, subset=subset)
     assert (find_chain(model, params) is not None) == is_chain

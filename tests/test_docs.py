@@ -18,6 +18,7 @@ import ast
 import csv
 import importlib
 import inspect
+import pkgutil
 import re
 from pathlib import Path
 
@@ -34,16 +35,31 @@ ERROR_COLUMNS = ["Exception", "Message", "Raised by", "Source", "Test"]
 INTERNAL_EXCEPTIONS = {"NotImplementedError", "NotAChain"}
 
 
+def public_modules() -> list[str]:
+    """Every module of the package whose dotted name has no ``_`` component.
+
+    ``lossprune.experiments`` (the reproduction and its command line) is documented in
+    docs/reproducing.md and docs/reproduction.md instead of the API reference.
+    """
+    return sorted(
+        info.name
+        for info in pkgutil.walk_packages(lossprune.__path__, prefix="lossprune.")
+        if not any(part.startswith("_") for part in info.name.split("."))
+        and not info.name.startswith("lossprune.experiments")
+    )
+
+
 def public_names() -> list[tuple[str, object]]:
-    """(documented name, object) for every public object."""
+    """(documented name, object) for every public function and class of every public module."""
     names = [(f"lossprune.{n}", getattr(lossprune, n)) for n in lossprune.__all__]
     seen = {id(obj) for _, obj in names}  # NonFiniteError is lossprune.NonFiniteError
-    for module_name in ("lossprune.curvature", "lossprune.masks", "lossprune.sparse"):
+    for module_name in public_modules():
         module = importlib.import_module(module_name)
         for name in module.__all__:
             obj = getattr(module, name)
             if (inspect.isfunction(obj) or inspect.isclass(obj)) and id(obj) not in seen:
                 names.append((f"{module_name}.{name}", obj))
+                seen.add(id(obj))
     return names
 
 

@@ -58,7 +58,7 @@ def test_build_makes_an_sdist_and_a_wheel_with_the_package(dist):
         names = set(archive.namelist())
         metadata = archive.read(f"lossprune-{version}.dist-info/METADATA").decode()
     assert "lossprune/py.typed" in names, "PEP 561 marker missing: type hints would be ignored"
-    assert "lossprune/curvature.py" in names and "lossprune/criteria/base.py" in names
+    assert "lossprune/curvature/__init__.py" in names and "lossprune/criteria/base.py" in names
     assert not any(name.startswith("tests/") for name in names)
     for requirement in ("torch", "numpy", "scipy", "tqdm"):
         assert f"Requires-Dist: {requirement}" in metadata

@@ -104,11 +104,11 @@ def random_subset(data: Any, examples: int, generator: torch.Generator) -> Any:
     if isinstance(data, DataLoader):
         size = len(data.dataset)  # type: ignore[arg-type]
         _check_size(examples, size)
-        index = torch.randperm(size, generator=generator)[:examples].tolist()
+        chosen = torch.randperm(size, generator=generator)[:examples].tolist()
         # A loader built from a custom batch sampler has batch_size None: keep its batch size.
         batch_size = data.batch_size or getattr(data.batch_sampler, "batch_size", None)
         return DataLoader(
-            Subset(data.dataset, index),
+            Subset(data.dataset, chosen),
             batch_size=batch_size or examples,
             collate_fn=data.collate_fn,
             num_workers=data.num_workers,

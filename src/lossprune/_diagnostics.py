@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Hashable, Mapping
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from ._data import iter_batches
-from ._distributed import all_reduce_floats, all_reduce_sum
-from ._functional import FunctionalModel
+from ._functional import FunctionalModel, statistics_dtype
 from .curvature import LossFn, hvp
+from .curvature.statistics import dataset_mean
 
 __all__ = ["curvature_product", "predicted_loss_change", "mean_loss"]
 
@@ -28,34 +27,27 @@ def curvature_product(
     curvature: str = "hessian",
     chunk_size: int | None = None,
 ) -> tuple[float, Params, Params]:
-    """Mean loss, gradient and curvature-vector product ``C v`` over ``data``, example-weighted.
+    """Mean loss, gradient and curvature-vector product ``C v`` over ``data``.
 
-    One fused gradient + product pass per batch (:func:`lossprune.curvature.hvp`), all-reduced
-    over the ranks of an initialised process group.
+    One fused gradient + product pass per batch (:func:`lossprune.curvature.hvp`), averaged by
+    the one dataset-mean loop (:func:`lossprune.curvature.statistics.dataset_mean`: weighted by
+    the loss's units, accumulated in the statistics dtype, all-reduced over ranks).
     """
     device = next(iter(params.values())).device
-    grad_sum = {k: torch.zeros_like(p) for k, p in params.items()}
-    product_sum = {k: torch.zeros_like(p) for k, p in params.items()}
-    loss_sum = 0.0
-    examples = 0
-    stacked = {k: v.unsqueeze(0) for k, v in vector.items()}
-    for batch in iter_batches(data, device):
-        n = len(batch[0])
+    # Products in the model's dtype (the CG vectors may be float32), sums in the statistics dtype.
+    stacked = {k: v.to(params[k].dtype).unsqueeze(0) for k, v in vector.items()}
+
+    def batch_values(batch: tuple[Any, Tensor]) -> dict[Hashable, Any]:
         loss, grad, products = hvp(
             model, params, batch, loss_fn, stacked, curvature=curvature, chunk_size=chunk_size
         )
-        loss_sum += n * float(loss)
-        for k in params:
-            grad_sum[k].add_(grad[k], alpha=n)
-            product_sum[k].add_(products[k][0], alpha=n)
-        examples += n
-    all_reduce_sum(grad_sum, product_sum)
-    loss_sum, examples = all_reduce_floats([loss_sum, examples], device)
-    return (
-        loss_sum / examples,
-        {k: v / examples for k, v in grad_sum.items()},
-        {k: v / examples for k, v in product_sum.items()},
-    )
+        return {"loss": loss, "grad": grad, "product": {k: v[0] for k, v in products.items()}}
+
+    dtype = statistics_dtype(params)
+    means: dict[Hashable, Any] = dataset_mean(
+        data, loss_fn, batch_values, device=device, dtype=dtype
+    ).means
+    return float(means["loss"]), dict(means["grad"]), dict(means["product"])
 
 
 def predicted_loss_change(
@@ -92,13 +84,14 @@ def predicted_loss_change(
 
 @torch.no_grad()
 def mean_loss(model: nn.Module, params: Mapping[str, Tensor], data: Any, loss_fn: LossFn) -> float:
-    """Example-weighted mean loss over ``data`` with the prunable weights set to ``params``."""
+    """Mean loss over ``data`` with the prunable weights set to ``params`` (one data loop)."""
     device = next(iter(params.values())).device
     fmodel = FunctionalModel(model, params)
-    total = 0.0
-    examples = 0
-    for inputs, targets in iter_batches(data, device):
-        total += len(inputs) * float(loss_fn(fmodel(params, inputs), targets))
-        examples += len(inputs)
-    total, examples = all_reduce_floats([total, examples], device)
-    return total / examples
+
+    def batch_values(batch: tuple[Any, Tensor]) -> dict[Hashable, Any]:
+        inputs, targets = batch
+        return {"loss": loss_fn(fmodel(params, inputs), targets)}
+
+    dtype = statistics_dtype(params)
+    loss: Any = dataset_mean(data, loss_fn, batch_values, device=device, dtype=dtype).means["loss"]
+    return float(loss)

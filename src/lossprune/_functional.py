@@ -17,7 +17,6 @@ from torch.func import functional_call
 __all__ = [
     "FunctionalModel",
     "check_deterministic",
-    "check_mean_reduction",
     "statistics_dtype",
 ]
 
@@ -80,9 +79,17 @@ def check_deterministic(model: nn.Module) -> None:
         ValueError: naming the first offending module.
     """
     for name, module in model.named_modules():
+        batch_norm = isinstance(module, nn.modules.batchnorm._BatchNorm)
+        if batch_norm and (module.running_mean is None or not module.track_running_stats):
+            raise ValueError(
+                f"module {name!r} ({type(module).__name__}) has track_running_stats=False: it "
+                "normalises with the statistics of each batch even in eval mode, so every "
+                "example's output depends on the others and no per-example curvature exists. "
+                "Use running statistics (track_running_stats=True) or another normalisation."
+            )
         if not module.training:
             continue
-        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats:
+        if batch_norm:
             raise ValueError(
                 f"module {name!r} ({type(module).__name__}) is in training mode: its batch "
                 "statistics would change the scores and its running statistics would be "
@@ -94,19 +101,6 @@ def check_deterministic(model: nn.Module) -> None:
                 "at random, so the scores would be random. Call model.eval() before scoring "
                 "(or pass eval_mode=True to Pruner)."
             )
-
-
-def check_mean_reduction(loss_fn: object) -> None:
-    """Statistics are example-weighted means, so a loss must average over the batch.
-
-    Raises:
-        ValueError: when ``loss_fn`` declares a reduction other than ``"mean"``.
-    """
-    reduction = getattr(loss_fn, "reduction", "mean")
-    if reduction != "mean":
-        raise ValueError(
-            f"loss_fn must average over the batch (reduction='mean'), got reduction={reduction!r}"
-        )
 
 
 def statistics_dtype(params: Mapping[str, Tensor]) -> torch.dtype:

@@ -6,3 +6,5 @@ imported, so ``import lossprune`` never needs them:
 * :mod:`lossprune.integrations.hf` -- a Hugging Face ``transformers`` ``TrainerCallback``
   (needs ``pip install 'lossprune[transformers]'``).
 """
+
+__all__: list[str] = []

@@ -1,0 +1,225 @@
+r"""Curvature diagonals on one batch: exact and Monte-Carlo Gauss-Newton/Fisher, Hutchinson.
+
+With :math:`S_n S_n^\top = M_n` the output-space curvature of the batch loss (:mod:`.outputs`,
+mean and weights included):
+
+* the exact GGN/Fisher diagonal :math:`\operatorname{diag}G = \sum_n\sum_r (J_n^\top S_n
+  e_r)^2`; for softmax cross-entropy on one unit per example this is the Fisher of Laurent et
+  al. (2020, Sec. 3), :math:`\frac1N \sum_n \sum_c p_{nc} (\partial \log p_c(x_n) /
+  \partial\theta)^2`;
+* its Monte-Carlo estimate from :math:`z_n` with :math:`\mathbb E[z_n z_n^\top] = M_n`, labels
+  sampled from the model (Martens 2014);
+* Hutchinson's estimate of the Hessian diagonal :math:`\mathbb E_z[z \odot Hz]` with Rademacher
+  probes :math:`z` (Bekas et al. 2007).
+
+The fast path takes the layers of :mod:`.contractions`; the rest goes through the generic
+per-example ``vmap`` path, which is also the slow twin of the tests (``fast=False``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.func import vjp, vmap
+
+from .._checks import check_positive_int
+from .._functional import FunctionalModel
+from .contractions import layer_ggn_diag
+from .outputs import LossFn, output_curvature, rademacher
+from .products import CurvatureProducts, check_inputs, hvp
+
+__all__ = ["fisher_diag", "fisher_diag_mc", "hutchinson_diag"]
+
+Params = dict[str, Tensor]
+
+# Bound on the per-example tensors materialised at once: examples x columns x parameters.
+_PER_EXAMPLE_ELEMENTS = 1 << 24
+
+
+def _sum_squared_per_example_vjps(
+    fmodel: FunctionalModel,
+    params: Params,
+    inputs: Tensor,
+    cotangents: Tensor,
+    chunk_size: int | None,
+    fixed: Params | None = None,
+) -> Params:
+    r""":math:`\sum_n \sum_r (J_n^\top c_{nr})^2` for output cotangents ``(N, O, R)``.
+
+    Each example's Jacobian is pulled back along its ``R`` columns (vmapped), squared and summed.
+    Examples are processed ``chunk_size`` at a time so that at most
+    ``chunk_size * R * P`` per-example numbers exist at once. ``fixed`` tensors of ``fmodel``'s
+    explicit parameters are held constant (the layers a fast path already covered).
+    """
+    n, _, columns = cotangents.shape
+    size = sum(p.numel() for p in params.values())
+    fixed = fixed or {}
+    if chunk_size is None:
+        chunk_size = max(1, _PER_EXAMPLE_ELEMENTS // max(1, columns * size))
+
+    def one_example(x: Tensor, cots: Tensor) -> Params:
+        def output(p: Params) -> Tensor:
+            return fmodel.single({**fixed, **p}, x).reshape(-1)
+
+        pullback = vjp(output, params)[1]
+        per_column = vmap(lambda c: pullback(c)[0], in_dims=1)(cots)
+        return {k: (g * g).sum(0) for k, g in per_column.items()}
+
+    total = {k: torch.zeros_like(p) for k, p in params.items()}
+    try:
+        for start in range(0, n, chunk_size):
+            stop = min(n, start + chunk_size)
+            chunk = vmap(one_example)(inputs[start:stop], cotangents[start:stop])
+            for k in total:
+                total[k] += chunk[k].sum(0)
+    except RuntimeError:
+        # A module that cannot run under vmap over examples (e.g. an LSTM builds its initial
+        # state from the unbatched size): the same sums, one example at a time.
+        total = {k: torch.zeros_like(p) for k, p in params.items()}
+        for x, cots in zip(inputs, cotangents, strict=True):
+            for k, v in one_example(x, cots).items():
+                total[k] += v
+    return total
+
+
+def fisher_diag(
+    model: nn.Module,
+    params: Mapping[str, Tensor],
+    batch: tuple[Any, Tensor],
+    loss_fn: LossFn,
+    *,
+    chunk_size: int | None = None,
+    fast: bool = True,
+) -> Params:
+    r"""Exact diagonal of the GGN (= Fisher for softmax cross-entropy) of the batch loss.
+
+    .. math:: D = \sum_n \sum_r (J_n^\top S_n e_r)^2, \qquad S_n S_n^\top = M_n
+
+    Args:
+        model: the network, called functionally (never modified); returns one tensor.
+        params: tensors to differentiate with respect to, by qualified parameter name.
+        batch: ``(inputs, targets)``.
+        loss_fn: the batch loss ``loss_fn(outputs, targets)``, a mean (:mod:`.outputs`).
+        chunk_size: examples processed at once (default: bounded by ``2**24`` per-example numbers).
+        fast: use the per-layer squared contractions where they are proven exact (``False``:
+            always the generic per-example path, the slow twin used in tests).
+    """
+    check_inputs(model, loss_fn)
+    return _diag_from_cotangents(model, dict(params), batch, loss_fn, None, 0, chunk_size, fast)
+
+
+def fisher_diag_mc(
+    model: nn.Module,
+    params: Mapping[str, Tensor],
+    batch: tuple[Any, Tensor],
+    loss_fn: LossFn,
+    *,
+    samples: int = 1,
+    generator: torch.Generator | None = None,
+    chunk_size: int | None = None,
+    fast: bool = True,
+) -> Params:
+    r"""Monte-Carlo estimate of :func:`fisher_diag` from ``samples`` sampled outputs per example.
+
+    .. math:: \hat D = \sum_n \sum_{j=1}^k (J_n^\top z_{nj})^2,
+       \quad \mathbb E\Big[\sum_j z_{nj} z_{nj}^\top\Big] = M_n
+
+    Unbiased; for cross-entropy :math:`z = \sqrt{c/k}\,(e_y - p)`, :math:`y\sim p` (Laurent et
+    al. 2020 use k = 10 on ImageNet).
+
+    Raises:
+        NonFiniteError: the model outputs are NaN or infinite (no label can be sampled).
+    """
+    check_inputs(model, loss_fn)
+    check_positive_int("samples", samples)
+    return _diag_from_cotangents(
+        model, dict(params), batch, loss_fn, generator, samples, chunk_size, fast
+    )
+
+
+def _diag_from_cotangents(
+    model: nn.Module,
+    params: Params,
+    batch: tuple[Any, Tensor],
+    loss_fn: LossFn,
+    generator: torch.Generator | None,
+    samples: int,
+    chunk_size: int | None,
+    fast: bool,
+) -> Params:
+    """Exact (``samples == 0``) or Monte-Carlo GGN diagonal of the batch loss.
+
+    With ``fast``, covered layers get their diagonal from squared contractions of one batched
+    backward pass (:func:`~.contractions.layer_ggn_diag`); whatever it does not cover goes
+    through the generic per-example ``vmap`` path, its slow twin, with the SAME cotangents.
+    """
+    inputs, targets = batch
+    fmodel = FunctionalModel(model, params)
+
+    def cotangents_of(outputs: Any) -> Tensor:
+        space = output_curvature(loss_fn, outputs, targets)
+        if samples == 0:
+            return space.sqrt_columns()
+        return space.sample_columns(samples, generator)
+
+    total: Params = {}
+    cotangents = None
+    if fast:
+        drawn: list[Tensor] = []  # the one draw of cotangents, reused by the generic remainder
+
+        def remember(outputs: Tensor) -> Tensor:
+            drawn.append(cotangents_of(outputs))
+            return drawn[0]
+
+        total = layer_ggn_diag(model, params, inputs, remember).sums
+        cotangents = drawn[0] if drawn else None
+    rest = {k: v for k, v in params.items() if k not in total}
+    if rest:
+        if cotangents is None:
+            with torch.no_grad():
+                cotangents = cotangents_of(fmodel(params, inputs))
+        fixed = {k: v for k, v in params.items() if k in total}
+        total.update(
+            _sum_squared_per_example_vjps(fmodel, rest, inputs, cotangents, chunk_size, fixed)
+        )
+    return {k: total[k] for k in params}
+
+
+def hutchinson_diag(
+    model: nn.Module,
+    params: Mapping[str, Tensor],
+    batch: tuple[Any, Tensor],
+    loss_fn: LossFn,
+    *,
+    probes: int = 100,
+    generator: torch.Generator | None = None,
+    chunk_size: int | None = None,
+) -> Params:
+    r"""Hutchinson's unbiased estimate of the Hessian diagonal (Bekas et al. 2007).
+
+    .. math:: \widehat{\operatorname{diag} H} = \frac1k \sum_{j=1}^k z_j \odot H z_j,
+       \quad z_j \in \{-1, 1\}^P \text{ uniform}
+
+    The ``k`` products share one primal pass (:func:`~.products.hvp`).
+    """
+    check_inputs(model, loss_fn)
+    check_positive_int("probes", probes)
+    return hutchinson(model, dict(params), batch, loss_fn, probes, generator, chunk_size).products
+
+
+def hutchinson(
+    model: nn.Module,
+    params: Params,
+    batch: tuple[Any, Tensor],
+    loss_fn: LossFn,
+    probes: int,
+    generator: torch.Generator | None,
+    chunk_size: int | None,
+) -> CurvatureProducts:
+    """Loss, gradient and Hutchinson's estimate (in ``products``) from one fused pass."""
+    z = {k: rademacher((probes, *p.shape), p, generator) for k, p in params.items()}
+    loss, grads, hz = hvp(model, params, batch, loss_fn, z, chunk_size=chunk_size)
+    return CurvatureProducts(loss, grads, {k: (z[k] * hz[k]).mean(0) for k in params})

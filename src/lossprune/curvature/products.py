@@ -1,0 +1,375 @@
+r"""Loss, gradient and curvature-vector products on one batch, and the choice of algorithm.
+
+``curvature="hessian"``: :math:`Hv`; ``curvature="ggn"``: :math:`Gv = \sum_n J_n^\top M_n J_n v`
+with :math:`M_n` the output-space curvature of :mod:`.outputs` (Schraudolph 2002), PSD for convex
+losses. Four exact algorithms compute them; :func:`choose_backend` is the one place that picks:
+
+* ``REVERSE_OVER_REVERSE``: :math:`Hv = \nabla(g^\top v)`, one extra backward per vector — the
+  cheapest exact product for a single vector (benchmarks/README.md) and the fallback of the
+  forward-over-reverse path for operations without forward-mode derivatives;
+* ``CHAIN``: the fused R-operator pass of :mod:`.chain` (batched tangents inside the layers);
+* ``FORWARD_OVER_REVERSE``: ``vmap(jvp(grad(L)))`` over the ``k`` tangents (Pearlmutter 1994);
+* ``GENERIC_GGN``: ``vmap`` over the tangents of :math:`J^\top M J v` with :func:`torch.func`.
+"""
+
+from __future__ import annotations
+
+import enum
+import warnings
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple, cast
+
+import torch
+from torch import Tensor, nn
+from torch.func import grad_and_value, jvp, vjp, vmap
+from torch.utils._pytree import tree_map
+
+from .._functional import FunctionalModel, check_deterministic
+from .chain import Chain, find_chain, run_chain
+from .layers import NotAChain
+from .outputs import LossFn, check_reduction, loss_and_output_grad, output_curvature
+
+__all__ = [
+    "Backend",
+    "BackendChoice",
+    "CurvatureProducts",
+    "GradientResult",
+    "choose_backend",
+    "ggn_vp",
+    "hvp",
+    "loss_and_grad",
+]
+
+Params = dict[str, Tensor]
+
+
+class GradientResult(NamedTuple):
+    """Batch loss and its gradient with respect to ``params``."""
+
+    loss: Tensor
+    grad: Params
+
+
+class CurvatureProducts(NamedTuple):
+    """Batch loss, gradient and the ``k`` curvature-vector products (shaped like the vectors)."""
+
+    loss: Tensor
+    grad: Params
+    products: Params
+
+
+class Backend(enum.Enum):
+    """The exact algorithms behind :func:`hvp` (module docstring)."""
+
+    REVERSE_OVER_REVERSE = "reverse-over-reverse"
+    CHAIN = "chain"
+    FORWARD_OVER_REVERSE = "forward-over-reverse"
+    GENERIC_GGN = "generic-ggn"
+
+
+class BackendChoice(NamedTuple):
+    """The chosen backend and, for ``CHAIN``, the chain it runs."""
+
+    backend: Backend
+    chain: Chain | None
+
+
+def choose_backend(
+    model: nn.Module, params: Mapping[str, Tensor], curvature: str, k: int, fast: bool
+) -> BackendChoice:
+    """Which exact algorithm computes ``k`` products of ``curvature`` for ``model``.
+
+    One Hessian vector: reverse-over-reverse (nothing to batch; measured cheapest). Otherwise
+    the fused chain when ``fast`` and :func:`~.chain.find_chain` proves the model a chain of
+    covered layers, else forward-over-reverse (Hessian) or the generic GGN product.
+
+    Example:
+        >>> import torch
+        >>> model = torch.nn.Sequential(torch.nn.Linear(3, 2))
+        >>> params = dict(model.named_parameters())
+        >>> choose_backend(model, params, "ggn", k=4, fast=True).backend
+        <Backend.CHAIN: 'chain'>
+        >>> choose_backend(model, params, "hessian", k=1, fast=True).backend
+        <Backend.REVERSE_OVER_REVERSE: 'reverse-over-reverse'>
+        >>> choose_backend(model, params, "hessian", k=4, fast=False).backend
+        <Backend.FORWARD_OVER_REVERSE: 'forward-over-reverse'>
+    """
+    if fast and curvature == "hessian" and k == 1:
+        return BackendChoice(Backend.REVERSE_OVER_REVERSE, None)
+    chain = find_chain(model, params) if fast else None
+    if chain is not None:
+        return BackendChoice(Backend.CHAIN, chain)
+    generic = Backend.FORWARD_OVER_REVERSE if curvature == "hessian" else Backend.GENERIC_GGN
+    return BackendChoice(generic, None)
+
+
+def check_inputs(model: nn.Module, loss_fn: object) -> None:
+    """The checks every public curvature function makes before computing anything.
+
+    Raises:
+        ValueError: a model whose forward pass is random or uses batch statistics
+            (:func:`~lossprune._functional.check_deterministic`), or a loss that is not a mean.
+    """
+    check_reduction(loss_fn)
+    check_deterministic(model)
+
+
+def loss_and_grad(
+    model: nn.Module, params: Mapping[str, Tensor], batch: tuple[Any, Tensor], loss_fn: LossFn
+) -> GradientResult:
+    """Batch loss and its gradient with respect to ``params`` (one forward, one backward).
+
+    The model may return any pytree (tuple, dict) that ``loss_fn`` unpacks.
+    """
+    check_inputs(model, loss_fn)
+    inputs, targets = batch
+    batch_loss = FunctionalModel(model, params).loss_fn_of(loss_fn)
+    grads, loss = grad_and_value(batch_loss)(dict(params), inputs, targets)
+    return GradientResult(loss.detach(), {k: v.detach() for k, v in grads.items()})
+
+
+_WARNED_DOUBLE_BACKWARD: set[str] = set()
+
+
+def _warn_double_backward_once(error: Exception) -> None:
+    key = type(error).__name__ + str(error).split("\n")[0]
+    if key not in _WARNED_DOUBLE_BACKWARD:
+        _WARNED_DOUBLE_BACKWARD.add(key)
+        warnings.warn(
+            "forward-mode AD failed for an operation of this model "
+            f"({str(error).splitlines()[0] if str(error) else type(error).__name__}); falling "
+            "back to double-backward Hessian-vector products (same numbers, slower).",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+
+def hvp(
+    model: nn.Module,
+    params: Mapping[str, Tensor],
+    batch: tuple[Any, Tensor],
+    loss_fn: LossFn,
+    vectors: Mapping[str, Tensor],
+    *,
+    curvature: str = "hessian",
+    chunk_size: int | None = None,
+    fast: bool = True,
+) -> CurvatureProducts:
+    r"""Loss, gradient and curvature-vector products for a stack of ``k`` vectors, fused.
+
+    ``curvature="hessian"``: :math:`Hv`; ``curvature="ggn"``: :math:`Gv = J^\top M J v` (module
+    docstring), the algorithm picked by :func:`choose_backend`.
+
+    Args:
+        model: the network, called functionally (never modified).
+        params: tensors to differentiate with respect to, by qualified parameter name.
+        batch: ``(inputs, targets)``.
+        loss_fn: the batch loss ``loss_fn(outputs, targets)``, a mean (:mod:`.outputs`).
+        vectors: for every name in ``params``, a tensor of shape ``(k, *param.shape)``.
+        curvature: ``"hessian"`` or ``"ggn"``.
+        chunk_size: at most this many vectors are processed at once (bounds memory).
+        fast: allow the fused chain path (``False``: always the generic ``torch.func`` path,
+            the slow twin used in tests).
+
+    Returns:
+        ``(loss, grad, products)``, products shaped like ``vectors``.
+
+    Raises:
+        TypeError: an operation of the model has no second derivative (e.g. a fused attention
+            kernel), so no exact Hessian-vector product exists.
+    """
+    check_inputs(model, loss_fn)
+    params = dict(params)
+    k = _check_vectors(params, vectors)
+    if curvature not in ("hessian", "ggn"):
+        raise ValueError(f"curvature must be 'hessian' or 'ggn', got {curvature!r}")
+    choice = choose_backend(model, params, curvature, k, fast)
+    if choice.backend is Backend.REVERSE_OVER_REVERSE:
+        return _hvp_double_backward(model, params, batch, loss_fn, vectors)
+    if choice.chain is not None:
+        try:
+            result = run_chain(
+                choice.chain,
+                params,
+                batch,
+                loss_fn,
+                vectors,
+                hessian=curvature == "hessian",
+                chunk_size=chunk_size,
+            )
+        except NotAChain:
+            pass  # an input layout the chain rules do not cover: the generic path is exact
+        else:
+            assert result.products is not None  # run_chain only omits them when asked for none
+            grads, products = result.grad, result.products
+            return CurvatureProducts(
+                result.loss, {k: grads[k] for k in params}, {k: products[k] for k in params}
+            )
+    if curvature == "hessian":
+        try:
+            return _hvp_forward_over_reverse(model, params, batch, loss_fn, vectors, chunk_size)
+        except (RuntimeError, NotImplementedError) as error:
+            _warn_double_backward_once(error)
+            return _hvp_double_backward(model, params, batch, loss_fn, vectors)
+    return _ggn_vp(model, params, batch, loss_fn, vectors, chunk_size)
+
+
+def ggn_vp(
+    model: nn.Module,
+    params: Mapping[str, Tensor],
+    batch: tuple[Any, Tensor],
+    loss_fn: LossFn,
+    vectors: Mapping[str, Tensor],
+    *,
+    chunk_size: int | None = None,
+    fast: bool = True,
+) -> CurvatureProducts:
+    """:func:`hvp` with ``curvature="ggn"``."""
+    return hvp(
+        model, params, batch, loss_fn, vectors, curvature="ggn", chunk_size=chunk_size, fast=fast
+    )
+
+
+def _check_vectors(params: Params, vectors: Mapping[str, Tensor]) -> int:
+    if set(vectors) != set(params):
+        raise ValueError("vectors must have exactly the keys of params")
+    ks = {v.shape[0] for v in vectors.values()}
+    if len(ks) != 1:
+        raise ValueError("every entry of vectors must stack the same number k of vectors")
+    for name, v in vectors.items():
+        if v.shape[1:] != params[name].shape:
+            raise ValueError(
+                f"vectors[{name!r}] must have shape (k, *{tuple(params[name].shape)}), "
+                f"got {tuple(v.shape)}"
+            )
+    return ks.pop()
+
+
+def _hvp_forward_over_reverse(
+    model: nn.Module,
+    params: Params,
+    batch: tuple[Any, Tensor],
+    loss_fn: LossFn,
+    vectors: Mapping[str, Tensor],
+    chunk_size: int | None,
+) -> CurvatureProducts:
+    inputs, targets = batch
+    batch_loss = FunctionalModel(model, params).loss_fn_of(loss_fn)
+
+    def grad_with_loss(p: Params) -> tuple[Params, Tensor]:
+        return grad_and_value(batch_loss)(p, inputs, targets)
+
+    def one_tangent(v: Params) -> tuple[Params, Params, Tensor]:
+        # (gradient, Hessian-vector product, loss): jvp's stubs do not know has_aux's arity.
+        return cast(
+            "tuple[Params, Params, Tensor]", jvp(grad_with_loss, (params,), (v,), has_aux=True)
+        )
+
+    grads, products, loss = vmap(one_tangent, chunk_size=chunk_size)(dict(vectors))
+    # The primal outputs do not depend on the tangent: vmap expands them, take one copy.
+    return CurvatureProducts(
+        loss[0].detach(), {k: g[0].detach() for k, g in grads.items()}, products
+    )
+
+
+def _hvp_double_backward(
+    model: nn.Module,
+    params: Params,
+    batch: tuple[Any, Tensor],
+    loss_fn: LossFn,
+    vectors: Mapping[str, Tensor],
+) -> CurvatureProducts:
+    r"""Reverse-over-reverse: :math:`Hv = \nabla(g^\top v)`, one backward per vector."""
+    inputs, targets = batch
+    leaves = {k: v.detach().requires_grad_(True) for k, v in params.items()}
+    names = list(leaves)
+    try:
+        with torch.enable_grad():
+            loss = loss_fn(FunctionalModel(model, params)(leaves, inputs), targets)
+            raw = torch.autograd.grad(
+                loss, list(leaves.values()), create_graph=True, allow_unused=True
+            )
+            # Only gradients that are part of the graph have a derivative; the others (a
+            # parameter the loss does not use, or uses linearly) have a zero Hessian row.
+            in_graph = [i for i, g in enumerate(raw) if g is not None and g.requires_grad]
+            k = next(iter(vectors.values())).shape[0]
+            columns: list[Sequence[Tensor | None]] = []
+            for j in range(k):
+                columns.append(
+                    torch.autograd.grad(
+                        [raw[i] for i in in_graph],
+                        list(leaves.values()),
+                        grad_outputs=[vectors[names[i]][j] for i in in_graph],
+                        retain_graph=j < k - 1,
+                        allow_unused=True,
+                    )
+                    if in_graph
+                    else (None,) * len(names)
+                )
+    except (RuntimeError, NotImplementedError) as error:
+        first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise TypeError(
+            "Hessian-vector products need second derivatives of every operation of the model, "
+            f"and one has none ({first_line}); use an implementation with double-backward "
+            "support (e.g. the math kernel of scaled_dot_product_attention)"
+        ) from error
+    cut = [names[i] for i in in_graph if columns[0][i] is None]
+    if cut:
+        # A gradient that is part of the graph but does not reach its own parameter: a backward
+        # pass that is not itself differentiable (once_differentiable) cut the graph (or, in
+        # theory, a loss linear in that parameter with no interaction at all). Refuse it.
+        raise TypeError(
+            "Hessian-vector products need second derivatives of every operation of the model, "
+            f"but the gradient is disconnected from {cut} (an operation whose backward is "
+            "not differentiable, e.g. once_differentiable)"
+        )
+    products = {
+        name: torch.stack([_or_zeros(c[i], leaves[name]) for c in columns]).detach()
+        for i, name in enumerate(names)
+    }
+    grads = {name: _or_zeros(g, leaves[name]).detach() for name, g in zip(names, raw, strict=True)}
+    return CurvatureProducts(loss.detach(), grads, products)
+
+
+def _or_zeros(t: Tensor | None, like: Tensor) -> Tensor:
+    """A derivative autograd reported as unused (``None``) is zero."""
+    return torch.zeros_like(like) if t is None else t
+
+
+def _ggn_vp(
+    model: nn.Module,
+    params: Params,
+    batch: tuple[Any, Tensor],
+    loss_fn: LossFn,
+    vectors: Mapping[str, Tensor],
+    chunk_size: int | None,
+) -> CurvatureProducts:
+    r""":math:`J^\top M J v` with :func:`torch.func`; outputs may be any pytree of tensors."""
+    inputs, targets = batch
+    fmodel = FunctionalModel(model, params)
+
+    def outputs_of(p: Params) -> Any:
+        return fmodel(p, inputs)
+
+    # vjp's stubs allow an aux output; index instead of unpacking so the types stay exact.
+    primal = vjp(outputs_of, params)
+    outputs, pullback = tree_map(torch.Tensor.detach, primal[0]), primal[1]
+    loss, output_grad = loss_and_output_grad(loss_fn, outputs, targets)
+    space = output_curvature(loss_fn, outputs, targets)
+
+    def ggn_one(v: Params) -> Params:
+        jv = jvp(outputs_of, (params,), (v,))[1]
+        return pullback(space.ggn_product_one(jv))[0]
+
+    (grads,) = pullback(output_grad)
+    try:
+        products = vmap(ggn_one, chunk_size=chunk_size)(dict(vectors))
+    except (RuntimeError, NotImplementedError) as error:
+        first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise TypeError(
+            "Gauss-Newton-vector products need forward-mode derivatives (Jacobian-vector "
+            f"products) of every operation of the model, and one has none ({first_line}); use "
+            "an implementation with forward-mode support (e.g. the math kernel of "
+            "scaled_dot_product_attention)"
+        ) from error
+    return CurvatureProducts(loss.detach(), {k: g.detach() for k, g in grads.items()}, products)

@@ -1,0 +1,281 @@
+r"""Statistics over a whole dataset in one pass, and the ONE dataset-mean loop behind them.
+
+Every quantity the library sums over data — the statistics of :func:`compute_statistics`, the
+products behind the stage report (:mod:`lossprune._diagnostics`) and the compensation solver —
+is the mean of the loss over ALL the units of the data, computed by :func:`dataset_mean`:
+iterate over the batches, weight the per-batch means by the loss's normaliser :math:`Z_b`
+(:func:`~.outputs.loss_normaliser`: the non-ignored targets, or their class weights),
+accumulate in the statistics dtype (at least float32), all-reduce over the ranks of an
+initialised :mod:`torch.distributed` group, and divide:
+
+.. math:: \bar s = \frac{\sum_b Z_b\, s_b}{\sum_b Z_b},
+
+which for the loss, its gradient and every curvature statistic (all linear in the loss) is
+exactly the statistic of the full-data mean loss.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from .._checks import check_positive_int
+from .._data import iter_batches
+from .._distributed import all_reduce_floats, all_reduce_sum
+from .._functional import FunctionalModel, statistics_dtype
+from .diagonals import fisher_diag, fisher_diag_mc, hutchinson
+from .errors import check_finite
+from .outputs import LossFn, check_mean_over_examples, loss_normaliser
+from .products import check_inputs, hvp, loss_and_grad
+
+__all__ = ["DatasetMean", "Statistic", "Statistics", "compute_statistics", "dataset_mean"]
+
+Params = dict[str, Tensor]
+Values = dict[Hashable, Tensor | Mapping[str, Tensor]]
+
+
+class DatasetMean(NamedTuple):
+    r"""Weighted means over a dataset (all ranks together).
+
+    Attributes:
+        means: every accumulated value, divided by the total weight.
+        weight: :math:`\\sum_b Z_b`, the number (or class weight) of the loss's units.
+        examples: number of examples.
+    """
+
+    means: Values
+    weight: float
+    examples: int
+
+
+def dataset_mean(
+    data: Any,
+    loss_fn: LossFn,
+    batch_values: Callable[[tuple[Any, Tensor]], Values],
+    *,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> DatasetMean:
+    """The ONE dataset-mean loop (module docstring).
+
+    ``batch_values(batch)`` returns per-batch means (tensors or dicts of tensors); batches whose
+    loss has no unit (every target ignored) are skipped.
+
+    Raises:
+        ValueError: no batch has a unit.
+    """
+    sums: dict[Hashable, Any] = {}
+    weight = 0.0
+    examples = 0
+    for batch in iter_batches(data, device):
+        z = float(loss_normaliser(loss_fn, batch[1]))
+        examples += len(batch[1])
+        if z == 0.0:
+            continue
+        for key, value in batch_values(batch).items():
+            if isinstance(value, Mapping):
+                total = sums.setdefault(key, {k: _zeros(v, dtype) for k, v in value.items()})
+                for k, v in value.items():
+                    total[k].add_(v.to(dtype), alpha=z)
+            else:
+                sums.setdefault(key, _zeros(value, dtype)).add_(value.to(dtype), alpha=z)
+        weight += z
+    all_reduce_sum(*sums.values())
+    weight, total_examples = all_reduce_floats([weight, float(examples)], device)
+    if weight == 0.0:
+        raise ValueError("data has no unit the loss averages over: every target is ignored")
+    means: Values = {
+        key: {k: v / weight for k, v in s.items()} if isinstance(s, Mapping) else s / weight
+        for key, s in sums.items()
+    }
+    return DatasetMean(means, weight, round(total_examples))
+
+
+def _zeros(like: Tensor, dtype: torch.dtype) -> Tensor:
+    return torch.zeros(like.shape, dtype=dtype, device=like.device)
+
+
+@dataclass(frozen=True)
+class Statistic:
+    """One statistic a criterion needs, with its options (hashable, so requests merge).
+
+    ``kind`` is one of:
+
+    * ``"grad"`` — :math:`g`;
+    * ``"fisher"`` — exact GGN/Fisher diagonal;
+    * ``"fisher_mc"`` — Monte-Carlo Fisher diagonal with ``samples`` labels per example;
+    * ``"hutchinson"`` — Hutchinson Hessian diagonal with ``samples`` probes per batch;
+    * ``"hessian_grad"`` — :math:`Hg` with :math:`g` the gradient over all the data (GraSP).
+    """
+
+    kind: str
+    samples: int = 0
+
+    def __post_init__(self) -> None:
+        if self.kind not in _KINDS:
+            raise ValueError(f"unknown statistic {self.kind!r}; expected one of {sorted(_KINDS)}")
+        if self.kind in ("fisher_mc", "hutchinson"):
+            check_positive_int("samples", self.samples)
+
+
+_KINDS = frozenset({"grad", "fisher", "fisher_mc", "hutchinson", "hessian_grad"})
+
+
+@dataclass
+class Statistics:
+    r"""Means over the scoring data (over the units the loss averages, module docstring).
+
+    Attributes:
+        loss: mean loss.
+        grad: mean gradient :math:`g`.
+        examples: number of examples (all ranks together).
+        values: every requested :class:`Statistic`, keyed by it.
+        units: :math:`\\sum_b Z_b`, the units (or their class weights) the means are over.
+    """
+
+    loss: float
+    grad: Params
+    examples: int
+    values: dict[Statistic, Params] = field(default_factory=dict)
+    units: float = 0.0
+
+    def __getitem__(self, request: Statistic) -> Params:
+        """The value of ``request``.
+
+        Raises:
+            ValueError: ``request`` was not among the requests these statistics computed.
+        """
+        if request.kind == "grad":
+            return self.grad
+        if request not in self.values:
+            raise ValueError(
+                f"statistic {request} was not requested; these statistics hold "
+                f"{sorted(map(str, self.values)) or 'only the loss and the gradient'}"
+            )
+        return self.values[request]
+
+
+def _ordered(requests: Iterable[Statistic]) -> list[Statistic]:
+    """Requests without duplicates, in a fixed order.
+
+    A seeded generator is then consumed the same way in every process (the order of a set of
+    requests depends on PYTHONHASHSEED).
+    """
+    return sorted(set(requests), key=lambda r: (r.kind, r.samples))
+
+
+def compute_statistics(
+    model: nn.Module,
+    params: Mapping[str, Tensor],
+    data: Any,
+    loss_fn: LossFn,
+    requests: Iterable[Statistic] = (),
+    *,
+    generator: torch.Generator | None = None,
+    chunk_size: int | None = None,
+) -> Statistics:
+    """Loss, gradient and every requested statistic over all of ``data`` (:func:`dataset_mean`).
+
+    One pass over the data computes the loss, the gradient and all diagonals of each batch
+    together. :math:`Hg` (``"hessian_grad"``) needs the gradient of the WHOLE data first, so it
+    adds a second pass. Under an initialised :mod:`torch.distributed` process group, sums and
+    weights are all-reduced so that every rank gets identical statistics.
+
+    Args:
+        model: the module (never modified).
+        params: tensors to differentiate with respect to, by qualified name.
+        data: an ``(inputs, targets)`` batch or a re-iterable of them (a DataLoader).
+        loss_fn: the batch loss, a mean (:mod:`.outputs`).
+        requests: statistics to compute besides loss and gradient.
+        generator: random source for Monte-Carlo labels and Hutchinson probes.
+        chunk_size: memory bound passed to the per-batch routines.
+
+    Raises:
+        NonFiniteError: a batch loss, gradient or a statistic is NaN or infinite.
+    """
+    check_inputs(model, loss_fn)
+    params = {k: v.detach() for k, v in params.items()}
+    ordered = _ordered(requests)
+    first_pass = [r for r in ordered if r.kind not in ("grad", "hessian_grad")]
+    device = next(iter(params.values())).device
+    dtype = statistics_dtype(params)
+
+    def batch_values(batch: tuple[Any, Tensor]) -> Values:
+        values: Values = {}
+        loss = grads = None
+        for request in first_pass:
+            if request.kind == "hutchinson":
+                loss, grads, values[request] = hutchinson(
+                    model, params, batch, loss_fn, request.samples, generator, chunk_size
+                )
+            elif request.kind == "fisher":
+                values[request] = fisher_diag(model, params, batch, loss_fn, chunk_size=chunk_size)
+            else:
+                values[request] = fisher_diag_mc(
+                    model,
+                    params,
+                    batch,
+                    loss_fn,
+                    samples=request.samples,
+                    generator=generator,
+                    chunk_size=chunk_size,
+                )
+        if loss is None or grads is None:
+            loss, grads = loss_and_grad(model, params, batch, loss_fn)
+        check_finite("loss", loss)
+        check_finite("gradient", grads)
+        values["loss"], values["grad"] = loss, grads
+        return values
+
+    first_inputs, first_targets = next(iter_batches(data, device))
+
+    @torch.no_grad()
+    def first_outputs() -> Any:
+        return FunctionalModel(model, params)(params, first_inputs)
+
+    check_mean_over_examples(loss_fn, first_outputs, first_targets)
+    result = dataset_mean(data, loss_fn, batch_values, device=device, dtype=dtype)
+    means = result.means
+    grad = _params(means["grad"])
+    values = {r: _params(means[r]) for r in first_pass}
+    if any(r.kind == "hessian_grad" for r in ordered):
+        values[Statistic("hessian_grad")] = _hessian_grad(
+            model, params, data, loss_fn, grad, device, dtype, chunk_size
+        )
+    for request, value in values.items():
+        check_finite(f"{request.kind} statistic", value)
+    loss = means["loss"]
+    assert isinstance(loss, Tensor)
+    return Statistics(
+        loss=float(loss), grad=grad, examples=result.examples, values=values, units=result.weight
+    )
+
+
+def _params(value: Tensor | Mapping[str, Tensor]) -> Params:
+    assert isinstance(value, Mapping)
+    return dict(value)
+
+
+def _hessian_grad(
+    model: nn.Module,
+    params: Params,
+    data: Any,
+    loss_fn: LossFn,
+    grad: Params,
+    device: torch.device,
+    dtype: torch.dtype,
+    chunk_size: int | None,
+) -> Params:
+    vectors = {k: g.to(params[k].dtype).unsqueeze(0) for k, g in grad.items()}
+
+    def batch_values(batch: tuple[Any, Tensor]) -> Values:
+        products = hvp(model, params, batch, loss_fn, vectors, chunk_size=chunk_size).products
+        return {"hg": {k: v[0] for k, v in products.items()}}
+
+    return _params(
+        dataset_mean(data, loss_fn, batch_values, device=device, dtype=dtype).means["hg"]
+    )
