@@ -17,7 +17,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from .._checks import check_nonnegative, is_real
+from .._checks import check_lam, is_real
 from ..curvature import Statistic, Statistics
 
 __all__ = ["Criterion", "ScoringContext", "SumCriterion", "ScaledCriterion", "check_lam"]
@@ -145,6 +145,3 @@ class ScaledCriterion(Criterion):
         return f"{self.factor!r} * {self.criterion!r}"
 
 
-def check_lam(lam: object) -> float:
-    """λ, the strength of the step-size constraint: a finite real number ≥ 0."""
-    return check_nonnegative("lam", lam)
