@@ -1,7 +1,6 @@
 """Compensation updates against dense float64 solves; auto_lam; layer-collapse detection."""
 
 import copy
-import warnings
 
 import pytest
 import torch

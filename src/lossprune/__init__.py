@@ -25,10 +25,10 @@ from .curvature import NonFiniteError
 from .mask_hooks import MaskHandle, keep_pruned_at_zero
 from .pruner import Pruner
 from .reports import LayerCollapseError, LayerCollapseWarning, StageReport
-from .selection import Global, Layerwise, Selection
-from .updates import Compensation
 from .schedules import ExponentialSchedule, LinearSchedule, Schedule
 from .scoring import scores
+from .selection import Global, Layerwise, Selection
+from .updates import Compensation
 
 try:
     __version__ = version("lossprune")

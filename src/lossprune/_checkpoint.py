@@ -93,16 +93,15 @@ def read_pruner_state(
         raise ValueError(f"state stage {stage!r} is out of range 0..{len(targets)}")
     masks = _read_masks(state["masks"], params)
     generator_state = _read_generator_state(state["generator"])
-    return Checkpoint(int(stage), masks, generator_state, _read_update(state["update"], update, params))
+    update_state = _read_update(state["update"], update, params)
+    return Checkpoint(int(stage), masks, generator_state, update_state)
 
 
 def _read_masks(masks: object, params: Mapping[str, Tensor]) -> dict[str, Tensor]:
     if not isinstance(masks, Mapping):
         raise TypeError(f"state masks must be a dict, got {type(masks).__name__}")
     if set(masks) != set(params):
-        raise ValueError(
-            f"state has masks for {sorted(masks)}, the pruner prunes {sorted(params)}"
-        )
+        raise ValueError(f"state has masks for {sorted(masks)}, the pruner prunes {sorted(params)}")
     for name, mask in masks.items():
         if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
             raise TypeError(f"state mask {name!r} must be a bool tensor")

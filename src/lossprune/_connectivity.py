@@ -134,9 +134,7 @@ def _chain_step(
     return None
 
 
-def connectivity(
-    layers: list[ChainLayer] | None, masks: Mapping[str, Tensor]
-) -> Connectivity:
+def connectivity(layers: list[ChainLayer] | None, masks: Mapping[str, Tensor]) -> Connectivity:
     """Disconnected units of the chain ``layers`` under ``masks`` (``True`` = kept).
 
     Layers without a mask (not pruned) are fully connected. A flatten between a convolution with

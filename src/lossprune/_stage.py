@@ -112,9 +112,8 @@ def plan_stage(
             setup.diagnostics and update is not None
         ) else (None, None, None)  # fmt: skip
     if update is None:
-        step_norm_sq = float(
-            sum(p.double().masked_fill(~newly_pruned[k], 0).square().sum() for k, p in params.items())
-        )
+        removed = (p.double().masked_fill(~newly_pruned[k], 0) for k, p in params.items())
+        step_norm_sq = float(sum(r.square().sum() for r in removed))
     else:
         step_norm_sq = float(sum(d.double().square().sum() for d in update.delta.values()))
     kept = {k: int(m.count_nonzero()) for k, m in new_masks.items()}
@@ -149,7 +148,10 @@ def _check_selected(new: Mapping[str, Tensor], old: Mapping[str, Tensor]) -> Non
     if set(new) != set(old):
         raise ValueError(f"the selection returned masks for {sorted(new)}, not {sorted(old)}")
     for name, mask in new.items():
-        if not isinstance(mask, Tensor) or mask.dtype != torch.bool or mask.shape != old[name].shape:
+        if (
+            not (isinstance(mask, Tensor) and mask.dtype == torch.bool)
+            or mask.shape != old[name].shape
+        ):
             raise ValueError(f"the selection returned no bool mask shaped like {name!r}")
         if bool((mask & ~old[name].to(mask.device)).any()):
             raise ValueError(f"the selection un-pruned entries of {name!r}: masks never shrink")

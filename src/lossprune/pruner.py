@@ -176,7 +176,9 @@ class Pruner:
         }
         self.stage = 0
         self.reports: list[StageReport] = []
-        self.update_state: CompensationState | None = None if update is None else update.init_state()
+        self.update_state: CompensationState | None = (
+            None if update is None else update.init_state()
+        )
 
     @property
     def data(self) -> Any:
@@ -308,10 +310,11 @@ class Pruner:
     # ----------------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to resume mid-schedule: stage, masks, RNG and update state, and the
-        configuration they belong to.
+        """Everything needed to resume mid-schedule, and the configuration it belongs to.
 
-        Plain tensors, numbers and strings only, so ``torch.load(weights_only=True)`` reads it.
+        Stage, masks, random state and update state, with the schedule's targets, the
+        criterion, scope, min_density and update they were computed with. Plain tensors, numbers
+        and strings only, so ``torch.load(weights_only=True)`` reads it.
         """
         return pruner_state(
             stage=self.stage,
@@ -326,8 +329,9 @@ class Pruner:
         )
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Resume from :meth:`state_dict`: restores masks (and zeroes those weights), stage, RNG
-        and update state. Everything is validated before anything changes.
+        """Resume from :meth:`state_dict`, validated completely before anything changes.
+
+        Restores masks (and zeroes those weights), stage, random state and update state.
 
         Raises:
             TypeError: a malformed state.

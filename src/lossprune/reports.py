@@ -118,9 +118,7 @@ def collapse_message(
     if after.checked and after.outputs > before.outputs:
         parts.append(f"disconnects {after.outputs} output units from the input")
     if after.checked:
-        grown = {
-            name: count for name, count in after.hidden.items() if count > before.hidden.get(name, 0)
-        }
+        grown = {k: n for k, n in after.hidden.items() if n > before.hidden.get(k, 0)}
         if grown:
             parts.append(f"leaves hidden units with no kept input or output: {grown}")
     if not parts:

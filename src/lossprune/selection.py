@@ -51,10 +51,8 @@ class ParameterLayout(NamedTuple):
     input_dims: tuple[int, ...] | None
 
 
-def parameter_layouts(
-    model: nn.Module, params: Mapping[str, Tensor]
-) -> dict[str, ParameterLayout]:
-    """The :class:`ParameterLayout` of each parameter in ``params`` (qualified names of ``model``)."""
+def parameter_layouts(model: nn.Module, params: Mapping[str, Tensor]) -> dict[str, ParameterLayout]:
+    """The :class:`ParameterLayout` of each of ``params`` (qualified names of ``model``)."""
     layouts = {}
     for name, param in params.items():
         module_name, _, attribute = name.rpartition(".")
@@ -107,9 +105,10 @@ class Selection(Protocol):
 
 @dataclass(frozen=True)
 class Global:
-    r"""One ranking over all prunable weights (the paper's): exactly
-    :math:`\operatorname{round}(P \cdot p)` of the :math:`P` weights are pruned after the stage,
-    each tensor keeping at least ``min_density`` of its entries. See
+    r"""One ranking over all prunable weights (the paper's).
+
+    Exactly :math:`\operatorname{round}(P \cdot p)` of the :math:`P` weights are pruned after
+    the stage, each tensor keeping at least ``min_density`` of its entries. See
     :func:`lossprune.masks.select_masks`.
     """
 
@@ -119,10 +118,11 @@ class Global:
         targets: Sequence[float],
         min_density: float,
     ) -> None:
+        """The final target must leave every tensor ``min_density`` of its entries in total."""
         sizes = [_numel(layout.shape) for layout in layouts.values()]
         k = round(sum(sizes) * targets[-1])
-        _check_reachable(k, sum(n - _ceil_times(min_density, n) for n in sizes),
-                         f"{sum(sizes)} entries", targets[-1], min_density)  # fmt: skip
+        cap = sum(n - _ceil_times(min_density, n) for n in sizes)
+        _check_reachable(k, cap, f"{sum(sizes)} entries", targets[-1], min_density)
 
     def select(
         self,
@@ -133,6 +133,7 @@ class Global:
         min_density: float,
         layouts: Mapping[str, ParameterLayout],
     ) -> dict[str, Tensor]:
+        """:func:`~lossprune.masks.select_masks` with ``scope="global"``."""
         return select_masks(
             dict(scores), dict(masks), sparsity=sparsity, scope="global", min_density=min_density
         )
@@ -140,8 +141,10 @@ class Global:
 
 @dataclass(frozen=True)
 class Layerwise:
-    r"""Each tensor separately: tensor :math:`l` with :math:`n_l` entries has exactly
-    :math:`\operatorname{round}(n_l \cdot p)` pruned after the stage.
+    r"""Each tensor separately.
+
+    Tensor :math:`l` with :math:`n_l` entries has exactly
+    :math:`\operatorname{round}(n_l \cdot p)` entries pruned after the stage.
     """
 
     def check_schedule(
@@ -150,10 +153,12 @@ class Layerwise:
         targets: Sequence[float],
         min_density: float,
     ) -> None:
+        """The final target must leave each tensor ``min_density`` of its entries."""
         for name, layout in layouts.items():
             n = _numel(layout.shape)
-            _check_reachable(round(n * targets[-1]), n - _ceil_times(min_density, n),
-                             f"tensor {name!r} ({n} entries)", targets[-1], min_density)  # fmt: skip
+            what = f"tensor {name!r} ({n} entries)"
+            cap = n - _ceil_times(min_density, n)
+            _check_reachable(round(n * targets[-1]), cap, what, targets[-1], min_density)
 
     def select(
         self,
@@ -164,6 +169,7 @@ class Layerwise:
         min_density: float,
         layouts: Mapping[str, ParameterLayout],
     ) -> dict[str, Tensor]:
+        """:func:`~lossprune.masks.select_masks` with ``scope="layerwise"``."""
         return select_masks(
             dict(scores), dict(masks), sparsity=sparsity, scope="layerwise", min_density=min_density
         )

@@ -1,4 +1,4 @@
-r"""The weight update of a pruning stage: the paper's zeroing, or step-size-constrained compensation.
+r"""The weight update of a stage: the paper's zeroing, or step-size-constrained compensation.
 
 ``Pruner(..., update=None)`` only zeroes the pruned weights (Laurent et al. 2020).
 ``Pruner(..., update=Compensation(lam=...))`` also moves the kept weights (beyond the paper).
@@ -259,9 +259,7 @@ class CompensationState:
         return {"lam": self.lam, "last_step": last_step}
 
     @classmethod
-    def from_state_dict(
-        cls, state: object, params: Mapping[str, Tensor]
-    ) -> CompensationState:
+    def from_state_dict(cls, state: object, params: Mapping[str, Tensor]) -> CompensationState:
         """Validate a :meth:`state_dict` against the parameters; nothing is changed here.
 
         Raises:

@@ -143,5 +143,3 @@ class ScaledCriterion(Criterion):
 
     def __repr__(self) -> str:
         return f"{self.factor!r} * {self.criterion!r}"
-
-

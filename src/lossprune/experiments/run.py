@@ -20,6 +20,7 @@ from torch.utils.data import Dataset, Subset, TensorDataset
 import lossprune
 from lossprune import (
     OBD,
+    Compensation,
     Criterion,
     ExponentialSchedule,
     GraSP,

@@ -198,9 +198,7 @@ def train(
     try:
         for epoch in epoch_bar:
             current_lr = optimizer.param_groups[0]["lr"]
-            train_loss, train_error = _train_epoch(
-                model, loader, optimizer, device, progress
-            )
+            train_loss, train_error = _train_epoch(model, loader, optimizer, device, progress)
             val_loss, val_error = evaluate(model, split.val, device=device, num_workers=num_workers)
             history.append(
                 {
