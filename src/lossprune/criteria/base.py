@@ -74,7 +74,7 @@ class Criterion(ABC):
 
         The class name and every dataclass field (a ``torch.dtype`` as its name).
         """
-        options = {}
+        options: dict[str, Any] = {}
         if is_dataclass(self):
             options = {f.name: _plain(getattr(self, f.name)) for f in fields(self)}
         return {"type": type(self).__name__, **options}
