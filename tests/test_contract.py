@@ -36,6 +36,7 @@ from lossprune import (
     scores,
 )
 from lossprune.masks import from_torch_prune
+from lossprune.updates import CompensationState
 from tests.conftest import make_mlp
 
 CE = nn.CrossEntropyLoss()
@@ -113,6 +114,23 @@ def test_collapse_raise_and_selection_refusals_change_nothing():
         def select(self, scores, masks, *, sparsity, min_density, layouts):
             return {k: torch.ones_like(m) for k, m in masks.items()}
 
+    class Partial(Shrinking):  # returns masks for other parameters, or no bool masks
+        def __init__(self, broken):
+            self.broken = broken
+
+        def select(self, scores, masks, *, sparsity, min_density, layouts):
+            if self.broken == "names":
+                return {"0.weight": masks["0.weight"]}
+            return {k: m.float() for k, m in masks.items()}
+
+    for broken, match in (("names", "returned masks for"), ("dtype", "no bool mask")):
+        model = make_mlp()
+        pruner = Pruner(model, Magnitude(), LinearSchedule(0.5, 2), scope=Partial(broken))
+        before = snapshot(model, pruner)
+        with pytest.raises(ValueError, match=match):
+            pruner.step()
+        assert snapshot(model, pruner) == before
+
     model = make_mlp()
     pruner = Pruner(model, Magnitude(), LinearSchedule(0.5, 2), scope=Shrinking())
     pruner.masks = {k: m.clone().fill_(False) for k, m in pruner.masks.items()}
@@ -161,6 +179,13 @@ def corrupt(state, path, value):
         (("update", "last_step", "0.weight"), KeyError, ValueError, "last_step"),
         (("update", "last_step", "0.weight"), torch.zeros(2, 2), ValueError, "last_step"),
         (("update", "lam"), "x", TypeError, "lam"),
+        (("update", "lam"), KeyError, ValueError, "update state lacks"),
+        (
+            ("update", "last_step", "0.weight"),
+            torch.zeros(5, 6, dtype=torch.long),
+            TypeError,
+            "float",
+        ),
         (("update", "lam"), 1e39, ValueError, "lam"),
         (("update", "config"), "Compensation()", ValueError, "update"),
         (("update",), None, ValueError, "update"),
@@ -172,6 +197,7 @@ def corrupt(state, path, value):
         (("min_density",), "0.0", ValueError, "min_density"),
         (("criterion",), "LinearModel(lam=0.0)", ValueError, "criterion"),
         (("targets",), [0.1, 0.2, 0.7], ValueError, "schedule"),
+        (("targets",), "0.7", TypeError, "targets"),
         (("masks", "0.weight"), torch.ones(6, 5, dtype=torch.bool), ValueError, "shape"),
         (("masks", "0.weight"), torch.ones(5, 6), TypeError, "bool"),
         (("masks",), [], TypeError, "masks"),
@@ -212,6 +238,11 @@ def test_load_state_dict_tells_configurations_apart():
         Pruner(make_mlp(), Magnitude(), LinearSchedule(0.5, 2)).load_state_dict(
             state_of(Magnitude(), min_density=0.1)
         )
+    with pytest.raises(ValueError, match="the pruner has none"):
+        Pruner(make_mlp(), LinearModel(1e-3), ExponentialSchedule(0.7, 3), loss_fn=CE,
+               data=data()).load_state_dict(compensated(make_mlp()).state_dict())  # fmt: skip
+    with pytest.raises(TypeError, match="the update state must be a dict"):
+        CompensationState.from_state_dict([], {})
     saved = io.BytesIO()
     torch.save(compensated(make_mlp()).state_dict(), saved)
     saved.seek(0)
@@ -300,6 +331,21 @@ def test_parameters_replaced_between_stages_are_followed_by_name():
     model[0].weight = nn.Parameter(torch.randn(7, 6, dtype=torch.float64))
     with pytest.raises(ValueError, match="changed shape"):
         pruner.apply()
+    del model[0].weight
+    model[0].weight = torch.zeros(5, 6, dtype=torch.float64)  # a plain tensor, not a Parameter
+    with pytest.raises(ValueError, match="no longer a parameter"):
+        pruner.apply()
+
+
+def test_scoring_data_can_be_replaced_between_stages_but_not_dropped():
+    pruner = Pruner(make_mlp(), LinearModel(), LinearSchedule(0.5, 2), loss_fn=CE, data=data())
+    pruner.data = data(10)
+    assert len(pruner.data[0]) == 10
+    with pytest.raises(ValueError, match="data=None"):
+        Pruner(make_mlp(), Magnitude(), LinearSchedule(0.5, 2), loss_fn=CE, data=data(),
+               diagnostics=True).data = None  # fmt: skip
+    with pytest.raises(TypeError, match="data must be"):
+        pruner.data = torch.zeros(3)
 
 
 # --------------------------------------------------------------------------------------------
@@ -431,6 +477,27 @@ class TupleOutput(nn.Module):
     def forward(self, x):
         logits = self.net(x)
         return {"logits": logits, "aux": logits.sum(1)} if self.as_dict else (logits, x)
+
+
+def test_outputs_that_cannot_be_scored_are_clear_type_errors():
+    class NoFloats(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layer = nn.Linear(6, 3)
+
+        def forward(self, x):
+            return self.layer(x).argmax(1)
+
+    with pytest.raises(TypeError, match="SynFlow needs floating-point outputs"):
+        scores(NoFloats(), SynFlow(input_shape=(6,)))
+    model = TupleOutput()
+
+    def first(outputs, targets):
+        return CE(outputs[0], targets)
+
+    with pytest.raises(TypeError, match="GraSP\\(temperature=T\\) divides the model's logits"):
+        scores(model, GraSP(), data(), loss_fn=first)
+    assert scores(model, GraSP(temperature=1.0), data(), loss_fn=first)
 
 
 @pytest.mark.parametrize("as_dict", [False, True])
