@@ -148,7 +148,11 @@ def connectivity(layers: list[ChainLayer] | None, masks: Mapping[str, Tensor]) -
         if mask is None:
             links.append(None)  # dense
         else:
-            links.append(mask.reshape(layer.out_units, layer.in_units, -1).any(-1))
+            links.append(
+                mask
+                if mask.dim() == 2
+                else mask.reshape(layer.out_units, layer.in_units, -1).any(-1)
+            )
     reach: Tensor | None = None  # None: every unit of the network's input
     reached = []
     for layer, link in zip(layers, links, strict=True):

@@ -19,7 +19,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from ._connectivity import ChainLayer, connectivity
+from ._connectivity import ChainLayer, Connectivity, connectivity
 from ._data import random_subset
 from ._diagnostics import mean_loss, predicted_loss_change
 from ._functional import check_deterministic
@@ -27,7 +27,7 @@ from .criteria.base import Criterion
 from .curvature import LossFn, NonFiniteError
 from .reports import StageReport, collapse_message, handle_collapse
 from .scoring import compute_scores
-from .selection import ParameterLayout, Selection
+from .selection import Global, Layerwise, ParameterLayout, Selection
 from .updates import Compensation, CompensationState, plan_update
 
 __all__ = ["StageSetup", "StagePlan", "plan_stage"]
@@ -64,6 +64,7 @@ class StagePlan(NamedTuple):
     delta: dict[str, Tensor] | None
     update_state: CompensationState | None
     report: StageReport
+    connectivity: Connectivity
 
 
 def plan_stage(
@@ -74,8 +75,12 @@ def plan_stage(
     stage: int,
     target: float,
     generator: torch.Generator,
+    previous: Connectivity | None = None,
 ) -> StagePlan:
     """Plan stage ``stage`` (1-based) at ``target`` sparsity; ``generator`` is the pruner's copy.
+
+    ``previous`` is the disconnection of ``masks`` when known (the last plan's), so that it is
+    not computed again.
 
     Raises:
         NonFiniteError: a loss, gradient, score or the loss after the step is not finite.
@@ -97,11 +102,17 @@ def plan_stage(
         new_masks = setup.selection.select(
             scores, masks, sparsity=target, min_density=setup.min_density, layouts=setup.layouts
         )
-        _check_selected(new_masks, masks)
+        if not isinstance(setup.selection, (Global, Layerwise)):  # the built-in ones comply
+            _check_selected(new_masks, masks)
         newly_pruned = {k: masks[k] & ~new_masks[k] for k in masks}
-        emptied = [k for k, m in new_masks.items() if masks[k].any() and not m.any()]
-        before, after = connectivity(setup.chain, masks), connectivity(setup.chain, new_masks)
-        handle_collapse(collapse_message(stage, emptied, before, after), setup.on_collapse)
+        kept = {k: int(m.count_nonzero()) for k, m in new_masks.items()}
+        pruned = {k: int(m.count_nonzero()) for k, m in newly_pruned.items()}
+        emptied = [k for k in masks if kept[k] == 0 and pruned[k] > 0]
+        after = connectivity(setup.chain, new_masks)
+        if after.total and previous is None:  # only a growth of disconnection is reported
+            previous = connectivity(setup.chain, masks)
+        message = collapse_message(stage, emptied, previous or after, after)
+        handle_collapse(message, setup.on_collapse)
         update = None
         if setup.update is not None or setup.diagnostics:
             update = plan_update(
@@ -111,19 +122,19 @@ def plan_stage(
         diagnostics = _diagnostics(setup, params, update.delta, data, stage) if (
             setup.diagnostics and update is not None
         ) else (None, None, None)  # fmt: skip
-    if update is None:
-        removed = (p.double().masked_fill(~newly_pruned[k], 0) for k, p in params.items())
-        step_norm_sq = float(sum(r.square().sum() for r in removed))
+    if update is None:  # Δθ = -θ on the weights pruned now, a small fraction: gather them
+        step_norm_sq = float(
+            sum(p[newly_pruned[k]].double().square().sum() for k, p in params.items())
+        )
     else:
         step_norm_sq = float(sum(d.double().square().sum() for d in update.delta.values()))
-    kept = {k: int(m.count_nonzero()) for k, m in new_masks.items()}
     total = sum(m.numel() for m in new_masks.values())
     cg = None if update is None else update.cg
     report = StageReport(
         stage=stage,
         target_sparsity=target,
         sparsity=1.0 - sum(kept.values()) / total,
-        pruned=sum(int(masks[k].count_nonzero()) - kept[k] for k in masks),
+        pruned=sum(pruned.values()),
         step_norm_sq=step_norm_sq,
         loss_before=diagnostics[0],
         loss_after=diagnostics[1],
@@ -140,7 +151,7 @@ def plan_stage(
     )
     delta = None if setup.update is None else update.delta  # type: ignore[union-attr]
     state = update_state if update is None else update.state
-    return StagePlan(new_masks, delta, state, report)
+    return StagePlan(new_masks, delta, state, report, after)
 
 
 def _check_selected(new: Mapping[str, Tensor], old: Mapping[str, Tensor]) -> None:

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from ._checkpoint import pruner_state, read_pruner_state
 from ._checks import check_fraction, check_optional_positive_int, is_int
-from ._connectivity import trace_chain
+from ._connectivity import Connectivity, trace_chain
 from ._stage import StageSetup, plan_stage
 from .criteria.base import Criterion
 from .curvature import LossFn
@@ -176,6 +176,8 @@ class Pruner:
         }
         self.stage = 0
         self.reports: list[StageReport] = []
+        # (masks, their disconnection) from the last stage, reused while self.masks is that dict.
+        self._connectivity: tuple[dict[str, Tensor], Connectivity] | None = None
         self.update_state: CompensationState | None = (
             None if update is None else update.init_state()
         )
@@ -250,7 +252,7 @@ class Pruner:
         generator.set_state(self.generator.get_state())  # the plan draws from a copy
         plan = plan_stage(
             self._setup, params, self.masks, self.update_state, self.stage + 1,
-            self._targets[self.stage], generator,
+            self._targets[self.stage], generator, self._known_connectivity(),
         )  # fmt: skip
         # Commit: nothing below can fail on inputs the plan accepted.
         if plan.delta is not None:
@@ -260,10 +262,16 @@ class Pruner:
         apply_masks(params, plan.masks)  # pruned weights exactly zero, whatever the rounding
         self.masks = plan.masks
         self.update_state = plan.update_state
+        self._connectivity = (plan.masks, plan.connectivity)
         self.generator.set_state(generator.get_state())
         self.stage += 1
         self.reports.append(plan.report)
         return plan.report
+
+    def _known_connectivity(self) -> Connectivity | None:
+        if self._connectivity is not None and self._connectivity[0] is self.masks:
+            return self._connectivity[1]
+        return None
 
     def run(self) -> list[StageReport]:
         """Run every remaining stage; returns their reports (a progress bar if asked for)."""
