@@ -46,8 +46,10 @@ __all__ = ["make_criterion", "make_schedule", "loss_set", "measure", "prune_run"
 _TRACKED_POINTS = 20
 
 # StageReport fields recorded per stage (under "stages") where the run produced them: the
-# diagnostics (loss on the scoring data, quadratic model's prediction) and the compensation.
+# diagnostics (loss on the scoring data, quadratic model's prediction), the compensation and the
+# output units cut off from the input (checked for chains of Linear / convolution layers).
 _STAGE_EXTRAS = (
+    "disconnected_outputs",
     "loss_before",
     "loss_after",
     "predicted_delta",
