@@ -97,7 +97,7 @@ def trace_chain(model: nn.Module, params: Mapping[str, Tensor]) -> list[ChainLay
                 return None
             break
         tensor_inputs = [a for a in node.all_input_nodes]
-        if tensor_inputs != [previous] or len(previous.users) != 1:
+        if previous is None or tensor_inputs != [previous] or len(previous.users) != 1:
             return None  # a branch or a join: not a chain
         layer = _chain_step(model, node, weight_names)
         if layer is None:
@@ -142,7 +142,7 @@ def connectivity(layers: list[ChainLayer] | None, masks: Mapping[str, Tensor]) -
     """
     if layers is None:
         return NOT_CHECKED
-    links = []
+    links: list[Tensor | None] = []
     for layer in layers:
         mask = masks.get(layer.weight)
         if mask is None:

@@ -126,14 +126,14 @@ def _loader_subset(loader: DataLoader, examples: int, generator: torch.Generator
     rows = sorted(set(_sampled_rows(loader.batch_sampler or loader.sampler)))
     _check_size(examples, len(rows))
     chosen = [rows[i] for i in torch.randperm(len(rows), generator=generator)[:examples].tolist()]
-    common = {
+    common: dict[str, Any] = {
         "collate_fn": loader.collate_fn,
         "num_workers": loader.num_workers,
         "pin_memory": loader.pin_memory,
     }
     if batched_by_dataset:
         batch_size = loader.sampler.batch_size  # type: ignore[attr-defined]
-        batches = BatchSampler(chosen, batch_size, drop_last=False)  # type: ignore[arg-type]
+        batches = BatchSampler(chosen, batch_size, drop_last=False)
         return DataLoader(loader.dataset, sampler=batches, batch_size=None, **common)
     # A loader built from a custom batch sampler has batch_size None: keep its batch size.
     batch_size = loader.batch_size or getattr(loader.batch_sampler, "batch_size", None)
@@ -156,7 +156,7 @@ def _sampled_rows(sampler: Iterable[Any]) -> list[int]:
         inner = getattr(inner, "sampler", None)
     try:
         with torch.random.fork_rng(devices=[]):
-            rows = []
+            rows: list[int] = []
             for item in sampler:
                 if isinstance(item, (list, tuple)):
                     rows.extend(int(i) for i in item)
