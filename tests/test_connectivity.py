@@ -1,6 +1,7 @@
 """Disconnected units against a brute-force twin: path counts through the 0/1-weighted network."""
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -90,3 +91,15 @@ def test_a_disconnected_class_routes_through_on_collapse_before_anything_changes
     with pytest.warns(LayerCollapseWarning, match="disconnects 1 output units"):
         report = pruner.step()
     assert report.disconnected_outputs == 1 and report.layer_density["2.weight"] > 0
+
+
+def test_dead_hidden_units_alone_are_counted_but_are_no_collapse():
+    model = nn.Sequential(nn.Linear(6, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+    with torch.no_grad():
+        model[0].weight[0] = 1e-3  # hidden unit 0: six tiny incoming weights, pruned first
+    pruner = Pruner(model, Magnitude(), LinearSchedule(6 / 36, 1), on_collapse="raise")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        report = pruner.step()
+    assert not pruner.masks["0.weight"][0].any()
+    assert report.disconnected_units == {"0.weight": 1} and report.disconnected_outputs == 0

@@ -75,8 +75,8 @@ class Pruner:
             :class:`~lossprune.Compensation` (the kept weights also take the
             step-size-constrained quadratic model's best step).
         on_collapse: what to do when a stage prunes every weight of a layer or disconnects
-            units (an output with no path from the input, a hidden unit with no kept input or
-            output; see :class:`StageReport`): ``"warn"`` (:class:`LayerCollapseWarning`,
+            output units from the input (checked for chains of Linear / convolution layers;
+            dead hidden units are counted in every :class:`StageReport`): ``"warn"`` (:class:`LayerCollapseWarning`,
             default), ``"raise"`` (:class:`LayerCollapseError` before anything is modified) or
             ``"ignore"``. ``min_density`` prevents empty layers.
 
