@@ -77,8 +77,8 @@ class Pruner:
         on_collapse: what to do when a stage prunes every weight of a layer or disconnects
             output units from the input (checked for chains of Linear / convolution layers;
             dead hidden units are counted in every :class:`StageReport`): ``"warn"``
-            (:class:`LayerCollapseWarning`, default), ``"raise"`` (:class:`LayerCollapseError` before anything is modified) or
-            ``"ignore"``. ``min_density`` prevents empty layers.
+            (:class:`LayerCollapseWarning`, default), ``"raise"`` (:class:`LayerCollapseError`
+            before anything is modified) or ``"ignore"``. ``min_density`` prevents empty layers.
 
     Example:
         >>> import torch
