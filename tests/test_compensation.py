@@ -1,7 +1,6 @@
 """Compensation updates against dense float64 solves; auto_lam; layer-collapse detection."""
 
 import copy
-import warnings
 
 import pytest
 import torch
@@ -18,7 +17,7 @@ from lossprune import (
     Pruner,
     QuadraticModel,
 )
-from lossprune._compensation import CGResult, compensation_step, trust_region_step
+from lossprune.updates import CGResult, compensation_step, trust_region_step
 from tests import brute_force as bf
 from tests.conftest import make_mlp
 
@@ -160,9 +159,7 @@ def test_pruner_compensate_reports_cg_and_keeps_exact_zeros():
         ExponentialSchedule(0.8, 3),
         loss_fn=CE,
         data=data,
-        update="compensate",
-        update_lam=0.5,
-        cg_iters=8,
+        update=Compensation(lam=0.5, cg_iters=8),
     )
     total = sum(p.numel() for p in pruner.params.values())
     for report in pruner.run():
@@ -191,9 +188,7 @@ def test_compensation_resume_is_identical():
             ExponentialSchedule(0.8, 4),
             loss_fn=CE,
             data=data,
-            update="compensate",
-            update_lam=1e-3,
-            auto_lam=True,
+            update=Compensation(lam=1e-3, auto_lam=True),
         )
         return model, pruner
 
@@ -218,15 +213,13 @@ def test_auto_lam_never_does_worse_than_zeroing_on_the_scoring_data():
     losses = {}
     for update in ("zero", "compensate"):
         model = copy.deepcopy(base)
-        options = {"update_lam": 1e-4, "auto_lam": True} if update == "compensate" else {}
         pruner = Pruner(
             model,
             QuadraticModel(1e-3),
             LinearSchedule(0.6, 1),
             loss_fn=CE,
             data=data,
-            update=update,
-            **options,
+            update=Compensation(lam=1e-4, auto_lam=True) if update == "compensate" else None,
         )
         losses[update] = pruner.step()
     assert losses["compensate"].loss_after <= losses["zero"].loss_after + 1e-12
@@ -272,31 +265,21 @@ def test_trust_region_accepts_enough_improvement_and_falls_back_otherwise():
 def test_compensation_options_are_validated():
     model, data = trained_mlp_and_data()
     common = {"loss_fn": CE, "data": data}
-    with pytest.raises(ValueError, match="update"):
-        Pruner(model, Magnitude(), LinearSchedule(0.5, 1), update="obs", **common)
-    with pytest.raises(ValueError, match="update_lam"):
-        Pruner(model, Magnitude(), LinearSchedule(0.5, 1), update_lam=1.0, **common)
-    with pytest.raises(ValueError, match="curvature"):
-        Pruner(
-            model,
-            Magnitude(),
-            LinearSchedule(0.5, 1),
-            update="compensate",
-            curvature="fisher",
-            **common,
-        )
+    with pytest.raises(TypeError, match="update must be None or a lossprune.Compensation"):
+        Pruner(model, Magnitude(), LinearSchedule(0.5, 1), update="compensate", **common)
+    for shortcut in ("update_lam", "curvature", "cg_iters", "cg_tol", "auto_lam"):
+        with pytest.raises(TypeError, match=shortcut):  # the shortcut keywords are gone
+            Pruner(model, Magnitude(), LinearSchedule(0.5, 1), **{shortcut: 1}, **common)
     with pytest.raises(ValueError, match="lam"):
         Compensation(lam=-1.0)
     with pytest.raises(TypeError, match="cg_iters"):
         Compensation(cg_iters=2.5)
     with pytest.raises(ValueError, match="auto_lam"):
         Compensation(lam=0.0, auto_lam=True)
-    with pytest.raises(ValueError, match="inside"):
-        Pruner(
-            model, Magnitude(), LinearSchedule(0.5, 1), update=Compensation(), cg_iters=3, **common
-        )
+    with pytest.raises(ValueError, match="lam must be at most"):
+        Compensation(lam=1e39)  # ½·λ would overflow float32
     with pytest.raises(ValueError, match="data"):
-        Pruner(model, Magnitude(), LinearSchedule(0.5, 1), update="compensate")
+        Pruner(model, Magnitude(), LinearSchedule(0.5, 1), update=Compensation())
     assert (
         Pruner(
             model, Magnitude(), LinearSchedule(0.5, 1), update=Compensation(lam=2.0), **common
@@ -337,9 +320,11 @@ def test_min_density_prevents_the_collapse():
     pruner = Pruner(
         model, Magnitude(), LinearSchedule(0.7, 1), loss_fn=CE, data=data, min_density=0.05
     )
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", LayerCollapseWarning)
+    # No layer is emptied, but its 3 kept weights (ceil(0.05 * 60)) cannot reach all 3 classes.
+    with pytest.warns(LayerCollapseWarning) as caught:
         report = pruner.step()
     assert report.layer_density["2.weight"] >= 0.05
+    assert not any("prunes every weight" in str(w.message) for w in caught)
+    assert report.disconnected_outputs == 3 - int(pruner.masks["2.weight"].any(1).sum())
     with pytest.raises(ValueError, match="on_collapse"):
         Pruner(model, OBD(), LinearSchedule(0.7, 1), loss_fn=CE, data=data, on_collapse="panic")

@@ -165,7 +165,7 @@ def test_load_state_dict_rejects_incomplete_or_foreign_states():
         fresh.load_state_dict({**state, "masks": {"0.weight": state["masks"]["0.weight"]}})
     wrong = {k: m.clone() for k, m in state["masks"].items()}
     wrong["0.weight"] = wrong["0.weight"].float()
-    with pytest.raises(ValueError, match="state mask '0.weight' does not fit"):
+    with pytest.raises(TypeError, match="state mask '0.weight' must be a bool tensor"):
         fresh.load_state_dict({**state, "masks": wrong})
     with pytest.raises(ValueError, match="state stage 7 is out of range"):
         fresh.load_state_dict({**state, "stage": 7})

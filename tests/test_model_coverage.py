@@ -190,12 +190,12 @@ def test_keyboard_interrupt_leaves_a_consistent_state(monkeypatch):
     pruner.step()
     weights = copy.deepcopy(model.state_dict())
     masks = {k: m.clone() for k, m in pruner.masks.items()}
-    import lossprune.pruner as pruner_module
+    import lossprune.selection as selection_module
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(pruner_module, "select_masks", interrupted)
+    monkeypatch.setattr(selection_module, "select_masks", interrupted)
     with pytest.raises(KeyboardInterrupt):
         pruner.run()
     assert pruner.stage == 1

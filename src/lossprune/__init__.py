@@ -11,7 +11,6 @@ Unstructured Pruning" (arXiv:2006.12279)::
 
 from importlib.metadata import PackageNotFoundError, version
 
-from ._compensation import Compensation
 from .criteria import (
     OBD,
     Criterion,
@@ -23,9 +22,13 @@ from .criteria import (
     SynFlow,
 )
 from .curvature import NonFiniteError
-from .pruner import LayerCollapseError, LayerCollapseWarning, MaskHandle, Pruner, StageReport
+from .mask_hooks import MaskHandle, keep_pruned_at_zero
+from .pruner import Pruner
+from .reports import LayerCollapseError, LayerCollapseWarning, StageReport
 from .schedules import ExponentialSchedule, LinearSchedule, Schedule
 from .scoring import scores
+from .selection import Global, Layerwise, Selection
+from .updates import Compensation
 
 try:
     __version__ = version("lossprune")
@@ -37,9 +40,11 @@ __all__ = [
     "Compensation",
     "Criterion",
     "ExponentialSchedule",
+    "Global",
     "GraSP",
     "LayerCollapseError",
     "LayerCollapseWarning",
+    "Layerwise",
     "LinearModel",
     "LinearSchedule",
     "Magnitude",
@@ -50,7 +55,9 @@ __all__ = [
     "Schedule",
     "ScoringContext",
     "StageReport",
+    "Selection",
     "SynFlow",
     "__version__",
+    "keep_pruned_at_zero",
     "scores",
 ]

@@ -14,6 +14,7 @@ __all__ = [
     "is_real",
     "check_fraction",
     "check_nonnegative",
+    "check_lam",
     "check_positive_int",
     "check_optional_positive_int",
 ]
@@ -46,6 +47,24 @@ def check_nonnegative(name: str, value: object) -> float:
     number = float(value)  # type: ignore[arg-type]
     if not (math.isfinite(number) and number >= 0):
         raise ValueError(f"{name} must be finite and >= 0, got {value}")
+    return number
+
+
+#: λ beyond this is not representable in float32, where ½·λ·θ² is evaluated for float32 models.
+LAM_MAX = 3.4028234663852886e38
+
+
+def check_lam(value: object, name: str = "lam") -> float:
+    """λ, the strength of the step-size constraint: a real number in ``[0, 3.4e38]``.
+
+    The upper bound is float32's largest number: a larger λ passes as a Python float but
+    overflows to inf as soon as ½·λ·θ² is computed for a float32 model.
+    """
+    number = check_nonnegative(name, value)
+    if number > LAM_MAX:
+        raise ValueError(
+            f"{name} must be at most {LAM_MAX:.4g} (float32's largest number), got {value}"
+        )
     return number
 
 

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import BatchSampler, DataLoader, IterableDataset, Subset
 
 __all__ = ["Batch", "is_single_batch", "iter_batches", "random_subset", "first_inputs"]
 
@@ -102,22 +102,70 @@ def random_subset(data: Any, examples: int, generator: torch.Generator) -> Any:
         index = torch.randperm(len(inputs), generator=generator)[:examples].to(inputs.device)
         return inputs[index], targets[index.to(targets.device)]
     if isinstance(data, DataLoader):
-        size = len(data.dataset)  # type: ignore[arg-type]
-        _check_size(examples, size)
-        chosen = torch.randperm(size, generator=generator)[:examples].tolist()
-        # A loader built from a custom batch sampler has batch_size None: keep its batch size.
-        batch_size = data.batch_size or getattr(data.batch_sampler, "batch_size", None)
-        return DataLoader(
-            Subset(data.dataset, chosen),
-            batch_size=batch_size or examples,
-            collate_fn=data.collate_fn,
-            num_workers=data.num_workers,
-            pin_memory=data.pin_memory,
-        )
+        return _loader_subset(data, examples, generator)
     raise TypeError(
         "examples=n needs data that can be sampled: an (inputs, targets) tuple or a DataLoader "
         f"over a sized dataset, got {type(data).__name__}"
     )
+
+
+def _loader_subset(loader: DataLoader, examples: int, generator: torch.Generator) -> DataLoader:
+    """A loader over ``examples`` of the rows ``loader`` reads, in the same batch form.
+
+    Only rows the loader's sampler can yield are drawn (a loader over a training split of a
+    larger dataset never scores on held-out rows). Both batching forms are kept: automatic
+    batching (``batch_size=b`` or ``batch_sampler=``) and ``batch_size=None`` with a
+    :class:`~torch.utils.data.BatchSampler` as sampler (the dataset indexed by lists of rows).
+    """
+    if isinstance(loader.dataset, IterableDataset):
+        raise TypeError(
+            "examples=n cannot draw from a DataLoader over an IterableDataset (it has no rows to "
+            "index); pass a map-style dataset or draw the subset yourself"
+        )
+    batched_by_dataset = loader.batch_sampler is None and isinstance(loader.sampler, BatchSampler)
+    rows = sorted(set(_sampled_rows(loader.batch_sampler or loader.sampler)))
+    _check_size(examples, len(rows))
+    chosen = [rows[i] for i in torch.randperm(len(rows), generator=generator)[:examples].tolist()]
+    common: dict[str, Any] = {
+        "collate_fn": loader.collate_fn,
+        "num_workers": loader.num_workers,
+        "pin_memory": loader.pin_memory,
+    }
+    if batched_by_dataset:
+        batch_size = loader.sampler.batch_size  # type: ignore[attr-defined]
+        batches = BatchSampler(chosen, batch_size, drop_last=False)
+        return DataLoader(loader.dataset, sampler=batches, batch_size=None, **common)
+    # A loader built from a custom batch sampler has batch_size None: keep its batch size.
+    batch_size = loader.batch_size or getattr(loader.batch_sampler, "batch_size", None)
+    if loader.batch_sampler is None:  # batch_size=None with single rows: each row is a batch
+        return DataLoader(Subset(loader.dataset, chosen), batch_size=None, **common)
+    return DataLoader(Subset(loader.dataset, chosen), batch_size=batch_size or examples, **common)
+
+
+def _sampled_rows(sampler: Iterable[Any]) -> list[int]:
+    """Every dataset row one epoch of ``sampler`` yields (lists of rows flattened).
+
+    Iterating a random sampler draws from its generator (or torch's global one): both are
+    restored afterwards, so reading the rows changes no shuffle order of the user's loader.
+    """
+    generators = []
+    inner: Any = sampler
+    while inner is not None:
+        if isinstance(getattr(inner, "generator", None), torch.Generator):
+            generators.append((inner.generator, inner.generator.get_state()))
+        inner = getattr(inner, "sampler", None)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            rows: list[int] = []
+            for item in sampler:
+                if isinstance(item, (list, tuple)):
+                    rows.extend(int(i) for i in item)
+                else:
+                    rows.append(int(item))
+    finally:
+        for gen, state in generators:
+            gen.set_state(state)
+    return rows
 
 
 def _check_size(examples: int, available: int) -> None:

@@ -41,6 +41,7 @@ __all__ = [
     "ParameterDecision",
     "select_masks",
     "apply_masks",
+    "check_masks_fit",
     "count_pruned",
     "sparsity_of",
     "layer_densities",
@@ -173,6 +174,7 @@ def describe_prunable(model: nn.Module, include=None, exclude=None) -> PrunableS
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     include = _patterns(include, "include")
     exclude = _patterns(exclude, "exclude")
+    _refuse_torch_pruned(model)
 
     # Every name of every parameter, grouped by parameter: the first name is the canonical one
     # (the one named_parameters() and functional_call use), the others are aliases of tied weights.
@@ -212,6 +214,23 @@ def describe_prunable(model: nn.Module, include=None, exclude=None) -> PrunableS
             ParameterDecision(group[0], tuple(group[1:]), tuple(params[key].shape), pruned, reason)
         )
     return PrunableSummary(tuple(rows))
+
+
+def _refuse_torch_pruned(model: nn.Module) -> None:
+    """A ``torch.nn.utils.prune`` reparametrisation hides the weight behind ``weight_orig``.
+
+    Pruning ``weight_orig`` would count sparsity without the torch mask, and skipping the layer
+    would report a sparsity the model does not have: refuse instead.
+    """
+    for module_name, module in model.named_modules():
+        for hook in module._forward_pre_hooks.values():
+            if isinstance(hook, prune.BasePruningMethod):
+                name = f"{module_name}.{hook._tensor_name}" if module_name else hook._tensor_name
+                raise ValueError(
+                    f"{name!r} is pruned by torch.nn.utils.prune ({hook._tensor_name}_orig / "
+                    f"{hook._tensor_name}_mask); make it permanent first with "
+                    "lossprune.masks.from_torch_prune(model, remove=True), which returns its masks"
+                )
 
 
 def _patterns(patterns, option: str) -> list[str] | None:
@@ -462,6 +481,15 @@ def apply_masks(params: Mapping[str, Tensor], masks: Mapping[str, Tensor]) -> No
         TypeError: A mask is not a bool tensor.
         ValueError: A mask names no parameter, or its shape differs from the parameter's.
     """
+    check_masks_fit(params, masks)
+    with torch.no_grad():
+        for name, mask in masks.items():
+            param = params[name]
+            param.masked_fill_(~mask.to(param.device), 0)
+
+
+def check_masks_fit(params: Mapping[str, Tensor], masks: Mapping[str, Tensor]) -> None:
+    """The checks of :func:`apply_masks`, without writing anything (same errors)."""
     if not isinstance(params, Mapping) or not isinstance(masks, Mapping):
         raise TypeError("params and masks must be dicts of tensors")
     for name, mask in masks.items():
@@ -474,10 +502,6 @@ def apply_masks(params: Mapping[str, Tensor], masks: Mapping[str, Tensor]) -> No
                 f"masks[{name!r}] has shape {tuple(mask.shape)} but the parameter has shape "
                 f"{tuple(params[name].shape)}"
             )
-    with torch.no_grad():
-        for name, mask in masks.items():
-            param = params[name]
-            param.masked_fill_(~mask.to(param.device), 0)
 
 
 def count_pruned(masks: dict[str, Tensor]) -> int:

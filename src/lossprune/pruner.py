@@ -1,128 +1,36 @@
-"""Multi-stage, step-size-constrained pruning of any ``nn.Module`` (layer 5 of DESIGN.md)."""
+"""Multi-stage, step-size-constrained pruning of any ``nn.Module`` (layer 5 of DESIGN.md).
+
+:class:`Pruner` orchestrates: each :meth:`Pruner.step` plans a stage without side effects
+(:mod:`lossprune._stage`) and then commits it. The pieces it orchestrates are separate objects:
+the criterion (scores), the schedule (targets), the selection (:mod:`lossprune.selection`), the
+weight update (:mod:`lossprune.updates`) and the hooks that keep pruned weights at zero while
+training (:mod:`lossprune.mask_hooks`).
+"""
 
 from __future__ import annotations
 
-import math
-import time
-import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import replace
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from ._checkpoint import pruner_state, read_pruner_state
 from ._checks import check_fraction, check_optional_positive_int, is_int
-from ._compensation import (
-    CGResult,
-    Compensation,
-    compensation_step,
-    trust_region_step,
-)
-from ._data import random_subset
-from ._diagnostics import mean_loss, predicted_loss_change
-from ._functional import check_deterministic
+from ._connectivity import Connectivity, trace_chain
+from ._stage import StageSetup, plan_stage
 from .criteria.base import Criterion
-from .curvature import LossFn, NonFiniteError
-from .masks import (
-    apply_masks,
-    count_pruned,
-    layer_densities,
-    prunable_parameters,
-    select_masks,
-    sparsity_of,
-)
+from .curvature import LossFn
+from .mask_hooks import MaskHandle, keep_pruned_at_zero
+from .masks import apply_masks, count_pruned, prunable_parameters, sparsity_of
+from .reports import ON_COLLAPSE, LayerCollapseError, LayerCollapseWarning, StageReport
 from .schedules import Schedule
-from .scoring import check_criterion, compute_scores
+from .scoring import check_criterion
+from .selection import Selection, as_selection, parameter_layouts
+from .updates import Compensation, CompensationState
 
-__all__ = ["Pruner", "StageReport", "LayerCollapseWarning", "LayerCollapseError"]
-
-_SCOPES = ("global", "layerwise")
-_UPDATES = ("zero", "compensate")
-_ON_COLLAPSE = ("warn", "raise", "ignore")
-
-
-class LayerCollapseWarning(UserWarning):
-    """A stage pruned every weight of a layer.
-
-    The network's output then no longer depends on its input through that layer: the OBD π = 1,
-    λ = 0 divergence of Laurent et al. (2020, Sec. 5).
-    """
-
-
-class LayerCollapseError(ValueError):
-    """Raised instead of :class:`LayerCollapseWarning` with ``on_collapse="raise"``.
-
-    Nothing was modified when it is raised.
-    """
-
-
-@dataclass(frozen=True)
-class StageReport:
-    r"""What one pruning stage did.
-
-    Attributes:
-        stage: 1-based stage number.
-        target_sparsity: the schedule's target after this stage.
-        sparsity: fraction of prunable weights pruned after this stage.
-        pruned: number of weights pruned in this stage.
-        step_norm_sq: :math:`\|\Delta\theta\|^2` of the stage: the squared norm of the
-            weights removed now (plus the compensation of the kept weights, if any).
-        loss_before: mean loss on the stage's scoring data before the step (``None`` without
-            diagnostics).
-        loss_after: the same after the step.
-        predicted_delta: the quadratic model's :math:`g^\top\Delta\theta +
-            \tfrac12\Delta\theta^\top H\Delta\theta` (exact Hessian).
-        layer_density: fraction of each parameter kept, by qualified name.
-        seconds: wall time of the stage.
-        update_lam: λ of the compensation update (``None`` when pruned weights are only zeroed).
-        compensated: whether the kept weights moved (``False``: ``auto_lam`` found no λ for
-            which the model held and fell back to zeroing only; ``None`` without compensation).
-        cg_iterations: curvature-vector products spent in conjugate gradients.
-        cg_residual: final relative CG residual.
-        cg_negative_curvature: CG stopped at a direction of negative curvature (Hessian only).
-    """
-
-    stage: int
-    target_sparsity: float
-    sparsity: float
-    pruned: int
-    step_norm_sq: float
-    loss_before: float | None
-    loss_after: float | None
-    predicted_delta: float | None
-    layer_density: dict[str, float] = field(default_factory=dict)
-    seconds: float = 0.0
-    update_lam: float | None = None
-    compensated: bool | None = None
-    cg_iterations: int | None = None
-    cg_residual: float | None = None
-    cg_negative_curvature: bool | None = None
-
-    @property
-    def delta_loss(self) -> float | None:
-        """Measured loss change ``loss_after - loss_before`` on the scoring data."""
-        if self.loss_before is None or self.loss_after is None:
-            return None
-        return self.loss_after - self.loss_before
-
-    def as_dict(self) -> dict[str, Any]:
-        """A plain dict (JSON-friendly)."""
-        return asdict(self)
-
-    def __str__(self) -> str:
-        text = (
-            f"stage {self.stage}: sparsity {self.sparsity:.4f} (target {self.target_sparsity:.4f}),"
-            f" pruned {self.pruned}, |dθ|²={self.step_norm_sq:.4g}"
-        )
-        if self.delta_loss is not None:
-            text += (
-                f", loss {self.loss_before:.4g} -> {self.loss_after:.4g}"
-                f" (ΔL {self.delta_loss:+.4g}, predicted {self.predicted_delta:+.4g})"
-            )
-        return text
+__all__ = ["Pruner", "StageReport", "LayerCollapseWarning", "LayerCollapseError", "MaskHandle"]
 
 
 class Pruner:
@@ -139,13 +47,18 @@ class Pruner:
             ``DistributedDataParallel``/``DataParallel`` wrapper is unwrapped; with
             :mod:`torch.distributed` initialised, every statistic and diagnostic is all-reduced
             (example-weighted) so that all ranks select the same mask from their own shards.
+            Parameters are looked up by name at every stage, so a parameter replaced between
+            stages (``load_state_dict(..., assign=True)``) is followed; one whose shape changed
+            is refused.
         criterion: e.g. ``QuadraticModel(lam=1e-3)``.
         schedule: e.g. ``ExponentialSchedule(sparsity=0.9, stages=14)``.
         loss_fn: batch-mean loss ``loss_fn(outputs, targets)``.
         data: an ``(inputs, targets)`` batch or a DataLoader; scoring data.
-        scope: ``"global"`` (one ranking over all weights, the paper's) or ``"layerwise"``.
+        scope: ``"global"`` (one ranking over all weights, the paper's), ``"layerwise"``, or a
+            selection object (:mod:`lossprune.selection`).
         examples: if given, a fresh random subset of this many examples is drawn from ``data``
-            for every stage (the paper uses 1000).
+            for every stage (the paper uses 1000), only among the rows the DataLoader's sampler
+            reads.
         include, exclude: parameter names or regular expressions (default: every Linear and Conv
             ``.weight``); see :func:`lossprune.masks.prunable_parameters`.
         min_density: every layer keeps at least this fraction of its weights.
@@ -158,15 +71,14 @@ class Pruner:
             report (one extra gradient + Hessian-vector pass and one forward pass per stage).
             Default: whenever ``data`` and ``loss_fn`` are given.
         chunk_size: memory bound passed to the curvature routines.
-        update: ``"zero"`` (the paper: pruned weights are set to zero, the rest is untouched),
-            ``"compensate"`` (the kept weights also take the step-size-constrained quadratic
-            model's best step, see :class:`Compensation`) or a :class:`Compensation`.
-        update_lam, curvature, cg_iters, cg_tol, auto_lam: shortcuts for the fields ``lam``,
-            ``curvature``, ``cg_iters``, ``cg_tol``, ``auto_lam`` of :class:`Compensation`
-            (only with ``update="compensate"``).
-        on_collapse: what to do when a stage would prune every weight of a layer: ``"warn"``
+        update: ``None`` (the paper: pruned weights are set to zero, the rest is untouched) or a
+            :class:`~lossprune.Compensation` (the kept weights also take the
+            step-size-constrained quadratic model's best step).
+        on_collapse: what to do when a stage prunes every weight of a layer or disconnects
+            output units from the input (checked for chains of Linear / convolution layers;
+            dead hidden units are counted in every :class:`StageReport`): ``"warn"``
             (:class:`LayerCollapseWarning`, default), ``"raise"`` (:class:`LayerCollapseError`
-            before anything is modified) or ``"ignore"``. ``min_density`` prevents it.
+            before anything is modified) or ``"ignore"``. ``min_density`` prevents empty layers.
 
     Example:
         >>> import torch
@@ -191,7 +103,7 @@ class Pruner:
         *,
         loss_fn: LossFn | None = None,
         data: Any = None,
-        scope: str = "global",
+        scope: str | Selection = "global",
         examples: int | None = None,
         include: Any = None,
         exclude: Any = None,
@@ -201,24 +113,18 @@ class Pruner:
         eval_mode: bool = False,
         diagnostics: bool | None = None,
         chunk_size: int | None = None,
-        update: str | Compensation = "zero",
-        update_lam: float | None = None,
-        curvature: str | None = None,
-        cg_iters: int | None = None,
-        cg_tol: float | None = None,
-        auto_lam: bool | None = None,
+        update: Compensation | None = None,
         on_collapse: str = "warn",
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
             # Statistics are computed functionally on the wrapped network (its own all-reduce
-            # below replaces DDP's gradient sync); masks use the names of the unwrapped model.
+            # replaces DDP's gradient sync); masks use the names of the unwrapped model.
             model = model.module
         check_criterion(criterion, data, loss_fn)
         self._targets = _check_schedule(schedule)
-        if scope not in _SCOPES:
-            raise ValueError(f"scope must be one of {_SCOPES}, got {scope!r}")
+        self.selection = as_selection(scope)
         examples = check_optional_positive_int("examples", examples)
         chunk_size = check_optional_positive_int("chunk_size", chunk_size)
         if examples is not None and data is None:
@@ -228,43 +134,94 @@ class Pruner:
             diagnostics = data is not None and loss_fn is not None
         elif diagnostics and (data is None or loss_fn is None):
             raise ValueError("diagnostics=True needs data and loss_fn")
-        shortcuts = {
-            "lam": update_lam,
-            "curvature": curvature,
-            "cg_iters": cg_iters,
-            "cg_tol": cg_tol,
-            "auto_lam": auto_lam,
-        }
-        self.compensation = _make_compensation(update, shortcuts)
-        if self.compensation is not None and (data is None or loss_fn is None):
-            raise ValueError("update='compensate' needs data and loss_fn")
-        if on_collapse not in _ON_COLLAPSE:
-            raise ValueError(f"on_collapse must be one of {_ON_COLLAPSE}, got {on_collapse!r}")
-        self.on_collapse = on_collapse
+        if update is not None and not isinstance(update, Compensation):
+            raise TypeError(
+                f"update must be None or a lossprune.Compensation, got {type(update).__name__}"
+            )
+        if update is not None and (data is None or loss_fn is None):
+            raise ValueError("update=Compensation(...) needs data and loss_fn")
+        if on_collapse not in ON_COLLAPSE:
+            raise ValueError(f"on_collapse must be one of {ON_COLLAPSE}, got {on_collapse!r}")
+        params = prunable_parameters(model, include, exclude)
+        layouts = parameter_layouts(model, params)
+        self.selection.check_schedule(layouts, self._targets, min_density)
+        self._shapes = {k: p.shape for k, p in params.items()}
 
         self.model = model
         self.criterion = criterion
         self.schedule = schedule
-        self.loss_fn = loss_fn
-        self.data = data
-        self.scope = scope
-        self.examples = examples
+        self.compensation = update
+        self.on_collapse = on_collapse
         self.min_density = min_density
-        self.generator = _make_generator(generator)
         self.progress = bool(progress)
-        self.eval_mode = bool(eval_mode)
-        self.diagnostics = bool(diagnostics)
-        self.chunk_size = chunk_size
-        self.params: dict[str, nn.Parameter] = prunable_parameters(model, include, exclude)
+        self.generator = _make_generator(generator)
+        self._setup = StageSetup(
+            model=model,
+            criterion=criterion,
+            selection=self.selection,
+            layouts=layouts,
+            loss_fn=loss_fn,
+            data=data,
+            examples=examples,
+            min_density=min_density,
+            update=update,
+            diagnostics=bool(diagnostics),
+            eval_mode=bool(eval_mode),
+            on_collapse=on_collapse,
+            chunk_size=chunk_size,
+            chain=trace_chain(model, params),
+        )
         self.masks: dict[str, Tensor] = {
-            k: torch.ones_like(p, dtype=torch.bool) for k, p in self.params.items()
+            k: torch.ones_like(p, dtype=torch.bool) for k, p in params.items()
         }
         self.stage = 0
         self.reports: list[StageReport] = []
-        # Compensation state carried across stages: λ (auto_lam) and the last kept-weight step
-        # (CG warm start). Both are checkpointed so that a resumed run is identical.
-        self._update_lam = None if self.compensation is None else self.compensation.lam
-        self._last_step: dict[str, Tensor] | None = None
+        # (masks, their disconnection) from the last stage, reused while self.masks is that dict.
+        self._connectivity: tuple[dict[str, Tensor], Connectivity] | None = None
+        self.update_state: CompensationState | None = (
+            None if update is None else update.init_state()
+        )
+
+    @property
+    def data(self) -> Any:
+        """The scoring data; may be replaced between stages (validated when set)."""
+        return self._setup.data
+
+    @data.setter
+    def data(self, data: Any) -> None:
+        check_criterion(self.criterion, data, self._setup.loss_fn)
+        if data is None and (self._setup.examples is not None or self._setup.diagnostics):
+            raise ValueError("data=None: this pruner draws examples or computes diagnostics")
+        self._setup = replace(self._setup, data=data)
+
+    @property
+    def loss_fn(self) -> LossFn | None:
+        """The batch-mean loss the statistics describe."""
+        return self._setup.loss_fn
+
+    @property
+    def params(self) -> dict[str, nn.Parameter]:
+        """The prunable parameters by qualified name, looked up in the model now.
+
+        Raises:
+            ValueError: a parameter is gone or changed shape since the pruner was built.
+        """
+        params = {}
+        for name, shape in self._shapes.items():
+            try:
+                param = self.model.get_parameter(name)
+            except AttributeError:
+                raise ValueError(
+                    f"{name!r} is no longer a parameter of the model (replaced by a plain tensor "
+                    "or a torch.nn.utils.prune reparametrisation?); build a new Pruner"
+                ) from None
+            if param.shape != shape:
+                raise ValueError(
+                    f"parameter {name!r} changed shape from {tuple(shape)} to "
+                    f"{tuple(param.shape)} since the pruner was built"
+                )
+            params[name] = param
+        return params
 
     # ----------------------------------------------------------------------------------------
     # Running the schedule
@@ -278,157 +235,43 @@ class Pruner:
     def step(self) -> StageReport:
         """Run the next stage and return its report.
 
-        Everything (statistics, scores, selection, diagnostics) is computed before the model is
-        touched: an error leaves weights and masks exactly as they were.
+        The stage is planned first (statistics, scores, selection, update, diagnostics and
+        collapse checks) without touching anything; only then are the weights, masks, update
+        state and random state replaced. An error leaves all of them exactly as they were.
 
         Raises:
             RuntimeError: when the schedule is finished.
             NonFiniteError: a loss, gradient or score is NaN or infinite.
+            LayerCollapseError: with ``on_collapse="raise"``, for a stage that empties a layer
+                or disconnects units.
         """
         if self.finished:
             raise RuntimeError(f"the schedule's {len(self._targets)} stages have all run")
-        start = time.perf_counter()
-        target = self._targets[self.stage]
-        data = self.data
-        if self.examples is not None:
-            data = random_subset(self.data, self.examples, self.generator)
-        with self._scoring_mode():
-            check_deterministic(self.model)
-            params = {k: p.detach() for k, p in self.params.items()}
-            scores, _ = compute_scores(
-                self.model,
-                self.criterion,
-                params,
-                data,
-                self.loss_fn,
-                generator=self._device_generator(),
-                chunk_size=self.chunk_size,
-            )
-            masks = select_masks(
-                scores,
-                self.masks,
-                sparsity=target,
-                scope=self.scope,
-                min_density=self.min_density,
-            )
-            newly_pruned = {k: self.masks[k] & ~masks[k] for k in masks}
-            self._check_collapse(masks)
-            # The paper's step: pruned weights to zero, the others untouched.
-            delta = {k: torch.where(newly_pruned[k], -params[k], 0) for k in params}
-            cg = lam_used = compensated = None
-            if self.compensation is not None:
-                delta, cg, lam_used, compensated = self._compensate(
-                    params, masks, newly_pruned, delta, data
-                )
-            loss_before = loss_after = predicted = None
-            if self.diagnostics:
-                assert self.loss_fn is not None
-                loss_before, predicted = predicted_loss_change(
-                    self.model, params, delta, data, self.loss_fn, chunk_size=self.chunk_size
-                )
-                after = {k: params[k] + delta[k] for k in params}
-                loss_after = mean_loss(self.model, after, data, self.loss_fn)
-                if not math.isfinite(loss_after):
-                    raise NonFiniteError(
-                        f"the loss after stage {self.stage + 1} is not finite; nothing was modified"
-                    )
-        step_norm_sq = float(sum(d.double().square().sum() for d in delta.values()))
-        with torch.no_grad():
-            for k, param in self.params.items():
-                param.add_(delta[k].to(param.dtype))
-        apply_masks(self.params, masks)  # pruned weights exactly zero, whatever the rounding
-        self.masks = masks
+        params = self.params
+        generator = torch.Generator()
+        generator.set_state(self.generator.get_state())  # the plan draws from a copy
+        plan = plan_stage(
+            self._setup, params, self.masks, self.update_state, self.stage + 1,
+            self._targets[self.stage], generator, self._known_connectivity(),
+        )  # fmt: skip
+        # Commit: nothing below can fail on inputs the plan accepted.
+        if plan.delta is not None:
+            with torch.no_grad():
+                for k, param in params.items():
+                    param.add_(plan.delta[k].to(param.dtype))
+        apply_masks(params, plan.masks)  # pruned weights exactly zero, whatever the rounding
+        self.masks = plan.masks
+        self.update_state = plan.update_state
+        self._connectivity = (plan.masks, plan.connectivity)
+        self.generator.set_state(generator.get_state())
         self.stage += 1
-        if self.compensation is not None and compensated:
-            assert lam_used is not None
-            # Levenberg-Marquardt: after a stage needed a larger λ, try a smaller one next time,
-            # never below the user's λ. After a fall-back the next stage starts where this one
-            # did, not from the rejected λ.
-            self._update_lam = max(self.compensation.lam, lam_used / 10.0)
-            self._last_step = {k: torch.where(masks[k], delta[k], 0) for k in delta}
-        report = StageReport(
-            stage=self.stage,
-            target_sparsity=target,
-            sparsity=sparsity_of(masks),
-            pruned=sum(int(m.sum()) for m in newly_pruned.values()),
-            step_norm_sq=step_norm_sq,
-            loss_before=loss_before,
-            loss_after=loss_after,
-            predicted_delta=predicted,
-            layer_density=layer_densities(masks),
-            seconds=time.perf_counter() - start,
-            update_lam=lam_used if compensated else None,
-            compensated=compensated,
-            cg_iterations=None if cg is None else cg.iterations,
-            cg_residual=None if cg is None else cg.residual,
-            cg_negative_curvature=None if cg is None else cg.negative_curvature,
-        )
-        self.reports.append(report)
-        return report
+        self.reports.append(plan.report)
+        return plan.report
 
-    def _check_collapse(self, masks: dict[str, Tensor]) -> None:
-        emptied = [k for k, m in masks.items() if self.masks[k].any() and not m.any()]
-        if not emptied or self.on_collapse == "ignore":
-            return
-        message = (
-            f"stage {self.stage + 1} prunes every weight of {emptied} (layer collapse: the "
-            "output no longer depends on the input through it); pass min_density=... to keep "
-            "some weights in every layer"
-        )
-        if self.on_collapse == "raise":
-            raise LayerCollapseError(message + "; nothing was modified")
-        warnings.warn(message, LayerCollapseWarning, stacklevel=3)
-
-    def _compensate(
-        self,
-        params: dict[str, Tensor],
-        masks: dict[str, Tensor],
-        newly_pruned: dict[str, Tensor],
-        zero_step: dict[str, Tensor],
-        data: Any,
-    ) -> tuple[dict[str, Tensor], CGResult, float, bool]:
-        """The step, its CG result, the λ used and whether the kept weights were compensated.
-
-        Not compensated: ``auto_lam`` found no λ for which the model held and fell back to
-        ``zero_step`` (the paper's step).
-        """
-        options = self.compensation
-        assert options is not None and self.loss_fn is not None and self._update_lam is not None
-        loss_fn = self.loss_fn
-
-        def solve(lam: float) -> tuple[dict[str, Tensor], CGResult]:
-            return compensation_step(
-                self.model,
-                params,
-                masks,
-                newly_pruned,
-                data,
-                loss_fn,
-                lam=lam,
-                curvature=options.curvature,
-                max_iters=options.cg_iters,
-                tol=options.cg_tol,
-                warm_start=self._last_step,
-                chunk_size=self.chunk_size,
-            )
-
-        if not options.auto_lam:
-            return (*solve(self._update_lam), self._update_lam, True)
-        loss_before = mean_loss(self.model, params, data, loss_fn)
-
-        def model_change(delta: dict[str, Tensor]) -> float:
-            return predicted_loss_change(
-                self.model, params, delta, data, loss_fn, curvature=options.curvature,
-                chunk_size=self.chunk_size,
-            )[1]  # fmt: skip
-
-        def measured_change(delta: dict[str, Tensor]) -> float:
-            after = {k: params[k] + delta[k] for k in params}
-            return mean_loss(self.model, after, data, loss_fn) - loss_before
-
-        return trust_region_step(
-            solve, model_change, measured_change, zero_step, self._update_lam, options
-        )
+    def _known_connectivity(self) -> Connectivity | None:
+        if self._connectivity is not None and self._connectivity[0] is self.masks:
+            return self._connectivity[1]
+        return None
 
     def run(self) -> list[StageReport]:
         """Run every remaining stage; returns their reports (a progress bar if asked for)."""
@@ -453,33 +296,18 @@ class Pruner:
     # Keeping pruned weights at zero while training
     # ----------------------------------------------------------------------------------------
 
-    def attach(self, optimizer: torch.optim.Optimizer) -> MaskHandle:
+    def attach(self, optimizer: Any) -> MaskHandle:
         """Keep pruned weights exactly zero while ``optimizer`` trains the model.
 
-        Gradients of pruned weights are zeroed as they are computed (so momentum buffers never
-        pick them up) and the weights are re-zeroed after every ``optimizer.step()`` (so weight
-        decay, Adam's moments or an earlier momentum cannot move them). The current masks are read
-        at every call, so later stages are covered too.
+        See :func:`lossprune.mask_hooks.keep_pruned_at_zero`: gradients of pruned weights are
+        overwritten with zeros as they are computed, and the weights are re-zeroed after every
+        ``optimizer.step()``. The current masks are read at every call, so later stages are
+        covered too. A wrapper such as Accelerate's ``AcceleratedOptimizer`` is unwrapped.
 
         Returns:
             A handle whose ``remove()`` detaches the hooks.
         """
-        if not isinstance(optimizer, torch.optim.Optimizer):
-            raise TypeError(
-                f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}"
-            )
-        handles = [
-            param.register_hook(self._grad_masker(name)) for name, param in self.params.items()
-        ]
-        handles.append(optimizer.register_step_post_hook(lambda *_: self.apply()))
-        self.apply()
-        return MaskHandle(handles)
-
-    def _grad_masker(self, name: str):
-        def mask_grad(grad: Tensor) -> Tensor:
-            return grad * self.masks[name].to(grad.dtype)
-
-        return mask_grad
+        return keep_pruned_at_zero(optimizer, self.params, lambda: self.masks)
 
     def apply(self) -> None:
         """Zero the pruned weights of the model in place (e.g. after loading new weights)."""
@@ -490,104 +318,55 @@ class Pruner:
     # ----------------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to resume mid-schedule: stage, masks, RNG state and configuration.
+        """Everything needed to resume mid-schedule, and the configuration it belongs to.
 
-        Plain tensors, numbers and strings only, so ``torch.load(weights_only=True)`` reads it.
+        Stage, masks, random state and update state, with the schedule's targets, the
+        criterion, scope, min_density and update they were computed with. Plain tensors, numbers
+        and strings only, so ``torch.load(weights_only=True)`` reads it.
         """
-        return {
-            "stage": self.stage,
-            "masks": {k: m.detach().cpu().clone() for k, m in self.masks.items()},
-            "generator": self.generator.get_state(),
-            "targets": list(self._targets),
-            "criterion": repr(self.criterion.config()),
-            "scope": self.scope,
-            "min_density": self.min_density,
-            "update_lam": self._update_lam,
-            "last_step": None
-            if self._last_step is None
-            else {k: v.detach().cpu().clone() for k, v in self._last_step.items()},
-        }
+        return pruner_state(
+            stage=self.stage,
+            masks=self.masks,
+            generator=self.generator,
+            targets=self._targets,
+            criterion=repr(self.criterion),
+            scope=repr(self.selection),
+            min_density=self.min_density,
+            update=self.compensation,
+            update_state=self.update_state,
+        )
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Resume from :meth:`state_dict`: restores masks (and zeroes those weights), stage and RNG.
+        """Resume from :meth:`state_dict`, validated completely before anything changes.
+
+        Restores masks (and zeroes those weights), stage, random state and update state.
 
         Raises:
-            ValueError: the state belongs to another schedule, criterion or set of parameters.
+            TypeError: a malformed state.
+            ValueError: the state belongs to another schedule, criterion, scope, min_density,
+                update rule or set of parameters, or holds values out of range.
         """
-        if not isinstance(state, dict):
-            raise TypeError(f"state must be a dict, got {type(state).__name__}")
-        missing = {"stage", "masks", "generator", "targets"} - state.keys()
-        if missing:
-            raise ValueError(f"state lacks {sorted(missing)}")
-        if [float(t) for t in state["targets"]] != list(self._targets):
-            raise ValueError("state was saved with a different schedule")
-        if "criterion" in state and state["criterion"] != repr(self.criterion.config()):
-            raise ValueError(
-                f"state was saved with criterion {state['criterion']}, "
-                f"not {self.criterion.config()!r}"
-            )
-        masks = state["masks"]
-        if set(masks) != set(self.params):
-            raise ValueError(
-                f"state has masks for {sorted(masks)}, the pruner prunes {sorted(self.params)}"
-            )
-        for name, mask in masks.items():
-            if mask.shape != self.params[name].shape or mask.dtype != torch.bool:
-                raise ValueError(f"state mask {name!r} does not fit the parameter")
-        stage = state["stage"]
-        if not (isinstance(stage, int) and 0 <= stage <= len(self._targets)):
-            raise ValueError(f"state stage {stage!r} is out of range")
-        self.masks = {k: masks[k].to(self.params[k].device).clone() for k in self.params}
-        self.stage = stage
-        self.generator.set_state(state["generator"])
-        self._update_lam = state.get("update_lam", self._update_lam)
-        last_step = state.get("last_step")
-        self._last_step = (
-            None
-            if last_step is None
-            else {k: last_step[k].to(self.params[k].device) for k in self.params}
+        params = self.params
+        checkpoint = read_pruner_state(
+            state,
+            params=params,
+            targets=self._targets,
+            criterion=repr(self.criterion),
+            scope=repr(self.selection),
+            min_density=self.min_density,
+            update=self.compensation,
         )
-        self.apply()
-
-    # ----------------------------------------------------------------------------------------
-
-    @contextmanager
-    def _scoring_mode(self) -> Iterator[None]:
-        if not self.eval_mode:
-            yield
-            return
-        modes = {module: module.training for module in self.model.modules()}
-        self.model.eval()
-        try:
-            yield
-        finally:
-            for module, training in modes.items():
-                module.training = training
-
-    def _device_generator(self) -> torch.Generator:
-        """A generator on the parameters' device, seeded from the pruner's own generator."""
-        device = next(iter(self.params.values())).device
-        seed = int(torch.randint(0, 2**62, (1,), generator=self.generator))
-        return torch.Generator(device=device).manual_seed(seed)
+        self.masks = checkpoint.masks
+        self.stage = checkpoint.stage
+        self.generator.set_state(checkpoint.generator_state)
+        self.update_state = checkpoint.update_state
+        apply_masks(params, self.masks)
 
     def __repr__(self) -> str:
         return (
             f"Pruner({self.criterion!r}, stage {self.stage}/{len(self._targets)}, "
-            f"sparsity {self.sparsity():.4f}, scope={self.scope!r})"
+            f"sparsity {self.sparsity():.4f}, scope={self.selection!r})"
         )
-
-
-class MaskHandle:
-    """Returned by :meth:`Pruner.attach`; ``remove()`` detaches the hooks."""
-
-    def __init__(self, handles: list[Any]) -> None:
-        self._handles = handles
-
-    def remove(self) -> None:
-        """Detach the hooks that keep pruned weights at zero; calling it again does nothing."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
 
 
 def _check_schedule(schedule: object) -> tuple[float, ...]:
@@ -607,22 +386,6 @@ def _check_schedule(schedule: object) -> tuple[float, ...]:
             raise ValueError(f"schedule target decreases at stage {stage}: masks never shrink")
         previous = target
     return targets
-
-
-def _make_compensation(update: object, shortcuts: dict[str, Any]) -> Compensation | None:
-    given = {k: v for k, v in shortcuts.items() if v is not None}
-    if isinstance(update, Compensation):
-        if given:
-            raise ValueError(f"pass {sorted(given)} inside the Compensation, not beside it")
-        return update
-    if update not in _UPDATES:
-        raise ValueError(f"update must be one of {_UPDATES} or a Compensation, got {update!r}")
-    if update == "zero":
-        if given:
-            names = ["update_lam" if k == "lam" else k for k in sorted(given)]
-            raise ValueError(f"{names} only apply with update='compensate'")
-        return None
-    return Compensation(**given)
 
 
 def _make_generator(generator: object) -> torch.Generator:

@@ -12,6 +12,7 @@ is expected (:class:`typing.Protocol`).
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 from ._checks import check_fraction, check_positive_int, is_int
@@ -36,12 +37,20 @@ class Schedule(Protocol):
         ...
 
 
+@dataclass(frozen=True, init=False, repr=False)
 class _StagedSchedule:
-    """Shared validation, iteration and serialisation; subclasses define ``_fraction``."""
+    """Shared validation, iteration and serialisation; subclasses define ``_fraction``.
+
+    A frozen dataclass of its two fields, ``target`` (the final sparsity, passed as
+    ``sparsity=``) and ``stages``: equality, hash and :meth:`config` derive from them.
+    """
+
+    target: float
+    stages: int
 
     def __init__(self, sparsity: float, stages: int) -> None:
-        self.target = check_fraction("sparsity", sparsity)
-        self.stages = check_positive_int("stages", stages)
+        object.__setattr__(self, "target", check_fraction("sparsity", sparsity))
+        object.__setattr__(self, "stages", check_positive_int("stages", stages))
 
     def _fraction(self, stage: int) -> float:
         raise NotImplementedError
@@ -67,15 +76,11 @@ class _StagedSchedule:
         return {"type": type(self).__name__, "sparsity": self.target, "stages": self.stages}
 
     def __repr__(self) -> str:
+        # The constructor's spelling (sparsity=, not the field name target=), so it round-trips.
         return f"{type(self).__name__}(sparsity={self.target!r}, stages={self.stages})"
 
-    def __eq__(self, other: object) -> bool:
-        return type(other) is type(self) and other.config() == self.config()
 
-    def __hash__(self) -> int:
-        return hash((type(self).__name__, self.target, self.stages))
-
-
+@dataclass(frozen=True, init=False, repr=False)
 class LinearSchedule(_StagedSchedule):
     r"""Each stage removes the same number of weights.
 
@@ -94,6 +99,7 @@ class LinearSchedule(_StagedSchedule):
         return self.target * stage / self.stages
 
 
+@dataclass(frozen=True, init=False, repr=False)
 class ExponentialSchedule(_StagedSchedule):
     r"""Each stage removes the same fraction of the weights that are left.
 

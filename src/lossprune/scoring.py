@@ -57,17 +57,25 @@ def compute_scores(
     if requests:
         assert loss_fn is not None
         statistics = compute_statistics(
-            model, params, data, loss_fn, requests, generator=generator, chunk_size=chunk_size
-        )
-    result = criterion.score(ScoringContext(model, params, statistics, data))
+            model, params, data, criterion.scoring_loss(loss_fn), requests,
+            generator=generator, chunk_size=chunk_size,
+        )  # fmt: skip
+    # Scores are formed in at least float32: squares of float16 weights round (and underflow)
+    # so coarsely that the ranking of a float16 layer would be wrong.
+    scoring_params = {
+        k: p.to(torch.promote_types(p.dtype, torch.float32)) for k, p in params.items()
+    }
+    result = criterion.score(ScoringContext(model, scoring_params, statistics, data))
     for name, param in params.items():
         score = result.get(name)
         if score is None or score.shape != param.shape:
             raise RuntimeError(f"{criterion!r} returned no score of the right shape for {name!r}")
-        if not torch.isfinite(score).all():
-            raise NonFiniteError(
-                f"{criterion!r} gave a non-finite score for {name!r}; nothing was modified"
-            )
+    finite = torch.stack([torch.isfinite(result[name]).all() for name in params])
+    if not bool(finite.all()):  # one host synchronisation for all tensors
+        name = list(params)[int((~finite).nonzero()[0])]
+        raise NonFiniteError(
+            f"{criterion!r} gave a non-finite score for {name!r}; nothing was modified"
+        )
     return result, statistics
 
 

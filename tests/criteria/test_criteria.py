@@ -131,15 +131,33 @@ def test_grasp_is_theta_times_hessian_gradient_product(mlp, mlp_batch):
     theta = bf.flatten(params)
     g = bf.gradient(mlp, params, *mlp_batch, CE)
     h = bf.dense_hessian(mlp, params, *mlp_batch, CE)
-    got = flat(scores(mlp, GraSP(), mlp_batch, loss_fn=CE))
+    got = flat(scores(mlp, GraSP(temperature=1.0), mlp_batch, loss_fn=CE))
     torch.testing.assert_close(got, theta * (h @ g))
+
+
+@pytest.mark.parametrize("temperature", [200.0, 3.0])
+def test_grasp_at_temperature_matches_the_tempered_dense_hessian(mlp, mlp_batch, temperature):
+    """θ ⊙ H_T g_T for L_T(θ) = CE(f(x; θ) / T, y), as the authors' code and Synaptic-Flow."""
+
+    def tempered(outputs, targets):
+        return CE(outputs / temperature, targets)
+
+    params = bf.weights(mlp)
+    g = bf.gradient(mlp, params, *mlp_batch, tempered)
+    h = bf.dense_hessian(mlp, params, *mlp_batch, tempered)
+    criterion = GraSP(temperature=temperature)
+    got = flat(scores(mlp, criterion, mlp_batch, loss_fn=CE))
+    torch.testing.assert_close(got, bf.flatten(params) * (h @ g))
+    assert GraSP() == GraSP(temperature=200) and GraSP() != GraSP(temperature=1.0)
+    plain = flat(scores(mlp, GraSP(temperature=1.0), mlp_batch, loss_fn=CE))
+    assert not torch.allclose(got / got.norm(), plain / plain.norm())  # T changes the ranking
 
 
 def test_grasp_sign_convention_prunes_largest_gradient_flow_increase_first():
     """GraSP removes the weights with the LARGEST -θ⊙Hg, i.e. the lowest θ⊙Hg here."""
     model = nn.Sequential(nn.Linear(4, 3)).double()
     batch = (torch.randn(16, 4, dtype=torch.float64), torch.randint(0, 3, (16,)))
-    s = flat(scores(model, GraSP(), batch, loss_fn=CE))
+    s = flat(scores(model, GraSP(temperature=1.0), batch, loss_fn=CE))
     params = bf.weights(model)
     hg = bf.dense_hessian(model, params, *batch, CE) @ bf.gradient(model, params, *batch, CE)
     wang_score = -bf.flatten(params) * hg  # Wang et al.: larger = pruned first
@@ -166,7 +184,7 @@ def test_synflow_closed_form_on_bias_free_linear_chain():
     got = scores(model, SynFlow(input_shape=(4,)))
     for name, value in expected.items():
         torch.testing.assert_close(got[name].double(), value, rtol=1e-6, atol=1e-6)
-        assert got[name].dtype == torch.float32
+        assert got[name].dtype == torch.float64  # the computation dtype: no overflow on a cast
         assert (got[name] >= 0).all()
 
 

@@ -12,15 +12,16 @@ import math
 import numbers
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, is_dataclass
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
-from .._checks import check_nonnegative, is_real
-from ..curvature import Statistic, Statistics
+from .._checks import is_real
+from ..curvature import LossFn, Statistic, Statistics
 
-__all__ = ["Criterion", "ScoringContext", "SumCriterion", "ScaledCriterion", "check_lam"]
+__all__ = ["Criterion", "ScoringContext", "SumCriterion", "ScaledCriterion"]
 
 
 @dataclass(frozen=True)
@@ -44,7 +45,9 @@ class ScoringContext:
 class Criterion(ABC):
     """Base class: per-weight scores, lower = pruned first.
 
-    Subclasses implement :meth:`requests` and :meth:`score`. Criteria compose::
+    Subclasses implement :meth:`requests` and :meth:`score`. The built-in criteria are frozen
+    dataclasses: their repr, equality, hash and :meth:`config` are derived from their fields.
+    Criteria compose::
 
         criterion = QuadraticModel(lam=1e-3) + 0.5 * Magnitude()
 
@@ -59,22 +62,22 @@ class Criterion(ABC):
     def score(self, context: ScoringContext) -> dict[str, Tensor]:
         """Scores shaped like each parameter in ``context.params``; lower = pruned first."""
 
+    def scoring_loss(self, loss_fn: LossFn) -> LossFn:
+        """The loss whose statistics :meth:`requests` describes (default: the pruner's own).
+
+        :class:`~lossprune.GraSP` overrides it with the loss of tempered logits.
+        """
+        return loss_fn
+
     def config(self) -> dict[str, Any]:
-        """A plain, JSON-friendly description (checkpoints, reports, experiment records)."""
-        return {"type": type(self).__name__, **self._options()}
+        """A plain, JSON-friendly description (checkpoints, reports, experiment records).
 
-    def _options(self) -> dict[str, Any]:
-        return {}
-
-    def __repr__(self) -> str:
-        options = ", ".join(f"{k}={v!r}" for k, v in self._options().items())
-        return f"{type(self).__name__}({options})"
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Criterion) and other.config() == self.config()
-
-    def __hash__(self) -> int:
-        return hash(repr(self.config()))
+        The class name and every dataclass field (a ``torch.dtype`` as its name).
+        """
+        options: dict[str, Any] = {}
+        if is_dataclass(self):
+            options = {f.name: _plain(getattr(self, f.name)) for f in fields(self)}
+        return {"type": type(self).__name__, **options}
 
     def __add__(self, other: object) -> Criterion:
         if not isinstance(other, Criterion):
@@ -97,15 +100,48 @@ class Criterion(ABC):
     __rmul__ = __mul__
 
 
+class _LossProbe:
+    """A stand-in loss: terms that wrap it alike (equal wrappers) score the same loss."""
+
+    def __call__(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        raise NotImplementedError
+
+
+def _plain(value: Any) -> Any:
+    """A JSON-friendly form of a field value."""
+    if isinstance(value, torch.dtype):
+        return str(value)
+    if isinstance(value, Criterion):
+        return value.config()
+    if isinstance(value, tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
 def _terms(criterion: Criterion) -> tuple[Criterion, ...]:
     return criterion.terms if isinstance(criterion, SumCriterion) else (criterion,)
 
 
+@dataclass(frozen=True)
 class SumCriterion(Criterion):
     """``a + b + ...``: scores add up; statistics are the union of the terms' requests."""
 
-    def __init__(self, terms: tuple[Criterion, ...]) -> None:
-        self.terms = tuple(terms)
+    terms: tuple[Criterion, ...]
+
+    def __post_init__(self) -> None:
+        _probe = _LossProbe()
+        losses = {term.scoring_loss(_probe) for term in self.terms if term.requests()}
+        if len(losses) > 1:
+            raise ValueError(
+                f"{' + '.join(map(repr, self.terms))} combines criteria that score different "
+                "losses (e.g. GraSP at a temperature T != 1): they cannot share one statistics pass"
+            )
+
+    def scoring_loss(self, loss_fn: LossFn) -> LossFn:
+        for term in self.terms:
+            if term.requests():
+                return term.scoring_loss(loss_fn)
+        return loss_fn
 
     def requests(self) -> frozenset[Statistic]:
         return frozenset().union(*(term.requests() for term in self.terms))
@@ -118,33 +154,25 @@ class SumCriterion(Criterion):
         assert total is not None
         return total
 
-    def config(self) -> dict[str, Any]:
-        return {"type": "Sum", "terms": [term.config() for term in self.terms]}
-
     def __repr__(self) -> str:
         return " + ".join(repr(term) for term in self.terms)
 
 
+@dataclass(frozen=True)
 class ScaledCriterion(Criterion):
     """``factor * criterion``."""
 
-    def __init__(self, factor: float, criterion: Criterion) -> None:
-        self.factor = factor
-        self.criterion = criterion
+    factor: float
+    criterion: Criterion
 
     def requests(self) -> frozenset[Statistic]:
         return self.criterion.requests()
 
+    def scoring_loss(self, loss_fn: LossFn) -> LossFn:
+        return self.criterion.scoring_loss(loss_fn)
+
     def score(self, context: ScoringContext) -> dict[str, Tensor]:
         return {k: self.factor * v for k, v in self.criterion.score(context).items()}
 
-    def config(self) -> dict[str, Any]:
-        return {"type": "Scaled", "factor": self.factor, "criterion": self.criterion.config()}
-
     def __repr__(self) -> str:
         return f"{self.factor!r} * {self.criterion!r}"
-
-
-def check_lam(lam: object) -> float:
-    """λ, the strength of the step-size constraint: a finite real number ≥ 0."""
-    return check_nonnegative("lam", lam)

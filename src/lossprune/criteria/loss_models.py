@@ -15,13 +15,13 @@ OBD            :math:`\tfrac12 D_q\theta_q^2 + \tfrac12\lambda\theta_q^2` (LeCun
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import KW_ONLY, dataclass
 
 from torch import Tensor
 
-from .._checks import check_positive_int
+from .._checks import check_lam, check_positive_int
 from ..curvature import Statistic
-from .base import Criterion, ScoringContext, check_lam
+from .base import Criterion, ScoringContext
 
 __all__ = ["LinearModel", "QuadraticModel", "OBD", "CURVATURES"]
 
@@ -43,36 +43,30 @@ def _curvature_statistic(curvature: object, mc_samples: object, probes: object) 
     raise ValueError(f"curvature must be one of {CURVATURES}, got {curvature!r}")
 
 
+@dataclass(frozen=True)
 class _DiagonalCurvatureModel(Criterion):
     """Shared options of the criteria that read a diagonal curvature estimate ``D``."""
 
-    def __init__(
-        self,
-        lam: float = 0.0,
-        curvature: str = "fisher",
-        *,
-        mc_samples: int = 10,
-        probes: int = 64,
-    ) -> None:
-        self.lam = check_lam(lam)
-        self._curvature = _curvature_statistic(curvature, mc_samples, probes)
-        self.curvature = curvature
-        self.mc_samples = mc_samples
-        self.probes = probes
+    lam: float = 0.0
+    curvature: str = "fisher"
+    _: KW_ONLY
+    mc_samples: int = 10
+    probes: int = 64
 
-    def _options(self) -> dict[str, Any]:
-        options: dict[str, Any] = {"lam": self.lam, "curvature": self.curvature}
-        if self.curvature == "fisher_mc":
-            options["mc_samples"] = self.mc_samples
-        if self.curvature == "hessian_diag":
-            options["probes"] = self.probes
-        return options
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "lam", check_lam(self.lam))
+        _curvature_statistic(self.curvature, self.mc_samples, self.probes)
+
+    @property
+    def _curvature(self) -> Statistic:
+        return _curvature_statistic(self.curvature, self.mc_samples, self.probes)
 
     def _diagonal(self, context: ScoringContext) -> dict[str, Tensor]:
         assert context.statistics is not None
         return context.statistics[self._curvature]
 
 
+@dataclass(frozen=True)
 class LinearModel(Criterion):
     r"""First-order loss model (LM): :math:`s_q = |g_q\theta_q| + \tfrac12\lambda\theta_q^2`.
 
@@ -80,8 +74,10 @@ class LinearModel(Criterion):
         lam: strength λ ≥ 0 of the step-size constraint.
     """
 
-    def __init__(self, lam: float = 0.0) -> None:
-        self.lam = check_lam(lam)
+    lam: float = 0.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "lam", check_lam(self.lam))
 
     def requests(self) -> frozenset[Statistic]:
         return frozenset({Statistic("grad")})
@@ -94,10 +90,8 @@ class LinearModel(Criterion):
             for k, p in context.params.items()
         }
 
-    def _options(self) -> dict[str, Any]:
-        return {"lam": self.lam}
 
-
+@dataclass(frozen=True)
 class QuadraticModel(_DiagonalCurvatureModel):
     r"""Second-order loss model (QM) with diagonal curvature.
 
@@ -126,6 +120,7 @@ class QuadraticModel(_DiagonalCurvatureModel):
         }
 
 
+@dataclass(frozen=True)
 class OBD(_DiagonalCurvatureModel):
     r"""Optimal Brain Damage (LeCun et al. 1990) with the step-size constraint.
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from torch import Tensor
 
 from .base import Criterion, ScoringContext
@@ -9,6 +11,7 @@ from .base import Criterion, ScoringContext
 __all__ = ["Magnitude"]
 
 
+@dataclass(frozen=True)
 class Magnitude(Criterion):
     r"""Magnitude pruning: :math:`s_q = \tfrac12 \theta_q^2`.
 

@@ -20,6 +20,7 @@ from torch.utils.data import Dataset, Subset, TensorDataset
 import lossprune
 from lossprune import (
     OBD,
+    Compensation,
     Criterion,
     ExponentialSchedule,
     GraSP,
@@ -45,8 +46,10 @@ __all__ = ["make_criterion", "make_schedule", "loss_set", "measure", "prune_run"
 _TRACKED_POINTS = 20
 
 # StageReport fields recorded per stage (under "stages") where the run produced them: the
-# diagnostics (loss on the scoring data, quadratic model's prediction) and the compensation.
+# diagnostics (loss on the scoring data, quadratic model's prediction), the compensation and the
+# output units cut off from the input (checked for chains of Linear / convolution layers).
 _STAGE_EXTRAS = (
+    "disconnected_outputs",
     "loss_before",
     "loss_after",
     "predicted_delta",
@@ -160,7 +163,7 @@ def prune_run(
         # extra gradient and Hessian-vector pass per stage, so only where the config asks.
         diagnostics=config.diagnostics,
         min_density=config.min_density,
-        **_update_options(config),
+        update=_update(config),
     )
     curve = [{"stage": 0, "sparsity": 0.0, "train_loss": dense["train_loss"]}]
     # Layer-collapse warnings are a result here (PAPER.md, finding 2): keep them in the record.
@@ -230,11 +233,12 @@ def prune_run(
     return record
 
 
-def _update_options(config: RunConfig) -> dict[str, Any]:
-    """The Pruner's weight-update arguments for ``config`` (none for the paper's zeroing)."""
+def _update(config: RunConfig) -> Compensation | None:
+    """The Pruner's weight update for ``config`` (``None``: the paper's zeroing)."""
     if config.update == "zero":
-        return {}
-    return {"update": config.update, "update_lam": config.update_lam, "auto_lam": config.auto_lam}
+        return None
+    assert config.update_lam is not None
+    return Compensation(lam=config.update_lam, auto_lam=config.auto_lam)
 
 
 def _diverged(record: dict[str, Any], error: Exception, start: float) -> dict[str, Any]:

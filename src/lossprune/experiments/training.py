@@ -4,8 +4,9 @@ Laurent et al. (2020, arXiv:2006.12279, Sec. 5) train and fine-tune with SGD (mo
 decay 5e-4, batch 100) and keep the checkpoint with the best validation error. Fine-tuning a pruned
 network keeps its mask fixed: pruned weights are zero before training and stay exactly zero.
 
-This module is self-contained (plain masks, no :class:`lossprune.Pruner`), so that the same loop
-trains the dense networks and fine-tunes the pruned ones.
+The loop takes plain masks (no :class:`lossprune.Pruner`), so that the same loop trains the dense
+networks and fine-tunes the pruned ones; the masks are held by the library's
+:func:`lossprune.keep_pruned_at_zero`, the same hooks as :meth:`lossprune.Pruner.attach`.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
+
+from lossprune import keep_pruned_at_zero
 
 from .data import Split, make_loader
 
@@ -50,53 +53,28 @@ def _lr_factor(schedule: LRSchedule, epochs: int) -> Callable[[int], float]:
     )
 
 
-def _resolve_masks(
+def _masked_parameters(
     model: nn.Module, masks: Mapping[str, torch.Tensor]
-) -> list[tuple[torch.nn.Parameter, torch.Tensor]]:
-    """``(parameter, pruned)`` pairs, ``pruned = ~kept`` on the parameter's device.
+) -> dict[str, torch.nn.Parameter]:
+    """The parameters ``masks`` names, by name (tied weights under any of their names).
 
     Raises:
-        TypeError: If ``masks`` is not a mapping or a mask is not a bool tensor.
-        ValueError: For a name that is not a parameter of ``model`` or a mask of the wrong shape.
+        TypeError: If ``masks`` is not a mapping.
+        ValueError: For a name that is not a parameter of ``model``.
     """
     if not isinstance(masks, Mapping):
         raise TypeError(f"masks must be a dict name -> bool tensor, got {type(masks).__name__}")
-    # Tied weights appear once in named_parameters(); accept a mask under any of their names.
     parameters = dict(model.named_parameters(remove_duplicate=False))
     unknown = sorted(set(masks) - set(parameters))
     if unknown:
         raise ValueError(f"masks name parameters that the model does not have: {unknown}")
-    resolved = []
-    for name, kept in masks.items():
-        parameter = parameters[name]
-        if not isinstance(kept, torch.Tensor) or kept.dtype != torch.bool:
-            raise TypeError(f"masks[{name!r}] must be a bool tensor (True = kept), got {kept!r}")
-        if kept.shape != parameter.shape:
-            raise ValueError(
-                f"masks[{name!r}] has shape {tuple(kept.shape)}, "
-                f"but the parameter has shape {tuple(parameter.shape)}"
-            )
-        resolved.append((parameter, ~kept.to(parameter.device)))
-    return resolved
-
-
-def _zero_pruned(pruned: list[tuple[torch.nn.Parameter, torch.Tensor]]) -> None:
-    with torch.no_grad():
-        for parameter, removed in pruned:
-            parameter.masked_fill_(removed, 0.0)
-
-
-def _gradient_hook(removed: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
-    # masked_fill rather than a product with the mask: a non-finite gradient entry must not leak
-    # into a pruned weight as NaN (0 * inf = NaN).
-    return lambda grad: grad.masked_fill(removed, 0.0)
+    return {name: parameters[name] for name in masks}
 
 
 def _train_epoch(
     model: nn.Module,
     loader: DataLoader,
     optimizer: torch.optim.Optimizer,
-    pruned: list[tuple[torch.nn.Parameter, torch.Tensor]],
     device: torch.device,
     progress: bool,
 ) -> tuple[float, float]:
@@ -112,10 +90,7 @@ def _train_epoch(
         loss = F.cross_entropy(logits, targets)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        optimizer.step()
-        # Gradients of pruned weights are already zero; re-zeroing also covers momentum state or
-        # decoupled updates that do not go through the gradient.
-        _zero_pruned(pruned)
+        optimizer.step()  # the mask hooks re-zero pruned weights (lossprune.keep_pruned_at_zero)
         loss_sum += loss.detach() * len(targets)
         wrong += (logits.argmax(dim=1) != targets).sum()
         count += len(targets)
@@ -203,7 +178,7 @@ def train(
     lr_factor = _lr_factor(lr_schedule, epochs)
     device = torch.device(device)
     model.to(device)
-    pruned = _resolve_masks(model, masks) if masks is not None else []
+    masked = _masked_parameters(model, masks) if masks is not None else {}
     torch.manual_seed(seed)
     loader = make_loader(split.train, batch_size, shuffle=True, seed=seed, num_workers=num_workers)
     optimizer = torch.optim.SGD(
@@ -214,17 +189,16 @@ def train(
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
 
-    _zero_pruned(pruned)
-    handles = [parameter.register_hook(_gradient_hook(removed)) for parameter, removed in pruned]
+    # The library's one implementation: masked_fill on gradients and after every step, never a
+    # product with the mask (0 * inf = NaN). Validates the masks before touching anything.
+    handle = keep_pruned_at_zero(optimizer, masked, dict(masks)) if masks is not None else None
     history: list[dict[str, float]] = []
     best_error, best_state = math.inf, None
     epoch_bar = tqdm(range(1, epochs + 1), desc="epochs", disable=not progress)
     try:
         for epoch in epoch_bar:
             current_lr = optimizer.param_groups[0]["lr"]
-            train_loss, train_error = _train_epoch(
-                model, loader, optimizer, pruned, device, progress
-            )
+            train_loss, train_error = _train_epoch(model, loader, optimizer, device, progress)
             val_loss, val_error = evaluate(model, split.val, device=device, num_workers=num_workers)
             history.append(
                 {
@@ -242,7 +216,7 @@ def train(
                 best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
             scheduler.step()
     finally:
-        for handle in handles:
+        if handle is not None:
             handle.remove()
         epoch_bar.close()
     model.load_state_dict(best_state)

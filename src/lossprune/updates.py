@@ -1,4 +1,11 @@
-r"""Step-size-constrained compensation of the kept weights (beyond Laurent et al. 2020).
+r"""The weight update of a stage: the paper's zeroing, or step-size-constrained compensation.
+
+``Pruner(..., update=None)`` only zeroes the pruned weights (Laurent et al. 2020).
+``Pruner(..., update=Compensation(lam=...))`` also moves the kept weights (beyond the paper).
+Like an optax transformation, :class:`Compensation` is an immutable configuration; the state it
+carries from stage to stage (λ chosen by ``auto_lam``, the previous step for the CG warm start)
+is an explicit :class:`CompensationState` with its own ``state_dict``, returned by
+:meth:`Compensation.plan` and stored by the pruner only when a stage commits.
 
 The paper only zeroes the pruned weights. The quadratic model it scores with also says how the
 KEPT weights should move: with :math:`P` the weights pruned in this stage (fixed at
@@ -21,16 +28,23 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
-from ._checks import check_nonnegative, check_positive_int
-from ._diagnostics import curvature_product
+from ._checks import check_lam, check_nonnegative, check_positive_int
+from ._diagnostics import curvature_product, mean_loss, predicted_loss_change
 from .curvature import LossFn
 
-__all__ = ["CGResult", "Compensation", "compensation_step", "trust_region_step"]
+__all__ = [
+    "CGResult",
+    "Compensation",
+    "CompensationState",
+    "UpdatePlan",
+    "compensation_step",
+    "trust_region_step",
+]
 
 Params = dict[str, Tensor]
 
@@ -66,7 +80,8 @@ class Compensation:
     auto_lam_tries: int = 8
 
     def __post_init__(self) -> None:
-        for name in ("lam", "cg_tol", "auto_lam_tol"):
+        check_lam(self.lam)
+        for name in ("cg_tol", "auto_lam_tol"):
             check_nonnegative(name, getattr(self, name))
         for name in ("cg_iters", "auto_lam_tries"):
             check_positive_int(name, getattr(self, name))
@@ -76,6 +91,10 @@ class Compensation:
             raise TypeError(f"auto_lam must be a bool, got {type(self.auto_lam).__name__}")
         if self.auto_lam and self.lam == 0:
             raise ValueError("auto_lam needs lam > 0 to start from (it multiplies λ by 10)")
+
+    def init_state(self) -> CompensationState:
+        """The state before the first stage: λ = :attr:`lam`, no warm start."""
+        return CompensationState(self.lam, None)
 
 
 @dataclass(frozen=True)
@@ -216,3 +235,144 @@ def trust_region_step(
         if measured <= 0 and measured <= (1.0 - options.auto_lam_tol) * min(predicted, 0.0):
             return delta, result, lam, True
     return zero_step, result, lam, False
+
+
+@dataclass(frozen=True)
+class CompensationState:
+    """What a :class:`Compensation` carries from one stage to the next.
+
+    Attributes:
+        lam: λ the next stage starts from (``auto_lam`` lowers it after a success, never below
+            :attr:`Compensation.lam`).
+        last_step: the previous stage's step of the kept weights (CG warm start), by parameter
+            name, or ``None`` before the first compensated stage.
+    """
+
+    lam: float
+    last_step: Mapping[str, Tensor] | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain floats and CPU tensors (``torch.load(weights_only=True)`` reads it)."""
+        last_step = None
+        if self.last_step is not None:
+            last_step = {k: v.detach().cpu().clone() for k, v in self.last_step.items()}
+        return {"lam": self.lam, "last_step": last_step}
+
+    @classmethod
+    def from_state_dict(cls, state: object, params: Mapping[str, Tensor]) -> CompensationState:
+        """Validate a :meth:`state_dict` against the parameters; nothing is changed here.
+
+        Raises:
+            TypeError: ``state`` is not a dict, ``lam`` not a real number, or a step not a
+                floating-point tensor.
+            ValueError: a missing key, λ out of range, or steps whose names or shapes differ
+                from the parameters'.
+        """
+        if not isinstance(state, Mapping):
+            raise TypeError(f"the update state must be a dict, got {type(state).__name__}")
+        missing = {"lam", "last_step"} - state.keys()
+        if missing:
+            raise ValueError(f"the update state lacks {sorted(missing)}")
+        lam = check_lam(state["lam"], "the update state's lam")
+        last_step = state["last_step"]
+        if last_step is None:
+            return cls(lam, None)
+        if not isinstance(last_step, Mapping) or set(last_step) != set(params):
+            names = sorted(last_step) if isinstance(last_step, Mapping) else type(last_step)
+            raise ValueError(
+                f"the update state's last_step has entries {names}, "
+                f"the pruner prunes {sorted(params)}"
+            )
+        for name, step in last_step.items():
+            if not isinstance(step, Tensor) or not step.is_floating_point():
+                raise TypeError(
+                    f"the update state's last_step[{name!r}] must be a floating-point tensor"
+                )
+            if step.shape != params[name].shape:
+                raise ValueError(
+                    f"the update state's last_step[{name!r}] has shape {tuple(step.shape)}, "
+                    f"the parameter {tuple(params[name].shape)}"
+                )
+        return cls(lam, {k: last_step[k].to(params[k].device) for k in params})
+
+
+class UpdatePlan(NamedTuple):
+    """One stage's update, computed without touching the model.
+
+    Attributes:
+        delta: the full step Δθ by parameter name (pruned weights: ``-θ``).
+        state: the compensation state to keep if the stage commits (``None`` without
+            compensation).
+        lam: λ of the accepted compensation, ``None`` when the kept weights did not move.
+        compensated: whether the kept weights moved (``None`` without compensation).
+        cg: how conjugate gradients ended (``None`` without compensation).
+    """
+
+    delta: Params
+    state: CompensationState | None
+    lam: float | None
+    compensated: bool | None
+    cg: CGResult | None
+
+
+def zero_step(params: Mapping[str, Tensor], newly_pruned: Mapping[str, Tensor]) -> Params:
+    r"""The paper's step: :math:`\Delta\theta_q = -\theta_q` for the pruned weights, 0 elsewhere."""
+    return {k: torch.where(newly_pruned[k], -params[k], 0) for k in params}
+
+
+def plan_update(
+    update: Compensation | None,
+    state: CompensationState | None,
+    model: nn.Module,
+    params: Mapping[str, Tensor],
+    kept: Mapping[str, Tensor],
+    newly_pruned: Mapping[str, Tensor],
+    data: Any,
+    loss_fn: LossFn | None,
+    *,
+    chunk_size: int | None = None,
+) -> UpdatePlan:
+    """The step of one stage under ``update`` (``None``: the paper's zeroing), side-effect free.
+
+    With a :class:`Compensation` this is :func:`compensation_step` at the state's λ, or, with
+    ``auto_lam``, :func:`trust_region_step`; the returned state is the one to keep if the stage
+    commits (λ divided by 10 after a success, never below ``update.lam``; the kept weights'
+    step for the next warm start). After a fall-back to zeroing the state does not change.
+    """
+    zero = zero_step(params, newly_pruned)
+    if update is None:
+        return UpdatePlan(zero, None, None, None, None)
+    assert state is not None and loss_fn is not None
+
+    def solve(lam: float) -> tuple[Params, CGResult]:
+        return compensation_step(
+            model, params, kept, newly_pruned, data, loss_fn, lam=lam,
+            curvature=update.curvature, max_iters=update.cg_iters, tol=update.cg_tol,
+            warm_start=state.last_step, chunk_size=chunk_size,
+        )  # fmt: skip
+
+    if update.auto_lam:
+        loss_before = mean_loss(model, params, data, loss_fn)
+
+        def model_change(delta: Params) -> float:
+            return predicted_loss_change(
+                model, params, delta, data, loss_fn, curvature=update.curvature,
+                chunk_size=chunk_size,
+            )[1]  # fmt: skip
+
+        def measured_change(delta: Params) -> float:
+            after = {k: params[k] + delta[k] for k in params}
+            return mean_loss(model, after, data, loss_fn) - loss_before
+
+        delta, cg, lam, accepted = trust_region_step(
+            solve, model_change, measured_change, zero, state.lam, update
+        )
+    else:
+        (delta, cg), lam, accepted = solve(state.lam), state.lam, True
+    if not accepted:
+        return UpdatePlan(delta, state, None, False, cg)
+    # Levenberg-Marquardt: after a stage needed a larger λ, try a smaller one next time, never
+    # below the user's λ. After a fall-back the next stage starts where this one did.
+    next_lam = max(update.lam, lam / 10.0)
+    last_step = {k: torch.where(kept[k], delta[k], 0) for k in delta}
+    return UpdatePlan(delta, CompensationState(next_lam, last_step), lam, True, cg)
