@@ -582,7 +582,7 @@ def test_missing_statistic_names_the_request():
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_compensation_runs_in_float32_sums(dtype):
     """The compensation solver's products take float32 CG vectors for a half-precision model."""
-    from lossprune._compensation import compensation_step
+    from lossprune.updates import compensation_step
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).to(dtype)
