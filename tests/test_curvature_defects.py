@@ -351,6 +351,45 @@ print(repr([float(v.sum()) for r in sorted(requests, key=str) for v in stats[r].
 """
 
 
+class _HashedBySamples(Statistic):
+    """A set of these iterates in increasing ``samples`` (hash = slot), like one hash seed."""
+
+    def __hash__(self):
+        return self.samples
+
+
+class _HashedAgainstSamples(Statistic):
+    """... and these in decreasing ``samples``, like another hash seed."""
+
+    def __hash__(self):
+        return 7 - self.samples
+
+
+def test_random_statistics_do_not_depend_on_the_order_of_a_set_of_requests():
+    """The in-process twin of the PYTHONHASHSEED test below: two set orders, same numbers."""
+    model = mlp()
+    batch = (torch.randn(8, 4, dtype=DTYPE), torch.randint(0, 3, (8,)))
+    results = []
+    for kind in (_HashedBySamples, _HashedAgainstSamples):
+        requests = {kind("fisher_mc", 2), kind("hutchinson", 3), kind("fisher_mc", 5)}
+        assert [r.samples for r in requests] == sorted(
+            (r.samples for r in requests), reverse=kind is _HashedAgainstSamples
+        )
+        stats = compute_statistics(
+            model,
+            all_params(model),
+            batch,
+            CE,
+            requests,
+            generator=torch.Generator().manual_seed(1),
+        )
+        ordered = sorted(requests, key=lambda r: (r.kind, r.samples))
+        results.append([stats[r][k] for r in ordered for k in stats[r]])
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.slow
 def test_random_statistics_do_not_depend_on_the_hash_seed():
     """Two interpreters with different string hashes (the order of a set of requests) agree."""
     src = Path(lossprune.__file__).resolve().parents[1]  # the lossprune under test
