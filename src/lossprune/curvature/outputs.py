@@ -395,22 +395,23 @@ def _check_mean_of_per_example(loss: Tensor, per_example: Tensor) -> None:
 
 
 def check_mean_over_examples(
-    loss_fn: LossFn, outputs_of: Callable[[], Any], targets: Tensor
+    loss_fn: LossFn, outputs_and_targets: Callable[[], tuple[Any, Tensor]]
 ) -> None:
     """Detect, where possible, a plain-function loss that is not a mean over examples.
 
     Losses with a closed form here declare their reduction (checked by :func:`check_reduction`);
-    any other loss of one tensor of outputs (``outputs_of()``, called only then) is compared with
-    the mean of its batches of one.
-    Nothing can be said about a batch of one example or a loss that cannot be vmapped.
+    for any other loss, ``outputs_and_targets()`` (called only then: a forward pass the
+    closed-form losses never pay) gives one batch, and a loss of one tensor of outputs is
+    compared with the mean of its batches of one. Nothing can be said about a batch of one
+    example or a loss that cannot be vmapped.
 
     Raises:
         ValueError: the loss is a sum or couples the examples.
     """
-    if _family(loss_fn) != "generic" or len(targets) < 2:
+    if _family(loss_fn) != "generic":
         return
-    outputs = outputs_of()  # only now: a forward pass the closed-form losses never pay
-    if not isinstance(outputs, Tensor):
+    outputs, targets = outputs_and_targets()
+    if not isinstance(outputs, Tensor) or len(outputs) < 2:
         return
     outputs = outputs.detach()
 
