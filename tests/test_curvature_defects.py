@@ -510,9 +510,36 @@ def test_models_returning_tuples():
         {f"body.{k}": t for k, t in bf.products(g, {k[5:]: t for k, t in v.items()}).items()},
     )
     hutchinson_diag(model, params, batch, unpack_ce, probes=2)
+    expected = {
+        f"body.{k}": t for k, t in bf.diagonal(g, {k[5:]: p for k, p in params.items()}).items()
+    }
+    for fast in (True, False):
+        close(fisher_diag(model, params, batch, unpack_ce, fast=fast), expected)
+        fisher_diag_mc(model, params, batch, unpack_ce, samples=2, fast=fast)
+
+
+class NotPerExample(nn.Module):
+    def __init__(self, extra: str) -> None:
+        super().__init__()
+        self.body = mlp()
+        self.extra = extra
+
+    def forward(self, x):
+        if self.extra == "scalar":  # no examples in dim 0
+            return self.body(x), self.body[0].weight.sum()
+        return self.body(x), x[:2]  # dim 0 is not the batch
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [("scalar", "leaves are floating-point tensors"), ("slice", "hold the 6 examples in dim 0")],
+)
+def test_outputs_without_examples_in_dim_0_are_refused_by_the_diagonals(extra, message):
+    model = NotPerExample(extra)
+    batch = (torch.randn(6, 4, dtype=DTYPE), torch.tensor([0, 1, 2, 1, 0, 2]))
     for diagonal in (fisher_diag, fisher_diag_mc):
-        with pytest.raises(TypeError, match="return one tensor"):
-            diagonal(model, params, batch, unpack_ce)
+        with pytest.raises(TypeError, match=message):
+            diagonal(model, all_params(model), batch, unpack_ce)
 
 
 class LSTMClassifier(nn.Module):
