@@ -351,6 +351,45 @@ print(repr([float(v.sum()) for r in sorted(requests, key=str) for v in stats[r].
 """
 
 
+class _HashedBySamples(Statistic):
+    """A set of these iterates in increasing ``samples`` (hash = slot), like one hash seed."""
+
+    def __hash__(self):
+        return self.samples
+
+
+class _HashedAgainstSamples(Statistic):
+    """... and these in decreasing ``samples``, like another hash seed."""
+
+    def __hash__(self):
+        return 7 - self.samples
+
+
+def test_random_statistics_do_not_depend_on_the_order_of_a_set_of_requests():
+    """The in-process twin of the PYTHONHASHSEED test below: two set orders, same numbers."""
+    model = mlp()
+    batch = (torch.randn(8, 4, dtype=DTYPE), torch.randint(0, 3, (8,)))
+    results = []
+    for kind in (_HashedBySamples, _HashedAgainstSamples):
+        requests = {kind("fisher_mc", 2), kind("hutchinson", 3), kind("fisher_mc", 5)}
+        assert [r.samples for r in requests] == sorted(
+            (r.samples for r in requests), reverse=kind is _HashedAgainstSamples
+        )
+        stats = compute_statistics(
+            model,
+            all_params(model),
+            batch,
+            CE,
+            requests,
+            generator=torch.Generator().manual_seed(1),
+        )
+        ordered = sorted(requests, key=lambda r: (r.kind, r.samples))
+        results.append([stats[r][k] for r in ordered for k in stats[r]])
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.slow
 def test_random_statistics_do_not_depend_on_the_hash_seed():
     """Two interpreters with different string hashes (the order of a set of requests) agree."""
     src = Path(lossprune.__file__).resolve().parents[1]  # the lossprune under test
@@ -471,9 +510,36 @@ def test_models_returning_tuples():
         {f"body.{k}": t for k, t in bf.products(g, {k[5:]: t for k, t in v.items()}).items()},
     )
     hutchinson_diag(model, params, batch, unpack_ce, probes=2)
+    expected = {
+        f"body.{k}": t for k, t in bf.diagonal(g, {k[5:]: p for k, p in params.items()}).items()
+    }
+    for fast in (True, False):
+        close(fisher_diag(model, params, batch, unpack_ce, fast=fast), expected)
+        fisher_diag_mc(model, params, batch, unpack_ce, samples=2, fast=fast)
+
+
+class NotPerExample(nn.Module):
+    def __init__(self, extra: str) -> None:
+        super().__init__()
+        self.body = mlp()
+        self.extra = extra
+
+    def forward(self, x):
+        if self.extra == "scalar":  # no examples in dim 0
+            return self.body(x), self.body[0].weight.sum()
+        return self.body(x), x[:2]  # dim 0 is not the batch
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [("scalar", "leaves are floating-point tensors"), ("slice", "hold the 6 examples in dim 0")],
+)
+def test_outputs_without_examples_in_dim_0_are_refused_by_the_diagonals(extra, message):
+    model = NotPerExample(extra)
+    batch = (torch.randn(6, 4, dtype=DTYPE), torch.tensor([0, 1, 2, 1, 0, 2]))
     for diagonal in (fisher_diag, fisher_diag_mc):
-        with pytest.raises(TypeError, match="return one tensor"):
-            diagonal(model, params, batch, unpack_ce)
+        with pytest.raises(TypeError, match=message):
+            diagonal(model, all_params(model), batch, unpack_ce)
 
 
 class LSTMClassifier(nn.Module):
@@ -580,19 +646,20 @@ def test_missing_statistic_names_the_request():
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_half_precision_compensation_runs_in_float32_sums(dtype):
-    """The compensation solver's products take float32 CG vectors for a half-precision model."""
-    from lossprune.updates import compensation_step
-
+def test_half_precision_products_take_float32_vectors(dtype):
+    """The compensation solver's conjugate-gradient vectors are float32 (the statistics dtype)
+    for a half-precision model: the products run in the model's dtype, the sums in float32."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).to(dtype)
     params = all_params(model)
-    batch = (torch.randn(16, 4).to(dtype), torch.randint(0, 3, (16,)))
-    kept = {k: torch.rand(p.shape) > 0.3 for k, p in params.items()}
-    pruned = {k: ~m for k, m in kept.items()}
-    delta, result = compensation_step(model, params, kept, pruned, batch, CE, lam=0.1, max_iters=3)
-    assert result.iterations >= 1
-    assert all(torch.isfinite(d).all() for d in delta.values())
+    batches = [(torch.randn(8, 4).to(dtype), torch.randint(0, 3, (8,))) for _ in range(2)]
+    vector = {k: torch.randn(p.shape) for k, p in params.items()}  # float32
+    for curvature_kind in ("ggn", "hessian"):
+        _, grad, product = curvature_product(
+            model, params, batches, CE, vector, curvature=curvature_kind
+        )
+        assert all(t.dtype == torch.float32 for t in (*grad.values(), *product.values()))
+        assert all(torch.isfinite(t).all() for t in product.values())
 
 
 def test_parameters_the_loss_does_not_use_have_zero_products():

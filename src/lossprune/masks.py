@@ -167,7 +167,7 @@ def describe_prunable(model: nn.Module, include=None, exclude=None) -> PrunableS
         >>> net[1].weight = net[0].weight  # a head tied to the embedding
         >>> print(describe_prunable(net))  # doctest: +NORMALIZE_WHITESPACE
         prunable: 0 of 2 parameters, 0 of 50 weights
-          keep   0.weight  10x4  embedding table (or tied to embedding '0') (= 1.weight)
+          keep   0.weight  10x4  weight of embedding '0' (dense by default) (= 1.weight)
           keep   1.bias      10  not the weight matrix of a linear map
     """
     if not isinstance(model, nn.Module):

@@ -28,7 +28,7 @@ from torch.func import vjp, vmap
 from .._checks import check_positive_int
 from .._functional import FunctionalModel
 from .contractions import layer_ggn_diag
-from .outputs import LossFn, output_curvature, rademacher
+from .outputs import LossFn, flatten_example, output_curvature, rademacher
 from .products import CurvatureProducts, check_inputs, hvp
 
 __all__ = ["fisher_diag", "fisher_diag_mc", "hutchinson_diag"]
@@ -62,7 +62,7 @@ def _sum_squared_per_example_vjps(
 
     def one_example(x: Tensor, cots: Tensor) -> Params:
         def output(p: Params) -> Tensor:
-            return fmodel.single({**fixed, **p}, x).reshape(-1)
+            return flatten_example(fmodel({**fixed, **p}, x.unsqueeze(0)))
 
         pullback = vjp(output, params)[1]
         per_column = vmap(lambda c: pullback(c)[0], in_dims=1)(cots)

@@ -48,6 +48,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.func import grad_and_value, hessian, vjp, vmap
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .errors import NonFiniteError
 
@@ -57,6 +58,8 @@ __all__ = [
     "SoftmaxCrossEntropy",
     "check_mean_over_examples",
     "check_reduction",
+    "flatten_example",
+    "flatten_examples",
     "loss_normaliser",
     "output_curvature",
     "output_hessian_sqrt",
@@ -322,9 +325,10 @@ class GenericLoss(OutputCurvature):
     r"""Any other loss, by :mod:`torch.func` at the outputs (any pytree of tensors).
 
     Products use the exact output Hessian (the vjp of the output gradient: reverse-over-reverse
-    on the small output space). Square roots need one tensor of outputs and
-    :math:`L = \frac1N \sum_n \ell_n` with :math:`\ell_n` the loss of a batch of one; both are
-    checked, and a loss that is linear in the outputs (zero Gauss-Newton matrix) is refused.
+    on the small output space). Square roots need outputs whose leaves hold the examples in dim
+    0 (:func:`flatten_examples`) and :math:`L = \frac1N \sum_n \ell_n` with :math:`\ell_n` the
+    loss of a batch of one; both are checked, and a loss that is linear in the outputs (zero
+    Gauss-Newton matrix) is refused.
     """
 
     def __init__(self, loss_fn: LossFn, outputs: Any, targets: Tensor) -> None:
@@ -346,17 +350,16 @@ class GenericLoss(OutputCurvature):
         return self._output_hessian(r)[0]
 
     def sqrt_columns(self) -> Tensor:
-        outputs = _single_tensor(self.outputs)
-        n = outputs.shape[0]
-        out_shape = outputs.shape[1:]
+        flat, example_outputs = flatten_examples(self.outputs)  # (N, O)
+        n = flat.shape[0]
         loss_fn, targets = self.loss_fn, self.targets
 
         def loss_one(o: Tensor, t: Tensor) -> Tensor:
-            return loss_fn(o.reshape(out_shape).unsqueeze(0), t.unsqueeze(0))
+            return loss_fn(example_outputs(o), t.unsqueeze(0))
 
-        per_example = vmap(loss_one)(outputs.reshape(n, -1), targets)
-        _check_mean_of_per_example(loss_fn(outputs, targets), per_example)
-        h = vmap(hessian(loss_one))(outputs.reshape(n, -1), targets) / n
+        per_example = vmap(loss_one)(flat, targets)
+        _check_mean_of_per_example(loss_fn(self.outputs, targets), per_example)
+        h = vmap(hessian(loss_one))(flat, targets) / n
         if not bool(h.abs().sum() > 0):
             raise ValueError(
                 "loss_fn has a zero output Hessian (it is linear in the model outputs, e.g. "
@@ -372,14 +375,43 @@ class GenericLoss(OutputCurvature):
         return _rademacher_columns(self.sqrt_columns(), samples, generator)
 
 
-def _single_tensor(outputs: Any) -> Tensor:
-    if not isinstance(outputs, Tensor):
-        raise TypeError(
-            "the exact and Monte-Carlo Fisher/GGN diagonals need the model to return one tensor "
-            f"of outputs, got {type(outputs).__name__}; wrap the model so that it returns the "
-            "tensor loss_fn reads"
-        )
-    return outputs
+def flatten_examples(outputs: Any) -> tuple[Tensor, Callable[[Tensor], Any]]:
+    """Per-example flat outputs ``(N, O)`` of a tensor or a pytree of ``(N, ...)`` tensors.
+
+    Returns the flat outputs and the map from ONE example's flat outputs ``(O,)`` back to the
+    layout of a batch of one (what ``loss_fn`` reads); leaves are concatenated in pytree order.
+
+    Raises:
+        TypeError: a leaf is not a floating-point tensor whose dim 0 indexes the examples.
+    """
+    leaves, spec = tree_flatten(outputs)
+    n = len(leaves[0]) if leaves and isinstance(leaves[0], Tensor) and leaves[0].dim() else -1
+    for leaf in leaves:
+        if not (isinstance(leaf, Tensor) and leaf.is_floating_point() and leaf.dim() >= 1):
+            raise TypeError(
+                "the exact and Monte-Carlo Fisher/GGN diagonals need model outputs whose "
+                f"leaves are floating-point tensors with the examples in dim 0, got {leaf!r:.60}"
+            )
+        if len(leaf) != n:
+            raise TypeError(
+                "the exact and Monte-Carlo Fisher/GGN diagonals need every output tensor to "
+                f"hold the {n} examples in dim 0, got one of shape {tuple(leaf.shape)}"
+            )
+    shapes = [leaf.shape[1:] for leaf in leaves]
+    sizes = [math.prod(shape) for shape in shapes]
+    flat = torch.cat([leaf.reshape(n, -1) for leaf in leaves], dim=1)
+
+    def example_outputs(o: Tensor) -> Any:
+        parts = o.split(sizes)
+        batch_of_one = [p.reshape(1, *shape) for p, shape in zip(parts, shapes, strict=True)]
+        return tree_unflatten(batch_of_one, spec)
+
+    return flat, example_outputs
+
+
+def flatten_example(outputs_of_one: Any) -> Tensor:
+    """The flat outputs ``(O,)`` of a batch of one, in :func:`flatten_examples`' order."""
+    return torch.cat([leaf.reshape(-1) for leaf in tree_flatten(outputs_of_one)[0]])
 
 
 def _check_mean_of_per_example(loss: Tensor, per_example: Tensor) -> None:
@@ -395,22 +427,23 @@ def _check_mean_of_per_example(loss: Tensor, per_example: Tensor) -> None:
 
 
 def check_mean_over_examples(
-    loss_fn: LossFn, outputs_of: Callable[[], Any], targets: Tensor
+    loss_fn: LossFn, outputs_and_targets: Callable[[], tuple[Any, Tensor]]
 ) -> None:
     """Detect, where possible, a plain-function loss that is not a mean over examples.
 
     Losses with a closed form here declare their reduction (checked by :func:`check_reduction`);
-    any other loss of one tensor of outputs (``outputs_of()``, called only then) is compared with
-    the mean of its batches of one.
-    Nothing can be said about a batch of one example or a loss that cannot be vmapped.
+    for any other loss, ``outputs_and_targets()`` (called only then: a forward pass the
+    closed-form losses never pay) gives one batch, and a loss of one tensor of outputs is
+    compared with the mean of its batches of one. Nothing can be said about a batch of one
+    example or a loss that cannot be vmapped.
 
     Raises:
         ValueError: the loss is a sum or couples the examples.
     """
-    if _family(loss_fn) != "generic" or len(targets) < 2:
+    if _family(loss_fn) != "generic":
         return
-    outputs = outputs_of()  # only now: a forward pass the closed-form losses never pay
-    if not isinstance(outputs, Tensor):
+    outputs, targets = outputs_and_targets()
+    if not isinstance(outputs, Tensor) or len(outputs) < 2:
         return
     outputs = outputs.detach()
 

@@ -231,13 +231,12 @@ def compute_statistics(
         values["loss"], values["grad"] = loss, grads
         return values
 
-    first_inputs, first_targets = next(iter_batches(data, device))
-
     @torch.no_grad()
-    def first_outputs() -> Any:
-        return FunctionalModel(model, params)(params, first_inputs)
+    def first_batch() -> tuple[Any, Tensor]:
+        inputs, targets = next(iter_batches(data, device))
+        return FunctionalModel(model, params)(params, inputs), targets
 
-    check_mean_over_examples(loss_fn, first_outputs, first_targets)
+    check_mean_over_examples(loss_fn, first_batch)
     result = dataset_mean(data, loss_fn, batch_values, device=device, dtype=dtype)
     means = result.means
     grad = _params(means["grad"])
