@@ -66,8 +66,9 @@ def weight_matrices(module: nn.Module) -> dict[str, WeightMatrix]:
         found = {"weight": WeightMatrix("Linear", (1,))}
     elif isinstance(module, _ConvNd):
         kind = type(module).__name__
-        axes = None if module.transposed else tuple(range(1, own["weight"].dim()))
-        found = {"weight": WeightMatrix(kind, axes)} if "weight" in own else {}
+        weight = own.get("weight")
+        axes = None if module.transposed or weight is None else tuple(range(1, weight.dim()))
+        found = {"weight": WeightMatrix(kind, axes)}
     elif _is_hf_conv1d(module):
         found = {"weight": WeightMatrix("Conv1D (Hugging Face)", (0,))}
     elif isinstance(module, nn.MultiheadAttention):

@@ -96,20 +96,22 @@ def _check_nm_args(tensor: object, n: object, m: object, dim: object, name: str)
     m = check_positive_int("m", m)
     if not is_int(n):
         raise TypeError(f"n must be an int, got {type(n).__name__}")
-    if not 1 <= int(n) <= m:  # type: ignore[call-overload]
+    kept = int(n)  # type: ignore[call-overload]
+    if not 1 <= kept <= m:
         raise ValueError(f"n must satisfy 1 <= n <= m = {m}, got n = {n}")
     if not is_int(dim):
         raise TypeError(f"dim must be an int, got {type(dim).__name__}")
     ndim = tensor.dim()
-    if not -ndim <= int(dim) < ndim:  # type: ignore[call-overload]
+    axis = int(dim)  # type: ignore[call-overload]
+    if not -ndim <= axis < ndim:
         raise ValueError(f"dim must be in [{-ndim}, {ndim}) for a {ndim}-d {name}, got {dim}")
-    dim = int(dim) % ndim  # type: ignore[call-overload]
-    if tensor.shape[dim] % m:
+    axis %= ndim
+    if tensor.shape[axis] % m:
         raise ValueError(
-            f"m = {m} must divide the size {tensor.shape[dim]} of dimension {dim} of {name} "
+            f"m = {m} must divide the size {tensor.shape[axis]} of dimension {axis} of {name} "
             f"(shape {tuple(tensor.shape)})"
         )
-    return dim
+    return axis
 
 
 def _grouped(tensor: Tensor, m: int, dim: int) -> Tensor:

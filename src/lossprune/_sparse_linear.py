@@ -77,10 +77,11 @@ def is_linear(module: nn.Module) -> bool:
 
 def linear_weights(module: nn.Module) -> LinearWeights:
     """The weight (``out × in``) and bias of a module for which :func:`is_linear` holds."""
-    weight = module.weight
+    weight: Tensor = module.get_parameter("weight")
+    bias = module._parameters.get("bias")
     if type(module) is not nn.Linear:  # Conv1D stores (in, out)
         weight = weight.t()
-    return LinearWeights(weight.detach(), None if module.bias is None else module.bias.detach())
+    return LinearWeights(weight.detach(), None if bias is None else bias.detach())
 
 
 def check_convertible(name: str, module: nn.Module) -> None:
@@ -212,6 +213,7 @@ class SparseLinear(nn.Module):
             if layout == "csr":
                 sparse = dense.to_sparse_csr()
             else:
+                assert blocksize is not None  # checked by the caller for the BSR layout
                 sparse = dense.to_sparse_bsr(blocksize)
         return cls(sparse, weights.bias)
 

@@ -141,7 +141,8 @@ class SpeedReport:
     def _split(self, layout: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
         if layout not in self.layouts:
             raise ValueError(f"layout {layout!r} is not in this report's layouts {self.layouts}")
-        faster, slower = [], []
+        faster: list[str] = []
+        slower: list[str] = []
         for layer in self.layers:
             for form in _measured(layer):
                 if form.layout == layout:
@@ -273,6 +274,8 @@ def _captured_inputs(
     model: nn.Module, example_inputs: object
 ) -> dict[str, tuple[nn.Module, Tensor]]:
     """Name to (module, its first input) of every linear layer that runs on ``example_inputs``."""
+    args: tuple[object, ...]
+    kwargs: dict[str, object]
     if isinstance(example_inputs, Tensor):
         args, kwargs = (example_inputs,), {}
     elif isinstance(example_inputs, (tuple, list)):
