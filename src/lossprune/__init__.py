@@ -27,7 +27,7 @@ from .pruner import Pruner
 from .reports import LayerCollapseError, LayerCollapseWarning, StageReport
 from .schedules import ExponentialSchedule, LinearSchedule, Schedule
 from .scoring import scores
-from .selection import Global, Layerwise, Selection
+from .selection import NM, Global, Layerwise, Selection
 from .updates import Compensation
 
 try:
@@ -49,6 +49,7 @@ __all__ = [
     "LinearSchedule",
     "Magnitude",
     "MaskHandle",
+    "NM",
     "NonFiniteError",
     "Pruner",
     "QuadraticModel",

@@ -11,23 +11,27 @@ parameters; the :class:`~lossprune.Pruner` only calls the two methods of :class:
   type and which axes form its input dimension, e.g. for N:M sparsity along the inputs).
 
 ``Pruner(scope="global")`` and ``scope="layerwise"`` are shorthands for :class:`Global` and
-:class:`Layerwise`.
+:class:`Layerwise`; :class:`NM` is N:M sparsity along each weight matrix's input dimension.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple, Protocol, runtime_checkable
 
 from torch import Tensor, nn
-from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
 
+from ._checks import is_int
+from ._linear_maps import weight_matrices
+from ._nm import nm_mask
 from .masks import _ceil_times, select_masks
 
 __all__ = [
     "Global",
     "Layerwise",
+    "NM",
     "ParameterLayout",
     "Selection",
     "as_selection",
@@ -43,7 +47,9 @@ class ParameterLayout(NamedTuple):
         module_type: the class name of the module that owns it (``"Linear"``, ``"Conv2d"``...).
         input_dims: the axes that together form the input dimension of the linear map (dim 1
             of ``nn.Linear``, dim 0 of Hugging Face's ``Conv1D``, dims 1, 2, ... of a
-            convolution: in·kh·kw), or ``None`` when it is not a known linear map.
+            convolution: in·kh·kw, dims 0, 2, ... of a transposed one; see
+            :func:`lossprune._linear_maps.weight_matrices`), or ``None`` when it is not the
+            weight matrix of a known linear map.
     """
 
     shape: tuple[int, ...]
@@ -57,24 +63,10 @@ def parameter_layouts(model: nn.Module, params: Mapping[str, Tensor]) -> dict[st
     for name, param in params.items():
         module_name, _, attribute = name.rpartition(".")
         module = model.get_submodule(module_name)
-        layouts[name] = ParameterLayout(
-            tuple(param.shape), type(module).__name__, _input_dims(module, attribute, param.dim())
-        )
+        matrix = weight_matrices(module).get(attribute)
+        input_dims = None if matrix is None else matrix.input_axes
+        layouts[name] = ParameterLayout(tuple(param.shape), type(module).__name__, input_dims)
     return layouts
-
-
-def _input_dims(module: nn.Module, attribute: str, ndim: int) -> tuple[int, ...] | None:
-    if isinstance(module, _ConvTransposeNd) and attribute == "weight":
-        return (0, *range(2, ndim))  # (in, out / groups, *kernel)
-    if isinstance(module, _ConvNd) and attribute == "weight":
-        return tuple(range(1, ndim))  # (out, in / groups, *kernel)
-    if isinstance(module, nn.Linear) and attribute == "weight":
-        return (1,)
-    if isinstance(module, nn.MultiheadAttention) and attribute == "in_proj_weight":
-        return (1,)
-    if type(module).__name__ == "Conv1D" and attribute == "weight" and ndim == 2:
-        return (0,)  # Hugging Face's Conv1D stores the transpose: (in, out)
-    return None
 
 
 @runtime_checkable
@@ -173,6 +165,147 @@ class Layerwise:
         return select_masks(
             dict(scores), dict(masks), sparsity=sparsity, scope="layerwise", min_density=min_density
         )
+
+
+@dataclass(frozen=True)
+class NM:
+    r"""N:M sparsity: at most ``n`` kept weights in every group of ``m`` along the INPUT dimension.
+
+    Each pruned matrix is viewed as (outputs, inputs) with its input axes flattened in order
+    (:attr:`ParameterLayout.input_dims`: dim 1 of ``nn.Linear``, dim 0 of Hugging Face's
+    ``Conv1D``, in·kh·kw of a convolution), and the inputs are split into groups of ``m``
+    consecutive entries. After a stage at target sparsity :math:`p_s` every group holds exactly
+
+    .. math:: c_s = \operatorname{round}(m \, p_s)
+
+    pruned weights, so a schedule reaches 2:4 in two stages as 1:4, then 2:4. Within a group the
+    lowest scores go first, entries pruned in earlier stages counting first (masks only grow);
+    ties go to the lower input index (:func:`lossprune.sparse.nm_mask`). The final target must
+    be exactly :math:`1 - n/m`.
+
+    ``min_density``: every tensor keeps exactly :math:`n/m` of its entries at the end (more
+    before), so any ``min_density <= n/m`` is met automatically; a larger one cannot be, and is
+    refused.
+
+    Args:
+        n: weights kept per group, ``1 <= n < m``.
+        m: group size.
+
+    Raises:
+        TypeError: ``n`` or ``m`` is not an int.
+        ValueError: not ``1 <= n < m``.
+
+    Example:
+        >>> import torch
+        >>> from lossprune import Magnitude, LinearSchedule, NM, Pruner
+        >>> model = torch.nn.Linear(8, 2)
+        >>> pruner = Pruner(model, Magnitude(), LinearSchedule(0.5, 2), scope=NM(2, 4))
+        >>> _ = pruner.run()
+        >>> pruner.masks["weight"].reshape(2, 2, 4).sum(-1)  # every group keeps 2 of 4
+        tensor([[2, 2],
+                [2, 2]])
+    """
+
+    n: int
+    m: int
+
+    def __post_init__(self) -> None:
+        for name in ("n", "m"):
+            if not is_int(getattr(self, name)):
+                raise TypeError(f"NM: {name} must be an int, got {getattr(self, name)!r}")
+        object.__setattr__(self, "n", int(self.n))
+        object.__setattr__(self, "m", int(self.m))
+        if not 1 <= self.n < self.m:
+            raise ValueError(f"NM(n, m) needs 1 <= n < m, got NM({self.n}, {self.m})")
+
+    def check_schedule(
+        self,
+        layouts: Mapping[str, ParameterLayout],
+        targets: Sequence[float],
+        min_density: float,
+    ) -> None:
+        """The final target is ``1 - n/m``; ``m`` divides every weight matrix's input dimension."""
+        final = 1.0 - self.n / self.m
+        if not math.isclose(targets[-1], final, rel_tol=0.0, abs_tol=1e-9):
+            raise ValueError(
+                f"{self!r} prunes {self.m - self.n} of every {self.m} weights: the schedule's "
+                f"final sparsity must be 1 - n/m = {final!r}, got {targets[-1]!r}"
+            )
+        if min_density > self.n / self.m:
+            raise ValueError(
+                f"{self!r} keeps exactly n/m = {self.n / self.m!r} of every tensor, less than "
+                f"min_density={min_density!r}"
+            )
+        for name, layout in layouts.items():
+            inputs = _input_size(name, layout, self)
+            if inputs % self.m:
+                raise ValueError(
+                    f"{self!r}: m = {self.m} must divide the input dimension of {name!r} "
+                    f"({inputs} inputs, shape {layout.shape}, input dims {layout.input_dims})"
+                )
+
+    def select(
+        self,
+        scores: Mapping[str, Tensor],
+        masks: Mapping[str, Tensor],
+        *,
+        sparsity: float,
+        min_density: float,
+        layouts: Mapping[str, ParameterLayout],
+    ) -> dict[str, Tensor]:
+        """Prune the ``round(m * sparsity)`` lowest of every group (earlier-pruned ones first)."""
+        pruned_per_group = round(self.m * sparsity)
+        new_masks = {}
+        for name, mask in masks.items():
+            layout = layouts[name]
+            kept = _matrix_view(mask, layout)
+            already = self.m - kept.reshape(kept.shape[0], -1, self.m).sum(-1)
+            if bool((already > pruned_per_group).any()):
+                raise ValueError(
+                    f"{self!r}: {name!r} already has more than {pruned_per_group} pruned weights "
+                    f"in a group of {self.m}, more than the target {sparsity!r} allows"
+                )
+            score = _matrix_view(scores[name], layout)
+            if not bool(score[kept].isfinite().all()):
+                raise ValueError(f"scores[{name!r}] has non-finite values on kept entries")
+            # Already-pruned entries rank below every finite score, so they count first.
+            key = score.masked_fill(~kept, -math.inf)
+            new = kept
+            if pruned_per_group:
+                new = nm_mask(key, self.m - pruned_per_group, self.m, dim=1)
+            new_masks[name] = _from_matrix_view(new, layout)
+        return new_masks
+
+
+def _input_size(name: str, layout: ParameterLayout, structure: object) -> int:
+    """The flattened input dimension of a weight matrix; ``ValueError`` for other tensors."""
+    if layout.input_dims is None:
+        raise ValueError(
+            f"{structure!r} groups weights along the input dimension of a linear map, but "
+            f"{name!r} (of a {layout.module_type}) is not the weight matrix of one"
+        )
+    return _numel(tuple(layout.shape[d] for d in layout.input_dims))
+
+
+def _matrix_order(layout: ParameterLayout) -> list[int]:
+    """The axes of the parameter in (outputs..., inputs...) order."""
+    assert layout.input_dims is not None
+    inputs = list(layout.input_dims)
+    return [d for d in range(len(layout.shape)) if d not in inputs] + inputs
+
+
+def _matrix_view(tensor: Tensor, layout: ParameterLayout) -> Tensor:
+    """``tensor`` as the (outputs, inputs) matrix of its linear map, input axes flattened."""
+    assert layout.input_dims is not None
+    inputs = _numel(tuple(layout.shape[d] for d in layout.input_dims))
+    return tensor.permute(_matrix_order(layout)).reshape(-1, inputs)
+
+
+def _from_matrix_view(matrix: Tensor, layout: ParameterLayout) -> Tensor:
+    """Undo :func:`_matrix_view`."""
+    order = _matrix_order(layout)
+    permuted = matrix.reshape([layout.shape[d] for d in order])
+    return permuted.permute([order.index(d) for d in range(len(order))]).contiguous()
 
 
 _SHORTHANDS: dict[str, Selection] = {"global": Global(), "layerwise": Layerwise()}
