@@ -16,6 +16,7 @@ from lossprune import (
     Pruner,
     QuadraticModel,
     SynFlow,
+    Wanda,
     scores,
 )
 from lossprune.selection import ParameterLayout, parameter_layouts
@@ -97,6 +98,7 @@ CRITERIA = {
     "obd": OBD(lam=1e-3),
     "grasp": GraSP(),
     "synflow": SynFlow(),
+    "wanda": Wanda(),
 }
 
 

@@ -20,6 +20,7 @@ from .criteria import (
     QuadraticModel,
     ScoringContext,
     SynFlow,
+    Wanda,
 )
 from .curvature import NonFiniteError
 from .mask_hooks import MaskHandle, keep_pruned_at_zero
@@ -58,6 +59,7 @@ __all__ = [
     "StageReport",
     "Selection",
     "SynFlow",
+    "Wanda",
     "__version__",
     "keep_pruned_at_zero",
     "scores",
