@@ -28,7 +28,7 @@ from .pruner import Pruner
 from .reports import LayerCollapseError, LayerCollapseWarning, StageReport
 from .schedules import ExponentialSchedule, LinearSchedule, Schedule
 from .scoring import scores
-from .selection import NM, Global, Layerwise, Selection
+from .selection import NM, Blocks, Global, Layerwise, Selection
 from .updates import Compensation
 
 try:
@@ -38,6 +38,7 @@ except PackageNotFoundError:  # a source tree that was never installed
 
 __all__ = [
     "OBD",
+    "Blocks",
     "Compensation",
     "Criterion",
     "ExponentialSchedule",
