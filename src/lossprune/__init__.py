@@ -28,7 +28,7 @@ from .pruner import Pruner
 from .reports import LayerCollapseError, LayerCollapseWarning, StageReport
 from .schedules import ExponentialSchedule, LinearSchedule, Schedule
 from .scoring import scores
-from .selection import NM, Blocks, Global, Layerwise, Selection
+from .selection import NM, Blocks, Global, Layerwise, Selection, Targets
 from .updates import Compensation
 
 try:
@@ -60,6 +60,7 @@ __all__ = [
     "StageReport",
     "Selection",
     "SynFlow",
+    "Targets",
     "Wanda",
     "__version__",
     "keep_pruned_at_zero",

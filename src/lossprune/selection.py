@@ -10,6 +10,9 @@ parameters; the :class:`~lossprune.Pruner` only calls the two methods of :class:
   target sparsity, ``min_density`` and each parameter's :class:`ParameterLayout` (its module
   type and which axes form its input dimension, e.g. for N:M sparsity along the inputs).
 
+A selection whose stage targets depend on the whole schedule also defines
+``for_schedule(targets)``, returning the selection the Pruner then uses (:class:`Targets`).
+
 ``Pruner(scope="global")`` and ``scope="layerwise"`` are shorthands for :class:`Global` and
 :class:`Layerwise`; :class:`NM` is N:M sparsity along each weight matrix's input dimension,
 :class:`Blocks` prunes whole tiles. A selection that removes groups of weights together also
@@ -20,13 +23,15 @@ Pruner then scores with :meth:`lossprune.Criterion.group_score`.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from types import MappingProxyType
 from typing import NamedTuple, Protocol, runtime_checkable
 
 from torch import Tensor, nn
 
-from ._checks import is_int
+from ._checks import check_fraction, is_int
 from ._linear_maps import weight_matrices
 from ._nm import nm_mask
 from .masks import _ceil_times, select_masks
@@ -38,6 +43,7 @@ __all__ = [
     "NM",
     "ParameterLayout",
     "Selection",
+    "Targets",
     "as_selection",
     "parameter_layouts",
 ]
@@ -394,6 +400,155 @@ class Blocks:
         return _from_matrix_view(tiles.reshape(tiles.shape[0] * self.h, -1), layout)
 
 
+@dataclass(frozen=True)
+class Targets:
+    r"""Per-layer or per-group target sparsities, by name pattern, with any structure inside.
+
+    ``Targets({r".*attn.*": 0.3, r".*mlp.*": 0.6})`` splits the pruned parameters into groups:
+    each parameter belongs to the FIRST pattern that matches its whole qualified name
+    (:func:`re.fullmatch`, in the mapping's order); the unmatched ones form one more group that
+    follows the schedule itself. Each group is selected separately by ``structure``
+    (``"layerwise"``: every tensor on its own; ``"global"``: one ranking within the group;
+    :class:`NM`, :class:`Blocks`: that structure within the group).
+
+    The schedule gives the shape over stages: with :math:`p_s` its target after stage
+    :math:`s` and :math:`P = p_S` its final one, a group with target :math:`t_g` is at
+
+    .. math:: t_{g,s} = t_g \, p_s / P
+
+    after stage :math:`s` (exactly :math:`t_g` after the last), so every group reaches its own
+    target on the schedule's last stage, and the unmatched group (:math:`t_g = P`) follows the
+    schedule unchanged. ``Pruner(..., scope={...})`` is a shorthand for ``Targets({...})``.
+
+    Args:
+        sparsity: pattern (a regular expression) to the group's final sparsity in ``[0, 1)``.
+        structure: the selection inside each group: ``"layerwise"`` (default), ``"global"``
+            or a :class:`Selection`.
+
+    Raises:
+        TypeError: a pattern that is not a string, a sparsity that is not a real number, or a
+            structure that is not a selection.
+        ValueError: an invalid regular expression or a sparsity outside ``[0, 1)``.
+    """
+
+    sparsity: Mapping[str, float]
+    structure: object = "layerwise"
+    final: float | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.sparsity, Mapping):
+            raise TypeError(
+                f"Targets: sparsity must be a mapping pattern -> sparsity, got "
+                f"{type(self.sparsity).__name__}"
+            )
+        checked = {}
+        for pattern, value in self.sparsity.items():
+            if not isinstance(pattern, str):
+                raise TypeError(f"Targets: patterns must be strings, got {pattern!r}")
+            try:
+                re.compile(pattern)
+            except re.error as error:
+                raise ValueError(f"Targets: invalid pattern {pattern!r}: {error}") from None
+            checked[pattern] = check_fraction(f"Targets: the sparsity of {pattern!r}", value)
+        object.__setattr__(self, "sparsity", MappingProxyType(checked))
+        object.__setattr__(self, "structure", as_selection(self.structure))
+
+    def __hash__(self) -> int:
+        return hash((tuple(self.sparsity.items()), self.structure, self.final))
+
+    def __repr__(self) -> str:
+        bound = "" if self.final is None else f", final={self.final!r}"
+        return f"Targets({dict(self.sparsity)!r}, structure={self.structure!r}{bound})"
+
+    @property
+    def group_sum(self) -> Callable[[ParameterLayout, Tensor], Tensor] | None:
+        """The structure's ``group_sum`` when it removes groups of weights together."""
+        return getattr(self.structure, "group_sum", None)
+
+    def groups(self, names: Sequence[str]) -> dict[str | None, list[str]]:
+        """Parameter names by the first pattern that matches them (``None``: unmatched).
+
+        Raises:
+            ValueError: a pattern that matches no parameter (a typo would otherwise silently
+                leave those layers at the schedule's target).
+        """
+        groups: dict[str | None, list[str]] = {pattern: [] for pattern in self.sparsity}
+        groups[None] = []
+        for name in names:
+            pattern = next((p for p in self.sparsity if re.fullmatch(p, name)), None)
+            groups[pattern].append(name)
+        unused = [p for p in self.sparsity if not groups[p]]
+        if unused:
+            raise ValueError(
+                f"Targets: the patterns {unused} match no pruned parameter (they are matched "
+                f"against the whole name, e.g. {names[0]!r})"
+            )
+        return {k: v for k, v in groups.items() if v}
+
+    def for_schedule(self, targets: Sequence[float]) -> Targets:
+        """A copy bound to the schedule's final target :math:`P` (the Pruner calls this first)."""
+        return replace(self, final=float(targets[-1]))
+
+    def _group_target(self, pattern: str | None, target: float, last: bool) -> float:
+        if pattern is None:
+            return target
+        goal = self.sparsity[pattern]
+        if last or target == 0.0:
+            return goal if last else 0.0
+        assert self.final
+        return goal * target / self.final
+
+    def check_schedule(
+        self,
+        layouts: Mapping[str, ParameterLayout],
+        targets: Sequence[float],
+        min_density: float,
+    ) -> None:
+        """Each group's scaled schedule is checked by the structure."""
+        if targets[-1] == 0.0 and any(self.sparsity.values()):
+            raise ValueError(
+                "Targets: the schedule's final sparsity is 0, so it has no shape to scale the "
+                "groups' targets by"
+            )
+        last = len(targets) - 1
+        bound = self.for_schedule(targets)
+        for pattern, names in self.groups(list(layouts)).items():
+            group = {name: layouts[name] for name in names}
+            scaled = [bound._group_target(pattern, t, s == last) for s, t in enumerate(targets)]
+            self.structure.check_schedule(group, scaled, min_density)  # type: ignore[attr-defined]
+
+    def select(
+        self,
+        scores: Mapping[str, Tensor],
+        masks: Mapping[str, Tensor],
+        *,
+        sparsity: float,
+        min_density: float,
+        layouts: Mapping[str, ParameterLayout],
+    ) -> dict[str, Tensor]:
+        r"""Each group at :math:`t_g \, p / P` (``sparsity`` is :math:`p`), by the structure.
+
+        Raises:
+            ValueError: not bound to a schedule (:meth:`for_schedule`).
+        """
+        if self.final is None:
+            raise ValueError(
+                "Targets.select needs the schedule's final target: use Targets.for_schedule"
+            )
+        last = math.isclose(sparsity, self.final, rel_tol=0.0, abs_tol=1e-12)
+        new_masks: dict[str, Tensor] = {}
+        for pattern, names in self.groups(list(masks)).items():
+            chosen = self.structure.select(  # type: ignore[attr-defined]
+                {k: scores[k] for k in names},
+                {k: masks[k] for k in names},
+                sparsity=self._group_target(pattern, sparsity, last),
+                min_density=min_density,
+                layouts={k: layouts[k] for k in names},
+            )
+            new_masks.update(chosen)
+        return {k: new_masks[k] for k in masks}
+
+
 def _input_size(name: str, layout: ParameterLayout, structure: object) -> int:
     """The flattened input dimension of a weight matrix; ``ValueError`` for other tensors."""
     if layout.input_dims is None:
@@ -429,12 +584,17 @@ _SHORTHANDS: dict[str, Selection] = {"global": Global(), "layerwise": Layerwise(
 
 
 def as_selection(scope: object) -> Selection:
-    """A selection object from ``scope``: ``"global"``, ``"layerwise"`` or a :class:`Selection`.
+    """A selection object from ``scope`` (a shorthand or a :class:`Selection`).
+
+    ``"global"``, ``"layerwise"``, a mapping of name patterns to sparsities (:class:`Targets`
+    with layerwise selection) or a :class:`Selection` itself.
 
     Raises:
         ValueError: an unknown shorthand.
         TypeError: neither a string nor an object with ``check_schedule`` and ``select``.
     """
+    if isinstance(scope, Mapping):
+        return Targets(scope)
     if isinstance(scope, str):
         if scope not in _SHORTHANDS:
             raise ValueError(
