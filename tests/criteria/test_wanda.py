@@ -5,8 +5,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lossprune import QuadraticModel, Wanda, scores
+from lossprune import LinearSchedule, Pruner, QuadraticModel, Wanda, scores
 from lossprune.curvature import Statistic, compute_statistics
+from lossprune.masks import select_masks
 
 transformers = pytest.importorskip("transformers")
 Conv1D = transformers.pytorch_utils.Conv1D
@@ -154,3 +155,15 @@ def test_a_projection_applied_functionally_is_refused():
     batch = (torch.randn(4, 5, 4), torch.randint(0, 3, (4,)))
     with pytest.raises(TypeError, match="not called through their forward"):
         scores(Attention().eval(), Wanda(), batch, loss_fn=CE, include=r"attn\.out_proj\.weight")
+
+
+@pytest.mark.parametrize("scope", ["layerwise", "global"])
+def test_wanda_with_layerwise_and_global_ranks_the_whole_matrix_or_all_of_them(scope):
+    model = sequence_model()
+    batches = [(torch.randn(6, 3, 4, dtype=torch.float64), torch.randint(0, 3, (6,)))]
+    expected_scores = scores(model, Wanda(), batches, loss_fn=CE)
+    pruner = Pruner(model, Wanda(), LinearSchedule(0.5, 1), loss_fn=CE, data=batches, scope=scope)
+    before = dict(pruner.masks)
+    pruner.step()
+    expected = select_masks(expected_scores, before, sparsity=0.5, scope=scope)
+    assert all(torch.equal(pruner.masks[k], expected[k]) for k in expected)
