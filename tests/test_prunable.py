@@ -79,7 +79,7 @@ def test_multihead_attention_input_projections_are_prunable():
 def test_weight_matrices_record_the_input_axes():
     assert weight_matrices(nn.Linear(3, 2))["weight"].input_axes == (1,)
     assert weight_matrices(nn.Conv2d(3, 2, 3))["weight"].input_axes == (1, 2, 3)
-    assert weight_matrices(nn.ConvTranspose2d(3, 2, 3))["weight"].input_axes is None
+    assert weight_matrices(nn.ConvTranspose2d(3, 2, 3))["weight"].input_axes == (0, 2, 3)
     conv1d = tiny_gpt2().transformer.h[0].attn.c_attn
     assert weight_matrices(conv1d)["weight"].input_axes == (0,)
     assert weight_matrices(nn.LayerNorm(3)) == {}

@@ -8,6 +8,7 @@ from lossprune import Global, Layerwise, LinearSchedule, Magnitude, Pruner, Sele
 from lossprune.masks import select_masks
 from lossprune.selection import ParameterLayout, as_selection, parameter_layouts
 from tests.conftest import make_cnn, make_mlp
+from tests.hf_models import tiny_gpt2
 
 
 def test_shorthands_are_the_selection_objects():
@@ -41,13 +42,12 @@ def test_layouts_name_the_input_dimension():
     assert layouts["5.weight"] == ParameterLayout((3, 16), "Linear", (1,))
     assert layouts["5.bias"].input_dims is None
 
-    class Conv1D(nn.Module):  # Hugging Face's transposed linear layer: weight (in, out)
-        def __init__(self):
-            super().__init__()
-            self.weight = nn.Parameter(torch.zeros(4, 8))
-
-    model = nn.Sequential(Conv1D())
-    assert parameter_layouts(model, dict(model.named_parameters()))["0.weight"].input_dims == (0,)
+    conv1d = tiny_gpt2().transformer.h[0].attn.c_attn  # Hugging Face's Conv1D: (in, out)
+    layout = parameter_layouts(conv1d, {"weight": conv1d.weight})["weight"]
+    assert layout.input_dims == (0,)
+    transposed = nn.ConvTranspose2d(3, 2, 3)
+    layout = parameter_layouts(transposed, {"weight": transposed.weight})["weight"]
+    assert layout.input_dims == (0, 2, 3)  # (in, out, kh, kw): one output sums over in·kh·kw
 
 
 def test_a_user_selection_plugs_in_and_validates_the_whole_schedule_first():

@@ -20,6 +20,7 @@ from .criteria import (
     QuadraticModel,
     ScoringContext,
     SynFlow,
+    Wanda,
 )
 from .curvature import NonFiniteError
 from .mask_hooks import MaskHandle, keep_pruned_at_zero
@@ -27,7 +28,7 @@ from .pruner import Pruner
 from .reports import LayerCollapseError, LayerCollapseWarning, StageReport
 from .schedules import ExponentialSchedule, LinearSchedule, Schedule
 from .scoring import scores
-from .selection import Global, Layerwise, Selection
+from .selection import NM, Blocks, Global, Layerwise, Selection, Targets
 from .updates import Compensation
 
 try:
@@ -37,6 +38,7 @@ except PackageNotFoundError:  # a source tree that was never installed
 
 __all__ = [
     "OBD",
+    "Blocks",
     "Compensation",
     "Criterion",
     "ExponentialSchedule",
@@ -49,6 +51,7 @@ __all__ = [
     "LinearSchedule",
     "Magnitude",
     "MaskHandle",
+    "NM",
     "NonFiniteError",
     "Pruner",
     "QuadraticModel",
@@ -57,6 +60,8 @@ __all__ = [
     "StageReport",
     "Selection",
     "SynFlow",
+    "Targets",
+    "Wanda",
     "__version__",
     "keep_pruned_at_zero",
     "scores",

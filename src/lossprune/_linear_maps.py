@@ -39,14 +39,13 @@ class WeightMatrix:
         kind: what the module is, e.g. ``"Linear"``, ``"Conv2d"``, ``"Conv1D (Hugging Face)"``.
         input_axes: the axes of the parameter that index the map's input (flattened in this
             order): ``(1,)`` for ``nn.Linear`` ``(out, in)``, ``(0,)`` for Hugging Face ``Conv1D``
-            ``(in, out)``, ``(1, 2, ...)`` for a convolution ``(out, in/groups, *kernel)``;
-            ``None`` where no single input dimension exists (transposed convolutions, whose
-            weight is ``(in, out/groups, *kernel)`` and whose outputs sum over ``in`` and the
-            kernel with a stride pattern).
+            ``(in, out)``, ``(1, 2, ...)`` for a convolution ``(out, in/groups, *kernel)`` and
+            ``(0, 2, ...)`` for a transposed convolution ``(in, out/groups, *kernel)`` (each
+            output channel sums over ``in`` and the kernel).
     """
 
     kind: str
-    input_axes: tuple[int, ...] | None
+    input_axes: tuple[int, ...]
 
 
 def _is_hf_conv1d(module: nn.Module) -> bool:
@@ -67,8 +66,9 @@ def weight_matrices(module: nn.Module) -> dict[str, WeightMatrix]:
     elif isinstance(module, _ConvNd):
         kind = type(module).__name__
         weight = own.get("weight")
-        axes = None if module.transposed or weight is None else tuple(range(1, weight.dim()))
-        found = {"weight": WeightMatrix(kind, axes)}
+        ndim = 0 if weight is None else weight.dim()
+        axes = (0, *range(2, ndim)) if module.transposed else tuple(range(1, ndim))
+        found = {"weight": WeightMatrix(kind, axes)} if weight is not None else {}
     elif _is_hf_conv1d(module):
         found = {"weight": WeightMatrix("Conv1D (Hugging Face)", (0,))}
     elif isinstance(module, nn.MultiheadAttention):

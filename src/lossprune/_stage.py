@@ -23,7 +23,7 @@ from ._connectivity import ChainLayer, Connectivity, connectivity
 from ._data import random_subset
 from ._diagnostics import mean_loss, predicted_loss_change
 from ._functional import check_deterministic
-from .criteria.base import Criterion
+from .criteria.base import Criterion, GroupSum
 from .curvature import LossFn, NonFiniteError
 from .reports import StageReport, collapse_message, handle_collapse
 from .scoring import compute_scores
@@ -98,6 +98,7 @@ def plan_stage(
         scores, _ = compute_scores(
             setup.model, setup.criterion, params, data, setup.loss_fn,
             generator=_device_generator(generator, params), chunk_size=setup.chunk_size,
+            group_sum=_group_sum(setup),
         )  # fmt: skip
         new_masks = setup.selection.select(
             scores, masks, sparsity=target, min_density=setup.min_density, layouts=setup.layouts
@@ -152,6 +153,15 @@ def plan_stage(
     delta = None if setup.update is None else update.delta  # type: ignore[union-attr]
     state = update_state if update is None else update.state
     return StagePlan(new_masks, delta, state, report, after)
+
+
+def _group_sum(setup: StageSetup) -> GroupSum | None:
+    """The selection's ``group_sum`` by parameter name, if it removes groups together."""
+    group_sum = getattr(setup.selection, "group_sum", None)
+    if group_sum is None:
+        return None
+    layouts = setup.layouts
+    return lambda name, tensor: group_sum(layouts[name], tensor)
 
 
 def _check_selected(new: Mapping[str, Tensor], old: Mapping[str, Tensor]) -> None:

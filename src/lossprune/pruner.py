@@ -9,6 +9,7 @@ training (:mod:`lossprune.mask_hooks`).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
 
@@ -54,8 +55,10 @@ class Pruner:
         schedule: e.g. ``ExponentialSchedule(sparsity=0.9, stages=14)``.
         loss_fn: batch-mean loss ``loss_fn(outputs, targets)``.
         data: an ``(inputs, targets)`` batch or a DataLoader; scoring data.
-        scope: ``"global"`` (one ranking over all weights, the paper's), ``"layerwise"``, or a
-            selection object (:mod:`lossprune.selection`).
+        scope: ``"global"`` (one ranking over all weights, the paper's), ``"layerwise"``, a
+            mapping of name patterns to sparsities (per-layer targets,
+            :class:`~lossprune.Targets`), or a selection object (:mod:`lossprune.selection`:
+            :class:`~lossprune.NM`, :class:`~lossprune.Blocks`, ...).
         examples: if given, a fresh random subset of this many examples is drawn from ``data``
             for every stage (the paper uses 1000), only among the rows the DataLoader's sampler
             reads.
@@ -103,7 +106,7 @@ class Pruner:
         *,
         loss_fn: LossFn | None = None,
         data: Any = None,
-        scope: str | Selection = "global",
+        scope: str | Mapping[str, float] | Selection = "global",
         examples: int | None = None,
         include: Any = None,
         exclude: Any = None,
@@ -125,6 +128,9 @@ class Pruner:
         check_criterion(criterion, data, loss_fn)
         self._targets = _check_schedule(schedule)
         self.selection = as_selection(scope)
+        for_schedule = getattr(self.selection, "for_schedule", None)
+        if callable(for_schedule):  # a selection whose stage targets depend on the whole schedule
+            self.selection = for_schedule(self._targets)
         examples = check_optional_positive_int("examples", examples)
         chunk_size = check_optional_positive_int("chunk_size", chunk_size)
         if examples is not None and data is None:

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from ._data import check_data
 from ._functional import check_deterministic
-from .criteria.base import Criterion, ScoringContext
+from .criteria.base import Criterion, GroupSum, ScoringContext
 from .curvature import LossFn, NonFiniteError, Statistics, compute_statistics
 from .masks import prunable_parameters
 
@@ -42,8 +42,12 @@ def compute_scores(
     *,
     generator: torch.Generator | None = None,
     chunk_size: int | None = None,
+    group_sum: GroupSum | None = None,
 ) -> tuple[dict[str, Tensor], Statistics | None]:
     """Run the statistics pass the criterion asks for, then score.
+
+    With ``group_sum`` (a selection that removes groups of weights together), the scores are
+    :meth:`Criterion.group_score`: every weight holds its group's score.
 
     Returns:
         ``(scores, statistics)``; ``statistics`` is ``None`` for data-free criteria.
@@ -65,7 +69,11 @@ def compute_scores(
     scoring_params = {
         k: p.to(torch.promote_types(p.dtype, torch.float32)) for k, p in params.items()
     }
-    result = criterion.score(ScoringContext(model, scoring_params, statistics, data))
+    context = ScoringContext(model, scoring_params, statistics, data)
+    if group_sum is None:
+        result = criterion.score(context)
+    else:
+        result = criterion.group_score(context, group_sum)
     for name, param in params.items():
         score = result.get(name)
         if score is None or score.shape != param.shape:

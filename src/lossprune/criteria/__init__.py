@@ -5,6 +5,7 @@ from .grasp import GraSP
 from .loss_models import CURVATURES, OBD, LinearModel, QuadraticModel
 from .magnitude import Magnitude
 from .synflow import SynFlow
+from .wanda import Wanda
 
 __all__ = [
     "CURVATURES",
@@ -18,4 +19,5 @@ __all__ = [
     "ScoringContext",
     "SumCriterion",
     "SynFlow",
+    "Wanda",
 ]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import numbers
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields, is_dataclass
 from typing import Any
 
@@ -21,7 +21,11 @@ from torch import Tensor, nn
 from .._checks import is_real
 from ..curvature import LossFn, Statistic, Statistics
 
-__all__ = ["Criterion", "ScoringContext", "SumCriterion", "ScaledCriterion"]
+__all__ = ["Criterion", "GroupSum", "ScoringContext", "SumCriterion", "ScaledCriterion"]
+
+#: ``group_sum(name, t)``: ``t`` (shaped like parameter ``name``) summed over each group of
+#: weights that is removed together, every entry holding its group's sum.
+GroupSum = Callable[[str, Tensor], Tensor]
 
 
 @dataclass(frozen=True)
@@ -61,6 +65,21 @@ class Criterion(ABC):
     @abstractmethod
     def score(self, context: ScoringContext) -> dict[str, Tensor]:
         """Scores shaped like each parameter in ``context.params``; lower = pruned first."""
+
+    def group_score(self, context: ScoringContext, group_sum: GroupSum) -> dict[str, Tensor]:
+        r"""The score of removing each group of weights TOGETHER, given to every weight of it.
+
+        Used by structures that prune whole groups (:class:`~lossprune.selection.Blocks`). The
+        default is the sum of the per-weight scores, :math:`s_G = \sum_{q \in G} s_q`, which is
+        the criterion's own prediction for the group when that prediction is additive over
+        weights: :class:`~lossprune.Magnitude` (:math:`\tfrac12\sum\theta^2`),
+        :class:`~lossprune.OBD` (a diagonal model has no cross terms), :class:`~lossprune.GraSP`
+        (:math:`\sum \theta \odot Hg` is linear in the step), :class:`~lossprune.SynFlow` and
+        :class:`~lossprune.Wanda` (first-order contributions). Criteria with an absolute value
+        of a signed prediction override it: the absolute value is of the whole group's
+        predicted change (:class:`~lossprune.LinearModel`, :class:`~lossprune.QuadraticModel`).
+        """
+        return {k: group_sum(k, v) for k, v in self.score(context).items()}
 
     def scoring_loss(self, loss_fn: LossFn) -> LossFn:
         """The loss whose statistics :meth:`requests` describes (default: the pruner's own).
@@ -154,6 +173,14 @@ class SumCriterion(Criterion):
         assert total is not None
         return total
 
+    def group_score(self, context: ScoringContext, group_sum: GroupSum) -> dict[str, Tensor]:
+        total: dict[str, Tensor] | None = None
+        for term in self.terms:
+            scores = term.group_score(context, group_sum)
+            total = scores if total is None else {k: total[k] + scores[k] for k in total}
+        assert total is not None
+        return total
+
     def __repr__(self) -> str:
         return " + ".join(repr(term) for term in self.terms)
 
@@ -173,6 +200,10 @@ class ScaledCriterion(Criterion):
 
     def score(self, context: ScoringContext) -> dict[str, Tensor]:
         return {k: self.factor * v for k, v in self.criterion.score(context).items()}
+
+    def group_score(self, context: ScoringContext, group_sum: GroupSum) -> dict[str, Tensor]:
+        scores = self.criterion.group_score(context, group_sum)
+        return {k: self.factor * v for k, v in scores.items()}
 
     def __repr__(self) -> str:
         return f"{self.factor!r} * {self.criterion!r}"

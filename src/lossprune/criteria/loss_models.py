@@ -21,7 +21,7 @@ from torch import Tensor
 
 from .._checks import check_lam, check_positive_int
 from ..curvature import Statistic
-from .base import Criterion, ScoringContext
+from .base import Criterion, GroupSum, ScoringContext
 
 __all__ = ["LinearModel", "QuadraticModel", "OBD", "CURVATURES"]
 
@@ -90,6 +90,19 @@ class LinearModel(Criterion):
             for k, p in context.params.items()
         }
 
+    def group_score(self, context: ScoringContext, group_sum: GroupSum) -> dict[str, Tensor]:
+        r""":math:`s_G = |\sum_{q \in G} g_q\theta_q| + \tfrac12\lambda\sum_{q \in G}\theta_q^2`.
+
+        The linear model's prediction for the step :math:`-\theta_G`, in absolute value.
+        """
+        assert context.statistics is not None
+        grad = context.statistics.grad
+        return {
+            k: group_sum(k, grad[k].to(p.dtype) * p).abs()
+            + 0.5 * self.lam * group_sum(k, p.square())
+            for k, p in context.params.items()
+        }
+
 
 @dataclass(frozen=True)
 class QuadraticModel(_DiagonalCurvatureModel):
@@ -116,6 +129,24 @@ class QuadraticModel(_DiagonalCurvatureModel):
         return {
             k: (-grad[k].to(p.dtype) * p + 0.5 * diag[k].to(p.dtype) * p.square()).abs()
             + 0.5 * self.lam * p.square()
+            for k, p in context.params.items()
+        }
+
+    def group_score(self, context: ScoringContext, group_sum: GroupSum) -> dict[str, Tensor]:
+        r"""The prediction for removing group :math:`G` together (:math:`\Delta\theta = -\theta_G`).
+
+        .. math:: s_G = \Bigl|\sum_{q \in G}\bigl(-g_q\theta_q + \tfrac12 D_q\theta_q^2\bigr)
+           \Bigr| + \tfrac12\lambda\sum_{q \in G}\theta_q^2,
+
+        the sum INSIDE the absolute value (the diagonal model's prediction for the whole step),
+        not the sum of the per-weight scores.
+        """
+        assert context.statistics is not None
+        grad = context.statistics.grad
+        diag = self._diagonal(context)
+        return {
+            k: group_sum(k, -grad[k].to(p.dtype) * p + 0.5 * diag[k].to(p.dtype) * p.square()).abs()
+            + 0.5 * self.lam * group_sum(k, p.square())
             for k, p in context.params.items()
         }
 

@@ -29,6 +29,7 @@ from .._distributed import all_reduce_floats, all_reduce_sum
 from .._functional import FunctionalModel, statistics_dtype
 from .diagonals import fisher_diag, fisher_diag_mc, hutchinson
 from .errors import check_finite
+from .inputs import input_sq_norms
 from .outputs import LossFn, check_mean_over_examples, loss_normaliser
 from .products import check_inputs, hvp, loss_and_grad
 
@@ -101,7 +102,7 @@ def _zeros(like: Tensor, dtype: torch.dtype) -> Tensor:
 
 @dataclass(frozen=True)
 class Statistic:
-    """One statistic a criterion needs, with its options (hashable, so requests merge).
+    r"""One statistic a criterion needs, with its options (hashable, so requests merge).
 
     ``kind`` is one of:
 
@@ -109,7 +110,10 @@ class Statistic:
     * ``"fisher"`` — exact GGN/Fisher diagonal;
     * ``"fisher_mc"`` — Monte-Carlo Fisher diagonal with ``samples`` labels per example;
     * ``"hutchinson"`` — Hutchinson Hessian diagonal with ``samples`` probes per batch;
-    * ``"hessian_grad"`` — :math:`Hg` with :math:`g` the gradient over all the data (GraSP).
+    * ``"hessian_grad"`` — :math:`Hg` with :math:`g` the gradient over all the data (GraSP);
+    * ``"input_sq_norms"`` — :math:`\|X_j\|_2^2`, the SUM over all examples and positions of
+      each input feature of each weight matrix squared (:mod:`.inputs`; Wanda), shaped to
+      broadcast against the parameter. One extra forward pass per batch in the same loop.
     """
 
     kind: str
@@ -122,7 +126,7 @@ class Statistic:
             check_positive_int("samples", self.samples)
 
 
-_KINDS = frozenset({"grad", "fisher", "fisher_mc", "hutchinson", "hessian_grad"})
+_KINDS = frozenset({"grad", "fisher", "fisher_mc", "hutchinson", "hessian_grad", "input_sq_norms"})
 
 
 @dataclass
@@ -214,6 +218,12 @@ def compute_statistics(
                 )
             elif request.kind == "fisher":
                 values[request] = fisher_diag(model, params, batch, loss_fn, chunk_size=chunk_size)
+            elif request.kind == "input_sq_norms":
+                # A sum, not a mean: divided by Z_b here, the loop's weighting gives Σ_b S_b / W,
+                # and the total weight W is multiplied back below.
+                z = float(loss_normaliser(loss_fn, batch[1]))
+                sums = input_sq_norms(model, params, batch[0], dtype)
+                values[request] = {k: v / z for k, v in sums.items()}
             else:
                 values[request] = fisher_diag_mc(
                     model,
@@ -241,6 +251,9 @@ def compute_statistics(
     means = result.means
     grad = _params(means["grad"])
     values = {r: _params(means[r]) for r in first_pass}
+    for request in values:
+        if request.kind == "input_sq_norms":
+            values[request] = {k: v * result.weight for k, v in values[request].items()}
     if any(r.kind == "hessian_grad" for r in ordered):
         values[Statistic("hessian_grad")] = _hessian_grad(
             model, params, data, loss_fn, grad, device, dtype, chunk_size

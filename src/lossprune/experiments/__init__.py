@@ -14,6 +14,7 @@ Submodules, imported on demand so that ``import lossprune.experiments`` stays ch
 * :mod:`~lossprune.experiments.analysis`, :mod:`~lossprune.experiments.figures`,
   :mod:`~lossprune.experiments.findings` -- read records, draw the paper's figures, check its
   five findings.
+* :mod:`~lossprune.experiments.nm_quality` -- the 2:4 quality table on digits (docs/structured.md).
 * :mod:`~lossprune.experiments.cli` -- the ``lossprune`` command line.
 * :mod:`~lossprune.experiments.checks` -- the command line's input, checked before any work.
 * :mod:`~lossprune.experiments.locking` -- one writer per results file.
