@@ -109,7 +109,9 @@ def scores(
         chunk_size: memory bound for the curvature routines.
 
     Returns:
-        Qualified parameter name to a score tensor shaped like the parameter.
+        Qualified parameter name to a score tensor shaped like the parameter, in at least
+        float32 (float16 weights are scored in float32, whose rounding keeps their ranking;
+        SynFlow's scores stay in its computation dtype, float64 by default).
 
     Example:
         >>> import torch
