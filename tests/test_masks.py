@@ -570,3 +570,27 @@ def test_to_torch_prune_bad_names_raise():
     with pytest.raises(ValueError, match="'2.nothing'"):
         to_torch_prune(model, {"2.nothing": masks["0.weight"]})
     assert not prune.is_pruned(model)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_lowest_numpy_fast_path_equals_its_torch_twin(dtype):
+    from lossprune.masks import _lowest, _lowest_torch
+
+    generator = torch.Generator().manual_seed(0)
+    keys = torch.randint(-5, 5, (1000,), generator=generator).to(dtype)  # many ties
+    keys[:100] = -math.inf  # already pruned entries
+    for k in (1, 99, 100, 101, 500, 999):
+        fast = _lowest(keys, k)
+        assert fast.dtype == torch.bool and int(fast.sum()) == k
+        assert torch.equal(fast, _lowest_torch(keys, k))
+    # NumPy lacks bfloat16: such keys take the torch path.
+    assert torch.equal(_lowest(keys.bfloat16(), 500), _lowest_torch(keys.bfloat16(), 500))
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_non_finite_scores_are_refused_on_kept_entries_only(bad):
+    masks = {"w": torch.tensor([True, True, False, True])}
+    ignored = {"w": torch.tensor([1.0, 2.0, bad, 3.0])}  # the pruned entry's score is ignored
+    assert select_masks(ignored, masks, sparsity=0.5)["w"].tolist() == [False, True, False, True]
+    with pytest.raises(ValueError, match="non-finite values"):
+        select_masks({"w": torch.tensor([1.0, bad, 0.0, 3.0])}, masks, sparsity=0.5)

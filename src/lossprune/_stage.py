@@ -108,12 +108,7 @@ def plan_stage(
         newly_pruned = {k: masks[k] & ~new_masks[k] for k in masks}
         kept = {k: int(m.count_nonzero()) for k, m in new_masks.items()}
         pruned = {k: int(m.count_nonzero()) for k, m in newly_pruned.items()}
-        emptied = [k for k in masks if kept[k] == 0 and pruned[k] > 0]
-        after = connectivity(setup.chain, new_masks)
-        if after.total and previous is None:  # only a growth of disconnection is reported
-            previous = connectivity(setup.chain, masks)
-        message = collapse_message(stage, emptied, previous or after, after)
-        handle_collapse(message, setup.on_collapse)
+        after = _check_collapse(setup, masks, new_masks, kept, pruned, stage, previous)
         update = None
         if setup.update is not None or setup.diagnostics:
             update = plan_update(
@@ -129,12 +124,11 @@ def plan_stage(
         )
     else:
         step_norm_sq = float(sum(d.double().square().sum() for d in update.delta.values()))
-    total = sum(m.numel() for m in new_masks.values())
     cg = None if update is None else update.cg
     report = StageReport(
         stage=stage,
         target_sparsity=target,
-        sparsity=1.0 - sum(kept.values()) / total,
+        sparsity=1.0 - sum(kept.values()) / sum(m.numel() for m in new_masks.values()),
         pruned=sum(pruned.values()),
         step_norm_sq=step_norm_sq,
         loss_before=diagnostics[0],
@@ -162,6 +156,29 @@ def _group_sum(setup: StageSetup) -> GroupSum | None:
         return None
     layouts = setup.layouts
     return lambda name, tensor: group_sum(layouts[name], tensor)
+
+
+def _check_collapse(
+    setup: StageSetup,
+    masks: Mapping[str, Tensor],
+    new_masks: Mapping[str, Tensor],
+    kept: Mapping[str, int],
+    pruned: Mapping[str, int],
+    stage: int,
+    previous: Connectivity | None,
+) -> Connectivity:
+    """Route an emptied layer or newly cut-off outputs through ``on_collapse``.
+
+    Returns the disconnection after the stage (for the report). Only a growth counts, so the
+    disconnection before is computed (when not known) only if there is any after.
+    """
+    emptied = [k for k in masks if kept[k] == 0 and pruned[k] > 0]
+    after = connectivity(setup.chain, new_masks)
+    if after.total and previous is None:
+        previous = connectivity(setup.chain, masks)
+    message = collapse_message(stage, emptied, after if previous is None else previous, after)
+    handle_collapse(message, setup.on_collapse)
+    return after
 
 
 def _check_selected(new: Mapping[str, Tensor], old: Mapping[str, Tensor]) -> None:

@@ -125,10 +125,10 @@ def collapse_message(
         )
     if after.checked and after.outputs > before.outputs:
         dead = {k: n for k, n in after.hidden.items() if n}
+        hidden = f"; hidden units with no kept input or output: {dead}" if dead else ""
         parts.append(
             f"disconnects {after.outputs} output units from the input (the output no longer "
-            f"depends on the input through them; hidden units with no kept input or output: "
-            f"{dead})"
+            f"depends on the input through them{hidden})"
         )
     if not parts:
         return None
@@ -141,4 +141,4 @@ def handle_collapse(message: str | None, on_collapse: str) -> None:
         return
     if on_collapse == "raise":
         raise LayerCollapseError(message + "; nothing was modified")
-    warnings.warn(message, LayerCollapseWarning, stacklevel=4)
+    warnings.warn(message, LayerCollapseWarning, stacklevel=5)

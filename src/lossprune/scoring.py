@@ -78,9 +78,13 @@ def compute_scores(
         score = result.get(name)
         if score is None or score.shape != param.shape:
             raise RuntimeError(f"{criterion!r} returned no score of the right shape for {name!r}")
-    finite = torch.stack([torch.isfinite(result[name]).all() for name in params])
-    if not bool(finite.all()):  # one host synchronisation for all tensors
-        name = list(params)[int((~finite).nonzero()[0])]
+    # min and max of each score: NaN propagates through them, and both are finite only when every
+    # entry is; one host synchronisation for all tensors, no boolean tensor as large as the score.
+    checked = [n for n in params if result[n].is_floating_point() and result[n].numel()]
+    extremes = [torch.stack(result[n].aminmax()).double() for n in checked]
+    finite = torch.isfinite(torch.stack(extremes)).all(dim=1) if extremes else torch.ones(0)
+    if not bool(finite.all()):
+        name = checked[int((~finite).nonzero()[0])]
         raise NonFiniteError(
             f"{criterion!r} gave a non-finite score for {name!r}; nothing was modified"
         )
@@ -113,7 +117,9 @@ def scores(
         chunk_size: memory bound for the curvature routines.
 
     Returns:
-        Qualified parameter name to a score tensor shaped like the parameter.
+        Qualified parameter name to a score tensor shaped like the parameter, in at least
+        float32 (float16 weights are scored in float32, whose rounding keeps their ranking;
+        SynFlow's scores stay in its computation dtype, float64 by default).
 
     Example:
         >>> import torch

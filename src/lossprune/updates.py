@@ -5,7 +5,7 @@ r"""The weight update of a stage: the paper's zeroing, or step-size-constrained 
 Like an optax transformation, :class:`Compensation` is an immutable configuration; the state it
 carries from stage to stage (λ chosen by ``auto_lam``, the previous step for the CG warm start)
 is an explicit :class:`CompensationState` with its own ``state_dict``, returned by
-:meth:`Compensation.plan` and stored by the pruner only when a stage commits.
+:func:`plan_update` and stored by the pruner only when a stage commits.
 
 The paper only zeroes the pruned weights. The quadratic model it scores with also says how the
 KEPT weights should move: with :math:`P` the weights pruned in this stage (fixed at
@@ -43,6 +43,7 @@ __all__ = [
     "CompensationState",
     "UpdatePlan",
     "compensation_step",
+    "plan_update",
     "trust_region_step",
 ]
 
