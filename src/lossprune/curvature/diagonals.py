@@ -18,20 +18,23 @@ per-example ``vmap`` path, which is also the slow twin of the tests (``fast=Fals
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import warnings
+from collections.abc import Callable, Mapping
+from functools import partial
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.func import vjp, vmap
 
+from .._batches import Batch, ModelInputs
 from .._checks import check_positive_int
 from .._functional import FunctionalModel
-from .contractions import layer_ggn_diag
+from .contractions import covered_parameters, layer_ggn_diag
 from .outputs import LossFn, output_curvature, rademacher
-from .products import CurvatureProducts, check_inputs, hvp
+from .products import CurvatureProducts, hvp, prepare
 
-__all__ = ["fisher_diag", "fisher_diag_mc", "hutchinson_diag"]
+__all__ = ["fisher_diag", "fisher_diag_mc", "hutchinson_diag", "warn_exact_fisher_cost"]
 
 Params = dict[str, Tensor]
 
@@ -42,33 +45,53 @@ _PER_EXAMPLE_ELEMENTS = 1 << 24
 def _sum_squared_per_example_vjps(
     fmodel: FunctionalModel,
     params: Params,
-    inputs: Tensor,
+    inputs: Tensor | ModelInputs,
     cotangents: Tensor,
     chunk_size: int | None,
     fixed: Params | None = None,
 ) -> Params:
     r""":math:`\sum_n \sum_r (J_n^\top c_{nr})^2` for output cotangents ``(N, O, R)``.
 
-    Each example's Jacobian is pulled back along its ``R`` columns (vmapped), squared and summed.
-    Examples are processed ``chunk_size`` at a time so that at most
-    ``chunk_size * R * P`` per-example numbers exist at once. ``fixed`` tensors of ``fmodel``'s
-    explicit parameters are held constant (the layers a fast path already covered).
+    Each example's Jacobian is pulled back along its ``R`` columns (vmapped over at most
+    ``2**24 / P`` columns at a time), squared and summed. Tensor inputs are vmapped over
+    ``chunk_size`` examples at a time so that at most ``chunk_size * R * P`` per-example numbers
+    exist at once; :class:`~lossprune._batches.ModelInputs` (keyword inputs, e.g. a Hugging Face
+    model) go one example at a time, skipping the all-zero columns of ignored tokens. ``fixed``
+    tensors of ``fmodel``'s explicit parameters are held constant (the layers a fast path
+    already covered).
     """
     n, _, columns = cotangents.shape
     size = sum(p.numel() for p in params.values())
     fixed = fixed or {}
+    at_once = max(1, _PER_EXAMPLE_ELEMENTS // max(1, size))  # columns pulled back together
     if chunk_size is None:
         chunk_size = max(1, _PER_EXAMPLE_ELEMENTS // max(1, columns * size))
 
-    def one_example(x: Tensor, cots: Tensor) -> Params:
-        def output(p: Params) -> Tensor:
-            return fmodel.single({**fixed, **p}, x).reshape(-1)
-
+    def squared_pullbacks(output: Callable[[Params], Tensor], cots: Tensor) -> Params:
         pullback = vjp(output, params)[1]
-        per_column = vmap(lambda c: pullback(c)[0], in_dims=1)(cots)
-        return {k: (g * g).sum(0) for k, g in per_column.items()}
+        sums = {k: torch.zeros_like(p) for k, p in params.items()}
+        for start in range(0, cots.shape[1], at_once):
+            block = cots[:, start : start + at_once]
+            per_column = vmap(lambda c: pullback(c)[0], in_dims=1)(block)
+            for k, g in per_column.items():
+                sums[k] += (g * g).sum(0)
+        return sums
+
+    def one_example(x: Tensor, cots: Tensor) -> Params:
+        return squared_pullbacks(lambda p: fmodel.single({**fixed, **p}, x).reshape(-1), cots)
 
     total = {k: torch.zeros_like(p) for k, p in params.items()}
+    if isinstance(inputs, ModelInputs):
+        for i in range(n):
+            row = inputs.rows(i, i + 1)
+            cots = cotangents[i]
+            cots = cots[:, cots.abs().sum(0) > 0]  # ignored tokens: zero columns
+            if cots.shape[1] == 0:
+                continue
+            sums = squared_pullbacks(partial(_example_outputs, fmodel, fixed, row), cots)
+            for k, v in sums.items():
+                total[k] += v
+        return total
     try:
         for start in range(0, n, chunk_size):
             stop = min(n, start + chunk_size)
@@ -85,11 +108,52 @@ def _sum_squared_per_example_vjps(
     return total
 
 
+def _example_outputs(fmodel: FunctionalModel, fixed: Params, row: ModelInputs, p: Params) -> Tensor:
+    """The flattened outputs of one example ``row`` (a batch of one) at ``p``."""
+    return fmodel({**fixed, **p}, row).reshape(-1)
+
+
+# Exact diagonals costing more than this many gradients are announced (with the alternative).
+_EXPENSIVE_GRADIENTS = 100
+
+
+def warn_exact_fisher_cost(
+    model: nn.Module,
+    params: Mapping[str, Tensor],
+    batch: Batch,
+    loss_fn: LossFn,
+    chunk_size: int | None,
+) -> None:
+    r"""Warn before an exact Fisher that costs more than about 100 gradients per pass.
+
+    The parameters no fast path covers need one backward pass per output entry of every
+    example (:math:`R` columns of :math:`S_n`, :math:`R = T \cdot V` for a language model's
+    logits): about :math:`R` gradients. ``fisher_mc`` costs one gradient per sample.
+    """
+    covered = covered_parameters(model, params, batch.inputs)
+    if set(params) <= covered:
+        return
+    with torch.no_grad():
+        outputs = FunctionalModel(model, params)(params, batch.inputs)
+    if not isinstance(outputs, Tensor) or outputs.dim() == 0:
+        return
+    columns = outputs[0].numel()
+    if columns > _EXPENSIVE_GRADIENTS:
+        warnings.warn(
+            f"the exact Fisher/GGN diagonal costs about {columns} gradients per pass here (one "
+            f"backward pass per output entry of each example, {columns} entries: every token "
+            "times every class); Statistic('fisher_mc', samples=k) estimates the same diagonal "
+            "without bias at about k gradients (e.g. OBD(curvature='fisher_mc'))",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+
 def fisher_diag(
     model: nn.Module,
     params: Mapping[str, Tensor],
-    batch: tuple[Any, Tensor],
-    loss_fn: LossFn,
+    batch: Any,
+    loss_fn: LossFn | None,
     *,
     chunk_size: int | None = None,
     fast: bool = True,
@@ -101,21 +165,22 @@ def fisher_diag(
     Args:
         model: the network, called functionally (never modified); returns one tensor.
         params: tensors to differentiate with respect to, by qualified parameter name.
-        batch: ``(inputs, targets)``.
-        loss_fn: the batch loss ``loss_fn(outputs, targets)``, a mean (:mod:`.outputs`).
+        batch: ``(inputs, targets)``, a nested tuple or a mapping (:mod:`lossprune._batches`).
+        loss_fn: the batch loss ``loss_fn(outputs, targets)``, a mean (:mod:`.outputs`);
+            ``None``: a Hugging Face model's own loss.
         chunk_size: examples processed at once (default: bounded by ``2**24`` per-example numbers).
         fast: use the per-layer squared contractions where they are proven exact (``False``:
             always the generic per-example path, the slow twin used in tests).
     """
-    check_inputs(model, loss_fn)
+    loss_fn, batch = prepare(model, loss_fn, batch)
     return _diag_from_cotangents(model, dict(params), batch, loss_fn, None, 0, chunk_size, fast)
 
 
 def fisher_diag_mc(
     model: nn.Module,
     params: Mapping[str, Tensor],
-    batch: tuple[Any, Tensor],
-    loss_fn: LossFn,
+    batch: Any,
+    loss_fn: LossFn | None,
     *,
     samples: int = 1,
     generator: torch.Generator | None = None,
@@ -133,7 +198,7 @@ def fisher_diag_mc(
     Raises:
         NonFiniteError: the model outputs are NaN or infinite (no label can be sampled).
     """
-    check_inputs(model, loss_fn)
+    loss_fn, batch = prepare(model, loss_fn, batch)
     check_positive_int("samples", samples)
     return _diag_from_cotangents(
         model, dict(params), batch, loss_fn, generator, samples, chunk_size, fast
@@ -191,8 +256,8 @@ def _diag_from_cotangents(
 def hutchinson_diag(
     model: nn.Module,
     params: Mapping[str, Tensor],
-    batch: tuple[Any, Tensor],
-    loss_fn: LossFn,
+    batch: Any,
+    loss_fn: LossFn | None,
     *,
     probes: int = 100,
     generator: torch.Generator | None = None,
@@ -205,7 +270,7 @@ def hutchinson_diag(
 
     The ``k`` products share one primal pass (:func:`~.products.hvp`).
     """
-    check_inputs(model, loss_fn)
+    loss_fn, batch = prepare(model, loss_fn, batch)
     check_positive_int("probes", probes)
     return hutchinson(model, dict(params), batch, loss_fn, probes, generator, chunk_size).products
 

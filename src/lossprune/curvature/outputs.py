@@ -49,6 +49,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import grad_and_value, hessian, vjp, vmap
 
+from .._batches import ModelLoss
 from .errors import NonFiniteError
 
 __all__ = [
@@ -89,7 +90,7 @@ def _family(loss_fn: object) -> str:
 
     Exact types only: a subclass may override ``forward``.
     """
-    if loss_fn in _CROSS_ENTROPY or type(loss_fn) is nn.CrossEntropyLoss:
+    if loss_fn in _CROSS_ENTROPY or type(loss_fn) in (nn.CrossEntropyLoss, ModelLoss):
         return "ce"
     if loss_fn in _NLL or type(loss_fn) is nn.NLLLoss:
         return "nll"
@@ -102,6 +103,8 @@ def _family(loss_fn: object) -> str:
 
 def _class_options(loss_fn: object) -> tuple[Tensor | None, int, float]:
     """``(weight, ignore_index, label_smoothing)`` of a cross-entropy or NLL loss."""
+    if isinstance(loss_fn, ModelLoss):
+        return None, loss_fn.ignore_index, 0.0
     if isinstance(loss_fn, nn.Module):
         weight = getattr(loss_fn, "weight", None)
         return (
