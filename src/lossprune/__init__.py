@@ -11,6 +11,7 @@ Unstructured Pruning" (arXiv:2006.12279)::
 
 from importlib.metadata import PackageNotFoundError, version
 
+from ._batches import ModelLoss
 from .criteria import (
     OBD,
     Criterion,
@@ -49,6 +50,7 @@ __all__ = [
     "LinearSchedule",
     "Magnitude",
     "MaskHandle",
+    "ModelLoss",
     "NonFiniteError",
     "Pruner",
     "QuadraticModel",

@@ -101,6 +101,13 @@ def _family(loss_fn: object) -> str:
     return "generic"
 
 
+def _wrapped(loss_fn: object) -> object:
+    """The innermost loss of wrappers that keep the loss they wrap in ``.loss_fn``."""
+    while callable(getattr(loss_fn, "loss_fn", None)):
+        loss_fn = loss_fn.loss_fn  # type: ignore[attr-defined]
+    return loss_fn
+
+
 def _class_options(loss_fn: object) -> tuple[Tensor | None, int, float]:
     """``(weight, ignore_index, label_smoothing)`` of a cross-entropy or NLL loss."""
     if isinstance(loss_fn, ModelLoss):
@@ -134,8 +141,10 @@ def loss_normaliser(loss_fn: object, targets: Tensor) -> Tensor:
     Class-index cross-entropy / NLL: :math:`\sum_u w_{y_u}` over the units not ignored (their
     number without class weights). Probability targets: the number of units
     :math:`N d_1 \cdots`. Every other loss: the number of examples :math:`N` (a mean over
-    :math:`N \times O` entries is proportional to it).
+    :math:`N \times O` entries is proportional to it). A wrapper that keeps the loss it wraps
+    in ``.loss_fn`` (GraSP's tempered loss) averages over the units of the wrapped loss.
     """
+    loss_fn = _wrapped(loss_fn)
     family = _family(loss_fn)
     if family in ("ce", "nll") and not targets.is_floating_point():
         weight, ignore_index, _ = _class_options(loss_fn)
@@ -410,7 +419,7 @@ def check_mean_over_examples(
     Raises:
         ValueError: the loss is a sum or couples the examples.
     """
-    if _family(loss_fn) != "generic" or len(targets) < 2:
+    if _family(_wrapped(loss_fn)) != "generic" or len(targets) < 2:
         return
     outputs = outputs_of()  # only now: a forward pass the closed-form losses never pay
     if not isinstance(outputs, Tensor):
