@@ -236,7 +236,8 @@ def test_statistics_over_batches_are_means_over_tokens():
         warnings.simplefilter("ignore", RuntimeWarning)
         stats = compute_statistics(model, params, [first, second], None, requests)
     assert stats.units == int((whole["labels"][:, 1:] != -100).sum())
-    torch.testing.assert_close(torch.tensor(stats.loss, dtype=DTYPE), reference_loss(model, params, whole))
+    expected_loss = reference_loss(model, params, whole)
+    torch.testing.assert_close(torch.tensor(stats.loss, dtype=DTYPE), expected_loss)
     close(stats.grad, expected_grad)
     close(stats[Statistic("fisher")], bf.diagonal(g, params))
 
@@ -382,8 +383,9 @@ def test_synflow_on_token_ids_runs_through_the_embedding_output():
 
 
 def test_progress_is_shown_per_batch_inside_a_statistics_pass(monkeypatch):
-    from lossprune.curvature import statistics
     from tqdm.auto import tqdm
+
+    from lossprune.curvature import statistics
 
     bars = []
 

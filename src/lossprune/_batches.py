@@ -65,12 +65,6 @@ class ModelInputs:
     def tensors(self) -> list[Tensor]:
         return [t for t in (*self.args, *self.kwargs.values()) if isinstance(t, Tensor)]
 
-    def __len__(self) -> int:
-        tensors = self.tensors()
-        if not tensors:
-            raise TypeError("the model inputs hold no tensor: no batch dimension to read")
-        return len(tensors[0])
-
     def _map(self, fn: Callable[[Tensor], Tensor]) -> ModelInputs:
         def each(value: Any) -> Any:
             return fn(value) if isinstance(value, Tensor) else value
