@@ -206,7 +206,9 @@ def test_error_table_names_existing_tests():
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("page", ["getting_started.md", "concepts.md", "sparse.md"])
+@pytest.mark.parametrize(
+    "page", ["getting_started.md", "concepts.md", "sparse.md", "transformers.md"]
+)
 def test_user_guide_python_examples_run(page, capsys):
     text = (DOCS / page).read_text()
     blocks = re.findall(r"^```python\n(.*?)^```", text, re.S | re.M)
