@@ -336,6 +336,7 @@ def test_every_criterion_runs_with_the_default_attention(name):
             assert result.keys() == prunable_parameters(model).keys()
             assert all(torch.isfinite(s).all() for s in result.values()), criterion
     assert torch.backends.cuda.flash_sdp_enabled() == flash
+    assert torch.backends.mha.get_fastpath_enabled()  # restored
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
@@ -433,3 +434,31 @@ def test_readme_usage_on_a_causal_lm_with_a_loader_of_dict_batches(criterion):
     params = dict(model.named_parameters())
     assert all(bool((params[k][~m] == 0).all()) for k, m in pruner.masks.items())
     assert lossprune.ModelLoss is ModelLoss
+
+
+@pytest.mark.parametrize("batch_first", [True, False], ids=["batch_first", "sequence_first"])
+def test_transformer_encoder_statistics_are_exact_with_the_default_attention(batch_first):
+    torch.manual_seed(0)
+    model = Encoder(batch_first).eval().to(DTYPE)
+    params = all_prunable(model)
+    x, y = torch.randn(3, 4, 4, dtype=DTYPE), torch.tensor([0, 2, 1])
+    ce = nn.CrossEntropyLoss()
+    with sdpa_kernel(SDPBackend.MATH):  # the brute-force reference needs it too
+        h = bf.dense_hessian(model, params, x, y, ce)
+        g = bf.dense_ggn(model, params, x, y, ce)
+    vectors = {k: torch.randn(2, *p.shape, dtype=DTYPE) for k, p in params.items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        close(hvp(model, params, (x, y), ce, vectors).products, bf.products(h, vectors))
+        close(ggn_vp(model, params, (x, y), ce, vectors).products, bf.products(g, vectors))
+        close(fisher_diag(model, params, (x, y), ce), bf.diagonal(g, params))
+
+
+def test_a_pruner_draws_examples_from_one_mapping_batch():
+    model = tiny_llama()
+    batch = token_batch(6, 5, vocab=64)
+    criterion = OBD(curvature="fisher_mc", mc_samples=1)
+    schedule = ExponentialSchedule(sparsity=0.5, stages=1)
+    pruner = Pruner(model, criterion, schedule, data=batch, examples=3)
+    report = pruner.step()
+    assert report.loss_before is not None and abs(pruner.sparsity() - 0.5) < 1e-3

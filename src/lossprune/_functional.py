@@ -6,8 +6,9 @@ are cloned so that nothing the functional call does (e.g. batch-norm running sta
 into the user's model.
 
 Every call runs under the math kernel of :func:`~torch.nn.functional.scaled_dot_product_attention`
-(:func:`math_attention`): the fused kernels PyTorch picks by default (flash, memory-efficient)
-have no second derivative and no forward-mode derivative on CPU, so Hessian-vector products,
+and without the fused fast path of :class:`~torch.nn.MultiheadAttention`
+(:func:`math_attention`): the fused kernels PyTorch picks by default (flash, memory-efficient,
+the transformer fast path) lack second or forward-mode derivatives, so Hessian-vector products,
 Gauss-Newton products and Fisher diagonals of a transformer would fail. The math kernel computes
 the same attention with ordinary differentiable operations; the previous kernel choice is
 restored when the call returns.
@@ -36,9 +37,20 @@ __all__ = [
 
 @contextmanager
 def math_attention() -> Iterator[None]:
-    """Scaled dot-product attention by its math kernel inside; the previous choice restored."""
-    with sdpa_kernel(SDPBackend.MATH):
-        yield
+    """Attention by differentiable operations inside; the previous settings restored.
+
+    Scaled dot-product attention runs its math kernel, and the fused C++ fast path of
+    :class:`~torch.nn.MultiheadAttention` / :class:`~torch.nn.TransformerEncoderLayer` (taken
+    in eval mode when no parameter requires a gradient, as under :func:`torch.func.jvp`, and
+    without forward-mode derivatives) is switched off.
+    """
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with sdpa_kernel(SDPBackend.MATH):
+            yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
 
 
 class FunctionalModel:
