@@ -462,3 +462,64 @@ def test_a_pruner_draws_examples_from_one_mapping_batch():
     pruner = Pruner(model, criterion, schedule, data=batch, examples=3)
     report = pruner.step()
     assert report.loss_before is not None and abs(pruner.sparsity() - 0.5) < 1e-3
+
+
+@pytest.mark.parametrize("class_dim", [1, -1])
+def test_column_blocks_are_the_square_root_without_its_zero_columns(class_dim):
+    from lossprune.curvature.outputs import MeanSquaredError, softmax_cross_entropy
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 3, 5, dtype=DTYPE)  # (N, C, T) or (N, T, V)
+    if class_dim == -1:  # T = 3 positions of V = 5 classes
+        labels, classes = torch.tensor([[0, 4, -100], [1, -100, 2]]), 5
+    else:  # C = 3 classes at T = 5 positions
+        labels, classes = torch.tensor([[0, 2, -100, 1, 1], [1, -100, 2, 0, 0]]), 3
+    space = softmax_cross_entropy(logits, labels, class_dim=class_dim, label_smoothing=0.1)
+    dense = space.sqrt_columns()
+    mse = MeanSquaredError(logits)
+    for n in range(2):
+        for width in (1, 2, 7):
+            blocks = torch.cat(list(space.column_blocks(n, width)), dim=1)
+            torch.testing.assert_close(blocks @ blocks.T, dense[n] @ dense[n].T)
+            assert blocks.shape[1] == classes * int((labels[n] != -100).sum())  # none if ignored
+            generic = torch.cat(list(mse.column_blocks(n, width)), dim=1)
+            torch.testing.assert_close(generic, mse.sqrt_columns()[n])
+
+
+def test_nested_tuple_inputs_are_called_positionally_and_exact():
+    class TwoInputs(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 3)
+
+        def forward(self, x, scale):
+            return torch.tanh(self.fc(x)) * scale
+
+    torch.manual_seed(0)
+    model = TwoInputs().to(DTYPE)
+    params = all_prunable(model)
+    x, scale = torch.randn(5, 4, dtype=DTYPE), torch.rand(5, 1, dtype=DTYPE) + 0.5
+    y = torch.tensor([0, 1, 2, 1, 0])
+    ce = nn.CrossEntropyLoss()
+
+    def loss_of(vector):
+        out = functional_call(model, bf.unflatten(vector, params), (x, scale))
+        return ce(out, y)
+
+    def outputs_of(vector, n):
+        return functional_call(
+            model, bf.unflatten(vector, params), (x[n : n + 1], scale[n : n + 1])
+        )
+
+    flat = bf.flatten(params)
+    ggn = torch.zeros(len(flat), len(flat), dtype=DTYPE)
+    for n in range(5):
+        jac = torch.func.jacrev(outputs_of)(flat, n)[0]  # (C, P)
+        p = outputs_of(flat, n)[0].softmax(-1)
+        ggn += jac.T @ (torch.diag(p) - torch.outer(p, p)) @ jac / 5
+    batch = ((x, scale), y)
+    close(
+        loss_and_grad(model, params, batch, ce).grad,
+        bf.unflatten(torch.func.grad(loss_of)(flat), params),
+    )
+    close(fisher_diag(model, params, batch, ce), bf.diagonal(ggn, params))

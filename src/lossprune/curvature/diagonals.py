@@ -19,7 +19,7 @@ per-example ``vmap`` path, which is also the slow twin of the tests (``fast=Fals
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from functools import partial
 from typing import Any
 
@@ -42,10 +42,37 @@ Params = dict[str, Tensor]
 _PER_EXAMPLE_ELEMENTS = 1 << 24
 
 
+def _squared_pullbacks(
+    output: Callable[[Params], Tensor], params: Params, blocks: Iterable[Tensor]
+) -> Params:
+    r""":math:`\sum_r (J^\top c_r)^2` over the columns of ``blocks`` ``(O, b)``, one vjp each.
+
+    ``J`` is the Jacobian of ``output`` (flattened outputs of one example) at ``params``; the
+    columns of a block are pulled back together (vmapped).
+    """
+    pullback = vjp(output, params)[1]
+    sums = {k: torch.zeros_like(p) for k, p in params.items()}
+    for block in blocks:
+        per_column = vmap(lambda c: pullback(c)[0], in_dims=1)(block)
+        for k, g in per_column.items():
+            sums[k] += (g * g).sum(0)
+    return sums
+
+
+def _column_chunks(columns: Tensor, width: int) -> Iterator[Tensor]:
+    for start in range(0, columns.shape[1], width):
+        yield columns[:, start : start + width]
+
+
+def _columns_per_call(params: Params) -> int:
+    """Columns pulled back at once: at most ``2**24`` per-column numbers exist together."""
+    return max(1, _PER_EXAMPLE_ELEMENTS // max(1, sum(p.numel() for p in params.values())))
+
+
 def _sum_squared_per_example_vjps(
     fmodel: FunctionalModel,
     params: Params,
-    inputs: Tensor | ModelInputs,
+    inputs: Tensor,
     cotangents: Tensor,
     chunk_size: int | None,
     fixed: Params | None = None,
@@ -53,45 +80,25 @@ def _sum_squared_per_example_vjps(
     r""":math:`\sum_n \sum_r (J_n^\top c_{nr})^2` for output cotangents ``(N, O, R)``.
 
     Each example's Jacobian is pulled back along its ``R`` columns (vmapped over at most
-    ``2**24 / P`` columns at a time), squared and summed. Tensor inputs are vmapped over
-    ``chunk_size`` examples at a time so that at most ``chunk_size * R * P`` per-example numbers
-    exist at once; :class:`~lossprune._batches.ModelInputs` (keyword inputs, e.g. a Hugging Face
-    model) go one example at a time, skipping the all-zero columns of ignored tokens. ``fixed``
-    tensors of ``fmodel``'s explicit parameters are held constant (the layers a fast path
-    already covered).
+    ``2**24 / P`` columns at a time), squared and summed. Examples are vmapped ``chunk_size``
+    at a time so that at most ``chunk_size * R * P`` per-example numbers exist at once.
+    ``fixed`` tensors of ``fmodel``'s explicit parameters are held constant (the layers a fast
+    path already covered).
     """
     n, _, columns = cotangents.shape
     size = sum(p.numel() for p in params.values())
     fixed = fixed or {}
-    at_once = max(1, _PER_EXAMPLE_ELEMENTS // max(1, size))  # columns pulled back together
+    at_once = _columns_per_call(params)
     if chunk_size is None:
         chunk_size = max(1, _PER_EXAMPLE_ELEMENTS // max(1, columns * size))
 
-    def squared_pullbacks(output: Callable[[Params], Tensor], cots: Tensor) -> Params:
-        pullback = vjp(output, params)[1]
-        sums = {k: torch.zeros_like(p) for k, p in params.items()}
-        for start in range(0, cots.shape[1], at_once):
-            block = cots[:, start : start + at_once]
-            per_column = vmap(lambda c: pullback(c)[0], in_dims=1)(block)
-            for k, g in per_column.items():
-                sums[k] += (g * g).sum(0)
-        return sums
-
     def one_example(x: Tensor, cots: Tensor) -> Params:
-        return squared_pullbacks(lambda p: fmodel.single({**fixed, **p}, x).reshape(-1), cots)
+        def output(p: Params) -> Tensor:
+            return fmodel.single({**fixed, **p}, x).reshape(-1)
+
+        return _squared_pullbacks(output, params, _column_chunks(cots, at_once))
 
     total = {k: torch.zeros_like(p) for k, p in params.items()}
-    if isinstance(inputs, ModelInputs):
-        for i in range(n):
-            row = inputs.rows(i, i + 1)
-            cots = cotangents[i]
-            cots = cots[:, cots.abs().sum(0) > 0]  # ignored tokens: zero columns
-            if cots.shape[1] == 0:
-                continue
-            sums = squared_pullbacks(partial(_example_outputs, fmodel, fixed, row), cots)
-            for k, v in sums.items():
-                total[k] += v
-        return total
     try:
         for start in range(0, n, chunk_size):
             stop = min(n, start + chunk_size)
@@ -105,6 +112,29 @@ def _sum_squared_per_example_vjps(
         for x, cots in zip(inputs, cotangents, strict=True):
             for k, v in one_example(x, cots).items():
                 total[k] += v
+    return total
+
+
+def _sum_squared_vjps_one_by_one(
+    fmodel: FunctionalModel,
+    params: Params,
+    inputs: ModelInputs,
+    examples: int,
+    blocks_of: Callable[[int, int], Iterable[Tensor]],
+    fixed: Params,
+) -> Params:
+    r""":math:`\sum_n \sum_r (J_n^\top c_{nr})^2` for keyword inputs, one example at a time.
+
+    A model called with keyword inputs (a Hugging Face model) is not vmapped over examples;
+    ``blocks_of(n, width)`` yields example ``n``'s columns ``width`` at a time, so that the
+    columns of a language model's (T·V)-dimensional output space never exist all at once.
+    """
+    at_once = _columns_per_call(params)
+    total = {k: torch.zeros_like(p) for k, p in params.items()}
+    for n in range(examples):
+        output = partial(_example_outputs, fmodel, fixed, inputs.rows(n, n + 1))
+        for k, v in _squared_pullbacks(output, params, blocks_of(n, at_once)).items():
+            total[k] += v
     return total
 
 
@@ -242,7 +272,23 @@ def _diag_from_cotangents(
         total = layer_ggn_diag(model, params, inputs, remember).sums
         cotangents = drawn[0] if drawn else None
     rest = {k: v for k, v in params.items() if k not in total}
-    if rest:
+    if rest and isinstance(inputs, ModelInputs):
+        with torch.no_grad():
+            space = output_curvature(loss_fn, fmodel(params, inputs), targets)
+        fixed = {k: v for k, v in params.items() if k in total}
+        blocks_of: Callable[[int, int], Iterable[Tensor]]
+        if samples == 0:
+            blocks_of = space.column_blocks
+        else:
+            drawn_columns = space.sample_columns(samples, generator)
+
+            def blocks_of(n: int, width: int) -> Iterable[Tensor]:
+                return _column_chunks(drawn_columns[n], width)
+
+        total.update(
+            _sum_squared_vjps_one_by_one(fmodel, rest, inputs, len(targets), blocks_of, fixed)
+        )
+    elif rest:
         if cotangents is None:
             with torch.no_grad():
                 cotangents = cotangents_of(fmodel(params, inputs))

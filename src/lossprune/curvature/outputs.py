@@ -42,7 +42,7 @@ Any other loss is differentiated by :mod:`torch.func`; its per-example output He
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -186,6 +186,17 @@ class OutputCurvature:
         r"""``(N, O, samples)`` with :math:`\mathbb E[\sum_j z_{nj} z_{nj}^\top] = M_n`."""
         raise NotImplementedError
 
+    def column_blocks(self, n: int, width: int) -> Iterator[Tensor]:
+        """The columns of :meth:`sqrt_columns` of example ``n``, ``(O, <= width)`` at a time.
+
+        Zero columns may be left out (they add nothing to any sum of squares).
+        """
+        if getattr(self, "_dense", None) is None:
+            self._dense = self.sqrt_columns()
+        columns = self._dense[n]
+        for start in range(0, columns.shape[1], width):
+            yield columns[:, start : start + width]
+
 
 class SoftmaxCrossEntropy(OutputCurvature):
     r"""Closed forms of softmax cross-entropy with per-unit coefficients :math:`c_u`.
@@ -238,6 +249,31 @@ class SoftmaxCrossEntropy(OutputCurvature):
         pattern = "ndab,de->ndaeb" if self.class_last else "ndab,de->nadbe"
         dense = torch.einsum(pattern, blocks, eye)
         return dense.reshape(n, classes * positions, classes * positions)
+
+    def column_blocks(self, n: int, width: int) -> Iterator[Tensor]:
+        r"""Example ``n``'s columns :math:`\sqrt{c_u p_{uc}}(e_c - p_u)`, built block by block.
+
+        Only positions with :math:`c_u > 0` (not ignored) have columns; each block holds at most
+        ``width`` classes of one position, so the block-diagonal ``(O, O)`` matrix of
+        :meth:`sqrt_columns` is never formed.
+        """
+        p = self.probs[n]
+        classes = p.shape[0]
+        p = p.reshape(classes, -1)  # (C, D)
+        positions = p.shape[1]
+        c = self.coefficients[n].reshape(-1)
+        for d in torch.nonzero(c > 0).flatten().tolist():
+            root = (c[d] * p[:, d]).sqrt()
+            for start in range(0, classes, width):
+                stop = min(classes, start + width)
+                block = -p[:, d : d + 1] * root[start:stop].unsqueeze(0)  # (C, w)
+                block[start:stop] += torch.diag(root[start:stop])
+                # Rows in the order of the flattened outputs: (c, d), or (d, c) classes last.
+                dense = p.new_zeros(classes, positions, stop - start)
+                dense[:, d] = block
+                yield (dense.transpose(0, 1) if self.class_last else dense).reshape(
+                    -1, stop - start
+                )
 
     def sample_columns(self, samples: int, generator: torch.Generator | None) -> Tensor:
         r""":math:`\sqrt{c_u/k}(e_y - p_u)`, :math:`y \sim p_u`, every position independently."""
