@@ -150,6 +150,9 @@ def test_ambiguous_batches_name_what_was_expected():
         to_batch({"input_ids": x, "mask": x[:3], "labels": y})
     with pytest.raises(ValueError, match="loss_fn is needed for Sequential"):
         loss_and_grad(nn.Sequential(nn.Linear(3, 3)), {}, (x, y))
+    gpt2, tokens = tiny_gpt2(), token_batch(2, 4, vocab=64)
+    with pytest.raises(TypeError, match="returns CausalLMOutputWithCrossAttentions: omit loss_fn"):
+        scores(gpt2, LinearModel(), tokens, loss_fn=nn.CrossEntropyLoss())
     with pytest.raises(ValueError, match="pass loss_fn=...\\s*\\(only a Hugging Face"):
         scores(nn.Sequential(nn.Linear(3, 3)), LinearModel(), (x, y))
 

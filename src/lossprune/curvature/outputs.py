@@ -58,6 +58,7 @@ __all__ = [
     "SoftmaxCrossEntropy",
     "check_mean_over_examples",
     "check_reduction",
+    "check_tensor_outputs",
     "loss_normaliser",
     "output_curvature",
     "output_hessian_sqrt",
@@ -470,6 +471,31 @@ def check_mean_over_examples(
     except (RuntimeError, NotImplementedError):
         return  # the loss does not run on batches of one under vmap: cannot be checked
     _check_mean_of_per_example(loss_fn(outputs, targets), per_example)
+
+
+def check_tensor_outputs(loss_fn: LossFn, outputs_of: Callable[[], Any]) -> None:
+    """A loss with a closed form here (cross-entropy, NLL, KL, MSE) reads one tensor of outputs.
+
+    ``outputs_of()`` is the model's outputs on a batch (called only for such losses).
+
+    Raises:
+        TypeError: the model returns something else (e.g. a Hugging Face ``ModelOutput``).
+    """
+    if _family(loss_fn) == "generic":
+        return
+    outputs = outputs_of()
+    if isinstance(outputs, Tensor):
+        return
+    hint = (
+        "omit loss_fn to use the model's own loss (lossprune.ModelLoss reads .logits), or pass "
+        "a loss_fn that reads the tensor it needs"
+        if hasattr(outputs, "logits")
+        else "pass a loss_fn that reads the tensor it needs from the outputs"
+    )
+    raise TypeError(
+        f"loss_fn {type(loss_fn).__name__} reads one tensor of model outputs, but the model "
+        f"returns {type(outputs).__name__}: {hint}"
+    )
 
 
 def _rademacher_columns(

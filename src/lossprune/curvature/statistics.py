@@ -31,7 +31,7 @@ from .._distributed import all_reduce_floats, all_reduce_sum
 from .._functional import FunctionalModel, statistics_dtype
 from .diagonals import fisher_diag, fisher_diag_mc, hutchinson, warn_exact_fisher_cost
 from .errors import check_finite
-from .outputs import LossFn, check_mean_over_examples, loss_normaliser
+from .outputs import LossFn, check_mean_over_examples, check_tensor_outputs, loss_normaliser
 from .products import check_inputs, hvp, loss_and_grad
 
 __all__ = ["DatasetMean", "Statistic", "Statistics", "compute_statistics", "dataset_mean"]
@@ -263,6 +263,8 @@ def compute_statistics(
     def first_outputs() -> Any:
         return FunctionalModel(model, params)(params, first.inputs)
 
+    if not isinstance(first.inputs, Tensor):  # keyword inputs: a model that may return a pytree
+        check_tensor_outputs(loss_fn, first_outputs)
     check_mean_over_examples(loss_fn, first_outputs, first.targets)
     if any(r.kind == "fisher" for r in first_pass):
         warn_exact_fisher_cost(model, params, first, loss_fn, chunk_size)
