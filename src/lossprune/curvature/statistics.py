@@ -127,7 +127,8 @@ class Statistic:
 
     * ``"grad"`` — :math:`g`;
     * ``"fisher"`` — exact GGN/Fisher diagonal;
-    * ``"fisher_mc"`` — Monte-Carlo Fisher diagonal with ``samples`` labels per example;
+    * ``"fisher_mc"`` — Monte-Carlo Fisher diagonal with ``samples`` labels per example (per
+      token for a language model's logits, each token's label drawn independently);
     * ``"hutchinson"`` — Hutchinson Hessian diagonal with ``samples`` probes per batch;
     * ``"hessian_grad"`` — :math:`Hg` with :math:`g` the gradient over all the data (GraSP).
     """
