@@ -262,7 +262,7 @@ def _diag_from_cotangents(
 
     total: Params = {}
     cotangents = None
-    if fast:
+    if fast and isinstance(inputs, Tensor):  # keyword inputs have no layout proof
         drawn: list[Tensor] = []  # the one draw of cotangents, reused by the generic remainder
 
         def remember(outputs: Tensor) -> Tensor:
