@@ -30,6 +30,7 @@ from lossprune._data import random_subset
 from lossprune.curvature import (
     Statistic,
     compute_statistics,
+    diagonals,
     fisher_diag,
     fisher_diag_mc,
     ggn_vp,
@@ -269,10 +270,12 @@ def test_exact_fisher_warns_with_its_cost_and_the_cheaper_alternative():
     model = micro_gpt2()
     params = all_prunable(model)
     batch = token_batch(2, 8)  # 7 positions x 16 classes = 112 output columns per sequence
+    diagonals._WARNED_COST.clear()
     with pytest.warns(RuntimeWarning, match="about 112 gradients.*fisher_mc"):
         compute_statistics(model, params, batch, None, [Statistic("fisher")])
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
+        compute_statistics(model, params, batch, None, [Statistic("fisher")])  # warned once
         compute_statistics(model, params, token_batch(2, 6), None, [Statistic("fisher")])
         compute_statistics(model, params, batch, None, [Statistic("fisher_mc", 2)])
 

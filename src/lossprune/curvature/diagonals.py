@@ -145,6 +145,7 @@ def _example_outputs(fmodel: FunctionalModel, fixed: Params, row: ModelInputs, p
 
 # Exact diagonals costing more than this many gradients are announced (with the alternative).
 _EXPENSIVE_GRADIENTS = 100
+_WARNED_COST: set[tuple[str, int]] = set()
 
 
 def warn_exact_fisher_cost(
@@ -168,7 +169,9 @@ def warn_exact_fisher_cost(
     if not isinstance(outputs, Tensor) or outputs.dim() == 0:
         return
     columns = outputs[0].numel()
-    if columns > _EXPENSIVE_GRADIENTS:
+    key = (type(model).__name__, columns)
+    if columns > _EXPENSIVE_GRADIENTS and key not in _WARNED_COST:
+        _WARNED_COST.add(key)  # once per model class and output size: not at every stage
         warnings.warn(
             f"the exact Fisher/GGN diagonal costs about {columns} gradients per pass here (one "
             f"backward pass per output entry of each example, {columns} entries: every token "
