@@ -152,8 +152,6 @@ def warn_exact_fisher_cost(
     model: nn.Module,
     params: Mapping[str, Tensor],
     batch: Batch,
-    loss_fn: LossFn,
-    chunk_size: int | None,
 ) -> None:
     r"""Warn before an exact Fisher that costs more than about 100 gradients per pass.
 

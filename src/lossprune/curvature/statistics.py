@@ -268,7 +268,7 @@ def compute_statistics(
         check_tensor_outputs(loss_fn, first_outputs)
     check_mean_over_examples(loss_fn, first_outputs, first.targets)
     if any(r.kind == "fisher" for r in first_pass):
-        warn_exact_fisher_cost(model, params, first, loss_fn, chunk_size)
+        warn_exact_fisher_cost(model, params, first)
     bar = "statistics" if progress else None
     result = dataset_mean(data, loss_fn, batch_values, device=device, dtype=dtype, progress=bar)
     means = result.means
