@@ -529,3 +529,25 @@ def test_nested_tuple_inputs_are_called_positionally_and_exact():
         bf.unflatten(torch.func.grad(loss_of)(flat), params),
     )
     close(fisher_diag(model, params, batch, ce), bf.diagonal(ggn, params))
+
+
+def test_grasps_tempered_loss_averages_over_the_tokens_of_the_loss_it_wraps():
+    """Batches are weighted by kept tokens for GraSP too (its loss wraps the model's own)."""
+    from lossprune.criteria.grasp import TemperedLoss
+    from lossprune.curvature.outputs import loss_normaliser
+
+    labels = token_batch()["labels"][:, 1:]
+    tempered = GraSP().scoring_loss(ModelLoss("causal_lm"))
+    assert isinstance(tempered, TemperedLoss)
+    assert float(loss_normaliser(tempered, labels)) == int((labels != -100).sum())
+    model = micro_gpt2()
+    params = all_prunable(model)
+    first, second = token_batch(3, 5, seed=1), token_batch(2, 5, seed=2)
+    second["labels"] = second["input_ids"].clone()  # 9 of 12 tokens, then 8 of 8: not 3 : 2
+    second["attention_mask"] = torch.ones_like(second["input_ids"])
+    whole = {k: torch.cat([first[k], second[k]]) for k in first}
+    request = [Statistic("hessian_grad")]
+    split = compute_statistics(model, params, [first, second], tempered, request)
+    joint = compute_statistics(model, params, whole, tempered, request)
+    close(split.grad, joint.grad)
+    close(split[Statistic("hessian_grad")], joint[Statistic("hessian_grad")])
