@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import lossprune
 from lossprune import curvature
@@ -592,13 +593,72 @@ def test_operation_without_second_derivative_raises_a_clear_error():
     with pytest.raises(TypeError, match="gradient is disconnected"):
         hvp(model, params, batch, CE, vectors_for(params, 1))
     curvature.products._WARNED_DOUBLE_BACKWARD.clear()
-    with pytest.raises(TypeError, match="second derivatives"), pytest.warns(RuntimeWarning):
+    with pytest.raises(TypeError, match="second derivatives"), warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # no "same numbers" promise before it
         hvp(model, params, batch, CE, vectors_for(params, 2))
 
 
+class _RaisingBackward(torch.autograd.Function):
+    """The backward of tanh, whose own backward (a second derivative) does not exist."""
+
+    @staticmethod
+    def forward(grad, y):
+        return grad * (1 - y * y)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise NotImplementedError("derivative for tanh_backward_backward is not implemented")
+
+
+class _NoDoubleBackward(torch.autograd.Function):
+    """tanh with a backward that cannot be differentiated and no forward-mode rule (torch.func
+    style, so that only the missing derivatives fail)."""
+
+    @staticmethod
+    def forward(x):
+        return torch.tanh(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(output)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (y,) = ctx.saved_tensors
+        return _RaisingBackward.apply(grad, y)
+
+
+class NoDoubleBackward(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return _NoDoubleBackward.apply(self.fc(x))
+
+
+def test_operations_without_second_or_forward_derivatives_raise_without_a_false_promise():
+    """No exact product exists: a clear error, and no "same numbers, slower" warning before it."""
+    model = NoDoubleBackward().to(DTYPE)
+    params = all_params(model)
+    x, y = torch.randn(3, 4, dtype=DTYPE), torch.tensor([0, 1, 2])
+    curvature.products._WARNED_DOUBLE_BACKWARD.clear()
+    for k in (1, 2):
+        with pytest.raises(TypeError, match="double-backward support"):
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", RuntimeWarning)  # the fallback must not promise
+                hvp(model, params, (x, y), CE, vectors_for(params, k))
+    with pytest.raises(TypeError, match="forward-mode derivatives"):
+        ggn_vp(model, params, (x, y), CE, vectors_for(params, 2))
+
+
 class FusedAttention(nn.Module):
-    """``scaled_dot_product_attention``: its fused CPU kernel has neither a double backward nor
-    forward-mode derivatives."""
+    """``scaled_dot_product_attention``: its default fused CPU kernel has neither a double
+    backward nor forward-mode derivatives; the curvature passes run it by its math kernel."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -610,21 +670,29 @@ class FusedAttention(nn.Module):
         return self.out(nn.functional.scaled_dot_product_attention(q, k, v).flatten(1))
 
 
-@pytest.mark.filterwarnings("ignore::UserWarning")
-def test_fused_attention_kernels_raise_a_clear_error_or_are_exact():
+def test_fused_attention_is_exact_under_the_math_kernel_and_the_kernel_choice_is_restored():
     torch.manual_seed(0)
     model = FusedAttention().to(DTYPE)
     params = all_params(model)
     x, y = torch.randn(3, 3, 4, dtype=DTYPE), torch.tensor([0, 1, 2])
-    for k in (1, 2):
-        with pytest.raises(TypeError, match="double-backward support"):
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", RuntimeWarning)
-                hvp(model, params, (x, y), CE, vectors_for(params, k))
-    with pytest.raises(TypeError, match="forward-mode derivatives"):
-        ggn_vp(model, params, (x, y), CE, vectors_for(params, 2))
-    g = bf.dense_ggn(model, params, x, y, CE)
-    close(fisher_diag(model, params, (x, y), CE), bf.diagonal(g, params))
+    with sdpa_kernel(SDPBackend.MATH):  # the brute-force reference needs it too
+        h = bf.dense_hessian(model, params, x, y, CE)
+        g = bf.dense_ggn(model, params, x, y, CE)
+    flash_before = torch.backends.cuda.flash_sdp_enabled()
+    torch.backends.cuda.enable_mem_efficient_sdp(False)  # a user's own choice, kept
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)  # no fallback is needed
+            for k in (1, 2):
+                vectors = vectors_for(params, k)
+                close(hvp(model, params, (x, y), CE, vectors).products, bf.products(h, vectors))
+                close(ggn_vp(model, params, (x, y), CE, vectors).products, bf.products(g, vectors))
+        close(fisher_diag(model, params, (x, y), CE), bf.diagonal(g, params))
+        assert torch.backends.cuda.flash_sdp_enabled() == flash_before
+        assert not torch.backends.cuda.mem_efficient_sdp_enabled()
+        assert torch.backends.cuda.math_sdp_enabled()
+    finally:
+        torch.backends.cuda.enable_mem_efficient_sdp(True)
 
 
 def test_fisher_mc_on_a_nan_batch_raises_non_finite_error():

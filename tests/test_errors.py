@@ -67,8 +67,9 @@ def test_scores_rejects_malformed_data(data, error, match):
 @pytest.mark.parametrize(
     "data, error, match",
     [
-        ([torch.zeros(3, 6)], TypeError, "must be an \\(inputs, targets\\) pair"),
-        ([(torch.zeros(3, 6), [0, 1, 2])], TypeError, "must hold two tensors"),
+        ([torch.zeros(3, 6)], TypeError, "must be an \\(inputs, targets\\) pair.*got Tensor"),
+        ([(torch.zeros(3, 6), [0, 1, 2])], TypeError, "got a tuple of 2 \\(Tensor, list\\)"),
+        ([(["a"], torch.zeros(3))], TypeError, "its inputs are list"),
         ([(torch.zeros(3, 6), torch.zeros(2))], ValueError, "differ in length"),
     ],
 )

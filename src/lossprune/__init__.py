@@ -11,6 +11,7 @@ Unstructured Pruning" (arXiv:2006.12279)::
 
 from importlib.metadata import PackageNotFoundError, version
 
+from ._batches import ModelLoss
 from .criteria import (
     OBD,
     Criterion,
@@ -52,6 +53,7 @@ __all__ = [
     "Magnitude",
     "MaskHandle",
     "NM",
+    "ModelLoss",
     "NonFiniteError",
     "Pruner",
     "QuadraticModel",

@@ -1,52 +1,39 @@
-"""Scoring data: one ``(inputs, targets)`` batch or any re-iterable of such batches."""
+"""Scoring data: one batch or any re-iterable of batches (forms: :mod:`lossprune._batches`)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
 from torch import Tensor
 from torch.utils.data import BatchSampler, DataLoader, IterableDataset, Subset
 
-__all__ = ["Batch", "is_single_batch", "iter_batches", "random_subset", "first_inputs"]
+from ._batches import Batch, batch_examples, is_batch, to_batch
 
-Batch = tuple[Tensor, Tensor]
+__all__ = ["Batch", "is_single_batch", "iter_batches", "random_subset", "first_batch"]
+
+_FORMS = "a batch ((inputs, targets) or a mapping with 'labels') or an iterable of batches"
 
 
 def is_single_batch(data: Any) -> bool:
-    """``(inputs, targets)`` with two tensors, as opposed to an iterable of such pairs."""
-    return (
-        isinstance(data, (tuple, list))
-        and len(data) == 2
-        and all(isinstance(t, Tensor) for t in data)
-    )
+    """One batch (:func:`lossprune._batches.is_batch`), as opposed to an iterable of batches."""
+    return is_batch(data)
 
 
 def check_data(data: Any) -> None:
     """Fail early on data of the wrong kind (before any weight is touched)."""
     if data is None:
-        raise TypeError(
-            "data must be an (inputs, targets) tuple or an iterable of such batches, got None"
-        )
+        raise TypeError(f"data must be {_FORMS}, got None")
     if isinstance(data, Tensor):
-        raise TypeError(
-            "data must be an (inputs, targets) tuple or an iterable of such batches, got a Tensor"
-        )
+        raise TypeError(f"data must be {_FORMS}, got a Tensor")
     if is_single_batch(data):
-        inputs, targets = data
-        if len(inputs) == 0:
+        batch = to_batch(data)
+        if batch_examples(batch) == 0:
             raise ValueError("data is empty: the (inputs, targets) batch has no examples")
-        if len(inputs) != len(targets):
-            raise ValueError(
-                f"inputs and targets differ in length: {len(inputs)} != {len(targets)}"
-            )
         return
     if not isinstance(data, Iterable):
-        raise TypeError(
-            "data must be an (inputs, targets) tuple or an iterable of such batches, "
-            f"got {type(data).__name__}"
-        )
+        raise TypeError(f"data must be {_FORMS}, got {type(data).__name__}")
     if isinstance(data, Iterator):
         raise TypeError(
             "data must be re-iterable (a tuple, list or DataLoader), not a one-shot iterator: "
@@ -54,32 +41,27 @@ def check_data(data: Any) -> None:
         )
 
 
-def iter_batches(data: Any, device: torch.device | None = None) -> Iterator[Batch]:
-    """Yield ``(inputs, targets)`` batches moved to ``device``; raise if there are none.
+def iter_batches(
+    data: Any, device: torch.device | None = None, loss_fn: Any = None
+) -> Iterator[Batch]:
+    """Yield :class:`~lossprune._batches.Batch` es on ``device``; raise if there are none.
+
+    ``loss_fn`` is the loss the batches are for: a :class:`~lossprune._batches.ModelLoss` reads
+    the logits and shifts the labels (:func:`~lossprune._batches.to_batch`).
 
     Raises:
-        TypeError: for a batch that is not a pair of tensors.
+        TypeError: for a batch of none of the accepted forms.
         ValueError: when ``data`` holds no example.
     """
     check_data(data)
     batches = (data,) if is_single_batch(data) else data
     seen = 0
-    for batch in batches:
-        if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
-            raise TypeError(
-                f"each batch must be an (inputs, targets) pair, got {type(batch).__name__}"
-            )
-        inputs, targets = batch
-        if not isinstance(inputs, Tensor) or not isinstance(targets, Tensor):
-            raise TypeError("each batch must hold two tensors (inputs, targets)")
-        if len(inputs) == 0:
+    for raw in batches:
+        batch = to_batch(raw, loss_fn, device)
+        if batch_examples(batch) == 0:
             continue
-        if len(inputs) != len(targets):
-            raise ValueError(
-                f"inputs and targets differ in length: {len(inputs)} != {len(targets)}"
-            )
-        seen += len(inputs)
-        yield (inputs.to(device), targets.to(device)) if device is not None else (inputs, targets)
+        seen += batch_examples(batch)
+        yield batch
     if seen == 0:
         raise ValueError("data is empty: no batch holds an example")
 
@@ -97,10 +79,7 @@ def random_subset(data: Any, examples: int, generator: torch.Generator) -> Any:
         ValueError: when ``examples`` exceeds the number of examples available.
     """
     if is_single_batch(data):
-        inputs, targets = data
-        _check_size(examples, len(inputs))
-        index = torch.randperm(len(inputs), generator=generator)[:examples].to(inputs.device)
-        return inputs[index], targets[index.to(targets.device)]
+        return _batch_subset(data, examples, generator)
     if isinstance(data, DataLoader):
         return _loader_subset(data, examples, generator)
     raise TypeError(
@@ -173,6 +152,23 @@ def _check_size(examples: int, available: int) -> None:
         raise ValueError(f"examples={examples} exceeds the {available} examples in data")
 
 
-def first_inputs(data: Any) -> Tensor:
-    """The inputs of the first batch (SynFlow needs only their shape)."""
-    return next(iter_batches(data))[0]
+def _batch_subset(data: Any, examples: int, generator: torch.Generator) -> Any:
+    """``examples`` random rows of one batch, in its own form (pair, nested tuple or mapping)."""
+    size = batch_examples(to_batch(data))
+    _check_size(examples, size)
+    index = torch.randperm(size, generator=generator)[:examples]
+
+    def rows(value: Any) -> Any:
+        return value[index.to(value.device)] if isinstance(value, Tensor) else value
+
+    if isinstance(data, Mapping):
+        return {k: rows(v) for k, v in data.items()}
+    inputs, targets = data
+    if isinstance(inputs, Tensor):
+        return rows(inputs), rows(targets)
+    return tuple(rows(v) for v in inputs), rows(targets)
+
+
+def first_batch(data: Any, loss_fn: Any = None) -> Batch:
+    """The first batch of ``data`` (SynFlow needs only its input shapes)."""
+    return next(iter_batches(data, loss_fn=loss_fn))

@@ -4,21 +4,53 @@ Every curvature routine differentiates the loss with respect to a dict of tensor
 qualified parameter names. The module's other parameters and its buffers are held fixed; buffers
 are cloned so that nothing the functional call does (e.g. batch-norm running statistics) can leak
 into the user's model.
+
+Every call runs under the math kernel of :func:`~torch.nn.functional.scaled_dot_product_attention`
+and without the fused fast path of :class:`~torch.nn.MultiheadAttention`
+(:func:`math_attention`): the fused kernels PyTorch picks by default (flash, memory-efficient,
+the transformer fast path) lack second or forward-mode derivatives, so Hessian-vector products,
+Gauss-Newton products and Fisher diagonals of a transformer would fail. The math kernel computes
+the same attention with ordinary differentiable operations; the previous kernel choice is
+restored when the call returns.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from ._batches import ModelInputs
 
 __all__ = [
     "FunctionalModel",
     "check_deterministic",
+    "math_attention",
     "statistics_dtype",
 ]
+
+
+@contextmanager
+def math_attention() -> Iterator[None]:
+    """Attention by differentiable operations inside; the previous settings restored.
+
+    Scaled dot-product attention runs its math kernel, and the fused C++ fast path of
+    :class:`~torch.nn.MultiheadAttention` / :class:`~torch.nn.TransformerEncoderLayer` (taken
+    in eval mode when no parameter requires a gradient, as under :func:`torch.func.jvp`, and
+    without forward-mode derivatives) is switched off.
+    """
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with sdpa_kernel(SDPBackend.MATH):
+            yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
 
 
 class FunctionalModel:
@@ -45,8 +77,18 @@ class FunctionalModel:
         }
         self.constants.update({k: b.detach().clone() for k, b in model.named_buffers()})
 
-    def __call__(self, params: Mapping[str, Tensor], inputs: Tensor) -> Tensor:
-        return functional_call(self.model, {**self.constants, **params}, (inputs,))
+    def __call__(self, params: Mapping[str, Tensor], inputs: Tensor | ModelInputs) -> Any:
+        """The outputs at ``params``.
+
+        ``model(inputs)``, or for :class:`ModelInputs` what its ``read`` takes from
+        ``model(*args, **kwargs)``.
+        """
+        tensors = {**self.constants, **params}
+        with math_attention():
+            if not isinstance(inputs, ModelInputs):
+                return functional_call(self.model, tensors, (inputs,))
+            outputs = functional_call(self.model, tensors, inputs.args, inputs.kwargs)
+        return outputs if inputs.read is None else inputs.read(outputs)
 
     def single(self, params: Mapping[str, Tensor], x: Tensor) -> Tensor:
         """Output for ONE example ``x`` (no batch dimension); used under ``vmap``."""
@@ -57,7 +99,7 @@ class FunctionalModel:
     ) -> Callable[[Mapping[str, Tensor], Tensor, Tensor], Tensor]:
         """``(params, inputs, targets) -> loss`` for a batch."""
 
-        def batch_loss(params: Mapping[str, Tensor], inputs: Tensor, targets: Tensor) -> Tensor:
+        def batch_loss(params: Mapping[str, Tensor], inputs: Any, targets: Tensor) -> Tensor:
             return loss_fn(self(params, inputs), targets)
 
         return batch_loss

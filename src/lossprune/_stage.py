@@ -51,6 +51,7 @@ class StageSetup:
     on_collapse: str
     chunk_size: int | None
     chain: list[ChainLayer] | None
+    progress: bool = False
 
 
 class StagePlan(NamedTuple):
@@ -99,6 +100,7 @@ def plan_stage(
             setup.model, setup.criterion, params, data, setup.loss_fn,
             generator=_device_generator(generator, params), chunk_size=setup.chunk_size,
             group_sum=_group_sum(setup),
+            progress=setup.progress,
         )  # fmt: skip
         new_masks = setup.selection.select(
             scores, masks, sparsity=target, min_density=setup.min_density, layouts=setup.layouts

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from ._batches import model_loss
 from ._checkpoint import pruner_state, read_pruner_state
 from ._checks import check_fraction, check_optional_positive_int, is_int
 from ._connectivity import Connectivity, trace_chain
@@ -53,8 +54,12 @@ class Pruner:
             is refused.
         criterion: e.g. ``QuadraticModel(lam=1e-3)``.
         schedule: e.g. ``ExponentialSchedule(sparsity=0.9, stages=14)``.
-        loss_fn: batch-mean loss ``loss_fn(outputs, targets)``.
-        data: an ``(inputs, targets)`` batch or a DataLoader; scoring data.
+        loss_fn: batch-mean loss ``loss_fn(outputs, targets)``. May be omitted for a Hugging
+            Face model (``*ForCausalLM``, ``*ForSequenceClassification``, ...): the loss is the
+            one the model computes from ``labels`` (:class:`lossprune.ModelLoss`).
+        data: scoring data: a batch or a DataLoader of batches; a batch is ``(inputs,
+            targets)``, ``((input, ...), targets)`` or a mapping of keyword inputs with
+            ``labels`` (a ``dict``, a ``BatchEncoding``).
         scope: ``"global"`` (one ranking over all weights, the paper's), ``"layerwise"``, a
             mapping of name patterns to sparsities (per-layer targets,
             :class:`~lossprune.Targets`), or a selection object (:mod:`lossprune.selection`:
@@ -67,7 +72,8 @@ class Pruner:
         min_density: every layer keeps at least this fraction of its weights.
         generator: seed (int) or :class:`torch.Generator` for example subsets and Monte-Carlo
             statistics; the pruner keeps its own state, so runs are reproducible.
-        progress: show a tqdm progress bar in :meth:`run`.
+        progress: show a tqdm progress bar in :meth:`run`, and one per batch inside each
+            statistics pass.
         eval_mode: put the model in eval mode while scoring (restored afterwards). Without it,
             a model with batch norm or dropout in training mode is refused.
         diagnostics: compute ``loss_before``, ``loss_after`` and ``predicted_delta`` for every
@@ -125,6 +131,8 @@ class Pruner:
             # Statistics are computed functionally on the wrapped network (its own all-reduce
             # replaces DDP's gradient sync); masks use the names of the unwrapped model.
             model = model.module
+        if loss_fn is None:  # a Hugging Face model's own loss, when it has one
+            loss_fn = model_loss(model)
         check_criterion(criterion, data, loss_fn)
         self._targets = _check_schedule(schedule)
         self.selection = as_selection(scope)
@@ -257,8 +265,8 @@ class Pruner:
         generator = torch.Generator()
         generator.set_state(self.generator.get_state())  # the plan draws from a copy
         plan = plan_stage(
-            self._setup, params, self.masks, self.update_state, self.stage + 1,
-            self._targets[self.stage], generator, self._known_connectivity(),
+            replace(self._setup, progress=self.progress), params, self.masks, self.update_state,
+            self.stage + 1, self._targets[self.stage], generator, self._known_connectivity(),
         )  # fmt: skip
         # Commit: nothing below can fail on inputs the plan accepted.
         if plan.delta is not None:

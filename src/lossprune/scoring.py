@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ._batches import model_loss
 from ._data import check_data
 from ._functional import check_deterministic
 from .criteria.base import Criterion, GroupSum, ScoringContext
@@ -27,7 +28,10 @@ def check_criterion(criterion: object, data: Any, loss_fn: object) -> Criterion:
         if data is None:
             raise ValueError(f"{criterion!r} computes statistics of the loss: pass data=...")
         if loss_fn is None:
-            raise ValueError(f"{criterion!r} computes statistics of the loss: pass loss_fn=...")
+            raise ValueError(
+                f"{criterion!r} computes statistics of the loss: pass loss_fn=... (only a "
+                "Hugging Face model that computes its loss from labels may omit it)"
+            )
     if loss_fn is not None and not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
     return criterion
@@ -43,6 +47,7 @@ def compute_scores(
     generator: torch.Generator | None = None,
     chunk_size: int | None = None,
     group_sum: GroupSum | None = None,
+    progress: bool = False,
 ) -> tuple[dict[str, Tensor], Statistics | None]:
     """Run the statistics pass the criterion asks for, then score.
 
@@ -62,7 +67,7 @@ def compute_scores(
         assert loss_fn is not None
         statistics = compute_statistics(
             model, params, data, criterion.scoring_loss(loss_fn), requests,
-            generator=generator, chunk_size=chunk_size,
+            generator=generator, chunk_size=chunk_size, progress=progress,
         )  # fmt: skip
     # Scores are formed in at least float32: squares of float16 weights round (and underflow)
     # so coarsely that the ranking of a float16 layer would be wrong.
@@ -109,7 +114,8 @@ def scores(
         criterion: any :class:`~lossprune.Criterion` (or a composite).
         data: an ``(inputs, targets)`` batch or a re-iterable of batches (DataLoader); statistics
             are example-weighted means over all of it. Not needed by data-free criteria.
-        loss_fn: batch-mean loss ``loss_fn(outputs, targets)``.
+        loss_fn: batch-mean loss ``loss_fn(outputs, targets)``; may be omitted for a Hugging
+            Face model (its own loss from ``labels``, :class:`lossprune.ModelLoss`).
         include: which parameters to score, by name or regular expression (see
             :func:`lossprune.masks.prunable_parameters`); default every Linear/Conv ``.weight``.
         exclude: parameters to leave out, same form as ``include``.
@@ -132,6 +138,8 @@ def scores(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if loss_fn is None:  # a Hugging Face model's own loss, when it has one
+        loss_fn = model_loss(model)
     check_criterion(criterion, data, loss_fn)
     check_deterministic(model)
     params = prunable_parameters(model, include, exclude)

@@ -11,8 +11,9 @@ from torch import Tensor
 from torch.func import functional_call
 from torch.utils._pytree import tree_leaves
 
+from .._batches import ModelInputs
 from .._checks import is_int
-from .._data import first_inputs
+from .._data import first_batch
 from .base import Criterion, ScoringContext
 
 __all__ = ["SynFlow"]
@@ -36,6 +37,11 @@ class SynFlow(Criterion):
     floating-point entries. No data is read except, when ``input_shape`` is not given, the
     shape of the first batch of inputs. The paper prunes with about 100 exponential stages.
 
+    A token model (integer inputs, e.g. a language model) has no all-ones input: the flow runs
+    through the embedding output instead, ``model(inputs_embeds=1)`` with ones of shape
+    ``(1, T, d)``, for models that accept ``inputs_embeds`` and name their input embedding
+    (``get_input_embeddings()``, every Hugging Face model); other token models raise.
+
     Args:
         input_shape: shape of one input example, e.g. ``(3, 32, 32)``: a sequence of positive
             ints; default: from the data.
@@ -53,13 +59,13 @@ class SynFlow(Criterion):
 
     def score(self, context: ScoringContext) -> dict[str, Tensor]:
         model = context.model
+        device = next(iter(context.params.values())).device
         if self.input_shape is not None:
-            shape = self.input_shape
+            call = _ones_input(self.input_shape, self.dtype, device)
         elif context.data is not None:
-            shape = tuple(first_inputs(context.data).shape[1:])
+            call = _flow_input(model, first_batch(context.data).inputs, self.dtype, device)
         else:
             raise ValueError("SynFlow needs input_shape=... or data to read the input shape from")
-        device = next(iter(context.params.values())).device
         fixed: dict[str, Tensor] = {}
         for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
             tensor = tensor.detach()
@@ -68,15 +74,44 @@ class SynFlow(Criterion):
             k: p.detach().to(self.dtype).abs().requires_grad_(True)
             for k, p in context.params.items()
         }
-        ones = torch.ones((1, *shape), dtype=self.dtype, device=device)
         with torch.enable_grad():
-            outputs = functional_call(model, {**fixed, **leaves}, (ones,))
+            outputs = functional_call(model, {**fixed, **leaves}, call.args, call.kwargs)
             flow = _total(outputs)
             grads = torch.autograd.grad(flow, list(leaves.values()), allow_unused=True)
         return {
             k: leaf.detach() * (g if g is not None else torch.zeros_like(leaf))
             for (k, leaf), g in zip(leaves.items(), grads, strict=True)
         }
+
+
+def _ones_input(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> ModelInputs:
+    return ModelInputs((torch.ones((1, *shape), dtype=dtype, device=device),))
+
+
+def _flow_input(
+    model: torch.nn.Module, inputs: Tensor | ModelInputs, dtype: torch.dtype, device: torch.device
+) -> ModelInputs:
+    """All ones shaped like one example of ``inputs``, or, for token ids, like its embeddings.
+
+    Raises:
+        TypeError: token inputs and a model with no input embedding to feed ones to.
+    """
+    first = inputs if isinstance(inputs, Tensor) else inputs.tensors()[0]
+    if isinstance(inputs, ModelInputs) and "input_ids" in inputs.kwargs:
+        first = inputs.kwargs["input_ids"]
+    if first.is_floating_point():
+        return _ones_input(tuple(first.shape[1:]), dtype, device)
+    get_embeddings = getattr(model, "get_input_embeddings", None)
+    embedding = get_embeddings() if callable(get_embeddings) else None
+    if not isinstance(embedding, torch.nn.Embedding):
+        raise TypeError(
+            f"SynFlow feeds an all-ones input, but this model reads {first.dtype} token ids, "
+            "which cannot be all ones in a meaningful way; SynFlow runs through the embedding "
+            "output only for models with get_input_embeddings() that accept inputs_embeds "
+            "(Hugging Face models). Pass input_shape=... for a model with float inputs"
+        )
+    ones = torch.ones((1, *first.shape[1:], embedding.embedding_dim), dtype=dtype, device=device)
+    return ModelInputs((), {"inputs_embeds": ones})
 
 
 def _check_input_shape(shape: object) -> tuple[int, ...]:

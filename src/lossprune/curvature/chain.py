@@ -23,7 +23,14 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from .layers import FixedLinearRule, LayerRule, fast_paths_allowed, parameter_uses, rule_for
+from .layers import (
+    FixedLinearRule,
+    LayerRule,
+    NotAChain,
+    fast_paths_allowed,
+    parameter_uses,
+    rule_for,
+)
 from .layout import chain_links
 from .outputs import LossFn, loss_and_output_grad, output_curvature
 
@@ -106,6 +113,8 @@ def run_chain(
             takes the generic path).
     """
     inputs, targets = batch
+    if not isinstance(inputs, Tensor):
+        raise NotAChain("a chain takes one tensor of inputs")
     layers = chain.layers
     local = [{k: params[q] for k, q in layer.names.items()} for layer in layers]
     # The input gradient of link i is needed when an earlier link holds a differentiated param.

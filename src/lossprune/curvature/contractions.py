@@ -44,9 +44,13 @@ class LayerDiagonal(NamedTuple):
     sums: Params
 
 
-def _candidates(model: nn.Module, params: Mapping[str, Tensor], inputs: Tensor):
-    """Eligible parametric rules whose module owns a differentiated parameter, by module name."""
-    if not fast_paths_allowed(model):
+def _candidates(model: nn.Module, params: Mapping[str, Tensor], inputs: Any):
+    """Eligible parametric rules whose module owns a differentiated parameter, by module name.
+
+    Only a model called on one tensor of inputs has a layout proof (:mod:`.layout`); keyword
+    inputs (a Hugging Face model) take the generic path.
+    """
+    if not isinstance(inputs, Tensor) or not fast_paths_allowed(model):
         return {}
     uses = parameter_uses(model)
     proven = None
@@ -60,6 +64,12 @@ def _candidates(model: nn.Module, params: Mapping[str, Tensor], inputs: Tensor):
         if name in proven:
             found[name] = rule
     return found
+
+
+def covered_parameters(model: nn.Module, params: Mapping[str, Tensor], inputs: Any) -> set[str]:
+    """The parameters whose layer has an eligible rule (the most :func:`layer_ggn_diag` covers)."""
+    rules = _candidates(model, params, inputs)
+    return {q for rule in rules.values() for q in rule.names.values()}
 
 
 def _leaf_uses(root: Tensor) -> dict[int, int]:
@@ -85,7 +95,7 @@ def _leaf_uses(root: Tensor) -> dict[int, int]:
 def layer_ggn_diag(
     model: nn.Module,
     params: Mapping[str, Tensor],
-    inputs: Tensor,
+    inputs: Any,
     cotangents_of: Callable[[Tensor], Tensor],
 ) -> LayerDiagonal:
     r""":math:`\sum_n\sum_r (J_n^\top c_{nr})^2` for every parameter of a covered layer.

@@ -18,25 +18,55 @@ per-example ``vmap`` path, which is also the slow twin of the tests (``fast=Fals
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from functools import partial
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.func import vjp, vmap
 
+from .._batches import Batch, ModelInputs
 from .._checks import check_positive_int
 from .._functional import FunctionalModel
-from .contractions import layer_ggn_diag
+from .contractions import covered_parameters, layer_ggn_diag
 from .outputs import LossFn, flatten_example, output_curvature, rademacher
-from .products import CurvatureProducts, check_inputs, hvp
+from .products import CurvatureProducts, hvp, prepare
 
-__all__ = ["fisher_diag", "fisher_diag_mc", "hutchinson_diag"]
+__all__ = ["fisher_diag", "fisher_diag_mc", "hutchinson_diag", "warn_exact_fisher_cost"]
 
 Params = dict[str, Tensor]
 
 # Bound on the per-example tensors materialised at once: examples x columns x parameters.
 _PER_EXAMPLE_ELEMENTS = 1 << 24
+
+
+def _squared_pullbacks(
+    output: Callable[[Params], Tensor], params: Params, blocks: Iterable[Tensor]
+) -> Params:
+    r""":math:`\sum_r (J^\top c_r)^2` over the columns of ``blocks`` ``(O, b)``, one vjp each.
+
+    ``J`` is the Jacobian of ``output`` (flattened outputs of one example) at ``params``; the
+    columns of a block are pulled back together (vmapped).
+    """
+    pullback = vjp(output, params)[1]
+    sums = {k: torch.zeros_like(p) for k, p in params.items()}
+    for block in blocks:
+        per_column = vmap(lambda c: pullback(c)[0], in_dims=1)(block)
+        for k, g in per_column.items():
+            sums[k] += (g * g).sum(0)
+    return sums
+
+
+def _column_chunks(columns: Tensor, width: int) -> Iterator[Tensor]:
+    for start in range(0, columns.shape[1], width):
+        yield columns[:, start : start + width]
+
+
+def _columns_per_call(params: Params) -> int:
+    """Columns pulled back at once: at most ``2**24`` per-column numbers exist together."""
+    return max(1, _PER_EXAMPLE_ELEMENTS // max(1, sum(p.numel() for p in params.values())))
 
 
 def _sum_squared_per_example_vjps(
@@ -49,14 +79,16 @@ def _sum_squared_per_example_vjps(
 ) -> Params:
     r""":math:`\sum_n \sum_r (J_n^\top c_{nr})^2` for output cotangents ``(N, O, R)``.
 
-    Each example's Jacobian is pulled back along its ``R`` columns (vmapped), squared and summed.
-    Examples are processed ``chunk_size`` at a time so that at most
-    ``chunk_size * R * P`` per-example numbers exist at once. ``fixed`` tensors of ``fmodel``'s
-    explicit parameters are held constant (the layers a fast path already covered).
+    Each example's Jacobian is pulled back along its ``R`` columns (vmapped over at most
+    ``2**24 / P`` columns at a time), squared and summed. Examples are vmapped ``chunk_size``
+    at a time so that at most ``chunk_size * R * P`` per-example numbers exist at once.
+    ``fixed`` tensors of ``fmodel``'s explicit parameters are held constant (the layers a fast
+    path already covered).
     """
     n, _, columns = cotangents.shape
     size = sum(p.numel() for p in params.values())
     fixed = fixed or {}
+    at_once = _columns_per_call(params)
     if chunk_size is None:
         chunk_size = max(1, _PER_EXAMPLE_ELEMENTS // max(1, columns * size))
 
@@ -64,9 +96,7 @@ def _sum_squared_per_example_vjps(
         def output(p: Params) -> Tensor:
             return flatten_example(fmodel({**fixed, **p}, x.unsqueeze(0)))
 
-        pullback = vjp(output, params)[1]
-        per_column = vmap(lambda c: pullback(c)[0], in_dims=1)(cots)
-        return {k: (g * g).sum(0) for k, g in per_column.items()}
+        return _squared_pullbacks(output, params, _column_chunks(cots, at_once))
 
     total = {k: torch.zeros_like(p) for k, p in params.items()}
     try:
@@ -85,11 +115,76 @@ def _sum_squared_per_example_vjps(
     return total
 
 
+def _sum_squared_vjps_one_by_one(
+    fmodel: FunctionalModel,
+    params: Params,
+    inputs: ModelInputs,
+    examples: int,
+    blocks_of: Callable[[int, int], Iterable[Tensor]],
+    fixed: Params,
+) -> Params:
+    r""":math:`\sum_n \sum_r (J_n^\top c_{nr})^2` for keyword inputs, one example at a time.
+
+    A model called with keyword inputs (a Hugging Face model) is not vmapped over examples;
+    ``blocks_of(n, width)`` yields example ``n``'s columns ``width`` at a time, so that the
+    columns of a language model's (T·V)-dimensional output space never exist all at once.
+    """
+    at_once = _columns_per_call(params)
+    total = {k: torch.zeros_like(p) for k, p in params.items()}
+    for n in range(examples):
+        output = partial(_example_outputs, fmodel, fixed, inputs.rows(n, n + 1))
+        for k, v in _squared_pullbacks(output, params, blocks_of(n, at_once)).items():
+            total[k] += v
+    return total
+
+
+def _example_outputs(fmodel: FunctionalModel, fixed: Params, row: ModelInputs, p: Params) -> Tensor:
+    """The flattened outputs of one example ``row`` (a batch of one) at ``p``."""
+    return fmodel({**fixed, **p}, row).reshape(-1)
+
+
+# Exact diagonals costing more than this many gradients are announced (with the alternative).
+_EXPENSIVE_GRADIENTS = 100
+_WARNED_COST: set[tuple[str, int]] = set()
+
+
+def warn_exact_fisher_cost(
+    model: nn.Module,
+    params: Mapping[str, Tensor],
+    batch: Batch,
+) -> None:
+    r"""Warn before an exact Fisher that costs more than about 100 gradients per pass.
+
+    The parameters no fast path covers need one backward pass per output entry of every
+    example (:math:`R` columns of :math:`S_n`, :math:`R = T \cdot V` for a language model's
+    logits): about :math:`R` gradients. ``fisher_mc`` costs one gradient per sample.
+    """
+    covered = covered_parameters(model, params, batch.inputs)
+    if set(params) <= covered:
+        return
+    with torch.no_grad():
+        outputs = FunctionalModel(model, params)(params, batch.inputs)
+    if not isinstance(outputs, Tensor) or outputs.dim() == 0:
+        return
+    columns = outputs[0].numel()
+    key = (type(model).__name__, columns)
+    if columns > _EXPENSIVE_GRADIENTS and key not in _WARNED_COST:
+        _WARNED_COST.add(key)  # once per model class and output size: not at every stage
+        warnings.warn(
+            f"the exact Fisher/GGN diagonal costs about {columns} gradients per pass here (one "
+            f"backward pass per output entry of each example, {columns} entries: every token "
+            "times every class); Statistic('fisher_mc', samples=k) estimates the same diagonal "
+            "without bias at about k gradients (e.g. OBD(curvature='fisher_mc'))",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+
 def fisher_diag(
     model: nn.Module,
     params: Mapping[str, Tensor],
-    batch: tuple[Any, Tensor],
-    loss_fn: LossFn,
+    batch: Any,
+    loss_fn: LossFn | None,
     *,
     chunk_size: int | None = None,
     fast: bool = True,
@@ -101,21 +196,22 @@ def fisher_diag(
     Args:
         model: the network, called functionally (never modified); returns one tensor.
         params: tensors to differentiate with respect to, by qualified parameter name.
-        batch: ``(inputs, targets)``.
-        loss_fn: the batch loss ``loss_fn(outputs, targets)``, a mean (:mod:`.outputs`).
+        batch: ``(inputs, targets)``, a nested tuple or a mapping (:mod:`lossprune._batches`).
+        loss_fn: the batch loss ``loss_fn(outputs, targets)``, a mean (:mod:`.outputs`);
+            ``None``: a Hugging Face model's own loss.
         chunk_size: examples processed at once (default: bounded by ``2**24`` per-example numbers).
         fast: use the per-layer squared contractions where they are proven exact (``False``:
             always the generic per-example path, the slow twin used in tests).
     """
-    check_inputs(model, loss_fn)
+    loss_fn, batch = prepare(model, loss_fn, batch)
     return _diag_from_cotangents(model, dict(params), batch, loss_fn, None, 0, chunk_size, fast)
 
 
 def fisher_diag_mc(
     model: nn.Module,
     params: Mapping[str, Tensor],
-    batch: tuple[Any, Tensor],
-    loss_fn: LossFn,
+    batch: Any,
+    loss_fn: LossFn | None,
     *,
     samples: int = 1,
     generator: torch.Generator | None = None,
@@ -133,7 +229,7 @@ def fisher_diag_mc(
     Raises:
         NonFiniteError: the model outputs are NaN or infinite (no label can be sampled).
     """
-    check_inputs(model, loss_fn)
+    loss_fn, batch = prepare(model, loss_fn, batch)
     check_positive_int("samples", samples)
     return _diag_from_cotangents(
         model, dict(params), batch, loss_fn, generator, samples, chunk_size, fast
@@ -167,7 +263,7 @@ def _diag_from_cotangents(
 
     total: Params = {}
     cotangents = None
-    if fast:
+    if fast and isinstance(inputs, Tensor):  # keyword inputs have no layout proof
         drawn: list[Tensor] = []  # the one draw of cotangents, reused by the generic remainder
 
         def remember(outputs: Tensor) -> Tensor:
@@ -177,7 +273,23 @@ def _diag_from_cotangents(
         total = layer_ggn_diag(model, params, inputs, remember).sums
         cotangents = drawn[0] if drawn else None
     rest = {k: v for k, v in params.items() if k not in total}
-    if rest:
+    if rest and isinstance(inputs, ModelInputs):
+        with torch.no_grad():
+            space = output_curvature(loss_fn, fmodel(params, inputs), targets)
+        fixed = {k: v for k, v in params.items() if k in total}
+        blocks_of: Callable[[int, int], Iterable[Tensor]]
+        if samples == 0:
+            blocks_of = space.column_blocks
+        else:
+            drawn_columns = space.sample_columns(samples, generator)
+
+            def blocks_of(n: int, width: int) -> Iterable[Tensor]:
+                return _column_chunks(drawn_columns[n], width)
+
+        total.update(
+            _sum_squared_vjps_one_by_one(fmodel, rest, inputs, len(targets), blocks_of, fixed)
+        )
+    elif rest:
         if cotangents is None:
             with torch.no_grad():
                 cotangents = cotangents_of(fmodel(params, inputs))
@@ -191,8 +303,8 @@ def _diag_from_cotangents(
 def hutchinson_diag(
     model: nn.Module,
     params: Mapping[str, Tensor],
-    batch: tuple[Any, Tensor],
-    loss_fn: LossFn,
+    batch: Any,
+    loss_fn: LossFn | None,
     *,
     probes: int = 100,
     generator: torch.Generator | None = None,
@@ -205,7 +317,7 @@ def hutchinson_diag(
 
     The ``k`` products share one primal pass (:func:`~.products.hvp`).
     """
-    check_inputs(model, loss_fn)
+    loss_fn, batch = prepare(model, loss_fn, batch)
     check_positive_int("probes", probes)
     return hutchinson(model, dict(params), batch, loss_fn, probes, generator, chunk_size).products
 

@@ -42,7 +42,7 @@ Any other loss is differentiated by :mod:`torch.func`; its per-example output He
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -50,6 +50,7 @@ from torch import Tensor, nn
 from torch.func import grad_and_value, hessian, vjp, vmap
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from .._batches import ModelLoss
 from .errors import NonFiniteError
 
 __all__ = [
@@ -58,6 +59,7 @@ __all__ = [
     "SoftmaxCrossEntropy",
     "check_mean_over_examples",
     "check_reduction",
+    "check_tensor_outputs",
     "flatten_example",
     "flatten_examples",
     "loss_normaliser",
@@ -92,7 +94,7 @@ def _family(loss_fn: object) -> str:
 
     Exact types only: a subclass may override ``forward``.
     """
-    if loss_fn in _CROSS_ENTROPY or type(loss_fn) is nn.CrossEntropyLoss:
+    if loss_fn in _CROSS_ENTROPY or type(loss_fn) in (nn.CrossEntropyLoss, ModelLoss):
         return "ce"
     if loss_fn in _NLL or type(loss_fn) is nn.NLLLoss:
         return "nll"
@@ -103,8 +105,17 @@ def _family(loss_fn: object) -> str:
     return "generic"
 
 
+def _wrapped(loss_fn: object) -> object:
+    """The innermost loss of wrappers that keep the loss they wrap in ``.loss_fn``."""
+    while callable(getattr(loss_fn, "loss_fn", None)):
+        loss_fn = loss_fn.loss_fn  # type: ignore[attr-defined]
+    return loss_fn
+
+
 def _class_options(loss_fn: object) -> tuple[Tensor | None, int, float]:
     """``(weight, ignore_index, label_smoothing)`` of a cross-entropy or NLL loss."""
+    if isinstance(loss_fn, ModelLoss):
+        return None, loss_fn.ignore_index, 0.0
     if isinstance(loss_fn, nn.Module):
         weight = getattr(loss_fn, "weight", None)
         return (
@@ -134,8 +145,10 @@ def loss_normaliser(loss_fn: object, targets: Tensor) -> Tensor:
     Class-index cross-entropy / NLL: :math:`\sum_u w_{y_u}` over the units not ignored (their
     number without class weights). Probability targets: the number of units
     :math:`N d_1 \cdots`. Every other loss: the number of examples :math:`N` (a mean over
-    :math:`N \times O` entries is proportional to it).
+    :math:`N \times O` entries is proportional to it). A wrapper that keeps the loss it wraps
+    in ``.loss_fn`` (GraSP's tempered loss) averages over the units of the wrapped loss.
     """
+    loss_fn = _wrapped(loss_fn)
     family = _family(loss_fn)
     if family in ("ce", "nll") and not targets.is_floating_point():
         weight, ignore_index, _ = _class_options(loss_fn)
@@ -176,6 +189,17 @@ class OutputCurvature:
     def sample_columns(self, samples: int, generator: torch.Generator | None) -> Tensor:
         r"""``(N, O, samples)`` with :math:`\mathbb E[\sum_j z_{nj} z_{nj}^\top] = M_n`."""
         raise NotImplementedError
+
+    def column_blocks(self, n: int, width: int) -> Iterator[Tensor]:
+        """The columns of :meth:`sqrt_columns` of example ``n``, ``(O, <= width)`` at a time.
+
+        Zero columns may be left out (they add nothing to any sum of squares).
+        """
+        if getattr(self, "_dense", None) is None:
+            self._dense = self.sqrt_columns()
+        columns = self._dense[n]
+        for start in range(0, columns.shape[1], width):
+            yield columns[:, start : start + width]
 
 
 class SoftmaxCrossEntropy(OutputCurvature):
@@ -229,6 +253,31 @@ class SoftmaxCrossEntropy(OutputCurvature):
         pattern = "ndab,de->ndaeb" if self.class_last else "ndab,de->nadbe"
         dense = torch.einsum(pattern, blocks, eye)
         return dense.reshape(n, classes * positions, classes * positions)
+
+    def column_blocks(self, n: int, width: int) -> Iterator[Tensor]:
+        r"""Example ``n``'s columns :math:`\sqrt{c_u p_{uc}}(e_c - p_u)`, built block by block.
+
+        Only positions with :math:`c_u > 0` (not ignored) have columns; each block holds at most
+        ``width`` classes of one position, so the block-diagonal ``(O, O)`` matrix of
+        :meth:`sqrt_columns` is never formed.
+        """
+        p = self.probs[n]
+        classes = p.shape[0]
+        p = p.reshape(classes, -1)  # (C, D)
+        positions = p.shape[1]
+        c = self.coefficients[n].reshape(-1)
+        for d in torch.nonzero(c > 0).flatten().tolist():
+            root = (c[d] * p[:, d]).sqrt()
+            for start in range(0, classes, width):
+                stop = min(classes, start + width)
+                block = -p[:, d : d + 1] * root[start:stop].unsqueeze(0)  # (C, w)
+                block[start:stop] += torch.diag(root[start:stop])
+                # Rows in the order of the flattened outputs: (c, d), or (d, c) classes last.
+                dense = p.new_zeros(classes, positions, stop - start)
+                dense[:, d] = block
+                yield (dense.transpose(0, 1) if self.class_last else dense).reshape(
+                    -1, stop - start
+                )
 
     def sample_columns(self, samples: int, generator: torch.Generator | None) -> Tensor:
         r""":math:`\sqrt{c_u/k}(e_y - p_u)`, :math:`y \sim p_u`, every position independently."""
@@ -440,7 +489,7 @@ def check_mean_over_examples(
     Raises:
         ValueError: the loss is a sum or couples the examples.
     """
-    if _family(loss_fn) != "generic":
+    if _family(_wrapped(loss_fn)) != "generic":
         return
     outputs, targets = outputs_and_targets()
     if not isinstance(outputs, Tensor) or len(outputs) < 2:
@@ -455,6 +504,31 @@ def check_mean_over_examples(
     except (RuntimeError, NotImplementedError):
         return  # the loss does not run on batches of one under vmap: cannot be checked
     _check_mean_of_per_example(loss_fn(outputs, targets), per_example)
+
+
+def check_tensor_outputs(loss_fn: LossFn, outputs_of: Callable[[], Any]) -> None:
+    """A loss with a closed form here (cross-entropy, NLL, KL, MSE) reads one tensor of outputs.
+
+    ``outputs_of()`` is the model's outputs on a batch (called only for such losses).
+
+    Raises:
+        TypeError: the model returns something else (e.g. a Hugging Face ``ModelOutput``).
+    """
+    if _family(loss_fn) == "generic":
+        return
+    outputs = outputs_of()
+    if isinstance(outputs, Tensor):
+        return
+    hint = (
+        "omit loss_fn to use the model's own loss (lossprune.ModelLoss reads .logits), or pass "
+        "a loss_fn that reads the tensor it needs"
+        if hasattr(outputs, "logits")
+        else "pass a loss_fn that reads the tensor it needs from the outputs"
+    )
+    raise TypeError(
+        f"loss_fn {type(loss_fn).__name__} reads one tensor of model outputs, but the model "
+        f"returns {type(outputs).__name__}: {hint}"
+    )
 
 
 def _rademacher_columns(

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from torch.func import grad_and_value, jvp, vjp, vmap
 from torch.utils._pytree import tree_map
 
+from .._batches import Batch, resolve_loss, to_batch
 from .._functional import FunctionalModel, check_deterministic
 from .chain import Chain, find_chain, run_chain
 from .layers import NotAChain
@@ -38,6 +39,7 @@ __all__ = [
     "ggn_vp",
     "hvp",
     "loss_and_grad",
+    "prepare",
 ]
 
 Params = dict[str, Tensor]
@@ -114,14 +116,27 @@ def check_inputs(model: nn.Module, loss_fn: object) -> None:
     check_deterministic(model)
 
 
+def prepare(model: nn.Module, loss_fn: LossFn | None, batch: Any) -> tuple[LossFn, Batch]:
+    """The loss and the batch in the library's form, checked (:func:`check_inputs`).
+
+    ``None`` is the model's own loss (:func:`~lossprune._batches.resolve_loss`); the batch
+    takes the form of :func:`~lossprune._batches.to_batch`.
+    """
+    loss = resolve_loss(model, loss_fn)
+    check_inputs(model, loss)
+    return loss, to_batch(batch, loss)
+
+
 def loss_and_grad(
-    model: nn.Module, params: Mapping[str, Tensor], batch: tuple[Any, Tensor], loss_fn: LossFn
+    model: nn.Module, params: Mapping[str, Tensor], batch: Any, loss_fn: LossFn | None = None
 ) -> GradientResult:
     """Batch loss and its gradient with respect to ``params`` (one forward, one backward).
 
-    The model may return any pytree (tuple, dict) that ``loss_fn`` unpacks.
+    ``batch`` is any form of :mod:`lossprune._batches` (a pair, a nested tuple, a mapping with
+    ``labels``); ``loss_fn=None`` is the model's own loss for a Hugging Face model. The model
+    may return any pytree (tuple, dict) that ``loss_fn`` unpacks.
     """
-    check_inputs(model, loss_fn)
+    loss_fn, batch = prepare(model, loss_fn, batch)
     inputs, targets = batch
     batch_loss = FunctionalModel(model, params).loss_fn_of(loss_fn)
     grads, loss = grad_and_value(batch_loss)(dict(params), inputs, targets)
@@ -147,8 +162,8 @@ def _warn_double_backward_once(error: Exception) -> None:
 def hvp(
     model: nn.Module,
     params: Mapping[str, Tensor],
-    batch: tuple[Any, Tensor],
-    loss_fn: LossFn,
+    batch: Any,
+    loss_fn: LossFn | None,
     vectors: Mapping[str, Tensor],
     *,
     curvature: str = "hessian",
@@ -163,8 +178,9 @@ def hvp(
     Args:
         model: the network, called functionally (never modified).
         params: tensors to differentiate with respect to, by qualified parameter name.
-        batch: ``(inputs, targets)``.
-        loss_fn: the batch loss ``loss_fn(outputs, targets)``, a mean (:mod:`.outputs`).
+        batch: ``(inputs, targets)``, a nested tuple or a mapping (:mod:`lossprune._batches`).
+        loss_fn: the batch loss ``loss_fn(outputs, targets)``, a mean (:mod:`.outputs`);
+            ``None``: a Hugging Face model's own loss.
         vectors: for every name in ``params``, a tensor of shape ``(k, *param.shape)``.
         curvature: ``"hessian"`` or ``"ggn"``.
         chunk_size: at most this many vectors are processed at once (bounds memory).
@@ -178,7 +194,7 @@ def hvp(
         TypeError: an operation of the model has no second derivative (e.g. a fused attention
             kernel), so no exact Hessian-vector product exists.
     """
-    check_inputs(model, loss_fn)
+    loss_fn, batch = prepare(model, loss_fn, batch)
     params = dict(params)
     k = _check_vectors(params, vectors)
     if curvature not in ("hessian", "ggn"):
@@ -209,16 +225,18 @@ def hvp(
         try:
             return _hvp_forward_over_reverse(model, params, batch, loss_fn, vectors, chunk_size)
         except (RuntimeError, NotImplementedError) as error:
+            # Announced only once double-backward has worked: its promise is "same numbers".
+            fallback = _hvp_double_backward(model, params, batch, loss_fn, vectors)
             _warn_double_backward_once(error)
-            return _hvp_double_backward(model, params, batch, loss_fn, vectors)
+            return fallback
     return _ggn_vp(model, params, batch, loss_fn, vectors, chunk_size)
 
 
 def ggn_vp(
     model: nn.Module,
     params: Mapping[str, Tensor],
-    batch: tuple[Any, Tensor],
-    loss_fn: LossFn,
+    batch: Any,
+    loss_fn: LossFn | None,
     vectors: Mapping[str, Tensor],
     *,
     chunk_size: int | None = None,

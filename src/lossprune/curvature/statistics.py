@@ -22,15 +22,17 @@ from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
+from .._batches import resolve_loss
 from .._checks import check_positive_int
-from .._data import iter_batches
+from .._data import is_single_batch, iter_batches
 from .._distributed import all_reduce_floats, all_reduce_sum
 from .._functional import FunctionalModel, statistics_dtype
-from .diagonals import fisher_diag, fisher_diag_mc, hutchinson
+from .diagonals import fisher_diag, fisher_diag_mc, hutchinson, warn_exact_fisher_cost
 from .errors import check_finite
 from .inputs import input_sq_norms
-from .outputs import LossFn, check_mean_over_examples, loss_normaliser
+from .outputs import LossFn, check_mean_over_examples, check_tensor_outputs, loss_normaliser
 from .products import check_inputs, hvp, loss_and_grad
 
 __all__ = ["DatasetMean", "Statistic", "Statistics", "compute_statistics", "dataset_mean"]
@@ -60,11 +62,13 @@ def dataset_mean(
     *,
     device: torch.device,
     dtype: torch.dtype,
+    progress: str | None = None,
 ) -> DatasetMean:
     """The ONE dataset-mean loop (module docstring).
 
     ``batch_values(batch)`` returns per-batch means (tensors or dicts of tensors); batches whose
-    loss has no unit (every target ignored) are skipped.
+    loss has no unit (every target ignored) are skipped. ``progress``: the description of a
+    per-batch tqdm progress bar (``None``: no bar).
 
     Raises:
         ValueError: no batch has a unit.
@@ -72,7 +76,16 @@ def dataset_mean(
     sums: dict[Hashable, Any] = {}
     weight = 0.0
     examples = 0
-    for batch in iter_batches(data, device):
+    total = 1 if is_single_batch(data) else _length(data)
+    batches = tqdm(
+        iter_batches(data, device, loss_fn),
+        desc=progress,
+        total=total,
+        unit="batch",
+        disable=progress is None,
+        leave=False,
+    )
+    for batch in batches:
         z = float(loss_normaliser(loss_fn, batch[1]))
         examples += len(batch[1])
         if z == 0.0:
@@ -96,6 +109,13 @@ def dataset_mean(
     return DatasetMean(means, weight, round(total_examples))
 
 
+def _length(data: Any) -> int | None:
+    try:
+        return len(data)
+    except TypeError:  # an iterable without a length (an IterableDataset loader)
+        return None
+
+
 def _zeros(like: Tensor, dtype: torch.dtype) -> Tensor:
     return torch.zeros(like.shape, dtype=dtype, device=like.device)
 
@@ -108,7 +128,8 @@ class Statistic:
 
     * ``"grad"`` — :math:`g`;
     * ``"fisher"`` — exact GGN/Fisher diagonal;
-    * ``"fisher_mc"`` — Monte-Carlo Fisher diagonal with ``samples`` labels per example;
+    * ``"fisher_mc"`` — Monte-Carlo Fisher diagonal with ``samples`` labels per example (per
+      token for a language model's logits, each token's label drawn independently);
     * ``"hutchinson"`` — Hutchinson Hessian diagonal with ``samples`` probes per batch;
     * ``"hessian_grad"`` — :math:`Hg` with :math:`g` the gradient over all the data (GraSP);
     * ``"input_sq_norms"`` — :math:`\|X_j\|_2^2`, the SUM over all examples and positions of
@@ -176,11 +197,12 @@ def compute_statistics(
     model: nn.Module,
     params: Mapping[str, Tensor],
     data: Any,
-    loss_fn: LossFn,
+    loss_fn: LossFn | None,
     requests: Iterable[Statistic] = (),
     *,
     generator: torch.Generator | None = None,
     chunk_size: int | None = None,
+    progress: bool = False,
 ) -> Statistics:
     """Loss, gradient and every requested statistic over all of ``data`` (:func:`dataset_mean`).
 
@@ -192,15 +214,20 @@ def compute_statistics(
     Args:
         model: the module (never modified).
         params: tensors to differentiate with respect to, by qualified name.
-        data: an ``(inputs, targets)`` batch or a re-iterable of them (a DataLoader).
-        loss_fn: the batch loss, a mean (:mod:`.outputs`).
+        data: a batch or a re-iterable of batches (a DataLoader); a batch is ``(inputs,
+            targets)``, ``((input, ...), targets)`` or a mapping of keyword inputs with
+            ``labels`` (:mod:`lossprune._batches`).
+        loss_fn: the batch loss, a mean (:mod:`.outputs`); ``None`` for a Hugging Face model
+            (the model's own loss: logits, causal-LM shift, cross-entropy, ``-100`` ignored).
         requests: statistics to compute besides loss and gradient.
         generator: random source for Monte-Carlo labels and Hutchinson probes.
         chunk_size: memory bound passed to the per-batch routines.
+        progress: show a per-batch progress bar (tqdm) for each pass over the data.
 
     Raises:
         NonFiniteError: a batch loss, gradient or a statistic is NaN or infinite.
     """
+    loss_fn = resolve_loss(model, loss_fn)
     check_inputs(model, loss_fn)
     params = {k: v.detach() for k, v in params.items()}
     ordered = _ordered(requests)
@@ -241,13 +268,19 @@ def compute_statistics(
         values["loss"], values["grad"] = loss, grads
         return values
 
-    @torch.no_grad()
-    def first_batch() -> tuple[Any, Tensor]:
-        inputs, targets = next(iter_batches(data, device))
-        return FunctionalModel(model, params)(params, inputs), targets
+    first = next(iter_batches(data, device, loss_fn))
 
-    check_mean_over_examples(loss_fn, first_batch)
-    result = dataset_mean(data, loss_fn, batch_values, device=device, dtype=dtype)
+    @torch.no_grad()
+    def first_outputs() -> Any:
+        return FunctionalModel(model, params)(params, first.inputs)
+
+    if not isinstance(first.inputs, Tensor):  # keyword inputs: a model that may return a pytree
+        check_tensor_outputs(loss_fn, first_outputs)
+    check_mean_over_examples(loss_fn, lambda: (first_outputs(), first.targets))
+    if any(r.kind == "fisher" for r in first_pass):
+        warn_exact_fisher_cost(model, params, first)
+    bar = "statistics" if progress else None
+    result = dataset_mean(data, loss_fn, batch_values, device=device, dtype=dtype, progress=bar)
     means = result.means
     grad = _params(means["grad"])
     values = {r: _params(means[r]) for r in first_pass}
@@ -256,7 +289,7 @@ def compute_statistics(
             values[request] = {k: v * result.weight for k, v in values[request].items()}
     if any(r.kind == "hessian_grad" for r in ordered):
         values[Statistic("hessian_grad")] = _hessian_grad(
-            model, params, data, loss_fn, grad, device, dtype, chunk_size
+            model, params, data, loss_fn, grad, device, dtype, chunk_size, progress
         )
     for request, value in values.items():
         check_finite(f"{request.kind} statistic", value)
@@ -281,6 +314,7 @@ def _hessian_grad(
     device: torch.device,
     dtype: torch.dtype,
     chunk_size: int | None,
+    progress: bool,
 ) -> Params:
     vectors = {k: g.to(params[k].dtype).unsqueeze(0) for k, g in grad.items()}
 
@@ -288,6 +322,9 @@ def _hessian_grad(
         products = hvp(model, params, batch, loss_fn, vectors, chunk_size=chunk_size).products
         return {"hg": {k: v[0] for k, v in products.items()}}
 
+    bar = "Hessian-gradient product" if progress else None
     return _params(
-        dataset_mean(data, loss_fn, batch_values, device=device, dtype=dtype).means["hg"]
+        dataset_mean(data, loss_fn, batch_values, device=device, dtype=dtype, progress=bar).means[
+            "hg"
+        ]
     )

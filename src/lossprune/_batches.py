@@ -1,0 +1,290 @@
+"""What one batch of scoring data is, whatever form the user's data takes.
+
+A batch reaches the library as
+
+* ``(inputs, targets)`` with a tensor of inputs (the model is called ``model(inputs)``);
+* ``((a, b, ...), targets)``, a nested tuple: the model is called ``model(a, b, ...)``;
+* a mapping (``dict``, Hugging Face ``BatchEncoding``, any :class:`collections.abc.Mapping`):
+  every entry except ``labels`` is a keyword argument of the model, ``labels`` the targets.
+
+:func:`to_batch` turns each into a :class:`Batch` ``(inputs, targets)`` whose ``inputs`` is the
+tensor itself (the fast paths read it) or a :class:`ModelInputs` (positional and keyword
+arguments, and how to read the loss's input from the model's outputs).
+
+For models that follow the Hugging Face convention the loss may be omitted: :class:`ModelLoss`
+is the loss the model computes itself, written as "logits, shifted for a causal LM, then the
+standard cross-entropy with ``ignore_index=-100``", so that the closed forms of
+:mod:`lossprune.curvature.outputs` apply to it (never a (T·V)² output Hessian).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "Batch",
+    "ModelInputs",
+    "ModelLoss",
+    "batch_examples",
+    "is_batch",
+    "model_loss",
+    "model_loss_in",
+    "resolve_loss",
+    "to_batch",
+]
+
+LABELS = "labels"
+
+
+class ModelInputs:
+    """The model inputs of one batch: ``model(*args, **kwargs)``, then ``read`` of the outputs.
+
+    Args:
+        args: positional inputs, tensors (batch dimension first) or other constants.
+        kwargs: keyword inputs, same kinds.
+        read: maps the model's outputs to what the loss reads (``None``: the outputs themselves).
+    """
+
+    __slots__ = ("args", "kwargs", "read")
+
+    def __init__(
+        self,
+        args: tuple[Any, ...] = (),
+        kwargs: Mapping[str, Any] | None = None,
+        read: Callable[[Any], Any] | None = None,
+    ) -> None:
+        self.args = tuple(args)
+        self.kwargs = dict(kwargs or {})
+        self.read = read
+
+    def tensors(self) -> list[Tensor]:
+        return [t for t in (*self.args, *self.kwargs.values()) if isinstance(t, Tensor)]
+
+    def _map(self, fn: Callable[[Tensor], Tensor]) -> ModelInputs:
+        def each(value: Any) -> Any:
+            return fn(value) if isinstance(value, Tensor) else value
+
+        return ModelInputs(
+            tuple(each(a) for a in self.args),
+            {k: each(v) for k, v in self.kwargs.items()},
+            self.read,
+        )
+
+    def to(self, device: torch.device) -> ModelInputs:
+        return self._map(lambda t: t.to(device))
+
+    def rows(self, start: int, stop: int) -> ModelInputs:
+        """Examples ``start:stop`` of every tensor (the others are constants)."""
+        return self._map(lambda t: t[start:stop])
+
+    def index(self, index: Tensor) -> ModelInputs:
+        return self._map(lambda t: t[index.to(t.device)])
+
+    def __repr__(self) -> str:
+        keys = ", ".join(self.kwargs)
+        return f"ModelInputs({len(self.args)} positional, keywords [{keys}])"
+
+
+class Batch(NamedTuple):
+    """One batch: the model inputs and the targets the loss compares the outputs with."""
+
+    inputs: Tensor | ModelInputs
+    targets: Tensor
+
+
+def batch_examples(batch: Batch) -> int:
+    """The number of examples (sequences, images) of ``batch``: its targets' first dimension."""
+    return len(batch.targets)
+
+
+@dataclass(frozen=True)
+class ModelLoss:
+    r"""The loss a Hugging Face model computes itself, as logits + standard cross-entropy.
+
+    ``task`` says how logits and labels line up:
+
+    * ``"causal_lm"`` (``*ForCausalLM``, ``*LMHeadModel``): position :math:`t` predicts label
+      :math:`t + 1`; logits ``[:, :-1]`` against labels ``[:, 1:]``;
+    * ``"tokens"`` (``*ForMaskedLM``, ``*ForTokenClassification``): one label per position;
+    * ``"sequence"`` (``*ForSequenceClassification`` with integer labels): one label per example.
+
+    The loss is the mean over the labels that are not ``-100`` (``ignore_index``), as in
+    ``transformers``; :meth:`read` moves the vocabulary to dim 1, PyTorch's class layout, so
+    the loss is exactly :func:`torch.nn.functional.cross_entropy` on ``(N, V, T)`` logits.
+    """
+
+    task: str
+    reduction: str = "mean"
+    ignore_index: int = -100
+
+    def __post_init__(self) -> None:
+        if self.task not in ("causal_lm", "tokens", "sequence"):
+            raise ValueError(f"task must be 'causal_lm', 'tokens' or 'sequence', got {self.task!r}")
+
+    def __call__(self, logits: Tensor, targets: Tensor) -> Tensor:
+        return nn.functional.cross_entropy(logits, targets, ignore_index=self.ignore_index)
+
+    def read(self, outputs: Any) -> Tensor:
+        """The logits of ``outputs`` (``.logits`` of a ``ModelOutput``), shifted, classes dim 1."""
+        logits = getattr(outputs, "logits", outputs)
+        if not isinstance(logits, Tensor):
+            raise TypeError(
+                "loss_fn=None reads the logits of the model's outputs (a tensor or an object "
+                f"with .logits), got {type(outputs).__name__}; pass loss_fn=..."
+            )
+        if self.task == "causal_lm":
+            logits = logits[:, :-1]
+        return logits.movedim(-1, 1) if logits.dim() > 2 else logits
+
+    def targets(self, labels: Tensor) -> Tensor:
+        """The labels the logits of :meth:`read` predict."""
+        if labels.is_floating_point():
+            raise ValueError(
+                "loss_fn=None computes the model's cross-entropy, which needs integer labels, got "
+                f"{labels.dtype} labels (regression or multi-label): pass loss_fn=..."
+            )
+        return labels[:, 1:] if self.task == "causal_lm" else labels
+
+
+_TASKS = (
+    (("ForCausalLM", "LMHeadModel"), "causal_lm"),
+    (("ForMaskedLM", "ForTokenClassification"), "tokens"),
+    (("ForSequenceClassification",), "sequence"),
+)
+
+
+def model_loss(model: nn.Module) -> ModelLoss | None:
+    """The :class:`ModelLoss` of a Hugging Face model, by its class name; ``None`` otherwise."""
+    name = type(model).__name__
+    if getattr(model, "config", None) is None:
+        return None
+    for suffixes, task in _TASKS:
+        if name.endswith(suffixes):
+            return ModelLoss(task)
+    return None
+
+
+def resolve_loss(model: nn.Module, loss_fn: Any) -> Any:
+    """``loss_fn``, or when it is ``None`` the model's own loss (:func:`model_loss`).
+
+    Raises:
+        ValueError: ``loss_fn`` is ``None`` and the model follows no known convention.
+    """
+    if loss_fn is not None:
+        return loss_fn
+    loss = model_loss(model)
+    if loss is None:
+        raise ValueError(
+            f"loss_fn is needed for {type(model).__name__}: only Hugging Face models "
+            "(*ForCausalLM, *LMHeadModel, *ForMaskedLM, *ForTokenClassification, "
+            "*ForSequenceClassification) computing their loss from labels may omit it"
+        )
+    return loss
+
+
+def model_loss_in(loss_fn: Any) -> ModelLoss | None:
+    """The :class:`ModelLoss` that ``loss_fn`` is or wraps, else ``None``.
+
+    A wrapper keeps the loss it wraps in ``.loss_fn``, as GraSP's tempered loss does.
+    """
+    while loss_fn is not None and not isinstance(loss_fn, ModelLoss):
+        loss_fn = getattr(loss_fn, "loss_fn", None)
+    return loss_fn
+
+
+def is_batch(data: Any) -> bool:
+    """One batch (a mapping, or ``(inputs, targets)`` with tensor targets), not many."""
+    if isinstance(data, Mapping):
+        return True
+    return (
+        isinstance(data, (tuple, list))
+        and len(data) == 2
+        and isinstance(data[1], Tensor)
+        and (isinstance(data[0], Tensor) or _tensor_tuple(data[0]))
+    )
+
+
+def _tensor_tuple(value: Any) -> bool:
+    return (
+        isinstance(value, (tuple, list))
+        and len(value) > 0
+        and any(isinstance(v, Tensor) for v in value)
+        and all(isinstance(v, Tensor) or v is None for v in value)
+    )
+
+
+_EXPECTED = (
+    "an (inputs, targets) pair, ((input, ...), targets), or a mapping of model inputs with 'labels'"
+)
+
+
+def to_batch(raw: Any, loss_fn: Any = None, device: torch.device | None = None) -> Batch:
+    """``raw`` as a :class:`Batch` on ``device``, read through ``loss_fn`` when a ModelLoss.
+
+    Raises:
+        TypeError: ``raw`` has none of the forms of the module docstring.
+        ValueError: a mapping without ``labels``, or entries of different lengths.
+    """
+    if isinstance(raw, Batch):  # already converted (the per-batch functions inside a loop)
+        return raw if device is None else Batch(raw.inputs.to(device), raw.targets.to(device))
+    if isinstance(raw, Mapping):
+        if LABELS not in raw:
+            raise ValueError(
+                "a mapping batch needs a 'labels' entry (the targets the loss compares the "
+                f"outputs with), got keys {sorted(map(str, raw))}"
+            )
+        targets = raw[LABELS]
+        if not isinstance(targets, Tensor):
+            raise TypeError(f"the 'labels' of a mapping batch must be a tensor, got {targets!r}")
+        inputs: Tensor | ModelInputs = ModelInputs(
+            (), {str(k): v for k, v in raw.items() if k != LABELS}
+        )
+    elif isinstance(raw, (tuple, list)) and len(raw) == 2 and isinstance(raw[1], Tensor):
+        first, targets = raw
+        if isinstance(first, Tensor):
+            inputs = first
+        elif _tensor_tuple(first):
+            inputs = ModelInputs(tuple(first))
+        else:
+            raise TypeError(
+                f"each batch must be {_EXPECTED}; its inputs are {type(first).__name__}"
+            )
+    else:
+        raise TypeError(f"each batch must be {_EXPECTED}, got {_describe(raw)}")
+    own = model_loss_in(loss_fn)
+    if own is not None:
+        if isinstance(inputs, Tensor):
+            inputs = ModelInputs((inputs,))
+        inputs = ModelInputs(inputs.args, inputs.kwargs, own.read)
+        targets = own.targets(targets)
+    _check_lengths(inputs, targets)
+    if device is not None:
+        inputs, targets = inputs.to(device), targets.to(device)
+    return Batch(inputs, targets)
+
+
+def _describe(raw: Any) -> str:
+    if isinstance(raw, (tuple, list)):
+        return f"a {type(raw).__name__} of {len(raw)} ({', '.join(type(v).__name__ for v in raw)})"
+    return type(raw).__name__
+
+
+def _check_lengths(inputs: Tensor | ModelInputs, targets: Tensor) -> None:
+    if isinstance(inputs, Tensor):
+        if len(inputs) != len(targets):
+            raise ValueError(
+                f"inputs and targets differ in length: {len(inputs)} != {len(targets)}"
+            )
+        return
+    named = [*enumerate(inputs.args), *inputs.kwargs.items()]
+    for key, value in named:
+        if isinstance(value, Tensor) and (value.dim() == 0 or len(value) != len(targets)):
+            raise ValueError(
+                f"model input {key!r} has {len(value) if value.dim() else 0} rows but the targets "
+                f"have {len(targets)}: every tensor of a batch needs the batch dimension first"
+            )
