@@ -536,7 +536,7 @@ def bench_fisher_mc(model_name, model, params, batch, record, timing):
            keys=("naive", "grad"), examples=len(sub[0]), tokens=sub[1].numel())  # fmt: skip
 
 
-STATISTICS_TIMEOUT = 600  # seconds for one statistics pass of the 25M-parameter model
+STATISTICS_TIMEOUT = 300  # seconds for one statistics pass of the 25M-parameter model
 STATISTICS_MEMORY_LIMIT = 24 * 2**30  # bytes of address space of that child process
 
 
