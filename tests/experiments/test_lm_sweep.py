@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from lossprune.experiments import lm_run
+from lossprune.experiments.analysis import by_sparsity
 from lossprune.experiments.cli import _report
 from lossprune.experiments.lm import LMConfig, build_tiny_lm
 from lossprune.experiments.lm_run import NextTokenLogits, lm_steps
@@ -77,6 +78,7 @@ def test_records_carry_the_preset_and_every_measurement(lm_sweep: Path) -> None:
         assert not any("wte" in name or "lm_head" in name for name in record["layer_density"])
 
 
+@pytest.mark.slow  # draws a dozen figures
 def test_report_splits_figures_and_findings_by_sparsity(lm_sweep: Path, tmp_path: Path) -> None:
     _report(lm_sweep, tmp_path, ("png",))
     assert (tmp_path / "lm_perplexity_vs_lambda.png").stat().st_size > 1000
@@ -85,6 +87,12 @@ def test_report_splits_figures_and_findings_by_sparsity(lm_sweep: Path, tmp_path
     for part in ("sparsity-50", "sparsity-70"):
         assert (tmp_path / part / "fig1_delta_loss_vs_lambda.png").exists()
         assert (tmp_path / part / "findings.md").read_text().count("\n") == 7
+
+
+def test_records_group_by_sparsity_in_increasing_order(lm_sweep: Path) -> None:
+    groups = by_sparsity(ResultsFile(lm_sweep).records())
+    assert list(groups) == [0.5, 0.7]
+    assert all(r["config"]["sparsity"] == s for s, runs in groups.items() for r in runs)
 
 
 def test_the_adapter_loss_is_the_models_own_loss(split: TextSplit) -> None:

@@ -534,7 +534,7 @@ def fig_lm_perplexity(records: list[Record]) -> Figure | None:
             ax.set_yscale("log")
             ax.set_title(f"sparsity {sparsity:.0%}, π = {pi}")
         axes[row, 0].set_ylabel("validation perplexity")
-    axes[0, -1].legend(fontsize="x-small", ncol=2)
+    axes[0, 0].legend(fontsize="x-small", ncol=2)
     figure.suptitle("Language model: validation perplexity after pruning and after fine-tuning")
     return figure
 
