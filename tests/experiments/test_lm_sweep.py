@@ -78,7 +78,6 @@ def test_records_carry_the_preset_and_every_measurement(lm_sweep: Path) -> None:
         assert not any("wte" in name or "lm_head" in name for name in record["layer_density"])
 
 
-@pytest.mark.slow  # draws a dozen figures
 def test_report_splits_figures_and_findings_by_sparsity(lm_sweep: Path, tmp_path: Path) -> None:
     _report(lm_sweep, tmp_path, ("png",))
     assert (tmp_path / "lm_perplexity_vs_lambda.png").stat().st_size > 1000
