@@ -69,9 +69,43 @@ def cnn() -> nn.Module:
     )  # fmt: skip
 
 
+# The causal transformers: (layers, width, heads, vocabulary, tokens T, sequences N, N quick).
+TRANSFORMERS = {
+    "transformer": (2, 128, 4, 2048, 64, 16, 8),
+    # ~25M parameters (with the tied 8192 x 512 embedding): the statistics-pass memory rows.
+    "transformer25m": (6, 512, 8, 8192, 128, 4, 4),
+}
+
+
+def transformer(name: str, quick: bool):
+    """A GPT-2 built from a ``transformers`` config, random tokens, as a next-token classifier.
+
+    The adapter of the reproduction (``NextTokenLogits``: ``(N, V, T - 1)`` logits, attention
+    under the math SDPA backend) is the one place that decides how the library sees a causal
+    LM; the targets are the next tokens, so the cross-entropy is the model's own shifted loss.
+    """
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from lossprune.experiments.lm_run import NextTokenLogits
+
+    layers, width, heads, vocab, tokens, sequences, quick_sequences = TRANSFORMERS[name]
+    config = GPT2Config(
+        vocab_size=vocab, n_positions=tokens, n_embd=width, n_layer=layers, n_head=heads,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0,
+    )  # fmt: skip
+    model = NextTokenLogits(GPT2LMHeadModel(config))
+    ids = torch.randint(0, vocab, (quick_sequences if quick else sequences, tokens))
+    return model, ids, ids[:, 1:]
+
+
 def workload(name: str, device: torch.device, seed: int = 0, quick: bool = False):
-    """The MLP on an MNIST-sized batch of 1000; the CNN on 128 CIFAR-sized images (64 quick)."""
+    """MLP, batch 1000; CNN, 128 CIFAR-sized images (64 quick); causal transformers."""
     torch.manual_seed(seed)
+    if name in TRANSFORMERS:
+        model, x, y = transformer(name, quick)
+        model = model.to(device).eval()
+        params = {k: p.detach() for k, p in model.named_parameters()}
+        return model, params, (x.to(device), y.to(device))
     if name == "mlp":
         model, x = MLP(), torch.randn(1000, 1, 28, 28)
     else:
@@ -235,11 +269,31 @@ def cuda_peak_mb(fn, device) -> float:
     return (torch.cuda.max_memory_allocated(device) - base) / 2**20
 
 
-def child_peak_mb(bench: str, model: str, method: str, k: int, chunk: int | None) -> float:
-    """Peak RSS growth of one call in a fresh process (CPU has no allocator peak counter)."""
+def child_peak_mb(
+    bench: str,
+    model: str,
+    method: str,
+    k: int,
+    chunk: int | None,
+    timeout: float | None = None,
+    memory_limit: int | None = None,
+) -> float:
+    """Peak RSS growth of one call in a fresh process (CPU has no allocator peak counter).
+
+    ``memory_limit`` (bytes of address space) makes a runaway call fail in the child instead of
+    taking the memory of a shared machine.
+    """
     args = [sys.executable, __file__, "--child", bench, model, method, str(k), str(chunk or 0)]
     args.append("quick" if QUICK else "full")
-    out = subprocess.run(args, capture_output=True, text=True, check=True, env=os.environ.copy())
+
+    def limit() -> None:
+        if memory_limit is not None:
+            resource.setrlimit(resource.RLIMIT_AS, (memory_limit, memory_limit))
+
+    out = subprocess.run(
+        args, capture_output=True, text=True, check=True, env=os.environ.copy(),
+        timeout=timeout, preexec_fn=limit,
+    )  # fmt: skip
     return float(out.stdout.strip().splitlines()[-1])
 
 
@@ -267,7 +321,25 @@ def build_call(bench, method, model, params, batch, vectors, chunk):
     if bench == "fisher_diag":
         fast = method == "lossprune"
         return lambda: curvature.fisher_diag(model, params, batch, CE, fast=fast)
+    if bench == "fisher_mc":
+        return lambda: fisher_mc(model, params, batch, fast=method == "lossprune")
+    if bench == "statistics":
+        # A whole statistics pass of a criterion: loss, gradient and its curvature diagonal.
+        requests = _criterion(method).requests()
+        return lambda: curvature.compute_statistics(model, params, batch, CE, requests)
     raise ValueError(bench)
+
+
+def _criterion(name: str):
+    from lossprune import QuadraticModel
+
+    return QuadraticModel() if name == "qm_default" else QuadraticModel(curvature="fisher_mc")
+
+
+def fisher_mc(model, params, batch, fast=True, seed=0):
+    """One sampled label per token (``samples=1``): the Monte-Carlo Fisher diagonal."""
+    gen = torch.Generator(device=batch[0].device).manual_seed(seed)
+    return curvature.fisher_diag_mc(model, params, batch, CE, generator=gen, fast=fast)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -321,6 +393,14 @@ def run(args) -> dict:
         bench_fisher(model_name, model, params, batch, record, memory, timing)
         if model_name == "mlp":
             pruner_step(model_name, device, record, quick)
+    if transformers_available():
+        model, params, batch = workload("transformer", device, quick=quick)
+        for bench, k in (("grad_hvp", 1), ("hvp_batch", 16)):
+            bench_hvp(bench, k, "transformer", model, params, batch, record, memory, timing)
+        bench_fisher_mc("transformer", model, params, batch, record, timing)
+        pruner_step("transformer", device, record, quick, fisher="fisher_mc")
+        if device.type == "cpu":
+            statistics_memory(results)
     return {
         "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
         "torch": torch.__version__,
@@ -417,7 +497,88 @@ def bench_fisher(model_name, model, params, batch, record, memory, timing):
            examples=len(sub[0]))  # fmt: skip
 
 
-def pruner_step(model_name, device, record, quick):
+def transformers_available() -> bool:
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        print("transformer workload skipped: transformers is not installed")
+        return False
+    return True
+
+
+def bench_fisher_mc(model_name, model, params, batch, record, timing):
+    """Monte-Carlo Fisher diagonal, one sampled label per token (target: <= 4 gradients).
+
+    Checked against the generic per-example path with the SAME sampled labels (same seed);
+    that path is also the naive method timed beside it, on a quarter of the batch.
+    """
+    sub = (batch[0][: max(1, len(batch[0]) // 4)], batch[1][: max(1, len(batch[1]) // 4)])
+    check(
+        fisher_mc(model, params, sub), fisher_mc(model, params, sub, fast=False),
+        f"fisher_mc/{model_name}",
+    )  # fmt: skip
+    times = timing(
+        {
+            "grad": lambda: plain_grad(model, params, batch),
+            "lossprune": lambda: fisher_mc(model, params, batch),
+        }
+    )
+    record("fisher_mc", model_name, "lossprune", 1, times["lossprune"], times["grad"],
+           examples=len(batch[0]), tokens=batch[1].numel())  # fmt: skip
+    times = timing(
+        {
+            "grad": lambda: plain_grad(model, params, sub),
+            "naive": lambda: fisher_mc(model, params, sub, fast=False),
+        },
+        0, 1,
+    )  # fmt: skip
+    record("fisher_mc", model_name, "torch_func_naive", 1, times["naive"], times["grad"],
+           keys=("naive", "grad"), examples=len(sub[0]), tokens=sub[1].numel())  # fmt: skip
+
+
+STATISTICS_TIMEOUT = 300  # seconds for one statistics pass of the 25M-parameter model
+STATISTICS_MEMORY_LIMIT = 24 * 2**30  # bytes of address space of that child process
+
+
+def statistics_memory(results: list[dict]) -> None:
+    """Peak RSS growth of one statistics pass on the ~25M-parameter transformer (child process).
+
+    QM with the Monte-Carlo Fisher (one sampled label per token), and QM's default, the exact
+    Fisher: on an 8192-way softmax over 127 coupled tokens it needs T·V backward columns per
+    sequence, so it is recorded with its error where it does not finish within the time and
+    address-space limits.
+    """
+    parameters = sum(p.numel() for p in workload("transformer25m", torch.device("cpu"))[1].values())
+    for method in ("qm_fisher_mc", "qm_default"):
+        start = time.perf_counter()
+        peak, error = None, None
+        try:
+            peak = child_peak_mb(
+                "statistics", "transformer25m", method, 0, None,
+                timeout=STATISTICS_TIMEOUT, memory_limit=STATISTICS_MEMORY_LIMIT,
+            )  # fmt: skip
+        except subprocess.CalledProcessError as failure:
+            lines = (failure.stderr or "").strip().splitlines()
+            error = lines[-1][:300] if lines else f"exit status {failure.returncode}"
+        except subprocess.TimeoutExpired:
+            error = f"did not finish in {STATISTICS_TIMEOUT} s"
+        seconds = time.perf_counter() - start
+        results.append(
+            {
+                "bench": "statistics_memory", "model": "transformer25m", "method": method,
+                "k": 0, "peak_mb": peak, "seconds": seconds, "parameters": parameters,
+                "examples": TRANSFORMERS["transformer25m"][5],
+                "tokens": TRANSFORMERS["transformer25m"][4], "error": error,
+            }
+        )  # fmt: skip
+        print(
+            f"statistics   transformer25m {method:14s} {parameters / 1e6:.1f}M parameters "
+            f"peak={peak if peak is None else round(peak)} MB t={seconds:.0f}s {error or ''}",
+            flush=True,
+        )
+
+
+def pruner_step(model_name, device, record, quick, fisher="fisher"):
     """One QM stage of the Pruner against its statistics pass alone (target: <= 1.25x)."""
     try:
         from lossprune import ExponentialSchedule, Pruner, QuadraticModel
@@ -425,14 +586,15 @@ def pruner_step(model_name, device, record, quick):
         print("pruner_step skipped: lossprune.Pruner is not importable")
         return
     model, params, batch = workload(model_name, device, quick=quick)
-    requests = QuadraticModel().requests()
+    requests = QuadraticModel(curvature=fisher).requests()
     stats = lambda: curvature.compute_statistics(model, params, batch, CE, requests)  # noqa: E731
     rounds = 3 if quick else 7
     for diagnostics in (False, True):
         state = {k: v.clone() for k, v in model.state_dict().items()}
         pruner = Pruner(
-            model, QuadraticModel(lam=1e-3), ExponentialSchedule(0.9, rounds + 2),
-            loss_fn=CE, data=batch, diagnostics=diagnostics,
+            model, QuadraticModel(lam=1e-3, curvature=fisher),
+            ExponentialSchedule(0.9, rounds + 2), loss_fn=CE, data=batch, diagnostics=diagnostics,
+            generator=0,
         )  # fmt: skip
         pruner.step()  # warm-up
         times = time_side_by_side({"stats": stats, "step": pruner.step}, device, 0, rounds)

@@ -28,6 +28,11 @@ NOTEBOOKS = {
         "is in training mode",
         "same masks as an uninterrupted run: True",
     ],
+    "pruning_transformers.ipynb": [
+        "validation perplexity after pruning",
+        "weight matrix of Conv1D (Hugging Face)",
+        "non-zero pruned weights after fine-tuning: 0",
+    ],
 }
 
 

@@ -31,6 +31,7 @@ __all__ = [
     "spearman",
     "Metric",
     "by_sweep",
+    "by_sparsity",
     "DuplicateRunsWarning",
 ]
 
@@ -176,6 +177,14 @@ def by_sweep(records: Iterable[Record]) -> dict[str, list[Record]]:
             stacklevel=2,
         )
     return groups
+
+
+def by_sparsity(records: Iterable[Record]) -> dict[float, list[Record]]:
+    """Records grouped by target sparsity, in increasing order."""
+    groups: dict[float, list[Record]] = defaultdict(list)
+    for record in records:
+        groups[float(record["config"]["sparsity"])].append(record)
+    return dict(sorted(groups.items()))
 
 
 def _first_of_each_configuration(records: list[Record]) -> list[Record]:

@@ -23,7 +23,7 @@ from typing import Any, NoReturn, TextIO
 import torch
 
 from .allocator import keep_freed_memory
-from .analysis import by_sweep
+from .analysis import by_sparsity, by_sweep
 from .checkpoints import load_or_train
 from .checks import (
     SEED_LIMIT,
@@ -222,25 +222,57 @@ def _report(results: Path, out: Path, formats: Sequence[str] = ("png", "pdf")) -
     Runs of different sweeps (dataset, model, training setup) are never averaged together: a
     file holding several gets one sub-folder of figures per sweep.
     """
-    # Imported here, not above: without matplotlib this module must still import, so that main
-    # can say which extra to install.
-    from .figures import write_figures
-
     check_output_folder(out)
     groups = by_sweep(ResultsFile(results).records()) or {"": []}  # empty: empty findings
     if len(groups) > 1:
         print(f"{results} holds {len(groups)} sweeps ({', '.join(groups)}): one folder each")
     for name, records in groups.items():
         folder = check_output_folder(out / name) if len(groups) > 1 else out
-        # The findings first: they are plain text and must not depend on drawing succeeding.
-        table = findings_table(findings(records))
-        (folder / "findings.md").write_text(table)
-        beyond = beyond_table(records)
-        if beyond:
-            (folder / "beyond.md").write_text(beyond)
-        written = write_figures(records, folder, formats)
-        print(f"{len(written)} figure files and findings.md written to {folder}")
-        print(table)
+        _report_sweep(records, folder, formats)
+
+
+def _report_sweep(records: list[dict], folder: Path, formats: Sequence[str]) -> None:
+    """Figures and findings of one sweep; one sub-folder ``sparsity-<percent>`` per target.
+
+    The paper's findings and figures compare runs at one target sparsity; a sweep over several
+    (``tinylm-quick``: 50/70/90%) gets them per sparsity, plus the language-model figures over
+    all of them in ``folder`` and every sparsity's findings in one ``findings.md``.
+    """
+    # Imported here, not above: without matplotlib this module must still import, so that main
+    # can say which extra to install.
+    from .figures import write_lm_figures
+
+    parts = by_sparsity(records)
+    if len(parts) <= 1:
+        _report_part(records, folder, formats)
+        return
+    sections = []
+    for sparsity, part in parts.items():
+        sections.append(
+            f"## Sparsity {sparsity:.0%}\n\n"
+            + _report_part(
+                part, check_output_folder(folder / f"sparsity-{sparsity * 100:g}"), formats
+            )
+        )
+    (folder / "findings.md").write_text("\n".join(sections))
+    written = write_lm_figures(records, folder, formats)
+    print(f"{len(written)} figure files over all sparsities written to {folder}")
+
+
+def _report_part(records: list[dict], folder: Path, formats: Sequence[str]) -> str:
+    """Write ``findings.md``, ``beyond.md`` and the figures of ``records``; return the table."""
+    from .figures import write_figures
+
+    # The findings first: they are plain text and must not depend on drawing succeeding.
+    table = findings_table(findings(records))
+    (folder / "findings.md").write_text(table)
+    beyond = beyond_table(records)
+    if beyond:
+        (folder / "beyond.md").write_text(beyond)
+    written = write_figures(records, folder, formats)
+    print(f"{len(written)} figure files and findings.md written to {folder}")
+    print(table)
+    return table
 
 
 def _check_data_root(args: argparse.Namespace) -> None:

@@ -45,7 +45,10 @@ __all__ = [
     "fig7_gap_after_finetuning",
     "fig15_finetuning_curves",
     "fig16_baselines",
+    "fig_lm_perplexity",
+    "LM_FIGURES",
     "write_figures",
+    "write_lm_figures",
 ]
 
 COLORS = {
@@ -472,20 +475,113 @@ BEYOND_FIGURES: dict[str, Callable[[list[Record]], Figure | None]] = {
 """Figures of the runs beyond the paper (drawn only when the records hold such runs)."""
 
 
+# ------------------------------------------------------------------------------------------------
+# Beyond the paper: language models (issue 13)
+# ------------------------------------------------------------------------------------------------
+
+
+def fig_lm_perplexity(records: list[Record]) -> Figure | None:
+    """Validation perplexity vs λ of a language model, right after pruning and after fine-tuning.
+
+    One column per target sparsity, one row per number of stages π; solid lines and circles are
+    right after pruning, dashed lines and squares after the fine-tune with fixed masks (means over
+    seeds); MP (invariant to λ) is drawn across the λ range, the dense model dotted. Drawn only
+    for records that carry perplexities (:mod:`.lm_run`).
+    """
+    records = [
+        r
+        for r in select(ok_records(records), schedule="exponential")
+        if "val_perplexity" in r["dense"]
+    ]
+    models = select(records, criterion=LOSS_MODELS)
+    if not models:
+        return None
+    sparsities, stages = values(records, "sparsity"), values(records, "stages")
+    lams = values(models, "lam")
+    position = _lam_axis(lams)
+    figure = Figure(figsize=(3.6 * len(sparsities), 3.0 * len(stages)), layout="constrained")
+    axes = figure.subplots(len(stages), len(sparsities), sharey=True, squeeze=False)
+    dense = mean_std(r["dense"]["val_perplexity"] for r in records)[0]
+    phases = (("pruned", "o-", "after pruning"), ("finetuned", "s--", "after fine-tuning"))
+    for row, pi in enumerate(stages):
+        for col, sparsity in enumerate(sparsities):
+            ax = axes[row, col]
+            for phase, style, when in phases:
+                metric = _val_perplexity(phase)
+                for criterion in LOSS_MODELS:
+                    runs = select(models, criterion=criterion, stages=pi, sparsity=sparsity)
+                    groups = by_lam(runs, metric)
+                    if groups:
+                        ax.plot(
+                            [position(lam) for lam in groups],
+                            [mean_std(v)[0] for v in groups.values()],
+                            style,
+                            color=COLORS[criterion],
+                            ms=3,
+                            label=f"{criterion} {when}",
+                        )
+                magnitude = select(records, criterion="MP", stages=pi, sparsity=sparsity)
+                if magnitude:
+                    ax.axhline(
+                        mean_std(map(metric, magnitude))[0],
+                        color=COLORS["MP"],
+                        ls="-" if phase == "pruned" else "--",
+                        lw=1,
+                        label=f"MP {when}",
+                    )
+            ax.axhline(dense, color="gray", ls=":", label="dense")
+            _format_lam_axis(ax, lams)
+            ax.set_yscale("log")
+            ax.set_title(f"sparsity {sparsity:.0%}, π = {pi}")
+        axes[row, 0].set_ylabel("validation perplexity")
+    axes[0, 0].legend(fontsize="x-small", ncol=2)
+    figure.suptitle("Language model: validation perplexity after pruning and after fine-tuning")
+    return figure
+
+
+def _val_perplexity(phase: str) -> Metric:
+    """The validation perplexity of ``phase`` (``"pruned"`` or ``"finetuned"``) of a record."""
+    return lambda record: float(record[phase]["val_perplexity"])
+
+
+LM_FIGURES: dict[str, Callable[[list[Record]], Figure | None]] = {
+    "lm_perplexity_vs_lambda": fig_lm_perplexity,
+}
+"""Figures of language-model sweeps, over all their target sparsities at once."""
+
+
 def write_figures(
     records: list[Record], out_dir: str | Path, formats: Sequence[str] = ("png", "pdf")
 ) -> list[Path]:
     """Draw every figure that the records support; return the files written.
 
     The paper's figures (:data:`FIGURES`) are drawn from the runs done as in the paper only
-    (:func:`~.analysis.paper_records`); :data:`BEYOND_FIGURES` from all of them.
+    (:func:`~.analysis.paper_records`); :data:`BEYOND_FIGURES` and :data:`LM_FIGURES` from all
+    of them. The records should share one target sparsity (the paper's figures average over
+    whatever they are given); :func:`write_lm_figures` draws a language-model sweep over all of
+    its sparsities.
     """
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    written = []
     paper = paper_records(records)
     drawings = [(stem, draw, paper) for stem, draw in FIGURES.items()]
-    drawings += [(stem, draw, records) for stem, draw in BEYOND_FIGURES.items()]
+    drawings += [(stem, draw, records) for stem, draw in (BEYOND_FIGURES | LM_FIGURES).items()]
+    return _save(drawings, Path(out_dir), formats)
+
+
+def write_lm_figures(
+    records: list[Record], out_dir: str | Path, formats: Sequence[str] = ("png", "pdf")
+) -> list[Path]:
+    """Draw :data:`LM_FIGURES` (one panel per target sparsity); return the files written."""
+    drawings = [(stem, draw, records) for stem, draw in LM_FIGURES.items()]
+    return _save(drawings, Path(out_dir), formats)
+
+
+def _save(
+    drawings: list[tuple[str, Callable[[list[Record]], Figure | None], list[Record]]],
+    out: Path,
+    formats: Sequence[str],
+) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
     for stem, draw, chosen in drawings:
         figure = draw(chosen)
         if figure is None:

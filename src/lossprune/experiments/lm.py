@@ -40,11 +40,13 @@ class LMConfig(NamedTuple):
 
 
 class LMEvaluation(NamedTuple):
-    """Token-mean loss (nats per byte), its perplexity and the number of tokens it averages."""
+    """Token-mean loss (nats per byte), its perplexity, the number of tokens it averages and the
+    next-token error rate (the most probable next byte is not the true one)."""
 
     loss: float
     perplexity: float
     tokens: int
+    error: float
 
 
 def _transformers() -> Any:
@@ -95,7 +97,7 @@ def token_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mea
 
 @torch.no_grad()
 def evaluate_lm(model: nn.Module, loader: Any, device: str | torch.device = "cpu") -> LMEvaluation:
-    """Token-mean loss and perplexity over every batch of ``loader``, in eval mode.
+    """Token-mean loss, perplexity and next-token error over the batches of ``loader`` (eval mode).
 
     Raises:
         ValueError: when the loader holds no token with a next token.
@@ -104,18 +106,21 @@ def evaluate_lm(model: nn.Module, loader: Any, device: str | torch.device = "cpu
     model.eval()
     total = torch.zeros((), dtype=torch.float64)
     tokens = 0
+    wrong = 0
     try:
         for batch in loader:
             ids, labels = batch["input_ids"].to(device), batch["labels"].to(device)
             logits = model(input_ids=ids).logits
             total += token_loss(logits, labels, reduction="sum").double().cpu()
-            tokens += int((labels[:, 1:] != IGNORE_INDEX).sum())
+            predicted = labels[:, 1:] != IGNORE_INDEX
+            tokens += int(predicted.sum())
+            wrong += int(((logits[:, :-1].argmax(-1) != labels[:, 1:]) & predicted).sum())
     finally:
         model.train(was_training)
     if tokens == 0:
         raise ValueError("cannot evaluate a language model on data with no predicted token")
     loss = float(total) / tokens
-    return LMEvaluation(loss, math.exp(loss), tokens)
+    return LMEvaluation(loss, math.exp(loss), tokens, wrong / tokens)
 
 
 def train_lm(

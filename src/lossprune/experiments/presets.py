@@ -18,6 +18,7 @@ import os
 from dataclasses import dataclass
 
 __all__ = [
+    "TEXT_DATASET",
     "CRITERIA",
     "LOSS_MODELS",
     "SCHEDULES",
@@ -30,6 +31,9 @@ __all__ = [
     "PRESETS",
     "get_preset",
 ]
+
+TEXT_DATASET = "stdlib-docstrings"
+"""The byte-level docstring corpus (:mod:`.text`) that language-model presets train on."""
 
 CRITERIA: tuple[str, ...] = ("LM", "QM", "OBD", "MP", "GraSP", "SynFlow")
 """Criterion names used in configs and records."""
@@ -189,6 +193,15 @@ def _cpu_jobs() -> int:
 
 _DIGITS_TRAIN = TrainSetup(epochs=20)
 
+# The tiny language model trains with AdamW and a cosine schedule (experiments.lm.train_lm):
+# momentum is not used, so it is recorded as 0.
+_LM_TRAIN = TrainSetup(
+    epochs=6, lr=3e-3, lr_schedule="cosine", batch_size=32, momentum=0.0, weight_decay=0.01
+)
+_LM_FINETUNE = TrainSetup(
+    epochs=1, lr=1e-3, lr_schedule="cosine", batch_size=32, momentum=0.0, weight_decay=0.01
+)
+
 PRESETS: dict[str, Preset] = {
     preset.name: preset
     for preset in (
@@ -271,6 +284,28 @@ PRESETS: dict[str, Preset] = {
             grids=_paper_grids(PAPER_LAMS, PAPER_STAGES, 100),
             train=_DIGITS_TRAIN,
             finetune=_DIGITS_TRAIN,
+            threads=1,
+            jobs=_cpu_jobs(),
+        ),
+        Preset(
+            name="tinylm-quick",
+            description="beyond the paper: a byte-level GPT-2 on stdlib docstrings, 50/70/90%",
+            dataset=TEXT_DATASET,
+            model="gpt2-2x64",
+            sparsities=(0.5, 0.7, 0.9),
+            seeds=(0,),
+            grids=(
+                Grid(LOSS_MODELS, (0.0, 1e-2, 1.0), (1, 14)),
+                Grid(("MP",), (0.0,), (1, 14)),
+            ),
+            train=_LM_TRAIN,
+            finetune=_LM_FINETUNE,
+            # 32 blocks of 64 bytes: 2,016 predicted tokens per stage. The exact Fisher of a
+            # 256-way softmax over coupled tokens costs hundreds of gradients; one sampled label
+            # per token is the practical statistic for language models.
+            examples=32,
+            curvature="fisher_mc",
+            loss_examples=512,
             threads=1,
             jobs=_cpu_jobs(),
         ),

@@ -39,7 +39,15 @@ from .data import Split, make_loader
 from .records import RunConfig
 from .training import evaluate, train
 
-__all__ = ["make_criterion", "make_schedule", "loss_set", "measure", "prune_run"]
+__all__ = [
+    "make_criterion",
+    "make_schedule",
+    "loss_set",
+    "measure",
+    "tracked_stage",
+    "stage_record",
+    "prune_run",
+]
 
 # At most this many points of the loss-vs-sparsity curve per run: a full evaluation after each
 # of 140 stages would cost more than the pruning itself.
@@ -115,7 +123,8 @@ def _scoring_data(split: Split, device: torch.device) -> Any:
     return make_loader(split.train, 100, shuffle=False, seed=0)
 
 
-def _tracked(stage: int, stages: int) -> bool:
+def tracked_stage(stage: int, stages: int) -> bool:
+    """Whether the loss-vs-sparsity curve gets a point after ``stage`` of ``stages``."""
     every = math.ceil(stages / _TRACKED_POINTS)
     return stage % every == 0 or stage == stages
 
@@ -172,7 +181,7 @@ def prune_run(
         try:
             while not pruner.finished:
                 report = pruner.step()
-                if track_stages and _tracked(report.stage, config.stages):
+                if track_stages and tracked_stage(report.stage, config.stages):
                     loss = evaluate(model, train_set, device=device)[0]
                     curve.append(
                         {"stage": report.stage, "sparsity": report.sparsity, "train_loss": loss}
@@ -181,21 +190,9 @@ def prune_run(
             return _diverged(record, error, start)
     record["warnings"] = sorted({str(w.message) for w in caught})
     prune_seconds = time.perf_counter() - prune_start
-    reports = pruner.reports
-    record["stages"] = {
-        "step_norm_sq": [r.step_norm_sq for r in reports],
-        "sparsity": [r.sparsity for r in reports],
-        "pruned": [r.pruned for r in reports],
-    }
-    for name in _STAGE_EXTRAS:
-        column = [getattr(r, name) for r in reports]
-        if any(v is not None for v in column):
-            record["stages"][name] = column
+    record.update(stage_record(pruner))
     if track_stages:
         record["loss_curve"] = curve
-    record["layer_density"] = reports[-1].layer_density
-    record["collapsed_layers"] = [k for k, v in reports[-1].layer_density.items() if v == 0.0]
-    record["sparsity"] = pruner.sparsity()
     pruned = measure(model, split, train_set, device)
     record["pruned"] = pruned
     record["delta_loss"] = pruned["train_loss"] - dense["train_loss"]
@@ -231,6 +228,27 @@ def prune_run(
         "total": time.perf_counter() - start,
     }
     return record
+
+
+def stage_record(pruner: Pruner) -> dict[str, Any]:
+    """What a record keeps of a finished pruner: per-stage columns, final densities, sparsity."""
+    reports = pruner.reports
+    stages: dict[str, list[Any]] = {
+        "step_norm_sq": [r.step_norm_sq for r in reports],
+        "sparsity": [r.sparsity for r in reports],
+        "pruned": [r.pruned for r in reports],
+    }
+    for name in _STAGE_EXTRAS:
+        column = [getattr(r, name) for r in reports]
+        if any(v is not None for v in column):
+            stages[name] = column
+    density = reports[-1].layer_density
+    return {
+        "stages": stages,
+        "layer_density": density,
+        "collapsed_layers": [k for k, v in density.items() if v == 0.0],
+        "sparsity": pruner.sparsity(),
+    }
 
 
 def _update(config: RunConfig) -> Compensation | None:

@@ -27,10 +27,12 @@ from .allocator import keep_freed_memory
 from .checkpoints import checkpoint_path, load_or_train
 from .checks import SEED_LIMIT, UsageError, check_device, check_int, check_output_folder
 from .data import Split, load_dataset
+from .lm_run import TEXT_DATASET, lm_prune_run, load_lm_split, load_or_train_lm
 from .locking import writer_lock
 from .presets import LOSS_MODELS, Preset
 from .records import ResultsFile, RunConfig, set_aside
 from .run import prune_run
+from .text import TextSplit
 from .workers import die_with_parent
 
 __all__ = [
@@ -110,6 +112,12 @@ def _split(dataset: str, root: str | None, seed: int) -> Split:
     return load_dataset(dataset, root, seed)
 
 
+@lru_cache(maxsize=2)
+def _text_split(model: str) -> TextSplit:
+    # The corpus is read once per process; its blocks depend on the model's context length.
+    return load_lm_split(model)
+
+
 @lru_cache(maxsize=8)
 def _dense_state(path: str) -> dict[str, torch.Tensor]:
     return torch.load(path, map_location="cpu", weights_only=True)
@@ -123,8 +131,16 @@ def _execute(
     if threads is not None:
         torch.set_num_threads(threads)
     config = run.config
-    split = _split(config.dataset, root, config.seed)
     path = checkpoint_path(out_dir, config.dataset, config.model, config.seed, config.train)
+    if config.dataset == TEXT_DATASET:
+        return lm_prune_run(
+            config,
+            _text_split(config.model),
+            _dense_state(str(path)),
+            device=device,
+            track_stages=run.track_stages,
+        )
+    split = _split(config.dataset, root, config.seed)
     return prune_run(
         config, split, _dense_state(str(path)), device=device, track_stages=run.track_stages
     )
@@ -203,7 +219,7 @@ def run_sweep(
         root = None if data_root is None else str(data_root)
         run_seeds = sorted({r.config.seed for r in pending})
         for seed in run_seeds:
-            _split(preset.dataset, root, seed)  # missing or corrupt data fails here
+            _check_data(preset, root, seed)  # missing or corrupt data fails here
         if overwrite:
             set_aside(results.path)
             set_aside(out / FIGURES_NAME)  # drawn from the results just set aside
@@ -296,6 +312,17 @@ def _train_dense(
     for seed in seeds:
         if preset.dense_from is not None:
             _copy_dense(preset, seed, out, out.parent / preset.dense_from)
+        if preset.dataset == TEXT_DATASET:
+            load_or_train_lm(
+                out,
+                preset.model,
+                seed,
+                preset.train,
+                _text_split(preset.model),
+                device=device,
+                progress=progress,
+            )
+            continue
         load_or_train(
             out,
             preset.dataset,
@@ -306,6 +333,14 @@ def _train_dense(
             device=device,
             progress=progress,
         )
+
+
+def _check_data(preset: Preset, root: str | None, seed: int) -> None:
+    """Read the preset's data once, so that missing or corrupt files fail before any run."""
+    if preset.dataset == TEXT_DATASET:
+        _text_split(preset.model)
+    else:
+        _split(preset.dataset, root, seed)
 
 
 def _copy_dense(preset: Preset, seed: int, out: Path, source_dir: Path) -> None:
