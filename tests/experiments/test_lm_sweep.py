@@ -74,7 +74,7 @@ def test_records_carry_the_preset_and_every_measurement(lm_sweep: Path) -> None:
         assert record["finetuned_sparsity"] >= config["sparsity"] - 1e-3  # masks held
         assert [e["epoch"] for e in record["finetune_history"]] == [0, 1]
         # The projections of the GPT-2 blocks are pruned; the tied embedding and head are not.
-        assert "lm.transformer.h.0.attn.c_attn.weight" in record["layer_density"]
+        assert "transformer.h.0.attn.c_attn.weight" in record["layer_density"]
         assert not any("wte" in name or "lm_head" in name for name in record["layer_density"])
 
 

@@ -147,6 +147,10 @@ def load_or_train_lm(
 class NextTokenLogits(nn.Module):
     """A causal LM seen as a classifier of next tokens: ``input_ids -> (N, V, T - 1)`` logits.
 
+    The common tensor-in, tensor-out interface through which ``benchmarks/run.py`` compares
+    lossprune with double-backward, ``torch.func`` and curvlinops on one model (the pruner itself
+    takes the Hugging Face model directly, see :func:`lm_pruner`).
+
     Position ``t`` predicts token ``t + 1``, so with targets ``input_ids[:, 1:]``
     :class:`torch.nn.CrossEntropyLoss` is exactly the model's own shifted token-mean loss, in
     PyTorch's class-dim-1 layout, for which the library has closed forms (no output Hessian is
@@ -164,6 +168,9 @@ class NextTokenLogits(nn.Module):
         return logits[:, :-1].transpose(1, 2)
 
 
+_SCORING_BATCH = 32  # sequences per statistics batch
+
+
 def lm_pruner(
     model: nn.Module,
     criterion: Criterion,
@@ -176,22 +183,16 @@ def lm_pruner(
 ) -> Pruner:
     """The :class:`lossprune.Pruner` of a run: scores on ``examples`` fresh blocks per stage.
 
-    This is the one place that decides how the library sees the language model. Written for
-    the library as it is today: the model is wrapped in :class:`NextTokenLogits` (so names in
-    masks and reports carry the prefix ``lm.``) and scored on ``(input_ids, input_ids[:, 1:])``
-    tensors with :class:`torch.nn.CrossEntropyLoss`. Once the library takes Hugging Face models
-    directly (dict batches, the model's own loss, attention handled by the library), this
-    becomes ``Pruner(model, ..., data=<the training blocks as dict batches>)`` with no
-    ``loss_fn`` and no wrapper.
+    The Hugging Face model itself, on a DataLoader of dict batches ``{"input_ids", "labels"}``
+    with ``loss_fn`` omitted: the loss is the model's own (causal shift, token mean), and the
+    library runs attention with its math kernel inside its curvature passes.
     """
-    blocks = split.train.blocks
     return Pruner(
-        NextTokenLogits(model),
+        model,
         criterion,
         schedule,
-        loss_fn=nn.CrossEntropyLoss(),
-        data=(blocks, blocks[:, 1:]),
-        examples=min(examples, len(blocks)),
+        data=DataLoader(split.train, batch_size=_SCORING_BATCH),
+        examples=min(examples, len(split.train)),
         generator=seed,
         eval_mode=True,
         # ΔL is measured on the training blocks below; per-stage predictions would cost one
