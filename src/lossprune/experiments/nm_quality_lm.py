@@ -51,10 +51,10 @@ class LMQualitySetup:
     train_steps: int = 300
     finetune_steps: int = 30
     batch_size: int = 32
-    score_sequences: int = 64
+    score_sequences: int = 256
     lam: float = 1e-2
-    compensation_lam: float = 1e-1
-    cg_iters: int = 20
+    compensation_lam: float = 1.0
+    cg_iters: int = 10
 
 
 def lm_methods(setup: LMQualitySetup) -> list[Method]:
