@@ -819,3 +819,38 @@ def test_token_logits_closed_form_matches_the_dense_output_hessian():
     )
     with pytest.raises(ValueError, match="class_dim must be 1 or -1"):
         softmax_cross_entropy(logits, labels, class_dim=2)
+
+
+def test_per_example_path_runs_vmapped_not_one_example_at_a_time(monkeypatch):
+    """The generic per-example Fisher vmaps over examples; its one-by-one fallback (for modules
+    that cannot run under vmap, e.g. LSTMs) must not be taken for a plain model, where it is
+    N times slower with the same numbers."""
+    from lossprune._functional import FunctionalModel
+    from lossprune.curvature import diagonals
+
+    calls = []
+    original = FunctionalModel.__call__
+
+    def counting(self, params, inputs):
+        calls.append(1)
+        return original(self, params, inputs)
+
+    monkeypatch.setattr(FunctionalModel, "__call__", counting)
+    model = mlp()
+    params = all_params(model)
+    batch = (torch.randn(6, 4, dtype=DTYPE), torch.tensor([0, 1, 2, 1, 0, 2]))
+    fmodel = FunctionalModel(model, params)
+    cotangents = torch.randn(6, 3, 2, dtype=DTYPE)
+    total = diagonals._sum_squared_per_example_vjps(fmodel, params, batch[0], cotangents, None)
+    assert len(calls) == 1  # one vmapped call over all six examples
+    expected = {k: torch.zeros_like(p) for k, p in params.items()}
+    for n in range(6):
+        for r in range(2):
+            grads = torch.autograd.grad(
+                (model(batch[0][n : n + 1])[0] * cotangents[n, :, r]).sum(),
+                list(model.parameters()),
+            )
+            for (k, _), g in zip(model.named_parameters(), grads):
+                expected[k] += g * g
+    for k in params:
+        torch.testing.assert_close(total[k], expected[k])

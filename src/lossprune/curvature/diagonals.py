@@ -51,12 +51,16 @@ def _squared_pullbacks(
     columns of a block are pulled back together (vmapped).
     """
     pullback = vjp(output, params)[1]
-    sums = {k: torch.zeros_like(p) for k, p in params.items()}
+    sums: Params = {}
     for block in blocks:
         per_column = vmap(lambda c: pullback(c)[0], in_dims=1)(block)
         for k, g in per_column.items():
-            sums[k] += (g * g).sum(0)
-    return sums
+            # Out of place: under vmap over examples the squares are batched and the running
+            # sum must become batched with them (an in-place add into an unbatched zero tensor
+            # raises, and the caller would fall back to one example at a time).
+            square = (g * g).sum(0)
+            sums[k] = square if k not in sums else sums[k] + square
+    return {k: sums.get(k, torch.zeros_like(p)) for k, p in params.items()}
 
 
 def _column_chunks(columns: Tensor, width: int) -> Iterator[Tensor]:
