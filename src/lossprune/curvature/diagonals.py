@@ -40,6 +40,10 @@ Params = dict[str, Tensor]
 
 # Bound on the per-example tensors materialised at once: examples x columns x parameters.
 _PER_EXAMPLE_ELEMENTS = 1 << 24
+# Above this many entries (examples x outputs x columns), the exact square-root columns of a
+# tensor-input model are built block by block, one example at a time, like a keyword-input
+# model's: a language model's (N, T·V, T·V) matrix does not fit in memory.
+_DENSE_COLUMN_ELEMENTS = 1 << 26
 
 
 def _squared_pullbacks(
@@ -122,27 +126,31 @@ def _sum_squared_per_example_vjps(
 def _sum_squared_vjps_one_by_one(
     fmodel: FunctionalModel,
     params: Params,
-    inputs: ModelInputs,
+    inputs: ModelInputs | Tensor,
     examples: int,
     blocks_of: Callable[[int, int], Iterable[Tensor]],
     fixed: Params,
 ) -> Params:
-    r""":math:`\sum_n \sum_r (J_n^\top c_{nr})^2` for keyword inputs, one example at a time.
+    r""":math:`\sum_n \sum_r (J_n^\top c_{nr})^2`, one example at a time, columns in blocks.
 
-    A model called with keyword inputs (a Hugging Face model) is not vmapped over examples;
-    ``blocks_of(n, width)`` yields example ``n``'s columns ``width`` at a time, so that the
-    columns of a language model's (T·V)-dimensional output space never exist all at once.
+    Used for keyword inputs (a Hugging Face model is not vmapped over examples) and for an exact
+    diagonal whose dense columns would not fit in memory: ``blocks_of(n, width)`` yields
+    example ``n``'s columns ``width`` at a time, so that the columns of a language model's
+    (T·V)-dimensional output space never exist all at once.
     """
     at_once = _columns_per_call(params)
     total = {k: torch.zeros_like(p) for k, p in params.items()}
     for n in range(examples):
-        output = partial(_example_outputs, fmodel, fixed, inputs.rows(n, n + 1))
+        row = inputs[n : n + 1] if isinstance(inputs, Tensor) else inputs.rows(n, n + 1)
+        output = partial(_example_outputs, fmodel, fixed, row)
         for k, v in _squared_pullbacks(output, params, blocks_of(n, at_once)).items():
             total[k] += v
     return total
 
 
-def _example_outputs(fmodel: FunctionalModel, fixed: Params, row: ModelInputs, p: Params) -> Tensor:
+def _example_outputs(
+    fmodel: FunctionalModel, fixed: Params, row: ModelInputs | Tensor, p: Params
+) -> Tensor:
     """The flattened outputs of one example ``row`` (a batch of one) at ``p``."""
     return fmodel({**fixed, **p}, row).reshape(-1)
 
@@ -277,9 +285,21 @@ def _diag_from_cotangents(
         total = layer_ggn_diag(model, params, inputs, remember).sums
         cotangents = drawn[0] if drawn else None
     rest = {k: v for k, v in params.items() if k not in total}
-    if rest and isinstance(inputs, ModelInputs):
+    # Keyword inputs are not vmapped over examples, and an exact diagonal whose dense columns
+    # would not fit in memory (a language model's (N, T·V, T·V)) is built block by block: both
+    # go one example at a time.
+    outputs = None
+    if rest and cotangents is None and samples == 0 and isinstance(inputs, Tensor):
         with torch.no_grad():
-            space = output_curvature(loss_fn, fmodel(params, inputs), targets)
+            outputs = fmodel(params, inputs)
+        if _dense_columns_fit(outputs):
+            cotangents = cotangents_of(outputs)
+    blockwise = isinstance(inputs, ModelInputs) or (outputs is not None and cotangents is None)
+    if rest and blockwise:
+        with torch.no_grad():
+            if outputs is None:
+                outputs = fmodel(params, inputs)
+            space = output_curvature(loss_fn, outputs, targets)
         fixed = {k: v for k, v in params.items() if k in total}
         blocks_of: Callable[[int, int], Iterable[Tensor]]
         if samples == 0:
@@ -339,3 +359,11 @@ def hutchinson(
     z = {k: rademacher((probes, *p.shape), p, generator) for k, p in params.items()}
     loss, grads, hz = hvp(model, params, batch, loss_fn, z, chunk_size=chunk_size)
     return CurvatureProducts(loss, grads, {k: (z[k] * hz[k]).mean(0) for k in params})
+
+
+def _dense_columns_fit(outputs: Any) -> bool:
+    """Whether the ``(N, O, O)`` square-root columns of tensor outputs stay under the bound."""
+    if not isinstance(outputs, Tensor) or outputs.dim() == 0:
+        return True
+    per_example = outputs[0].numel()
+    return len(outputs) * per_example * per_example <= _DENSE_COLUMN_ELEMENTS
