@@ -59,10 +59,9 @@ def load_or_train(
     the training time.
     """
     path = checkpoint_path(out_dir, dataset, model, seed, setup)
-    log_path = path.with_suffix(".json")
-    if path.exists() and log_path.exists():
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        return state, json.loads(log_path.read_text())
+    cached = read_cached(path)
+    if cached is not None:
+        return cached
     network = fresh_model(model, split, seed)
     start = time.perf_counter()
     history = train(
@@ -86,7 +85,24 @@ def load_or_train(
         "history": history,
         "seconds": time.perf_counter() - start,
     }
+    return write_cached(path, network, log)
+
+
+def read_cached(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
+    """The cached ``state_dict`` (on CPU) and log at ``path`` (and its ``.json``), if both exist."""
+    log_path = path.with_suffix(".json")
+    if not (path.exists() and log_path.exists()):
+        return None
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    return state, json.loads(log_path.read_text())
+
+
+def write_cached(
+    path: Path, network: nn.Module, log: dict[str, Any]
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Cache ``network``'s ``state_dict`` (on CPU) and ``log``; return both."""
     state = {k: v.detach().cpu() for k, v in network.state_dict().items()}
+    log_path = path.with_suffix(".json")
     path.parent.mkdir(parents=True, exist_ok=True)
     # Write to temporary names first: a killed process must not leave a half-written cache.
     torch.save(state, path.with_suffix(".pt.tmp"))

@@ -18,7 +18,6 @@ How the pruner sees the model is decided in ONE place, :func:`lm_pruner`; see it
 
 from __future__ import annotations
 
-import json
 import math
 import time
 import warnings
@@ -34,7 +33,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 import lossprune
 from lossprune import Criterion, NonFiniteError, Pruner, Schedule
 
-from .checkpoints import checkpoint_path
+from .checkpoints import checkpoint_path, read_cached, write_cached
 from .lm import LMConfig, build_tiny_lm, evaluate_lm, train_lm
 from .presets import TEXT_DATASET, TrainSetup
 from .records import RunConfig
@@ -107,10 +106,9 @@ def load_or_train_lm(
     hash of the training setup.
     """
     path = checkpoint_path(out_dir, TEXT_DATASET, model, seed, setup)
-    log_path = path.with_suffix(".json")
-    if path.exists() and log_path.exists():
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        return state, json.loads(log_path.read_text())
+    cached = read_cached(path)
+    if cached is not None:
+        return cached
     network = fresh_lm(model, seed)
     start = time.perf_counter()
     history = train_lm(
@@ -134,14 +132,7 @@ def load_or_train_lm(
         "val": val._asdict(),
         "seconds": time.perf_counter() - start,
     }
-    state = {k: v.detach().cpu() for k, v in network.state_dict().items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Temporary names first: a killed process must not leave a half-written cache.
-    torch.save(state, path.with_suffix(".pt.tmp"))
-    log_path.with_suffix(".json.tmp").write_text(json.dumps(log, indent=1))
-    path.with_suffix(".pt.tmp").replace(path)
-    log_path.with_suffix(".json.tmp").replace(log_path)
-    return state, log
+    return write_cached(path, network, log)
 
 
 class NextTokenLogits(nn.Module):
