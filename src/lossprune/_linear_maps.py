@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from torch import nn
 from torch.nn.modules.conv import _ConvNd
 
-__all__ = ["WeightMatrix", "weight_matrices", "dense_by_default"]
+__all__ = ["WeightMatrix", "dense_by_default", "is_hf_conv1d", "weight_matrices"]
 
 
 @dataclass(frozen=True)
@@ -48,7 +48,8 @@ class WeightMatrix:
     input_axes: tuple[int, ...]
 
 
-def _is_hf_conv1d(module: nn.Module) -> bool:
+def is_hf_conv1d(module: nn.Module) -> bool:
+    """Whether ``module`` is Hugging Face's ``transformers.pytorch_utils.Conv1D``."""
     # Matched by name, so that lossprune never imports transformers just to look at a model.
     cls = type(module)
     return cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers.")
@@ -69,7 +70,7 @@ def weight_matrices(module: nn.Module) -> dict[str, WeightMatrix]:
         ndim = 0 if weight is None else weight.dim()
         axes = (0, *range(2, ndim)) if module.transposed else tuple(range(1, ndim))
         found = {"weight": WeightMatrix(kind, axes)} if weight is not None else {}
-    elif _is_hf_conv1d(module):
+    elif is_hf_conv1d(module):
         found = {"weight": WeightMatrix("Conv1D (Hugging Face)", (0,))}
     elif isinstance(module, nn.MultiheadAttention):
         found = {

@@ -27,13 +27,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._functional import FunctionalModel
+from .._linear_maps import is_hf_conv1d
 
 __all__ = ["input_sq_norms"]
-
-
-def _is_hf_conv1d(module: nn.Module) -> bool:
-    cls = type(module)
-    return cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers.")
 
 
 def _linear(module: nn.Module, x: Tensor) -> Tensor:
@@ -74,7 +70,7 @@ def _rule(module: nn.Module, attribute: str) -> Callable[[nn.Module, Tensor], Te
         return "it is not the weight matrix of a linear map"
     if isinstance(module, nn.Linear):
         return _linear
-    if _is_hf_conv1d(module):
+    if is_hf_conv1d(module):
         return _hf_conv1d
     if isinstance(module, (nn.Conv1d, nn.Conv2d)):
         if isinstance(module.padding, str) or module.padding_mode != "zeros":
