@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import math
 import time
-import warnings
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -37,7 +36,7 @@ from .checkpoints import checkpoint_path, read_cached, write_cached
 from .lm import LMConfig, build_tiny_lm, evaluate_lm, train_lm
 from .presets import TEXT_DATASET, TrainSetup
 from .records import RunConfig
-from .run import make_criterion, make_schedule, stage_record, tracked_stage
+from .run import diverged_record, make_criterion, make_schedule, run_stages
 from .text import TextSplit, load_text_split
 
 __all__ = [
@@ -257,24 +256,15 @@ def lm_prune_run(
         seed=config.seed,
         min_density=config.min_density,
     )
-    curve = [{"stage": 0, "sparsity": 0.0, "train_loss": dense["train_loss"]}]
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        try:
-            while not pruner.finished:
-                report = pruner.step()
-                if track_stages and tracked_stage(report.stage, config.stages):
-                    loss = evaluate_lm(model, _loader(train_set), device).loss
-                    curve.append(
-                        {"stage": report.stage, "sparsity": report.sparsity, "train_loss": loss}
-                    )
-        except NonFiniteError as error:
-            return _diverged(record, error, start)
-    record["warnings"] = sorted({str(w.message) for w in caught})
+    try:
+        run_stages(
+            pruner, record, stages=config.stages, dense_loss=dense["train_loss"],
+            train_loss=lambda: evaluate_lm(model, _loader(train_set), device).loss,
+            track_stages=track_stages,
+        )  # fmt: skip
+    except NonFiniteError as error:
+        return diverged_record(record, error, start)
     prune_seconds = time.perf_counter() - prune_start
-    record.update(stage_record(pruner))
-    if track_stages:
-        record["loss_curve"] = curve
     pruned = measure_lm(model, split, train_set, device)
     record["pruned"] = pruned
     record["delta_loss"] = pruned["train_loss"] - dense["train_loss"]
@@ -294,7 +284,7 @@ def lm_prune_run(
             pruner=pruner,
         )
     except FloatingPointError as error:
-        return _diverged(record, error, start)
+        return diverged_record(record, error, start)
     finetuned = measure_lm(model, split, train_set, device)
     # One cosine schedule over the whole fine-tune: its end is the only point where the
     # learning rate has come down, so the history is right after pruning and at the end.
@@ -316,10 +306,3 @@ def lm_prune_run(
 
 def _val_metrics(metrics: dict[str, float]) -> dict[str, float]:
     return {k: v for k, v in metrics.items() if k.startswith("val_")}
-
-
-def _diverged(record: dict[str, Any], error: Exception, start: float) -> dict[str, Any]:
-    record["status"] = "diverged"
-    record["error"] = str(error)
-    record["seconds"] = {"total": time.perf_counter() - start}
-    return record

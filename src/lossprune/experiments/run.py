@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -46,6 +47,8 @@ __all__ = [
     "measure",
     "tracked_stage",
     "stage_record",
+    "run_stages",
+    "diverged_record",
     "prune_run",
 ]
 
@@ -174,25 +177,15 @@ def prune_run(
         min_density=config.min_density,
         update=_update(config),
     )
-    curve = [{"stage": 0, "sparsity": 0.0, "train_loss": dense["train_loss"]}]
-    # Layer-collapse warnings are a result here (PAPER.md, finding 2): keep them in the record.
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        try:
-            while not pruner.finished:
-                report = pruner.step()
-                if track_stages and tracked_stage(report.stage, config.stages):
-                    loss = evaluate(model, train_set, device=device)[0]
-                    curve.append(
-                        {"stage": report.stage, "sparsity": report.sparsity, "train_loss": loss}
-                    )
-        except NonFiniteError as error:
-            return _diverged(record, error, start)
-    record["warnings"] = sorted({str(w.message) for w in caught})
+    try:
+        run_stages(
+            pruner, record, stages=config.stages, dense_loss=dense["train_loss"],
+            train_loss=lambda: evaluate(model, train_set, device=device)[0],
+            track_stages=track_stages,
+        )  # fmt: skip
+    except NonFiniteError as error:
+        return diverged_record(record, error, start)
     prune_seconds = time.perf_counter() - prune_start
-    record.update(stage_record(pruner))
-    if track_stages:
-        record["loss_curve"] = curve
     pruned = measure(model, split, train_set, device)
     record["pruned"] = pruned
     record["delta_loss"] = pruned["train_loss"] - dense["train_loss"]
@@ -213,7 +206,7 @@ def prune_run(
             masks=pruner.masks,
         )
     except FloatingPointError as error:
-        return _diverged(record, error, start)
+        return diverged_record(record, error, start)
     record["finetune_history"] = [
         {"epoch": 0, "val_loss": pruned["val_loss"], "val_error": pruned["val_error"]},
         *history,
@@ -259,8 +252,42 @@ def _update(config: RunConfig) -> Compensation | None:
     return Compensation(lam=config.update_lam, auto_lam=config.auto_lam)
 
 
-def _diverged(record: dict[str, Any], error: Exception, start: float) -> dict[str, Any]:
+def diverged_record(record: dict[str, Any], error: Exception, start: float) -> dict[str, Any]:
+    """``record`` marked as diverged (a non-finite loss or score stopped the run)."""
     record["status"] = "diverged"
     record["error"] = str(error)
     record["seconds"] = {"total": time.perf_counter() - start}
     return record
+
+
+def run_stages(
+    pruner: Pruner,
+    record: dict[str, Any],
+    *,
+    stages: int,
+    dense_loss: float,
+    train_loss: Callable[[], float],
+    track_stages: bool,
+) -> None:
+    """Run every stage of ``pruner``; warnings, stage record and loss curve go in ``record``.
+
+    ``train_loss()`` measures the model at tracked stages (:func:`tracked_stage`) when
+    ``track_stages``; the curve starts at the dense loss.
+
+    Raises:
+        NonFiniteError: a stage met a non-finite loss or score (the caller records divergence).
+    """
+    curve = [{"stage": 0, "sparsity": 0.0, "train_loss": dense_loss}]
+    # Layer-collapse warnings are a result here (PAPER.md, finding 2): keep them in the record.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        while not pruner.finished:
+            report = pruner.step()
+            if track_stages and tracked_stage(report.stage, stages):
+                curve.append(
+                    {"stage": report.stage, "sparsity": report.sparsity, "train_loss": train_loss()}
+                )
+    record["warnings"] = sorted({str(w.message) for w in caught})
+    record.update(stage_record(pruner))
+    if track_stages:
+        record["loss_curve"] = curve
