@@ -9,7 +9,7 @@ CPU: one ``nn.Linear(4096, 4096)`` at batch 128, float32, pruned to each sparsit
 (50 ... 99 %) in two patterns, then measured with :func:`lossprune.sparse.speed_report`, which
 checks each sparse form against dense before timing them in interleaved rounds:
 
-- ``unstructured``: the lowest-magnitude weights (``lossprune.masks.select_masks`` on |W|),
+- ``unstructured``: the lowest-magnitude weights (``lossprune.selection.select_masks`` on |W|),
   exported as CSR;
 - ``blocks``: whole 32 x 32 tiles with the lowest Frobenius norms, exported as CSR and as BSR
   with the same 32 x 32 blocks.
@@ -32,7 +32,7 @@ import time
 import torch
 from torch import nn
 
-from lossprune.masks import select_masks
+from lossprune.selection import select_masks
 from lossprune.sparse import nm_mask, speed_report
 
 CPU_SPARSITIES = (0.5, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98, 0.99)

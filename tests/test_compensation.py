@@ -17,7 +17,7 @@ from lossprune import (
     Pruner,
     QuadraticModel,
 )
-from lossprune.updates import CGResult, compensation_step, trust_region_step
+from lossprune.pruning.updates import CGResult, compensation_step, trust_region_step
 from tests import brute_force as bf
 from tests.conftest import make_mlp
 

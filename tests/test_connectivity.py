@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from lossprune import LayerCollapseError, LayerCollapseWarning, LinearSchedule, Magnitude, Pruner
-from lossprune._connectivity import connectivity, trace_chain
+from lossprune.selection._connectivity import connectivity, trace_chain
 from tests.conftest import make_cnn, make_mlp
 
 

@@ -35,8 +35,8 @@ from lossprune import (
     SynFlow,
     scores,
 )
-from lossprune.masks import from_torch_prune
-from lossprune.updates import CompensationState
+from lossprune.pruning.updates import CompensationState
+from lossprune.selection import from_torch_prune
 from tests.conftest import make_mlp
 
 CE = nn.CrossEntropyLoss()

@@ -20,7 +20,6 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import lossprune
 from lossprune import curvature
-from lossprune._diagnostics import curvature_product
 from lossprune.curvature import (
     NonFiniteError,
     Statistic,
@@ -32,6 +31,7 @@ from lossprune.curvature import (
     hvp,
     loss_and_grad,
 )
+from lossprune.pruning._diagnostics import curvature_product
 from tests import brute_force as bf
 
 DTYPE = torch.float64
@@ -825,7 +825,7 @@ def test_per_example_path_runs_vmapped_not_one_example_at_a_time(monkeypatch):
     """The generic per-example Fisher vmaps over examples; its one-by-one fallback (for modules
     that cannot run under vmap, e.g. LSTMs) must not be taken for a plain model, where it is
     N times slower with the same numbers."""
-    from lossprune._functional import FunctionalModel
+    from lossprune._common.functional import FunctionalModel
     from lossprune.curvature import diagonals
 
     calls = []

@@ -1,7 +1,7 @@
 """The documentation keeps up with the code: every public name documented, every error listed.
 
 - every name in ``lossprune.__all__`` and every public function and class of
-  ``lossprune.curvature``, ``lossprune.masks`` and ``lossprune.sparse`` has a docstring and an
+  ``lossprune.curvature``, ``lossprune.selection`` and ``lossprune.sparse`` has a docstring and an
   entry in ``docs/api.rst``;
 - ``docs/errors.csv`` (rendered by ``docs/errors.rst``) lists every ``raise`` of the library and
   of the reproduction (``lossprune.experiments``, whose command line prints each as one line),

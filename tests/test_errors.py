@@ -22,7 +22,7 @@ from lossprune import (
     scores,
 )
 from lossprune import curvature as cv
-from lossprune import masks as lm
+from lossprune import selection as lm
 from tests.conftest import make_mlp
 
 CE = nn.CrossEntropyLoss()

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from lossprune import LinearModel, LinearSchedule, Pruner, keep_pruned_at_zero
-from lossprune.mask_hooks import unwrap_optimizer
+from lossprune.selection import unwrap_optimizer
 from tests.conftest import make_mlp
 
 CE = nn.CrossEntropyLoss()

@@ -1,4 +1,4 @@
-"""Tests for lossprune.masks: exact-k selection, tie-breaking, limits, application, converters."""
+"""lossprune.selection's masks: exact-k selection, tie-breaking, limits, application, converters."""
 
 import copy
 import math
@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from torch import nn
 from torch.nn.utils import prune
 
-from lossprune.masks import (
+from lossprune.selection import (
     apply_masks,
     count_pruned,
     from_torch_prune,
@@ -574,7 +574,7 @@ def test_to_torch_prune_bad_names_raise():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_lowest_numpy_fast_path_equals_its_torch_twin(dtype):
-    from lossprune.masks import _lowest, _lowest_torch
+    from lossprune.selection.masks import _lowest, _lowest_torch
 
     generator = torch.Generator().manual_seed(0)
     keys = torch.randint(-5, 5, (1000,), generator=generator).to(dtype)  # many ties

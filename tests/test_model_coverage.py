@@ -10,7 +10,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from lossprune import ExponentialSchedule, LinearSchedule, Magnitude, Pruner, QuadraticModel, scores
-from lossprune.masks import from_torch_prune, to_torch_prune
+from lossprune.selection import from_torch_prune, to_torch_prune
 from tests import brute_force as bf
 
 CE = nn.CrossEntropyLoss()
@@ -190,7 +190,7 @@ def test_keyboard_interrupt_leaves_a_consistent_state(monkeypatch):
     pruner.step()
     weights = copy.deepcopy(model.state_dict())
     masks = {k: m.clone() for k, m in pruner.masks.items()}
-    import lossprune.selection as selection_module
+    import lossprune.selection.structures as selection_module
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt

@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from lossprune import masks as lm
-from lossprune._linear_maps import weight_matrices
+from lossprune import selection as lm
+from lossprune._common.linear_maps import weight_matrices
 from tests.hf_models import tiny_bert, tiny_gpt2, tiny_llama, transformers
 
 

@@ -38,9 +38,9 @@ def test_readme_usage_example_runs_and_prunes(capsys):
     "module",
     [
         "lossprune.schedules",
-        "lossprune.masks",
-        "lossprune.scoring",
-        "lossprune.pruner",
+        "lossprune.selection.prunable",
+        "lossprune.pruning.scoring",
+        "lossprune.pruning.pruner",
         "lossprune.criteria.magnitude",
     ],
 )

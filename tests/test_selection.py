@@ -5,8 +5,7 @@ import torch
 from torch import nn
 
 from lossprune import Global, Layerwise, LinearSchedule, Magnitude, Pruner, Selection
-from lossprune.masks import select_masks
-from lossprune.selection import ParameterLayout, as_selection, parameter_layouts
+from lossprune.selection import ParameterLayout, as_selection, parameter_layouts, select_masks
 from tests.conftest import make_cnn, make_mlp
 from tests.hf_models import tiny_gpt2
 

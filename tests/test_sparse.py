@@ -16,12 +16,13 @@ from hypothesis import strategies as st
 from torch import nn
 from torch.nn.utils import parametrize, prune
 
-from lossprune import LinearSchedule, Magnitude, Pruner, _speed_report
+from lossprune import LinearSchedule, Magnitude, Pruner
 from lossprune.sparse import (
     FormTiming,
     LayerTiming,
     SparseLinear,
     SpeedReport,
+    _timing,
     is_nm,
     nm_mask,
     speed_report,
@@ -98,7 +99,7 @@ def assert_close_to_dense(sparse_out, dense_out, tol=1e-12):
     assert torch.allclose(sparse_out, dense_out, rtol=0, atol=tol * scale)
 
 
-@pytest.mark.parametrize("module", ["lossprune.sparse", "lossprune._nm"])
+@pytest.mark.parametrize("module", ["lossprune.sparse", "lossprune.selection.nm"])
 def test_docstring_examples(module):
     result = doctest.testmod(importlib.import_module(module), optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0 and result.failed == 0
@@ -540,7 +541,7 @@ def test_speed_report_flags_a_sparse_form_that_disagrees(monkeypatch):
         def forward(self, x):  # one part in 10^9: far above float64 rounding
             return super().forward(x) * (1 + 1e-9)
 
-    monkeypatch.setattr(_speed_report, "SparseLinear", Off)
+    monkeypatch.setattr(_timing, "SparseLinear", Off)
     report = speed_report(pruned_net(), torch.randn(4, 16, dtype=F64), repeats=1)
     assert not report.all_agree and not report.layers[0].forms[0].agrees
     assert "MISMATCH" in str(report)

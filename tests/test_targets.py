@@ -14,8 +14,7 @@ from lossprune import (
     QuadraticModel,
     Targets,
 )
-from lossprune.masks import select_masks
-from lossprune.selection import parameter_layouts
+from lossprune.selection import parameter_layouts, select_masks
 from lossprune.sparse import is_nm
 from tests.test_contract import raw
 

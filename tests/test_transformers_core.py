@@ -25,8 +25,8 @@ from lossprune import (
     SynFlow,
     scores,
 )
-from lossprune._batches import Batch, ModelInputs, ModelLoss, to_batch
-from lossprune._data import random_subset
+from lossprune._common.batches import Batch, ModelInputs, ModelLoss, to_batch
+from lossprune._common.data import random_subset
 from lossprune.curvature import (
     Statistic,
     compute_statistics,
@@ -37,7 +37,7 @@ from lossprune.curvature import (
     hvp,
     loss_and_grad,
 )
-from lossprune.masks import prunable_parameters
+from lossprune.selection import prunable_parameters
 from tests import brute_force as bf
 from tests.hf_models import TokenBlocks, tiny_bert, tiny_gpt2, tiny_llama, transformers
 

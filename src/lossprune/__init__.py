@@ -11,7 +11,7 @@ Unstructured Pruning" (arXiv:2006.12279)::
 
 from importlib.metadata import PackageNotFoundError, version
 
-from ._batches import ModelLoss
+from ._common.batches import ModelLoss
 from .criteria import (
     OBD,
     Criterion,
@@ -24,13 +24,25 @@ from .criteria import (
     Wanda,
 )
 from .curvature import NonFiniteError
-from .mask_hooks import MaskHandle, keep_pruned_at_zero
-from .pruner import Pruner
-from .reports import LayerCollapseError, LayerCollapseWarning, StageReport
+from .pruning import (
+    Compensation,
+    LayerCollapseError,
+    LayerCollapseWarning,
+    Pruner,
+    StageReport,
+    scores,
+)
 from .schedules import ExponentialSchedule, LinearSchedule, Schedule
-from .scoring import scores
-from .selection import NM, Blocks, Global, Layerwise, Selection, Targets
-from .updates import Compensation
+from .selection import (
+    NM,
+    Blocks,
+    Global,
+    Layerwise,
+    MaskHandle,
+    Selection,
+    Targets,
+    keep_pruned_at_zero,
+)
 
 try:
     __version__ = version("lossprune")

@@ -1,4 +1,4 @@
-"""Multi-stage pruning schedules (layer 1 of DESIGN.md).
+"""Multi-stage pruning schedules (layer 1 of docs/architecture.md).
 
 A schedule reaches a target sparsity ``p`` (fraction of prunable weights that are zero) in
 ``stages`` steps ``p_1 <= p_2 <= ... <= p_stages = p``. Laurent et al. (2020, arXiv:2006.12279,
@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
-from ._checks import check_fraction, check_positive_int, is_int
+from ._common.checks import check_fraction, check_positive_int, is_int
 
 __all__ = ["Schedule", "LinearSchedule", "ExponentialSchedule"]
 

@@ -209,7 +209,7 @@ def test_composition_scores_add_and_scale(mlp, mlp_batch):
 
 
 def test_composition_computes_shared_statistics_once(mlp, mlp_batch, monkeypatch):
-    import lossprune.scoring as scoring
+    import lossprune.pruning.scoring as scoring
 
     calls = []
     original = scoring.compute_statistics

@@ -7,7 +7,7 @@ from torch import nn
 
 from lossprune import LinearSchedule, Pruner, QuadraticModel, Wanda, scores
 from lossprune.curvature import Statistic, compute_statistics
-from lossprune.masks import select_masks
+from lossprune.selection import select_masks
 
 transformers = pytest.importorskip("transformers")
 Conv1D = transformers.pytorch_utils.Conv1D

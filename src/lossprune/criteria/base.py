@@ -1,9 +1,9 @@
 """The :class:`Criterion` protocol and its composition by ``+`` and scalar ``*``.
 
 A criterion maps the prunable parameters and the statistics it asked for to per-weight scores,
-LOWER = PRUNED FIRST (layer 3 of DESIGN.md). It never computes statistics itself: it declares them
-in :meth:`Criterion.requests`, so that a sum of criteria computes the union of their statistics in
-ONE shared pass over the data.
+LOWER = PRUNED FIRST (layer 3 of docs/architecture.md). It never computes statistics itself: it
+declares them in :meth:`Criterion.requests`, so that a sum of criteria computes the union of
+their statistics in ONE shared pass over the data.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .._checks import is_real
+from .._common.checks import is_real
 from ..curvature import LossFn, Statistic, Statistics
 
 __all__ = ["Criterion", "GroupSum", "ScoringContext", "SumCriterion", "ScaledCriterion"]

@@ -8,7 +8,7 @@ from typing import Any
 
 from torch import Tensor
 
-from .._checks import is_real
+from .._common.checks import is_real
 from ..curvature import LossFn, Statistic
 from .base import Criterion, ScoringContext
 

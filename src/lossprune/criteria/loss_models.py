@@ -19,7 +19,7 @@ from dataclasses import KW_ONLY, dataclass
 
 from torch import Tensor
 
-from .._checks import check_lam, check_positive_int
+from .._common.checks import check_lam, check_positive_int
 from ..curvature import Statistic
 from .base import Criterion, GroupSum, ScoringContext
 

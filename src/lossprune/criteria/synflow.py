@@ -11,9 +11,9 @@ from torch import Tensor
 from torch.func import functional_call
 from torch.utils._pytree import tree_leaves
 
-from .._batches import ModelInputs
-from .._checks import is_int
-from .._data import first_batch
+from .._common.batches import ModelInputs
+from .._common.checks import is_int
+from .._common.data import first_batch
 from .base import Criterion, ScoringContext
 
 __all__ = ["SynFlow"]

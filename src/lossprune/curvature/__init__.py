@@ -1,6 +1,6 @@
 r"""Curvature core: gradients, curvature-vector products and curvature diagonals.
 
-Layer 2 of DESIGN.md. Pure functions of a model called functionally
+Layer 2 of docs/architecture.md. Pure functions of a model called functionally
 (:func:`torch.func.functional_call`) at a dict ``params`` of tensors keyed by qualified parameter
 name; derivatives are taken with respect to ``params`` only, every other parameter and buffer of
 the model is held fixed (buffers are cloned, never mutated).
@@ -34,6 +34,8 @@ dataset-mean loop), :mod:`~lossprune.curvature.layers` (the table of per-layer r
 two fast paths that read it, :mod:`~lossprune.curvature.chain` and
 :mod:`~lossprune.curvature.contractions`, and :mod:`~lossprune.curvature.layout` (the proof that
 a layer's input is laid out per example).
+
+It imports :mod:`lossprune._common` only: it knows nothing of criteria, masks or pruners.
 """
 
 from .diagonals import fisher_diag, fisher_diag_mc, hutchinson_diag

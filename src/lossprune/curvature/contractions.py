@@ -25,7 +25,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from .._functional import FunctionalModel
+from .._common.functional import FunctionalModel
 from .layers import LayerRule, fast_paths_allowed, parameter_uses, rule_for
 from .layout import proven_layers
 

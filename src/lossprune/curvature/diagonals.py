@@ -27,9 +27,9 @@ import torch
 from torch import Tensor, nn
 from torch.func import vjp, vmap
 
-from .._batches import Batch, ModelInputs
-from .._checks import check_positive_int
-from .._functional import FunctionalModel
+from .._common.batches import Batch, ModelInputs
+from .._common.checks import check_positive_int
+from .._common.functional import FunctionalModel
 from .contractions import covered_parameters, layer_ggn_diag
 from .outputs import LossFn, flatten_example, output_curvature, rademacher
 from .products import CurvatureProducts, hvp, prepare
@@ -208,7 +208,8 @@ def fisher_diag(
     Args:
         model: the network, called functionally (never modified); returns one tensor.
         params: tensors to differentiate with respect to, by qualified parameter name.
-        batch: ``(inputs, targets)``, a nested tuple or a mapping (:mod:`lossprune._batches`).
+        batch: ``(inputs, targets)``, a nested tuple or a mapping
+            (:mod:`lossprune._common.batches`).
         loss_fn: the batch loss ``loss_fn(outputs, targets)``, a mean (:mod:`.outputs`);
             ``None``: a Hugging Face model's own loss.
         chunk_size: examples processed at once (default: bounded by ``2**24`` per-example numbers).

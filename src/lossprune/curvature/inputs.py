@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._functional import FunctionalModel
-from .._linear_maps import is_hf_conv1d
+from .._common.functional import FunctionalModel
+from .._common.linear_maps import is_hf_conv1d
 
 __all__ = ["input_sq_norms"]
 

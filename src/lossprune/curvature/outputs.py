@@ -50,7 +50,7 @@ from torch import Tensor, nn
 from torch.func import grad_and_value, hessian, vjp, vmap
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from .._batches import ModelLoss
+from .._common.batches import ModelLoss
 from .errors import NonFiniteError
 
 __all__ = [

@@ -24,8 +24,8 @@ from torch import Tensor, nn
 from torch.func import grad_and_value, jvp, vjp, vmap
 from torch.utils._pytree import tree_map
 
-from .._batches import Batch, resolve_loss, to_batch
-from .._functional import FunctionalModel, check_deterministic
+from .._common.batches import Batch, resolve_loss, to_batch
+from .._common.functional import FunctionalModel, check_deterministic
 from .chain import Chain, find_chain, run_chain
 from .layers import NotAChain
 from .outputs import LossFn, check_reduction, loss_and_output_grad, output_curvature
@@ -110,7 +110,8 @@ def check_inputs(model: nn.Module, loss_fn: object) -> None:
 
     Raises:
         ValueError: a model whose forward pass is random or uses batch statistics
-            (:func:`~lossprune._functional.check_deterministic`), or a loss that is not a mean.
+            (:func:`~lossprune._common.functional.check_deterministic`), or a loss that is not
+            a mean.
     """
     check_reduction(loss_fn)
     check_deterministic(model)
@@ -119,8 +120,8 @@ def check_inputs(model: nn.Module, loss_fn: object) -> None:
 def prepare(model: nn.Module, loss_fn: LossFn | None, batch: Any) -> tuple[LossFn, Batch]:
     """The loss and the batch in the library's form, checked (:func:`check_inputs`).
 
-    ``None`` is the model's own loss (:func:`~lossprune._batches.resolve_loss`); the batch
-    takes the form of :func:`~lossprune._batches.to_batch`.
+    ``None`` is the model's own loss (:func:`~lossprune._common.batches.resolve_loss`); the batch
+    takes the form of :func:`~lossprune._common.batches.to_batch`.
     """
     loss = resolve_loss(model, loss_fn)
     check_inputs(model, loss)
@@ -132,8 +133,8 @@ def loss_and_grad(
 ) -> GradientResult:
     """Batch loss and its gradient with respect to ``params`` (one forward, one backward).
 
-    ``batch`` is any form of :mod:`lossprune._batches` (a pair, a nested tuple, a mapping with
-    ``labels``); ``loss_fn=None`` is the model's own loss for a Hugging Face model. The model
+    ``batch`` is any form of :mod:`lossprune._common.batches` (a pair, a nested tuple, a mapping
+    with ``labels``); ``loss_fn=None`` is the model's own loss for a Hugging Face model. The model
     may return any pytree (tuple, dict) that ``loss_fn`` unpacks.
     """
     loss_fn, batch = prepare(model, loss_fn, batch)
@@ -178,7 +179,8 @@ def hvp(
     Args:
         model: the network, called functionally (never modified).
         params: tensors to differentiate with respect to, by qualified parameter name.
-        batch: ``(inputs, targets)``, a nested tuple or a mapping (:mod:`lossprune._batches`).
+        batch: ``(inputs, targets)``, a nested tuple or a mapping
+            (:mod:`lossprune._common.batches`).
         loss_fn: the batch loss ``loss_fn(outputs, targets)``, a mean (:mod:`.outputs`);
             ``None``: a Hugging Face model's own loss.
         vectors: for every name in ``params``, a tensor of shape ``(k, *param.shape)``.

@@ -1,8 +1,8 @@
 r"""Statistics over a whole dataset in one pass, and the ONE dataset-mean loop behind them.
 
 Every quantity the library sums over data — the statistics of :func:`compute_statistics`, the
-products behind the stage report (:mod:`lossprune._diagnostics`) and the compensation solver —
-is the mean of the loss over ALL the units of the data, computed by :func:`dataset_mean`:
+products behind the stage report (:mod:`lossprune.pruning._diagnostics`) and the compensation
+solver — is the mean of the loss over ALL the units of the data, computed by :func:`dataset_mean`:
 iterate over the batches, weight the per-batch means by the loss's normaliser :math:`Z_b`
 (:func:`~.outputs.loss_normaliser`: the non-ignored targets, or their class weights),
 accumulate in the statistics dtype (at least float32), all-reduce over the ranks of an
@@ -24,11 +24,11 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .._batches import resolve_loss
-from .._checks import check_positive_int
-from .._data import is_single_batch, iter_batches
-from .._distributed import all_reduce_floats, all_reduce_sum
-from .._functional import FunctionalModel, statistics_dtype
+from .._common.batches import resolve_loss
+from .._common.checks import check_positive_int
+from .._common.data import is_single_batch, iter_batches
+from .._common.distributed import all_reduce_floats, all_reduce_sum
+from .._common.functional import FunctionalModel, statistics_dtype
 from .diagonals import fisher_diag, fisher_diag_mc, hutchinson, warn_exact_fisher_cost
 from .errors import check_finite
 from .inputs import input_sq_norms
@@ -216,7 +216,7 @@ def compute_statistics(
         params: tensors to differentiate with respect to, by qualified name.
         data: a batch or a re-iterable of batches (a DataLoader); a batch is ``(inputs,
             targets)``, ``((input, ...), targets)`` or a mapping of keyword inputs with
-            ``labels`` (:mod:`lossprune._batches`).
+            ``labels`` (:mod:`lossprune._common.batches`).
         loss_fn: the batch loss, a mean (:mod:`.outputs`); ``None`` for a Hugging Face model
             (the model's own loss: logits, causal-LM shift, cross-entropy, ``-100`` ignored).
         requests: statistics to compute besides loss and gradient.

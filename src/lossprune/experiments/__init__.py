@@ -1,5 +1,8 @@
 """Reproduction of Laurent et al. (2020, arXiv:2006.12279) on top of the lossprune library.
 
+The top layer of docs/architecture.md: it uses the library's public API as any user would, and
+nothing in the library imports it.
+
 Submodules, imported on demand so that ``import lossprune.experiments`` stays cheap:
 
 * :mod:`~lossprune.experiments.models` -- MLP, VGG11, PreActResNet18, ResNet50, ``build_model``.

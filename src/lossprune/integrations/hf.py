@@ -22,7 +22,8 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from ..pruner import MaskHandle, Pruner
+from ..pruning import Pruner
+from ..selection import MaskHandle
 
 __all__ = ["PruningCallback"]
 

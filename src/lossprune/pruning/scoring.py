@@ -8,12 +8,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ._batches import model_loss
-from ._data import check_data
-from ._functional import check_deterministic
-from .criteria.base import Criterion, GroupSum, ScoringContext
-from .curvature import LossFn, NonFiniteError, Statistics, compute_statistics
-from .masks import prunable_parameters
+from .._common.batches import model_loss
+from .._common.data import check_data
+from .._common.functional import check_deterministic
+from ..criteria.base import Criterion, GroupSum, ScoringContext
+from ..curvature import LossFn, NonFiniteError, Statistics, compute_statistics
+from ..selection import prunable_parameters
 
 __all__ = ["scores", "compute_scores", "check_criterion"]
 
@@ -117,7 +117,7 @@ def scores(
         loss_fn: batch-mean loss ``loss_fn(outputs, targets)``; may be omitted for a Hugging
             Face model (its own loss from ``labels``, :class:`lossprune.ModelLoss`).
         include: which parameters to score, by name or regular expression (see
-            :func:`lossprune.masks.prunable_parameters`); default every Linear/Conv ``.weight``.
+            :func:`lossprune.selection.prunable_parameters`); default every Linear/Conv ``.weight``.
         exclude: parameters to leave out, same form as ``include``.
         generator: random source for Monte-Carlo criteria.
         chunk_size: memory bound for the curvature routines.

@@ -19,15 +19,15 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from ._connectivity import ChainLayer, Connectivity, connectivity
-from ._data import random_subset
+from .._common.data import random_subset
+from .._common.functional import check_deterministic
+from ..criteria.base import Criterion, GroupSum
+from ..curvature import LossFn, NonFiniteError
+from ..selection import Global, Layerwise, ParameterLayout, Selection
+from ..selection._connectivity import ChainLayer, Connectivity, connectivity
 from ._diagnostics import mean_loss, predicted_loss_change
-from ._functional import check_deterministic
-from .criteria.base import Criterion, GroupSum
-from .curvature import LossFn, NonFiniteError
 from .reports import StageReport, collapse_message, handle_collapse
 from .scoring import compute_scores
-from .selection import Global, Layerwise, ParameterLayout, Selection
 from .updates import Compensation, CompensationState, plan_update
 
 __all__ = ["StageSetup", "StagePlan", "plan_stage"]

@@ -8,9 +8,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ._functional import FunctionalModel, statistics_dtype
-from .curvature import LossFn, hvp
-from .curvature.statistics import dataset_mean
+from .._common.functional import FunctionalModel, statistics_dtype
+from ..curvature import LossFn, hvp
+from ..curvature.statistics import dataset_mean
 
 __all__ = ["curvature_product", "predicted_loss_change", "mean_loss"]
 

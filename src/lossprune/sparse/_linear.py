@@ -28,7 +28,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from ._checks import check_positive_int
+from .._common.checks import check_positive_int
 
 __all__ = [
     "SparseLinear",
@@ -100,7 +100,7 @@ def check_convertible(name: str, module: nn.Module) -> None:
     if any(hooks):
         raise ValueError(
             f"layer {name!r} has hooks, which a converted module would not keep; remove them "
-            "first (for torch.nn.utils.prune: lossprune.masks.from_torch_prune(model, "
+            "first (for torch.nn.utils.prune: lossprune.selection.from_torch_prune(model, "
             "remove=True))"
         )
     check_dense_weight(name, module)

@@ -3,7 +3,7 @@ r"""N:M masks: at most ``n`` kept entries in each group of ``m`` consecutive one
 2:4 along the input dimension is the pattern that sparse tensor cores execute (NVIDIA Ampere
 and newer; Mishra et al., "Accelerating Sparse Deep Neural Networks", arXiv:2104.08378). Within
 each group the ``m - n`` lowest scores are pruned, ties going to the lower index first (the rule
-:func:`lossprune.masks.select_masks` uses), which is what SparseGPT's ``topk``/``scatter`` step
+:func:`lossprune.selection.select_masks` uses), which is what SparseGPT's ``topk``/``scatter`` step
 does (Frantar and Alistarh 2023) made deterministic.
 
 These functions need no :class:`~lossprune.Pruner`; they work on any score tensor.
@@ -11,12 +11,17 @@ These functions need no :class:`~lossprune.Pruner`; they work on any score tenso
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
-from ._checks import check_positive_int, is_int
+from .._common.checks import check_positive_int, is_int
+from .layout import ParameterLayout, from_matrix_view, input_size, matrix_view
 
-__all__ = ["nm_mask", "is_nm"]
+__all__ = ["NM", "nm_mask", "is_nm"]
 
 
 def nm_mask(scores: Tensor, n: int, m: int, dim: int) -> Tensor:
@@ -124,3 +129,113 @@ def _ungrouped(grouped: Tensor, shape: torch.Size, dim: int) -> Tensor:
     """Undo :func:`_grouped`."""
     moved = grouped.reshape(*grouped.shape[:-2], -1)
     return moved.movedim(-1, dim).reshape(shape)
+
+
+@dataclass(frozen=True)
+class NM:
+    r"""N:M sparsity: at most ``n`` kept weights in every group of ``m`` along the INPUT dimension.
+
+    Each pruned matrix is viewed as (outputs, inputs) with its input axes flattened in order
+    (:attr:`ParameterLayout.input_dims`: dim 1 of ``nn.Linear``, dim 0 of Hugging Face's
+    ``Conv1D``, in·kh·kw of a convolution), and the inputs are split into groups of ``m``
+    consecutive entries. After a stage at target sparsity :math:`p_s` every group holds exactly
+
+    .. math:: c_s = \operatorname{round}(m \, p_s)
+
+    pruned weights, so a schedule reaches 2:4 in two stages as 1:4, then 2:4. Within a group the
+    lowest scores go first, entries pruned in earlier stages counting first (masks only grow);
+    ties go to the lower input index (:func:`lossprune.sparse.nm_mask`). The final target must
+    be exactly :math:`1 - n/m`.
+
+    ``min_density``: every tensor keeps exactly :math:`n/m` of its entries at the end (more
+    before), so any ``min_density <= n/m`` is met automatically; a larger one cannot be, and is
+    refused.
+
+    Args:
+        n: weights kept per group, ``1 <= n < m``.
+        m: group size.
+
+    Raises:
+        TypeError: ``n`` or ``m`` is not an int.
+        ValueError: not ``1 <= n < m``.
+
+    Example:
+        >>> import torch
+        >>> from lossprune import Magnitude, LinearSchedule, NM, Pruner
+        >>> model = torch.nn.Linear(8, 2)
+        >>> pruner = Pruner(model, Magnitude(), LinearSchedule(0.5, 2), scope=NM(2, 4))
+        >>> _ = pruner.run()
+        >>> pruner.masks["weight"].reshape(2, 2, 4).sum(-1)  # every group keeps 2 of 4
+        tensor([[2, 2],
+                [2, 2]])
+    """
+
+    n: int
+    m: int
+
+    def __post_init__(self) -> None:
+        for name in ("n", "m"):
+            if not is_int(getattr(self, name)):
+                raise TypeError(f"NM: {name} must be an int, got {getattr(self, name)!r}")
+        object.__setattr__(self, "n", int(self.n))
+        object.__setattr__(self, "m", int(self.m))
+        if not 1 <= self.n < self.m:
+            raise ValueError(f"NM(n, m) needs 1 <= n < m, got NM({self.n}, {self.m})")
+
+    def check_schedule(
+        self,
+        layouts: Mapping[str, ParameterLayout],
+        targets: Sequence[float],
+        min_density: float,
+    ) -> None:
+        """The final target is ``1 - n/m``; ``m`` divides every weight matrix's input dimension."""
+        final = 1.0 - self.n / self.m
+        if not math.isclose(targets[-1], final, rel_tol=0.0, abs_tol=1e-9):
+            raise ValueError(
+                f"{self!r} prunes {self.m - self.n} of every {self.m} weights: the schedule's "
+                f"final sparsity must be 1 - n/m = {final!r}, got {targets[-1]!r}"
+            )
+        if min_density > self.n / self.m:
+            raise ValueError(
+                f"{self!r} keeps exactly n/m = {self.n / self.m!r} of every tensor, less than "
+                f"min_density={min_density!r}"
+            )
+        for name, layout in layouts.items():
+            inputs = input_size(name, layout, self)
+            if inputs % self.m:
+                raise ValueError(
+                    f"{self!r}: m = {self.m} must divide the input dimension of {name!r} "
+                    f"({inputs} inputs, shape {layout.shape}, input dims {layout.input_dims})"
+                )
+
+    def select(
+        self,
+        scores: Mapping[str, Tensor],
+        masks: Mapping[str, Tensor],
+        *,
+        sparsity: float,
+        min_density: float,
+        layouts: Mapping[str, ParameterLayout],
+    ) -> dict[str, Tensor]:
+        """Prune the ``round(m * sparsity)`` lowest of every group (earlier-pruned ones first)."""
+        pruned_per_group = round(self.m * sparsity)
+        new_masks = {}
+        for name, mask in masks.items():
+            layout = layouts[name]
+            kept = matrix_view(mask, layout)
+            already = self.m - kept.reshape(kept.shape[0], -1, self.m).sum(-1)
+            if bool((already > pruned_per_group).any()):
+                raise ValueError(
+                    f"{self!r}: {name!r} already has more than {pruned_per_group} pruned weights "
+                    f"in a group of {self.m}, more than the target {sparsity!r} allows"
+                )
+            score = matrix_view(scores[name], layout)
+            if not bool(score[kept].isfinite().all()):
+                raise ValueError(f"scores[{name!r}] has non-finite values on kept entries")
+            # Already-pruned entries rank below every finite score, so they count first.
+            key = score.masked_fill(~kept, -math.inf)
+            new = kept
+            if pruned_per_group:
+                new = nm_mask(key, self.m - pruned_per_group, self.m, dim=1)
+            new_masks[name] = from_matrix_view(new, layout)
+        return new_masks

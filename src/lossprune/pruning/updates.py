@@ -33,9 +33,9 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from ._checks import check_lam, check_nonnegative, check_positive_int
+from .._common.checks import check_lam, check_nonnegative, check_positive_int
+from ..curvature import LossFn
 from ._diagnostics import curvature_product, mean_loss, predicted_loss_change
-from .curvature import LossFn
 
 __all__ = [
     "CGResult",

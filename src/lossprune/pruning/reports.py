@@ -6,7 +6,7 @@ import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from ._connectivity import Connectivity
+from ..selection._connectivity import Connectivity
 
 __all__ = ["StageReport", "LayerCollapseWarning", "LayerCollapseError", "ON_COLLAPSE"]
 

@@ -19,9 +19,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ._checks import check_positive_int
-from ._semi_structured import check_semi_structured_support, semi_structured_linear
-from ._sparse_linear import (
+from .._common.checks import check_positive_int
+from ._linear import (
     LinearWeights,
     SparseLinear,
     check_blocksize,
@@ -32,6 +31,7 @@ from ._sparse_linear import (
     is_linear,
     linear_weights,
 )
+from ._semi_structured import check_semi_structured_support, semi_structured_linear
 
 __all__ = ["FormTiming", "LayerTiming", "SpeedReport", "speed_report", "TOLERANCE"]
 

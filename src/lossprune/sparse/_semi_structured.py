@@ -22,8 +22,8 @@ from torch.sparse import (
     to_sparse_semi_structured,
 )
 
-from ._nm import is_nm
-from ._sparse_linear import LinearWeights
+from ..selection import is_nm
+from ._linear import LinearWeights
 
 __all__ = ["SEMI_STRUCTURED_DTYPES", "check_semi_structured_support", "semi_structured_linear"]
 

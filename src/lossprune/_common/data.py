@@ -1,4 +1,4 @@
-"""Scoring data: one batch or any re-iterable of batches (forms: :mod:`lossprune._batches`)."""
+"""Scoring data: one batch or any re-iterable of batches (forms: :mod:`.batches`)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import BatchSampler, DataLoader, IterableDataset, Subset
 
-from ._batches import Batch, batch_examples, is_batch, to_batch
+from .batches import Batch, batch_examples, is_batch, to_batch
 
 __all__ = ["Batch", "is_single_batch", "iter_batches", "random_subset", "first_batch"]
 
@@ -17,7 +17,7 @@ _FORMS = "a batch ((inputs, targets) or a mapping with 'labels') or an iterable 
 
 
 def is_single_batch(data: Any) -> bool:
-    """One batch (:func:`lossprune._batches.is_batch`), as opposed to an iterable of batches."""
+    """One batch (:func:`.batches.is_batch`), as opposed to an iterable of batches."""
     return is_batch(data)
 
 
@@ -44,10 +44,10 @@ def check_data(data: Any) -> None:
 def iter_batches(
     data: Any, device: torch.device | None = None, loss_fn: Any = None
 ) -> Iterator[Batch]:
-    """Yield :class:`~lossprune._batches.Batch` es on ``device``; raise if there are none.
+    """Yield :class:`~lossprune._common.batches.Batch` es on ``device``; raise if there are none.
 
-    ``loss_fn`` is the loss the batches are for: a :class:`~lossprune._batches.ModelLoss` reads
-    the logits and shifts the labels (:func:`~lossprune._batches.to_batch`).
+    ``loss_fn`` is the loss the batches are for: a :class:`~lossprune.ModelLoss` reads the
+    logits and shifts the labels (:func:`~lossprune._common.batches.to_batch`).
 
     Raises:
         TypeError: for a batch of none of the accepted forms.

@@ -1,10 +1,10 @@
-"""Multi-stage, step-size-constrained pruning of any ``nn.Module`` (layer 5 of DESIGN.md).
+"""Multi-stage, step-size-constrained pruning of any ``nn.Module`` (layer 5, docs/architecture.md).
 
 :class:`Pruner` orchestrates: each :meth:`Pruner.step` plans a stage without side effects
-(:mod:`lossprune._stage`) and then commits it. The pieces it orchestrates are separate objects:
-the criterion (scores), the schedule (targets), the selection (:mod:`lossprune.selection`), the
-weight update (:mod:`lossprune.updates`) and the hooks that keep pruned weights at zero while
-training (:mod:`lossprune.mask_hooks`).
+(:mod:`lossprune.pruning._stage`) and then commits it. The pieces it orchestrates are separate
+objects: the criterion (scores), the schedule (targets), the selection
+(:mod:`lossprune.selection`), the weight update (:mod:`lossprune.pruning.updates`) and the hooks
+that keep pruned weights at zero while training (:mod:`lossprune.selection.keep_at_zero`).
 """
 
 from __future__ import annotations
@@ -17,22 +17,30 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ._batches import model_loss
+from .._common.batches import model_loss
+from .._common.checks import check_fraction, check_optional_positive_int, is_int
+from ..criteria.base import Criterion
+from ..curvature import LossFn
+from ..schedules import Schedule
+from ..selection import (
+    MaskHandle,
+    Selection,
+    apply_masks,
+    as_selection,
+    count_pruned,
+    keep_pruned_at_zero,
+    parameter_layouts,
+    prunable_parameters,
+    sparsity_of,
+)
+from ..selection._connectivity import Connectivity, trace_chain
 from ._checkpoint import pruner_state, read_pruner_state
-from ._checks import check_fraction, check_optional_positive_int, is_int
-from ._connectivity import Connectivity, trace_chain
 from ._stage import StageSetup, plan_stage
-from .criteria.base import Criterion
-from .curvature import LossFn
-from .mask_hooks import MaskHandle, keep_pruned_at_zero
-from .masks import apply_masks, count_pruned, prunable_parameters, sparsity_of
-from .reports import ON_COLLAPSE, LayerCollapseError, LayerCollapseWarning, StageReport
-from .schedules import Schedule
+from .reports import ON_COLLAPSE, StageReport
 from .scoring import check_criterion
-from .selection import Selection, as_selection, parameter_layouts
 from .updates import Compensation, CompensationState
 
-__all__ = ["Pruner", "StageReport", "LayerCollapseWarning", "LayerCollapseError", "MaskHandle"]
+__all__ = ["Pruner"]
 
 
 class Pruner:
@@ -68,7 +76,7 @@ class Pruner:
             for every stage (the paper uses 1000), only among the rows the DataLoader's sampler
             reads.
         include, exclude: parameter names or regular expressions (default: every Linear and Conv
-            ``.weight``); see :func:`lossprune.masks.prunable_parameters`.
+            ``.weight``); see :func:`lossprune.selection.prunable_parameters`.
         min_density: every layer keeps at least this fraction of its weights.
         generator: seed (int) or :class:`torch.Generator` for example subsets and Monte-Carlo
             statistics; the pruner keeps its own state, so runs are reproducible.
@@ -313,7 +321,7 @@ class Pruner:
     def attach(self, optimizer: Any) -> MaskHandle:
         """Keep pruned weights exactly zero while ``optimizer`` trains the model.
 
-        See :func:`lossprune.mask_hooks.keep_pruned_at_zero`: gradients of pruned weights are
+        See :func:`lossprune.selection.keep_pruned_at_zero`: gradients of pruned weights are
         overwritten with zeros as they are computed, and the weights are re-zeroed after every
         ``optimizer.step()``. The current masks are read at every call, so later stages are
         covered too. A wrapper such as Accelerate's ``AcceleratedOptimizer`` is unwrapped.

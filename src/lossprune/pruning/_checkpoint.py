@@ -8,7 +8,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from ._checks import is_int, is_real
+from .._common.checks import is_int, is_real
 from .updates import Compensation, CompensationState
 
 __all__ = ["Checkpoint", "pruner_state", "read_pruner_state"]

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from ._batches import ModelInputs
+from .batches import ModelInputs
 
 __all__ = [
     "FunctionalModel",

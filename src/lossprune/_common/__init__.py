@@ -1,0 +1,17 @@
+"""What every layer shares: the bottom package (layer 0 of docs/architecture.md), private.
+
+- :mod:`~lossprune._common.batches` — what one batch of scoring data is, whatever form the user's
+  data takes (``(inputs, targets)``, nested tuples, mappings with ``labels``), and the model's own
+  loss (:class:`~lossprune.ModelLoss`);
+- :mod:`~lossprune._common.data` — scoring data: one batch or any re-iterable of batches, random
+  subsets;
+- :mod:`~lossprune._common.functional` — calling a module as a pure function of a subset of its
+  parameters, and the checks that its forward pass is deterministic;
+- :mod:`~lossprune._common.linear_maps` — the table of linear maps (which modules are, along which
+  axes their inputs run) and what stays dense by default;
+- :mod:`~lossprune._common.checks` — argument checks with precise ``TypeError``/``ValueError``;
+- :mod:`~lossprune._common.distributed` — all-reduce of accumulators under
+  :mod:`torch.distributed`.
+
+It imports nothing else of lossprune: every other package may import it.
+"""
