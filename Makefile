@@ -47,9 +47,11 @@ demo: install
 docs: $(VENV)/.installed-docs
 	$(BIN)/python -m sphinx -W --keep-going -b html docs docs/_build/html
 
+# lint-imports: the layer contract of pyproject.toml (docs/architecture.md).
 lint: $(VENV)/.installed-lint
 	$(BIN)/ruff check $(LINT_PATHS)
 	$(BIN)/ruff format --check $(LINT_PATHS)
+	$(BIN)/lint-imports
 
 format: $(VENV)/.installed-lint
 	$(BIN)/ruff check --fix $(LINT_PATHS)
