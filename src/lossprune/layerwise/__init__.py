@@ -4,6 +4,26 @@
   of the kept weights and the solvers that choose the mask with it.
 """
 
-from .solvers import Damping, LayerProblem, LayerSolution, refit
+from .solvers import (
+    ADMM,
+    OBS,
+    Damping,
+    IterativeThresholding,
+    LayerProblem,
+    LayerSolution,
+    Pattern,
+    Stages,
+    refit,
+)
 
-__all__ = ["Damping", "LayerProblem", "LayerSolution", "refit"]
+__all__ = [
+    "ADMM",
+    "OBS",
+    "Damping",
+    "IterativeThresholding",
+    "LayerProblem",
+    "LayerSolution",
+    "Pattern",
+    "Stages",
+    "refit",
+]
