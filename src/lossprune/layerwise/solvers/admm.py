@@ -23,8 +23,9 @@ One eigendecomposition :math:`\tilde H = Q \Lambda Q^\top` serves every :math:`\
 :math:`\rho` changes.
 
 :math:`\rho` schedule (after ALPS's): every ``check_every`` iterations the support of :math:`D`
-is compared with the last check's; :math:`\rho` grows by 1.3 when more than 10% of the kept
-entries changed, by 1.2 above 0.5%, by 1.1 otherwise, so the support settles as
+is compared with the last check's; :math:`\rho` grows by ``growth[0]`` (ALPS: 1.3) when more
+than 10% of the kept entries changed, by ``growth[1]`` (1.2) above 0.5%, by ``growth[2]`` (1.1)
+otherwise, so the support settles as
 :math:`\tilde B` is pulled onto :math:`D`. The iterations stop when, after ``min_iter``, fewer
 than ``tol`` of the kept entries changed between two checks (or at ``max_iter``). The support
 of the last :math:`D` is then refitted exactly (:func:`~lossprune.layerwise.refit`,
@@ -65,6 +66,8 @@ class ADMM:
         min_iter: iterations before the support may be declared settled.
         check_every: iterations between two support comparisons (and :math:`\rho` updates).
         tol: fraction of the kept entries whose change between two checks counts as settled.
+        growth: the factors :math:`\rho` grows by when more than 10%, more than 0.5%, or less
+            of the kept entries changed since the last check.
         damping: :math:`\delta` of :math:`H = G + \delta I` (:class:`Damping`).
 
     Raises:
@@ -77,6 +80,7 @@ class ADMM:
     min_iter: int = 30
     check_every: int = 3
     tol: float = 3e-4
+    growth: tuple[float, float, float] = (1.3, 1.2, 1.1)
     damping: Damping = DEFAULT_DAMPING
 
     def __post_init__(self) -> None:
@@ -86,6 +90,10 @@ class ADMM:
             value = check_positive_int(f"ADMM: {name}", getattr(self, name))
             object.__setattr__(self, name, value)
         check_damping("ADMM", self.damping)
+        growth = tuple(check_positive("ADMM: growth", factor) for factor in self.growth)
+        if len(growth) != 3 or min(growth) < 1:
+            raise ValueError(f"ADMM: growth must be three factors >= 1, got {self.growth!r}")
+        object.__setattr__(self, "growth", growth)
 
     def solve(self, problem: LayerProblem, pattern: Pattern, sparsity: float) -> LayerSolution:
         """Prune ``problem`` to ``sparsity`` under ``pattern``.
@@ -131,6 +139,6 @@ class ADMM:
             checked = mask
             if iteration >= self.min_iter and changed < self.tol:
                 break
-            rho *= 1.3 if changed > 0.1 else 1.2 if changed > 0.005 else 1.1
+            rho *= self.growth[0 if changed > 0.1 else 1 if changed > 0.005 else 2]
             inverse = (vectors / (values + rho)) @ vectors.T
         return mask, split / scale
