@@ -30,7 +30,9 @@ from lossprune import (
     Wanda,
     scores,
 )
+from lossprune._common.batches import ModelInputs
 from lossprune.curvature import Statistic, compute_statistics, hvp
+from lossprune.curvature.expert_inputs import expert_input_sums
 from lossprune.curvature.inputs import input_sq_norms
 from lossprune.selection import describe_prunable, is_nm, prunable_parameters, select_masks
 from tests.moe_models import EXPERTS, FAMILIES, HIDDEN, INTER, experts_of, tiny_moe, token_batch
@@ -171,30 +173,52 @@ def _gated(family, experts, x, e):
     return torch.nn.functional.silu(gate) * up
 
 
+def _brute_force_sums(family, experts, hidden, index, counted):
+    """Per token, per expert it is routed to: x² into the expert's sum, h² into down_proj's."""
+    x_sq = torch.zeros(EXPERTS, HIDDEN, dtype=torch.float64)
+    h_sq = torch.zeros(EXPERTS, INTER, dtype=torch.float64)
+    rows = torch.zeros(EXPERTS, dtype=torch.long)
+    with torch.no_grad():
+        for t in range(hidden.shape[0]):
+            if not counted[t]:
+                continue
+            for e in index[t].tolist():
+                x_sq[e] += hidden[t].square()
+                h_sq[e] += _gated(family, experts, hidden[t], e).square()
+                rows[e] += 1
+    return x_sq, h_sq, rows
+
+
 @pytest.mark.parametrize("family", ["mixtral", "olmoe", "deepseek_v3", "gpt_oss"])
 def test_wanda_input_norms_of_each_expert_are_those_of_its_routed_tokens(family):
     model = tiny_moe(family)
     batch = token_batch(3, 6, seed=1)
     hidden, index = _routed_inputs(model, batch)
     experts = experts_of(model)
-    x_sq = torch.zeros(EXPERTS, HIDDEN, dtype=torch.float64)
-    h_sq = torch.zeros(EXPERTS, INTER, dtype=torch.float64)
-    with torch.no_grad():
-        for t in range(hidden.shape[0]):  # one token, one of its experts at a time
-            for e in index[t].tolist():
-                x_sq[e] += hidden[t].square()
-                h_sq[e] += _gated(family, experts, hidden[t], e).square()
-    assert (x_sq.sum(1) > 0).sum() >= 2  # several experts were routed to
+    every = torch.ones(hidden.shape[0], dtype=torch.bool)
+    x_sq, h_sq, rows = _brute_force_sums(family, experts, hidden, index, every)
+    assert (rows > 0).sum() >= 2  # several experts were routed to
     params = _params(model, (GATE_UP, DOWN))
     inputs = {k: v for k, v in batch.items() if k != "labels"}
-    from lossprune._common.batches import ModelInputs
-
     norms = input_sq_norms(model, params, ModelInputs((), inputs), torch.float64)
     transposed = family == "gpt_oss"
-    expected_gate_up = x_sq[:, :, None] if transposed else x_sq[:, None, :]
-    expected_down = h_sq[:, :, None] if transposed else h_sq[:, None, :]
-    torch.testing.assert_close(norms[GATE_UP], expected_gate_up)
-    torch.testing.assert_close(norms[DOWN], expected_down)
+
+    def shaped(sums):
+        return sums[:, :, None] if transposed else sums[:, None, :]
+
+    torch.testing.assert_close(norms[GATE_UP], shaped(x_sq))
+    torch.testing.assert_close(norms[DOWN], shaped(h_sq))
+    # Counted tokens only (padding left out), with each expert's number of tokens.
+    counted = torch.rand(hidden.shape[0], generator=torch.Generator().manual_seed(0)) < 0.6
+    x_sq, h_sq, rows = _brute_force_sums(family, experts, hidden, index, counted)
+    found = expert_input_sums(experts, (hidden, index, None), {}, ["gate_up_proj", "down_proj"],
+                              torch.float64, counted=counted.reshape(3, 6))  # fmt: skip
+    torch.testing.assert_close(found["gate_up_proj"].sq_sums, shaped(x_sq))
+    torch.testing.assert_close(found["down_proj"].sq_sums, shaped(h_sq))
+    assert torch.equal(found["down_proj"].rows, rows)
+    with pytest.raises(TypeError, match="5 counted positions for the 18 tokens"):
+        expert_input_sums(experts, (hidden, index, None), {}, ["down_proj"], torch.float64,
+                          counted=counted[:5])  # fmt: skip
 
 
 # --- structures per expert matrix ---------------------------------------------------------------

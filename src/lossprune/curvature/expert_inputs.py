@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Iterable
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -33,7 +34,21 @@ from torch.utils.hooks import RemovableHandle
 
 from .._common.linear_maps import is_hf_experts, weight_matrices
 
-__all__ = ["is_expert_matrix", "register_expert_hooks"]
+__all__ = ["ExpertInputs", "expert_input_sums", "is_expert_matrix", "register_expert_hooks"]
+
+
+class ExpertInputs(NamedTuple):
+    r"""What one call of an experts module adds to one of its matrices' statistic.
+
+    Attributes:
+        sq_sums: :math:`\sum_{t \in T_e} x_{tj}^2` for every expert, shaped to broadcast against
+            the parameter (``(experts, 1, in)``; ``(experts, in, 1)`` for a transposed class).
+        rows: :math:`|T_e|`, the number of (counted) tokens routed to each expert, ``(experts,)``:
+            the divisor of a mean per expert.
+    """
+
+    sq_sums: Tensor
+    rows: Tensor
 
 
 def is_expert_matrix(model: nn.Module, name: str) -> bool:
@@ -69,9 +84,11 @@ def register_expert_hooks(
                 prefix: str = prefix,
                 attributes: list[str] = attributes,
             ) -> None:
-                for attribute, value in _statistics(module, args, kwargs, attributes, dtype):
+                found = expert_input_sums(module, args, kwargs, attributes, dtype)
+                for attribute, value in found.items():
                     key = prefix + attribute
-                    sums[key] = value if key not in sums else sums[key] + value
+                    total = value.sq_sums
+                    sums[key] = total if key not in sums else sums[key] + total
 
             handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
     except BaseException:
@@ -81,11 +98,38 @@ def register_expert_hooks(
     return handles
 
 
-def _statistics(
-    module: nn.Module, args: tuple, kwargs: dict, attributes: list[str], dtype: torch.dtype
-) -> Iterable[tuple[str, Tensor]]:
-    """(attribute, statistic) of each requested matrix for one call of the experts module."""
+def expert_input_sums(
+    module: nn.Module,
+    args: tuple,
+    kwargs: dict,
+    attributes: Iterable[str],
+    dtype: torch.dtype,
+    counted: Tensor | None = None,
+) -> dict[str, ExpertInputs]:
+    """Each requested matrix's :class:`ExpertInputs` for one call of the experts module.
+
+    Args:
+        module: a fused experts module (:func:`~lossprune._common.linear_maps.is_hf_experts`).
+        args: the positional arguments of its call (as a forward pre-hook receives them).
+        kwargs: its keyword arguments.
+        attributes: ``"gate_up_proj"``/``"up_proj"`` and/or ``"down_proj"``.
+        dtype: the dtype to square and sum in.
+        counted: ``bool`` per token of the batch (e.g. not padding), any shape with one entry
+            per row of ``hidden_states``; ``None``: every token counts.
+
+    Raises:
+        TypeError: a call that does not follow transformers' experts convention, or a
+            ``counted`` that is not one entry per token.
+    """
     hidden, index = _routing(module, args, kwargs)
+    if counted is not None:
+        if counted.numel() != hidden.shape[0]:
+            raise TypeError(
+                f"input_sq_norms: {counted.numel()} counted positions for the "
+                f"{hidden.shape[0]} tokens of {type(module).__name__}"
+            )
+        keep = counted.reshape(-1).to(device=hidden.device, dtype=torch.bool)
+        hidden, index = hidden[keep], index[keep]
     first_name = "gate_up_proj" if module.has_gate else "up_proj"
     first: Tensor = getattr(module, first_name)
     experts = first.shape[0]
@@ -93,14 +137,16 @@ def _statistics(
     routed = torch.zeros(hidden.shape[0], experts + 1, dtype=torch.bool, device=hidden.device)
     routed.scatter_(1, index.clamp(max=experts), True)
     routed = routed[:, :experts]
-    squares = hidden.to(dtype).square()
+    rows = routed.sum(0)
     shape = (experts, -1, 1) if module.is_transposed else (experts, 1, -1)
+    found = {}
     for attribute in attributes:
-        if attribute == first_name:
-            per_expert = routed.to(dtype).T @ squares  # (experts, in): Σ over each T_e
-            yield attribute, per_expert.reshape(shape)
+        if attribute == first_name:  # Σ over each T_e of x², one matrix product
+            per_expert = routed.to(dtype).T @ hidden.to(dtype).square()
         else:  # down_proj: its inputs are the gated hidden units h_t
-            yield attribute, _hidden_statistic(module, hidden, routed, first, dtype).reshape(shape)
+            per_expert = _hidden_statistic(module, hidden, routed, first, dtype)
+        found[attribute] = ExpertInputs(per_expert.reshape(shape), rows)
+    return found
 
 
 def _hidden_statistic(
