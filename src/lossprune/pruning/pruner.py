@@ -58,10 +58,11 @@ class Pruner:
     The zeros a model already has are pruned weights: the initial masks are the prunable
     weights' nonzero pattern (:func:`lossprune.selection.masks_from_zeros`), so a model pruned
     earlier (and saved, reloaded, fine-tuned) reports its true sparsity, a stage whose target is
-    below it is refused, and a higher target prunes only new weights. :func:`lossprune.scores`
-    knows nothing of masks (a zero weight gets the criterion's score); :meth:`state_dict` and
-    :meth:`load_state_dict` carry the current masks, adopted zeros included, and a loaded state
-    replaces them.
+    below it is refused, and a higher target prunes only new weights (a report's ``pruned``
+    counts the weights that stage pruned, its ``sparsity`` the adopted zeros too; ``adopted``
+    holds their number). :func:`lossprune.scores` knows nothing of masks (a zero weight gets
+    the criterion's score); :meth:`state_dict` and :meth:`load_state_dict` carry the current
+    masks, adopted zeros included, and a loaded state replaces them.
 
     Args:
         model: the network; pruned in place (parameters keep their identity). A
@@ -88,7 +89,8 @@ class Pruner:
             reads.
         include, exclude: parameter names or regular expressions (default: every Linear and Conv
             ``.weight``); see :func:`lossprune.selection.prunable_parameters`.
-        min_density: every layer keeps at least this fraction of its weights.
+        min_density: every layer (each expert's matrix of a fused MoE parameter) keeps at least
+            this fraction of its weights.
         generator: seed (int) or :class:`torch.Generator` for example subsets and Monte-Carlo
             statistics; the pruner keeps its own state, so runs are reproducible.
         progress: show a tqdm progress bar in :meth:`run`, and one per batch inside each
@@ -210,11 +212,14 @@ class Pruner:
             chunk_size=chunk_size,
             chain=trace_chain(model, params),
         )
+        # A meta tensor has no values to read zeros from (and nothing to count).
         self.masks: dict[str, Tensor] = {
-            k: p.detach() != 0 if adopt_zeros else torch.ones_like(p, dtype=torch.bool)
+            k: p.detach() != 0
+            if adopt_zeros and not p.is_meta
+            else torch.ones_like(p, dtype=torch.bool)
             for k, p in params.items()
         }
-        self.adopted = count_pruned(self.masks)
+        self.adopted = count_pruned({k: m for k, m in self.masks.items() if not m.is_meta})
         """Number of weights that were already zero when the pruner was built (adopted)."""
         self.stage = 0
         self.reports: list[StageReport] = []
