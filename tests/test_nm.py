@@ -250,17 +250,18 @@ def test_compensation_with_nm_masks_matches_a_dense_solve_on_the_kept_weights(la
     torch.testing.assert_close(bf.flatten(bf.weights(model)), expected, atol=1e-8, rtol=1e-6)
 
 
+@pytest.mark.parametrize("rows", [5, 2048])
 @pytest.mark.parametrize("m", [1, 2, 4, 8, 16])
-def test_nm_mask_is_a_stable_sort_of_each_group(m):
-    """Short groups are ranked by pairwise comparisons, long ones by a stable sort: both are the
-    stable ascending order (many ties, infinities and integers included)."""
+def test_nm_mask_is_a_stable_sort_of_each_group(m, rows):
+    """Many short groups are ranked by pairwise comparisons, the rest by a stable sort: both are
+    the stable ascending order (many ties, infinities and integers included)."""
     generator = torch.Generator().manual_seed(m)
-    scores = torch.randint(0, 3, (5, 4 * m), generator=generator).float()
+    scores = torch.randint(0, 3, (rows, 4 * m), generator=generator).float()
     scores[0, :m] = -math.inf
     scores[1, :m] = math.inf
     for n in range(1, m + 1):
         for tensor in (scores, scores.long()):
-            grouped = tensor.reshape(5, 4, m)
+            grouped = tensor.reshape(rows, 4, m)
             pruned = grouped.sort(dim=-1, stable=True).indices[..., : m - n]
             expected = torch.ones_like(grouped, dtype=torch.bool).scatter_(-1, pruned, False)
-            assert torch.equal(nm_mask(tensor, n, m, dim=1), expected.reshape(5, 4 * m))
+            assert torch.equal(nm_mask(tensor, n, m, dim=1), expected.reshape(rows, 4 * m))
