@@ -47,16 +47,15 @@ import torch
 from torch import Tensor
 
 from ..._common.checks import check_positive_int
-from ._hessian import damped_hessian
-from .patterns import Pattern, check_solve
+from ._hessian import DampedHessian
+from ._solver import MaskSolver
+from .patterns import Pattern
 from .problem import (
     DEFAULT_DAMPING,
     Damping,
     LayerProblem,
-    LayerSolution,
     check_damping,
     check_positive,
-    solution,
 )
 from .refit import default_rtol, refit_weight
 
@@ -64,7 +63,7 @@ __all__ = ["ADMM"]
 
 
 @dataclass(frozen=True)
-class ADMM:
+class ADMM(MaskSolver):
     r"""ADMM with a joint support choice, then an exact refit (module docstring).
 
     Attributes:
@@ -102,21 +101,14 @@ class ADMM:
             raise ValueError(f"ADMM: growth must be three factors >= 1, got {self.growth!r}")
         object.__setattr__(self, "growth", growth)
 
-    def solve(self, problem: LayerProblem, pattern: Pattern, sparsity: float) -> LayerSolution:
-        """Prune ``problem`` to ``sparsity`` under ``pattern``.
-
-        Raises:
-            TypeError: a bad problem or pattern, a non-real sparsity.
-            ValueError: the problem's (see :func:`~lossprune.layerwise.refit`), a sparsity
-                outside ``[0, 1)`` or one the pattern cannot reach.
-        """
-        problem, pattern, sparsity = check_solve(problem, pattern, sparsity)
-        hessian = damped_hessian(problem.gram, self.damping)
+    def _solve(
+        self, problem: LayerProblem, pattern: Pattern, sparsity: float, hessian: DampedHessian
+    ) -> tuple[Tensor, Tensor]:
         mask, split = self._support(problem, pattern, sparsity, hessian.matrix)
         weight = refit_weight(
             hessian, problem.reference, mask, initial=split, rtol=default_rtol(split.dtype)
         )
-        return solution(problem, weight, mask)
+        return weight, mask
 
     def _support(
         self, problem: LayerProblem, pattern: Pattern, sparsity: float, matrix: Tensor
