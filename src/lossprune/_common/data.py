@@ -11,7 +11,14 @@ from torch.utils.data import BatchSampler, DataLoader, IterableDataset, Subset
 
 from .batches import Batch, batch_examples, is_batch, to_batch
 
-__all__ = ["Batch", "is_single_batch", "iter_batches", "random_subset", "first_batch"]
+__all__ = [
+    "Batch",
+    "is_single_batch",
+    "iter_batches",
+    "random_subset",
+    "first_batch",
+    "first_raw_batch",
+]
 
 _FORMS = "a batch ((inputs, targets) or a mapping with 'labels') or an iterable of batches"
 
@@ -172,3 +179,16 @@ def _batch_subset(data: Any, examples: int, generator: torch.Generator) -> Any:
 def first_batch(data: Any, loss_fn: Any = None) -> Batch:
     """The first batch of ``data`` (SynFlow needs only its input shapes)."""
     return next(iter_batches(data, loss_fn=loss_fn))
+
+
+def first_raw_batch(data: Any) -> Any:
+    """The first batch of ``data`` that holds an example, as the user wrote it.
+
+    Raises:
+        ValueError: when ``data`` holds no example.
+    """
+    check_data(data)
+    for raw in (data,) if is_single_batch(data) else data:
+        if batch_examples(to_batch(raw)):
+            return raw
+    raise ValueError("data is empty: no batch holds an example")

@@ -14,6 +14,7 @@ from torch.utils._pytree import tree_leaves
 from .._common.batches import ModelInputs
 from .._common.checks import is_int
 from .._common.data import first_batch
+from .._common.functional import check_deterministic, no_random_draws
 from .base import Criterion, ScoringContext
 
 __all__ = ["SynFlow"]
@@ -74,8 +75,10 @@ class SynFlow(Criterion):
             k: p.detach().to(self.dtype).abs().requires_grad_(True)
             for k, p in context.params.items()
         }
+        check_deterministic(model)
         with torch.enable_grad():
-            outputs = functional_call(model, {**fixed, **leaves}, call.args, call.kwargs)
+            with no_random_draws(model):
+                outputs = functional_call(model, {**fixed, **leaves}, call.args, call.kwargs)
             flow = _total(outputs)
             grads = torch.autograd.grad(flow, list(leaves.values()), allow_unused=True)
         return {

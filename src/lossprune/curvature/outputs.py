@@ -50,7 +50,7 @@ from torch import Tensor, nn
 from torch.func import grad_and_value, hessian, vjp, vmap
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from .._common.batches import ModelLoss
+from .._common.model_loss import ModelLoss
 from .errors import NonFiniteError
 
 __all__ = [
@@ -94,7 +94,9 @@ def _family(loss_fn: object) -> str:
 
     Exact types only: a subclass may override ``forward``.
     """
-    if loss_fn in _CROSS_ENTROPY or type(loss_fn) in (nn.CrossEntropyLoss, ModelLoss):
+    if type(loss_fn) is ModelLoss:  # a Hugging Face model's own loss: its task's form
+        return {"regression": "mse", "multi_label": "generic"}.get(loss_fn.task, "ce")
+    if loss_fn in _CROSS_ENTROPY or type(loss_fn) is nn.CrossEntropyLoss:
         return "ce"
     if loss_fn in _NLL or type(loss_fn) is nn.NLLLoss:
         return "nll"

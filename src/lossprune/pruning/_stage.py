@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from .._common.data import random_subset
 from .._common.functional import check_deterministic
+from .._common.probe import probe_first_batch
 from ..criteria.base import Criterion, GroupSum
 from ..curvature import LossFn, NonFiniteError
 from ..selection import Global, Layerwise, ParameterLayout, Selection
@@ -95,7 +96,7 @@ def plan_stage(
         data = random_subset(setup.data, setup.examples, generator)
     params = {k: p.detach() for k, p in params.items()}
     with _scoring_mode(setup.model, setup.eval_mode):
-        check_deterministic(setup.model)
+        _check_deterministic(setup, data, params)
         scores, _ = compute_scores(
             setup.model, setup.criterion, params, data, setup.loss_fn,
             generator=_device_generator(generator, params), chunk_size=setup.chunk_size,
@@ -149,6 +150,20 @@ def plan_stage(
     delta = None if setup.update is None else update.delta  # type: ignore[union-attr]
     state = update_state if update is None else update.state
     return StagePlan(new_masks, delta, state, report, after)
+
+
+def _check_deterministic(setup: StageSetup, data: Any, params: Mapping[str, Tensor]) -> None:
+    """A stage that runs the model on data needs a deterministic forward pass.
+
+    The statistics pass checks it itself (:func:`~lossprune._common.probe.probe_first_batch`);
+    a data-free criterion (Magnitude) with an update or diagnostics is checked here; a stage that
+    never runs the model (Magnitude alone) does not care about the model's mode.
+    """
+    if setup.criterion.requests() or not (setup.update is not None or setup.diagnostics):
+        return
+    check_deterministic(setup.model)
+    device = next(iter(params.values())).device
+    probe_first_batch(setup.model, setup.loss_fn, data, device)
 
 
 def _group_sum(setup: StageSetup) -> GroupSum | None:

@@ -10,7 +10,6 @@ from torch import Tensor, nn
 
 from .._common.batches import model_loss
 from .._common.data import check_data
-from .._common.functional import check_deterministic
 from ..criteria.base import Criterion, GroupSum, ScoringContext
 from ..curvature import LossFn, NonFiniteError, Statistics, compute_statistics
 from ..selection import prunable_parameters
@@ -110,7 +109,8 @@ def scores(
     """Scores of ``criterion`` for the prunable weights of ``model``, lower = pruned first.
 
     Args:
-        model: the network, in eval mode if it has batch norm or dropout.
+        model: the network, in eval mode if it has batch norm or dropout (criteria that run it;
+            :class:`~lossprune.Magnitude` does not).
         criterion: any :class:`~lossprune.Criterion` (or a composite).
         data: an ``(inputs, targets)`` batch or a re-iterable of batches (DataLoader); statistics
             are example-weighted means over all of it. Not needed by data-free criteria.
@@ -141,7 +141,6 @@ def scores(
     if loss_fn is None:  # a Hugging Face model's own loss, when it has one
         loss_fn = model_loss(model)
     check_criterion(criterion, data, loss_fn)
-    check_deterministic(model)
     params = prunable_parameters(model, include, exclude)
     return compute_scores(
         model, criterion, params, data, loss_fn, generator=generator, chunk_size=chunk_size
