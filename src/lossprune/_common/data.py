@@ -16,6 +16,7 @@ __all__ = [
     "is_single_batch",
     "iter_batches",
     "random_subset",
+    "check_can_sample",
     "first_batch",
     "first_raw_batch",
 ]
@@ -85,14 +86,30 @@ def random_subset(data: Any, examples: int, generator: torch.Generator) -> Any:
         TypeError: for other iterables, which cannot be sampled without reading them whole.
         ValueError: when ``examples`` exceeds the number of examples available.
     """
+    check_can_sample(data)
     if is_single_batch(data):
         return _batch_subset(data, examples, generator)
-    if isinstance(data, DataLoader):
-        return _loader_subset(data, examples, generator)
-    raise TypeError(
-        "examples=n needs data that can be sampled: an (inputs, targets) tuple or a DataLoader "
-        f"over a sized dataset, got {type(data).__name__}"
-    )
+    return _loader_subset(data, examples, generator)
+
+
+def check_can_sample(data: Any) -> None:
+    """``data`` is one batch or a DataLoader over a map-style dataset (rows to draw from).
+
+    Raises:
+        TypeError: any other data (an IterableDataset has no rows to index).
+    """
+    if is_single_batch(data):
+        return
+    if not isinstance(data, DataLoader):
+        raise TypeError(
+            "examples=n needs data that can be sampled: an (inputs, targets) tuple or a "
+            f"DataLoader over a sized dataset, got {type(data).__name__}"
+        )
+    if isinstance(data.dataset, IterableDataset):
+        raise TypeError(
+            "examples=n cannot draw from a DataLoader over an IterableDataset (it has no rows to "
+            "index); pass a map-style dataset or draw the subset yourself"
+        )
 
 
 def _loader_subset(loader: DataLoader, examples: int, generator: torch.Generator) -> DataLoader:
@@ -103,11 +120,6 @@ def _loader_subset(loader: DataLoader, examples: int, generator: torch.Generator
     batching (``batch_size=b`` or ``batch_sampler=``) and ``batch_size=None`` with a
     :class:`~torch.utils.data.BatchSampler` as sampler (the dataset indexed by lists of rows).
     """
-    if isinstance(loader.dataset, IterableDataset):
-        raise TypeError(
-            "examples=n cannot draw from a DataLoader over an IterableDataset (it has no rows to "
-            "index); pass a map-style dataset or draw the subset yourself"
-        )
     batched_by_dataset = loader.batch_sampler is None and isinstance(loader.sampler, BatchSampler)
     rows = sorted(set(_sampled_rows(loader.batch_sampler or loader.sampler)))
     _check_size(examples, len(rows))

@@ -25,11 +25,13 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_map
 
 from .batches import ModelInputs
 
 __all__ = [
     "FunctionalModel",
+    "at_least_float32",
     "check_deterministic",
     "math_attention",
     "no_random_draws",
@@ -224,6 +226,21 @@ def no_random_draws(model: nn.Module) -> Iterator[None]:
             "written as nn.functional.dropout(..., training=self.training) or attention "
             f"dropout), so the scores would be random. {fix}."
         )
+
+
+def at_least_float32(outputs: Any) -> Any:
+    """Every floating-point tensor of ``outputs`` (a tensor or a pytree) in float32 or better.
+
+    A loss of half-precision outputs is then computed with float32 arithmetic: a bfloat16 mean
+    of thousands of token losses keeps about two significant digits.
+    """
+
+    def promote(leaf: Any) -> Any:
+        if isinstance(leaf, Tensor) and leaf.is_floating_point():
+            return leaf.to(torch.promote_types(leaf.dtype, torch.float32))
+        return leaf
+
+    return tree_map(promote, outputs)
 
 
 def statistics_dtype(params: Mapping[str, Tensor]) -> torch.dtype:

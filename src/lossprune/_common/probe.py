@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from .batches import LABELS, Batch, ModelInputs, to_batch
 from .data import first_raw_batch
-from .functional import FunctionalModel, no_random_draws
+from .functional import FunctionalModel, at_least_float32, no_random_draws
 from .model_loss import DECODER_INPUTS, ModelLoss, model_loss, model_loss_in
 
 __all__ = ["Probe", "probe_first_batch"]
@@ -109,7 +109,7 @@ def _check_same_loss(
     model: nn.Module, own: ModelLoss, outputs: Tensor, batch: Batch, reference: _Reference
 ) -> None:
     """``own`` on the outputs must be the model's ``.loss`` (float32 or better on both sides)."""
-    ours = own(_float32(outputs), batch.targets)
+    ours = own(at_least_float32(outputs), batch.targets)
     theirs = reference.outputs.loss
     eps = max(torch.finfo(ours.dtype).eps, torch.finfo(theirs.dtype).eps)
     ours, value = float(ours), float(theirs)
@@ -122,7 +122,7 @@ def _check_same_loss(
     if own.task == "causal_lm":
         tokens = ModelLoss("tokens")
         logits = tokens.read(reference.outputs)
-        unshifted = tokens(_float32(logits), reference.labels)
+        unshifted = tokens(at_least_float32(logits), reference.labels)
         if abs(float(unshifted) - value) <= 100 * eps * max(1.0, abs(value)):
             hint = f"{name} does not shift its labels: pass loss_fn=lossprune.ModelLoss('tokens')"
     elif own.task == "seq2seq":
@@ -134,8 +134,3 @@ def _check_same_loss(
         f"{name} computes a loss of {value:.6g} from the first batch's labels, but "
         f"ModelLoss({own.task!r}) gives {ours:.6g}: {hint}"
     )
-
-
-def _float32(tensor: Tensor) -> Tensor:
-    """``tensor`` in float32 or better: half-precision logits give a float32 loss."""
-    return tensor.to(torch.promote_types(tensor.dtype, torch.float32))

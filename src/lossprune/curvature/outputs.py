@@ -59,6 +59,7 @@ __all__ = [
     "SoftmaxCrossEntropy",
     "check_mean_over_examples",
     "check_reduction",
+    "check_scalar_loss",
     "check_tensor_outputs",
     "flatten_example",
     "flatten_examples",
@@ -506,6 +507,24 @@ def check_mean_over_examples(
     except (RuntimeError, NotImplementedError):
         return  # the loss does not run on batches of one under vmap: cannot be checked
     _check_mean_of_per_example(loss_fn(outputs, targets), per_example)
+
+
+@torch.no_grad()
+def check_scalar_loss(loss_fn: LossFn, outputs: Any, targets: Tensor) -> None:
+    """``loss_fn`` returns one number for a batch (losses with a closed form say so themselves).
+
+    Raises:
+        ValueError: a plain function that returns one loss per example (``reduction='none'``).
+    """
+    if _family(_wrapped(loss_fn)) != "generic":
+        return
+    loss = loss_fn(outputs, targets)
+    if not (isinstance(loss, Tensor) and loss.dim() == 0):
+        got = f"shape {tuple(loss.shape)}" if isinstance(loss, Tensor) else type(loss).__name__
+        raise ValueError(
+            f"loss_fn returned {got}, not one number for the batch: return the batch mean "
+            "(reduction='mean', or .mean() of the per-example losses)"
+        )
 
 
 def check_tensor_outputs(loss_fn: LossFn, outputs_of: Callable[[], Any]) -> None:

@@ -30,7 +30,13 @@ from .._common.model_loss import resolve_loss
 from .._common.probe import probe_first_batch
 from .chain import Chain, find_chain, run_chain
 from .layers import NotAChain
-from .outputs import LossFn, check_reduction, loss_and_output_grad, output_curvature
+from .outputs import (
+    LossFn,
+    check_reduction,
+    check_scalar_loss,
+    loss_and_output_grad,
+    output_curvature,
+)
 
 __all__ = [
     "Backend",
@@ -131,7 +137,9 @@ def prepare(model: nn.Module, loss_fn: LossFn | None, batch: Any) -> tuple[LossF
     check_inputs(model, loss)
     if isinstance(batch, Batch):  # converted and probed by the caller's loop
         return loss, batch
-    return loss, probe_first_batch(model, loss, batch).batch
+    probe = probe_first_batch(model, loss, batch)
+    check_scalar_loss(loss, probe.outputs, probe.batch.targets)
+    return loss, probe.batch
 
 
 def loss_and_grad(

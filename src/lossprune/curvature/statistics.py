@@ -33,7 +33,13 @@ from .._common.probe import probe_first_batch
 from .diagonals import fisher_diag, fisher_diag_mc, hutchinson, warn_exact_fisher_cost
 from .errors import check_finite
 from .inputs import input_sq_norms
-from .outputs import LossFn, check_mean_over_examples, check_tensor_outputs, loss_normaliser
+from .outputs import (
+    LossFn,
+    check_mean_over_examples,
+    check_scalar_loss,
+    check_tensor_outputs,
+    loss_normaliser,
+)
 from .products import check_inputs, hvp, loss_and_grad
 
 __all__ = ["DatasetMean", "Statistic", "Statistics", "compute_statistics", "dataset_mean"]
@@ -277,6 +283,7 @@ def compute_statistics(
     first, first_outputs = probe_first_batch(model, loss_fn, data, device)
     if not isinstance(first.inputs, Tensor):  # keyword inputs: a model that may return a pytree
         check_tensor_outputs(loss_fn, lambda: first_outputs)
+    check_scalar_loss(loss_fn, first_outputs, first.targets)
     check_mean_over_examples(loss_fn, lambda: (first_outputs, first.targets))
     if any(r.kind == "fisher" for r in first_pass):
         warn_exact_fisher_cost(model, params, first)

@@ -26,7 +26,7 @@ from ..criteria.base import Criterion, GroupSum
 from ..curvature import LossFn, NonFiniteError
 from ..selection import Global, Layerwise, ParameterLayout, Selection
 from ..selection._connectivity import ChainLayer, Connectivity, connectivity
-from ._diagnostics import mean_loss, predicted_loss_change
+from ._diagnostics import mean_loss, predicted_loss_change, stepped
 from .reports import StageReport, collapse_message, handle_collapse
 from .scoring import compute_scores
 from .updates import Compensation, CompensationState, plan_update
@@ -224,8 +224,7 @@ def _diagnostics(
     loss_before, predicted = predicted_loss_change(
         setup.model, params, delta, data, setup.loss_fn, chunk_size=setup.chunk_size
     )
-    after = {k: params[k] + delta[k] for k in params}
-    loss_after = mean_loss(setup.model, after, data, setup.loss_fn)
+    loss_after = mean_loss(setup.model, stepped(params, delta), data, setup.loss_fn)
     if not math.isfinite(loss_after):
         raise NonFiniteError(f"the loss after stage {stage} is not finite; nothing was modified")
     return loss_before, loss_after, predicted

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from .._common.checks import is_int
-from .layout import ParameterLayout, from_matrix_view, input_size, matrix_view, numel
+from .layout import ParameterLayout, from_matrix_view, input_size, matrix_shape, matrix_view
 from .masks import select_masks
 from .structures import as_selection
 
@@ -69,7 +69,7 @@ class Blocks:
         tiles = {}
         for name, layout in layouts.items():
             inputs = input_size(name, layout, self)
-            outputs = numel(layout.shape) // inputs
+            outputs = matrix_shape(layout)[0]
             if outputs % self.h or inputs % self.w:
                 raise ValueError(
                     f"{self!r}: the {outputs} x {inputs} matrix of {name!r} (shape "
@@ -125,4 +125,5 @@ class Blocks:
         return matrix.reshape(rows // self.h, self.h, columns // self.w, self.w)
 
     def _untiled(self, tiles: Tensor, layout: ParameterLayout) -> Tensor:
-        return from_matrix_view(tiles.reshape(tiles.shape[0] * self.h, -1), layout)
+        rows, columns = tiles.shape[0] * tiles.shape[1], tiles.shape[2] * tiles.shape[3]
+        return from_matrix_view(tiles.reshape(rows, columns), layout)
