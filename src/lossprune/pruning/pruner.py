@@ -18,8 +18,8 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .._common.batches import model_loss
-from .._common.data import check_can_sample
 from .._common.checks import check_fraction, check_optional_positive_int, is_int
+from .._common.data import check_can_sample
 from .._common.models import check_weights, unwrap
 from ..criteria.base import Criterion
 from ..curvature import LossFn
