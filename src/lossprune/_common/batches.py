@@ -185,8 +185,15 @@ def to_batch(raw: Any, loss_fn: Any = None, device: torch.device | None = None) 
 
 
 def _check_no_lists(raw: Mapping[Any, Any]) -> None:
-    """A mapping of Python lists is a tokenizer's output that was never made into tensors."""
-    lists = [str(k) for k, v in raw.items() if isinstance(v, (list, tuple))]
+    """A mapping of lists of numbers is a tokenizer's output that was never made into tensors.
+
+    (A list of tensors, e.g. images of several sizes, is a model input like any other.)
+    """
+    lists = [
+        str(k)
+        for k, v in raw.items()
+        if isinstance(v, list) and (not v or isinstance(v[0], (int, float, list)))
+    ]
     if lists:
         raise TypeError(
             f"the mapping batch holds Python lists under {lists} (a tokenizer's output without "

@@ -111,9 +111,15 @@ def _check_same_loss(
     """``own`` on the outputs must be the model's ``.loss`` (float32 or better on both sides)."""
     ours = own(at_least_float32(outputs), batch.targets)
     theirs = reference.outputs.loss
+    # Rounding of the coarser side: transformers computes some losses in float32 (causal LMs
+    # upcast their logits), others in the model's dtype.
     eps = max(torch.finfo(ours.dtype).eps, torch.finfo(theirs.dtype).eps)
-    ours, value = float(ours), float(theirs)
-    if abs(ours - value) <= 100 * eps * max(1.0, abs(value)):
+    expected = float(theirs)
+
+    def agrees(loss: Tensor) -> bool:
+        return abs(float(loss) - expected) <= 100 * eps * max(1.0, abs(expected))
+
+    if agrees(ours):
         return
     name = type(model).__name__
     hint = (
@@ -122,8 +128,7 @@ def _check_same_loss(
     if own.task == "causal_lm":
         tokens = ModelLoss("tokens")
         logits = tokens.read(reference.outputs)
-        unshifted = tokens(at_least_float32(logits), reference.labels)
-        if abs(float(unshifted) - value) <= 100 * eps * max(1.0, abs(value)):
+        if agrees(tokens(at_least_float32(logits), reference.labels)):
             hint = f"{name} does not shift its labels: pass loss_fn=lossprune.ModelLoss('tokens')"
     elif own.task == "seq2seq":
         hint = (
@@ -131,6 +136,6 @@ def _check_same_loss(
             "(model.prepare_decoder_input_ids_from_labels(labels)), or pass loss_fn=..."
         )
     raise ValueError(
-        f"{name} computes a loss of {value:.6g} from the first batch's labels, but "
-        f"ModelLoss({own.task!r}) gives {ours:.6g}: {hint}"
+        f"{name} computes a loss of {expected:.6g} from the first batch's labels, but "
+        f"ModelLoss({own.task!r}) gives {float(ours):.6g}: {hint}"
     )

@@ -217,6 +217,8 @@ class Pruner:
         check_criterion(self.criterion, data, self._setup.loss_fn)
         if data is None and (self._setup.examples is not None or self._setup.diagnostics):
             raise ValueError("data=None: this pruner draws examples or computes diagnostics")
+        if self._setup.examples is not None:
+            check_can_sample(data)
         self._setup = replace(self._setup, data=data)
 
     @property
