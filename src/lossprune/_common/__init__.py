@@ -13,7 +13,8 @@
 - :mod:`~lossprune._common.functional` — calling a module as a pure function of a subset of its
   parameters, and the checks that its forward pass is deterministic;
 - :mod:`~lossprune._common.linear_maps` — the table of linear maps (which modules are, along which
-  axes their inputs run) and what stays dense by default;
+  axes their inputs run, and which axis indexes the experts of a fused mixture-of-experts
+  parameter);
 - :mod:`~lossprune._common.checks` — argument checks with precise ``TypeError``/``ValueError``;
 - :mod:`~lossprune._common.distributed` — all-reduce of accumulators under
   :mod:`torch.distributed`.

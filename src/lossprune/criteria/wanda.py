@@ -37,8 +37,10 @@ class Wanda(Criterion):
     positions in the same pass as any other statistic, so ``Wanda() + 0.5 * QuadraticModel()``
     reads the data once. Like every criterion with statistics it needs ``data`` and
     ``loss_fn`` (the loss says which examples count). Supported: the weights of
-    ``nn.Linear``, ``nn.Conv1d``, ``nn.Conv2d`` (flattened in·kh·kw patches) and Hugging
-    Face's ``Conv1D``; other parameters are refused with a ``TypeError``.
+    ``nn.Linear``, ``nn.Conv1d``, ``nn.Conv2d`` (flattened in·kh·kw patches), Hugging
+    Face's ``Conv1D`` and its fused MoE experts (each expert's matrix from the tokens routed
+    to it, :mod:`lossprune.curvature.expert_inputs`); other parameters are refused with a
+    ``TypeError``.
 
     Example:
         >>> import torch

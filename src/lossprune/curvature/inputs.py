@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from .._common.functional import FunctionalModel
 from .._common.linear_maps import is_hf_conv1d
+from .expert_inputs import is_expert_matrix, register_expert_hooks
 
 __all__ = ["input_sq_norms"]
 
@@ -104,8 +105,12 @@ def input_sq_norms(
             module is not called through its ``forward`` (e.g. the ``out_proj`` of
             :class:`~torch.nn.MultiheadAttention`, which it applies functionally).
     """
+    # Fused MoE experts: one matrix per expert, each fed by its routed tokens (.expert_inputs).
+    experts = [name for name in params if is_expert_matrix(model, name)]
     rules = {}
     for name in params:
+        if name in experts:
+            continue
         module_name, _, attribute = name.rpartition(".")
         module = model.get_submodule(module_name)
         rule = _rule(module, attribute)
@@ -115,7 +120,7 @@ def input_sq_norms(
             )
         rules[name] = (module, rule)
     sums: dict[str, Tensor] = {}
-    handles = []
+    handles = register_expert_hooks(model, experts, sums, dtype)
     for name, (module, rule) in rules.items():
 
         def hook(

@@ -24,13 +24,11 @@ def configuration_text(obj: object) -> str:
     """How a criterion or selection is recorded in a state: its ``repr``, without addresses.
 
     The default ``repr`` of a user's own class holds a memory address, different in every
-    process and for every instance: it is dropped, and the instance's attributes stand in
-    for it, so that a state resumes with an equally configured object.
+    process and for every instance: it is dropped, so such an object is recorded by its class
+    (its attributes may be counters that change as it runs; a user who wants its settings
+    compared gives the class a ``repr``, or makes it a dataclass).
     """
-    text = repr(obj)
-    if _ADDRESS.search(text) and hasattr(obj, "__dict__"):
-        text = f"{text}{vars(obj)!r}"
-    return _ADDRESS.sub("", text)
+    return _ADDRESS.sub("", repr(obj))
 
 
 class Checkpoint(NamedTuple):
