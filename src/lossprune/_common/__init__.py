@@ -1,8 +1,13 @@
 """What every layer shares: the bottom package (layer 0 of docs/architecture.md), private.
 
 - :mod:`~lossprune._common.batches` — what one batch of scoring data is, whatever form the user's
-  data takes (``(inputs, targets)``, nested tuples, mappings with ``labels``), and the model's own
-  loss (:class:`~lossprune.ModelLoss`);
+  data takes (``(inputs, targets)``, nested tuples, mappings with ``labels``);
+- :mod:`~lossprune._common.model_loss` — a Hugging Face model's own loss
+  (:class:`~lossprune.ModelLoss`), family by family;
+- :mod:`~lossprune._common.probe` — the first batch's forward passes: no random draw, and the
+  model's own loss equal to ``model(**batch).loss``;
+- :mod:`~lossprune._common.models` — the network behind DDP and ``torch.compile`` wrappers;
+  meta-device and quantized weights refused;
 - :mod:`~lossprune._common.data` — scoring data: one batch or any re-iterable of batches, random
   subsets;
 - :mod:`~lossprune._common.functional` — calling a module as a pure function of a subset of its

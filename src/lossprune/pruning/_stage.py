@@ -21,12 +21,13 @@ from torch import Tensor, nn
 
 from .._common.data import random_subset
 from .._common.functional import check_deterministic
+from .._common.probe import probe_first_batch
 from ..criteria.base import Criterion, GroupSum
 from ..curvature import LossFn, NonFiniteError
 from ..selection import Global, Layerwise, ParameterLayout, Selection
 from ..selection._connectivity import ChainLayer, Connectivity, connectivity
 from ..selection.layout import per_matrix
-from ._diagnostics import mean_loss, predicted_loss_change
+from ._diagnostics import mean_loss, predicted_loss_change, stepped
 from .reports import StageReport, collapse_message, handle_collapse
 from .scoring import compute_scores
 from .updates import Compensation, CompensationState, plan_update
@@ -96,7 +97,7 @@ def plan_stage(
         data = random_subset(setup.data, setup.examples, generator)
     params = {k: p.detach() for k, p in params.items()}
     with _scoring_mode(setup.model, setup.eval_mode):
-        check_deterministic(setup.model)
+        _check_deterministic(setup, data, params)
         scores, _ = compute_scores(
             setup.model, setup.criterion, params, data, setup.loss_fn,
             generator=_device_generator(generator, params), chunk_size=setup.chunk_size,
@@ -146,6 +147,20 @@ def plan_stage(
     delta = None if setup.update is None else update.delta  # type: ignore[union-attr]
     state = update_state if update is None else update.state
     return StagePlan(new_masks, delta, state, report, after)
+
+
+def _check_deterministic(setup: StageSetup, data: Any, params: Mapping[str, Tensor]) -> None:
+    """A stage that runs the model on data needs a deterministic forward pass.
+
+    The statistics pass checks it itself (:func:`~lossprune._common.probe.probe_first_batch`);
+    a data-free criterion (Magnitude) with an update or diagnostics is checked here; a stage that
+    never runs the model (Magnitude alone) does not care about the model's mode.
+    """
+    if setup.criterion.requests() or not (setup.update is not None or setup.diagnostics):
+        return
+    check_deterministic(setup.model)
+    device = next(iter(params.values())).device
+    probe_first_batch(setup.model, setup.loss_fn, data, device)
 
 
 def _select(
@@ -235,8 +250,7 @@ def _diagnostics(
     loss_before, predicted = predicted_loss_change(
         setup.model, params, delta, data, setup.loss_fn, chunk_size=setup.chunk_size
     )
-    after = {k: params[k] + delta[k] for k in params}
-    loss_after = mean_loss(setup.model, after, data, setup.loss_fn)
+    loss_after = mean_loss(setup.model, stepped(params, delta), data, setup.loss_fn)
     if not math.isfinite(loss_after):
         raise NonFiniteError(f"the loss after stage {stage} is not finite; nothing was modified")
     return loss_before, loss_after, predicted

@@ -21,6 +21,8 @@ from tqdm.auto import tqdm
 
 from .._common.batches import model_loss
 from .._common.checks import check_fraction, check_optional_positive_int, is_int
+from .._common.data import check_can_sample
+from .._common.models import check_weights, unwrap
 from ..criteria.base import Criterion
 from ..curvature import LossFn
 from ..schedules import Schedule
@@ -37,7 +39,7 @@ from ..selection import (
     sparsity_of,
 )
 from ..selection._connectivity import Connectivity, trace_chain
-from ._checkpoint import pruner_state, read_pruner_state
+from ._checkpoint import configuration_text, pruner_state, read_pruner_state
 from ._stage import StageSetup, plan_stage
 from .reports import ON_COLLAPSE, StageReport
 from .scoring import check_criterion
@@ -66,7 +68,8 @@ class Pruner:
 
     Args:
         model: the network; pruned in place (parameters keep their identity). A
-            ``DistributedDataParallel``/``DataParallel`` wrapper is unwrapped; with
+            ``DistributedDataParallel``/``DataParallel``/``torch.compile`` wrapper is unwrapped
+            (masks are keyed by the network's own names); with
             :mod:`torch.distributed` initialised, every statistic and diagnostic is all-reduced
             (example-weighted) so that all ranks select the same mask from their own shards.
             Parameters are looked up by name at every stage, so a parameter replaced between
@@ -152,10 +155,8 @@ class Pruner:
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-            # Statistics are computed functionally on the wrapped network (its own all-reduce
-            # replaces DDP's gradient sync); masks use the names of the unwrapped model.
-            model = model.module
+        model = unwrap(model)  # DDP, DataParallel, torch.compile: masks use the network's names
+        check_weights(model)
         if loss_fn is None:  # a Hugging Face model's own loss, when it has one
             loss_fn = model_loss(model)
         check_criterion(criterion, data, loss_fn)
@@ -168,6 +169,8 @@ class Pruner:
         chunk_size = check_optional_positive_int("chunk_size", chunk_size)
         if examples is not None and data is None:
             raise ValueError("examples=n needs data to draw from")
+        if examples is not None:
+            check_can_sample(data)
         min_density = check_fraction("min_density", min_density)
         if diagnostics is None:
             diagnostics = data is not None and loss_fn is not None
@@ -212,14 +215,12 @@ class Pruner:
             chunk_size=chunk_size,
             chain=trace_chain(model, params),
         )
-        # A meta tensor has no values to read zeros from (and nothing to count).
+        # check_weights refused meta tensors: every weight has a value to read zeros from.
         self.masks: dict[str, Tensor] = {
-            k: p.detach() != 0
-            if adopt_zeros and not p.is_meta
-            else torch.ones_like(p, dtype=torch.bool)
+            k: p.detach() != 0 if adopt_zeros else torch.ones_like(p, dtype=torch.bool)
             for k, p in params.items()
         }
-        self.adopted = count_pruned({k: m for k, m in self.masks.items() if not m.is_meta})
+        self.adopted = count_pruned(self.masks)
         """Number of weights that were already zero when the pruner was built (adopted)."""
         self.stage = 0
         self.reports: list[StageReport] = []
@@ -239,6 +240,8 @@ class Pruner:
         check_criterion(self.criterion, data, self._setup.loss_fn)
         if data is None and (self._setup.examples is not None or self._setup.diagnostics):
             raise ValueError("data=None: this pruner draws examples or computes diagnostics")
+        if self._setup.examples is not None:
+            check_can_sample(data)
         self._setup = replace(self._setup, data=data)
 
     @property
@@ -407,8 +410,8 @@ class Pruner:
             masks=self.masks,
             generator=self.generator,
             targets=self._targets,
-            criterion=repr(self.criterion),
-            scope=repr(self.selection),
+            criterion=configuration_text(self.criterion),
+            scope=configuration_text(self.selection),
             min_density=self.min_density,
             update=self.compensation,
             update_state=self.update_state,
@@ -429,8 +432,8 @@ class Pruner:
             state,
             params=params,
             targets=self._targets,
-            criterion=repr(self.criterion),
-            scope=repr(self.selection),
+            criterion=configuration_text(self.criterion),
+            scope=configuration_text(self.selection),
             min_density=self.min_density,
             update=self.compensation,
         )

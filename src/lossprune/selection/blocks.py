@@ -13,8 +13,8 @@ from .layout import (
     from_matrix_view,
     from_per_matrix,
     input_size,
+    matrix_shape,
     matrix_view,
-    numel,
     per_matrix,
     per_matrix_layouts,
 )
@@ -81,7 +81,7 @@ class Blocks:
         tiles = {}
         for name, layout in per_matrix_layouts(layouts).items():
             inputs = input_size(name, layout, self)
-            outputs = numel(layout.shape) // inputs
+            outputs = matrix_shape(layout)[0]
             if outputs % self.h or inputs % self.w:
                 raise ValueError(
                     f"{self!r}: the {outputs} x {inputs} matrix of {name!r} (shape "
@@ -141,4 +141,5 @@ class Blocks:
         return matrix.reshape(rows // self.h, self.h, columns // self.w, self.w)
 
     def _untiled(self, tiles: Tensor, layout: ParameterLayout) -> Tensor:
-        return from_matrix_view(tiles.reshape(tiles.shape[0] * self.h, -1), layout)
+        rows, columns = tiles.shape[0] * tiles.shape[1], tiles.shape[2] * tiles.shape[3]
+        return from_matrix_view(tiles.reshape(rows, columns), layout)

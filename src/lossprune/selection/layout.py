@@ -137,11 +137,20 @@ def _matrix_order(layout: ParameterLayout) -> list[int]:
     return [d for d in range(len(layout.shape)) if d not in inputs] + inputs
 
 
+def matrix_shape(layout: ParameterLayout) -> tuple[int, int]:
+    """``(outputs, inputs)`` of the matrix view, each axis group flattened (zero sizes too)."""
+    assert layout.input_dims is not None
+    outputs = tuple(d for d in range(len(layout.shape)) if d not in layout.input_dims)
+    return (
+        numel(tuple(layout.shape[d] for d in outputs)),
+        numel(tuple(layout.shape[d] for d in layout.input_dims)),
+    )
+
+
 def matrix_view(tensor: Tensor, layout: ParameterLayout) -> Tensor:
     """``tensor`` as the (outputs, inputs) matrix of its linear map, input axes flattened."""
-    assert layout.input_dims is not None
-    inputs = numel(tuple(layout.shape[d] for d in layout.input_dims))
-    return tensor.permute(_matrix_order(layout)).reshape(-1, inputs)
+    # Both sizes explicit: a zero-size layer has no "-1" to infer.
+    return tensor.permute(_matrix_order(layout)).reshape(matrix_shape(layout))
 
 
 def from_matrix_view(matrix: Tensor, layout: ParameterLayout) -> Tensor:
