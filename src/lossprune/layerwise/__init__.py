@@ -18,20 +18,35 @@ Modules, one job each:
 from .blocks import BlockStack, find_blocks
 from .pruner import LayerwisePruner
 from .reports import BlockReport, LayerwiseReport, MatrixReport
-from .solvers import Damping, LayerProblem, LayerSolution, refit
+from .solvers import (
+    ADMM,
+    OBS,
+    Damping,
+    IterativeThresholding,
+    LayerProblem,
+    LayerSolution,
+    Pattern,
+    Stages,
+    refit,
+)
 from .updates import MaskSolver, Refit
 
 __all__ = [
+    "ADMM",
+    "OBS",
     "BlockReport",
     "BlockStack",
     "Damping",
+    "IterativeThresholding",
     "LayerProblem",
     "LayerSolution",
     "LayerwisePruner",
     "LayerwiseReport",
     "MaskSolver",
     "MatrixReport",
+    "Pattern",
     "Refit",
+    "Stages",
     "find_blocks",
     "refit",
 ]

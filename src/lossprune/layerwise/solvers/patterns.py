@@ -24,7 +24,7 @@ from ..._common.checks import check_fraction
 from ...selection import NM, Layerwise, ParameterLayout, Selection, Targets
 from .problem import LayerProblem, check_problem
 
-__all__ = ["Pattern", "as_pattern"]
+__all__ = ["Pattern"]
 
 _NAME = "weight"
 
