@@ -64,7 +64,6 @@ class NaNScores(Criterion):
         ({"stages": 0}, ValueError, "stages must be >= 1"),
         ({"sparsity": None}, ValueError, "sparsity is needed"),
         ({"sparsity": 1.0}, ValueError, "sparsity must satisfy"),
-        ({"selection": "global"}, ValueError, "a global selection compares weights"),
         ({"selection": NM(2, 4), "sparsity": 0.6}, ValueError, "must be 1 - n/m"),
         ({"selection": Targets({r"nothing": 0.5})}, ValueError, "match no pruned parameter"),
         ({"data": None}, TypeError, "data must be calibration batches"),
