@@ -97,7 +97,7 @@ def test_a_global_sparsity_is_spread_over_the_matrices(allocation):
 @pytest.mark.parametrize(
     "kwargs, error, match",
     [
-        ({"allocation": ErrorAllocation()}, ValueError, "pass selection='global'"),
+        ({"selection": "layerwise", "allocation": ErrorAllocation()}, ValueError, "pass sel"),
         ({"selection": "global", "allocation": "error"}, TypeError, "allocation must be"),
     ],
 )

@@ -100,10 +100,18 @@ class LayerwisePruner:
             mapping of model inputs (``input_ids``, ``attention_mask``, ``labels`` optional),
             ``(inputs, targets)`` or ``((input, ...), targets)``. Padding and ``-100`` labels
             are left out of the statistics (:func:`~lossprune._common.batches.counted_positions`).
-        selection: the pattern inside each matrix: :class:`~lossprune.PerRow` (Wanda's rows;
-            the default for :class:`~lossprune.Wanda`), :class:`~lossprune.Layerwise` (the
-            default otherwise), :class:`~lossprune.NM`, :class:`~lossprune.Blocks`,
-            :class:`~lossprune.Targets` (per-matrix targets by name), or a shorthand string.
+        selection: the pattern inside each matrix: :class:`~lossprune.PerRow` (Wanda's rows),
+            :class:`~lossprune.Layerwise` (the same sparsity in every matrix),
+            :class:`~lossprune.NM`, :class:`~lossprune.Blocks`, :class:`~lossprune.Targets`
+            (per-matrix targets by name), or ``"global"``: ``sparsity`` of all the pruned
+            weights, each matrix's share from ``allocation``. Default: the criterion's own
+            scope (:meth:`~lossprune.Criterion.default_scope`): per row for
+            :class:`~lossprune.Wanda`, as its authors; ``"global"`` for the paper's criteria
+            and for solvers that choose the mask (it beat uniform sparsity at 70% on both
+            benchmark models: docs/layerwise.md).
+        allocation: with ``selection="global"``, how each matrix's share is found
+            (:mod:`lossprune.layerwise.allocation`; default
+            :class:`~lossprune.layerwise.ErrorAllocation`).
         update: ``None`` (pruned weights zeroed), :class:`~lossprune.layerwise.Refit` (exact
             refit of the kept weights after each stage) or a mask-choosing solver
             (:mod:`lossprune.layerwise.updates`).
@@ -186,7 +194,7 @@ class LayerwisePruner:
         sparsity = _sparsity(sparsity, structure)
         if isinstance(structure, Global):
             allocation = DEFAULT_ALLOCATION if allocation is None else allocation
-            structure = _selection(None, criterion)  # inside each matrix, at its own target
+            structure = _within_matrix(criterion)  # inside each matrix, at its own target
         elif allocation is not None:
             raise ValueError(
                 "allocation= sets each matrix's share of a GLOBAL sparsity: pass "
@@ -365,7 +373,9 @@ class LayerwisePruner:
                 if criterion is None:  # the solver's choice is not known before it runs
                     ranking = reference.abs()
                 else:
-                    ranking = _local_scores(criterion, matrix, problem, reference, block, 0)
+                    ranking = _local_scores(
+                        criterion, matrix, problem, reference, kept, block, moment.rows
+                    )
                 masks = [matrix.pattern(ranking, kept, p) for p in grid]
                 curves[matrix.name] = masked_error_curve(reference, moment.gram, masks)
             return BlockReport(self.stack.names[index], (), 0.0, 0)
@@ -433,11 +443,7 @@ class LayerwisePruner:
         weight, mask = problem.reference, problem.kept
         solved = apply_update(None, problem, mask, weight)
         for target in _stage_targets(matrix.target, self.stages):
-            scores = _local_scores(criterion, matrix, problem, weight, block, rows)
-            if not bool(scores[mask].isfinite().all()):
-                raise NonFiniteError(
-                    f"{criterion!r} gave a non-finite score for {matrix.name!r} on its local loss"
-                )
+            scores = _local_scores(criterion, matrix, problem, weight, mask, block, rows)
             mask = matrix.pattern(scores, mask, target)
             solved = apply_update(self.update, problem, mask, weight)
             weight = solved.weight
@@ -460,21 +466,32 @@ def _local_scores(
     matrix: _Matrix,
     problem: LayerProblem,
     weight: Tensor,
+    kept: Tensor,
     block: nn.Module,
     rows: int,
 ) -> Tensor:
-    """The criterion's scores of ``weight`` on the local loss (group scores for tiles)."""
+    """The criterion's scores of ``weight`` on the local loss (group scores for tiles).
+
+    Raises:
+        NonFiniteError: a NaN or infinite score of a ``kept`` entry.
+    """
     statistics = local_statistics(criterion, {matrix.name: problem}, {matrix.name: weight}, rows)
     context = ScoringContext(block, {matrix.name: weight}, statistics)
     group_sum = getattr(matrix.pattern.selection, "group_sum", None)
     if group_sum is None:
-        return criterion.score(context)[matrix.name]
-    layout = ParameterLayout(matrix.shape, "Linear", (1,))  # the (out, in) view
+        scores = criterion.score(context)[matrix.name]
+    else:
+        layout = ParameterLayout(matrix.shape, "Linear", (1,))  # the (out, in) view
 
-    def sum_groups(name: str, tensor: Tensor) -> Tensor:
-        return group_sum(layout, tensor)
+        def sum_groups(name: str, tensor: Tensor) -> Tensor:
+            return group_sum(layout, tensor)
 
-    return criterion.group_score(context, sum_groups)[matrix.name]
+        scores = criterion.group_score(context, sum_groups)[matrix.name]
+    if not bool(scores[kept].isfinite().all()):
+        raise NonFiniteError(
+            f"{criterion!r} gave a non-finite score for {matrix.name!r} on its local loss"
+        )
+    return scores
 
 
 def _stage_targets(target: float, stages: int) -> Iterator[float]:
@@ -518,11 +535,16 @@ def _check_data(data: Any) -> list[Any]:
 
 
 def _selection(selection: object, criterion: Criterion | None) -> Selection:
-    """The selection object; the default follows the criterion (Wanda: per row)."""
+    """The selection object; by default the criterion's own scope (a solver's: global)."""
     if selection is None:
-        per_row = criterion is not None and criterion.default_scope() == "per_row"
-        return as_selection("per_row" if per_row else "layerwise")
+        return as_selection("global" if criterion is None else criterion.default_scope())
     return as_selection(selection)
+
+
+def _within_matrix(criterion: Criterion | None) -> Selection:
+    """Inside each matrix under a global sparsity: per row for Wanda, else the whole matrix."""
+    per_row = criterion is not None and criterion.default_scope() == "per_row"
+    return as_selection("per_row" if per_row else "layerwise")
 
 
 def _sparsity(sparsity: object, selection: Selection) -> float:
