@@ -98,8 +98,9 @@ def _warm_up(width: int, data: list[torch.Tensor], folder: Path | None = None) -
     LayerwisePruner(model, Wanda(), 0.5, data=data, update=Refit()).run()
 
 
-def _prune(model: nn.Module, data: list[torch.Tensor], update: Refit | None = Refit()) -> float:
+def _prune(model: nn.Module, data: list[torch.Tensor], refit: bool = True) -> float:
     """Peak resident-set growth (MB) of pruning ``model`` (masks not kept)."""
+    update = Refit() if refit else None
     Path("/proc/self/clear_refs").write_text("5")
     before = _status_mb("VmRSS")
     LayerwisePruner(model, Wanda(), 0.5, data=data, update=update, keep_masks=False).run()
@@ -131,7 +132,7 @@ def main(argv: list[str]) -> None:
     virtual = _status_mb("VmSize")
     cap = (virtual + weights_mb / 2) * 2**20
     resource.setrlimit(resource.RLIMIT_AS, (int(cap), int(cap)))
-    growth = _prune(model, data, update=None)  # Wanda alone: the memory, not the solver, on test
+    growth = _prune(model, data, refit=False)  # Wanda alone: the memory, not the solver, on test
     print(json.dumps({"weights_mb": weights_mb, "cap_mb": cap / 2**20, "virtual_mb": virtual,
                       "growth_mb": growth}))  # fmt: skip
 

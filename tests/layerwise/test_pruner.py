@@ -320,3 +320,17 @@ def test_a_pattern_needs_a_selection_on_one_matrix():
 
     with pytest.raises(TypeError, match="Pattern: selection must be a Selection on one matrix"):
         Pattern(Targets({"x": 0.5}))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_model_on_the_cpu_is_pruned_block_by_block_on_the_gpu():
+    """The CPU model's blocks visit the GPU one at a time; the result is the CPU run's."""
+    on_cpu, on_gpu = tiny("llama", torch.float32), tiny("llama", torch.float32)
+    options = {"sparsity": 0.5, "data": batches(), "update": Refit()}
+    LayerwisePruner(on_cpu, Wanda(), **options).run()
+    pruner = LayerwisePruner(on_gpu, Wanda(), device="cuda", **options)
+    pruner.run()
+    for (name, a), b in zip(on_cpu.state_dict().items(), on_gpu.state_dict().values()):
+        assert b.device.type == "cpu", name  # moved back after its block
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-4, msg=name)
