@@ -334,3 +334,16 @@ def test_a_model_on_the_cpu_is_pruned_block_by_block_on_the_gpu():
     for (name, a), b in zip(on_cpu.state_dict().items(), on_gpu.state_dict().values()):
         assert b.device.type == "cpu", name  # moved back after its block
         torch.testing.assert_close(b, a, rtol=0, atol=1e-4, msg=name)
+
+
+def test_fused_experts_are_refused_with_the_way_out():
+    from tests.moe_models import tiny_moe, token_batch
+
+    model = tiny_moe("mixtral")
+    before = raw(model.state_dict())
+    with pytest.raises(TypeError, match=r"exclude=\[r'\.\*experts\.\*'\]"):
+        LayerwisePruner(model, Wanda(), 0.5, data=[token_batch()])
+    assert raw(model.state_dict()) == before
+    report = LayerwisePruner(model, Wanda(), 0.5, data=[token_batch()],
+                             exclude=r".*experts.*").run()  # fmt: skip
+    assert report.matrices and all("experts" not in m.name for m in report.matrices)

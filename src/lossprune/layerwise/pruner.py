@@ -38,6 +38,7 @@ from .._common.functional import check_deterministic, statistics_dtype
 from .._common.linear_maps import is_hf_conv1d
 from ..criteria.base import Criterion, ScoringContext
 from ..curvature import NonFiniteError
+from ..curvature.expert_inputs import is_expert_matrix
 from ..curvature.inputs import InputMoments, InputStatistics
 from ..pruning import scores
 from ..schedules import ExponentialSchedule
@@ -588,6 +589,12 @@ def _plan(
         block = blocks.pop()
         assert block is not None
         module_name, module = users[id(param)][0]
+        if is_expert_matrix(model, name):
+            raise TypeError(
+                f"{name!r} holds the matrices of a mixture of experts (one per expert, each fed "
+                "by its routed tokens), which layer-wise pruning does not prune yet; leave them "
+                "out with exclude=[r'.*experts.*']"
+            )
         transposed = is_hf_conv1d(module)
         if not (isinstance(module, nn.Linear) or transposed) or not name.endswith(".weight"):
             raise TypeError(

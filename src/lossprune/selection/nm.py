@@ -127,7 +127,7 @@ def _grouped(tensor: Tensor, m: int, dim: int) -> Tensor:
 
 def _ungrouped(grouped: Tensor, shape: torch.Size, dim: int) -> Tensor:
     """Undo :func:`_grouped`."""
-    moved = grouped.reshape(*grouped.shape[:-2], -1)
+    moved = grouped.reshape(*grouped.shape[:-2], grouped.shape[-2] * grouped.shape[-1])
     return moved.movedim(-1, dim).reshape(shape)
 
 
@@ -223,7 +223,7 @@ class NM:
         for name, mask in masks.items():
             layout = layouts[name]
             kept = matrix_view(mask, layout)
-            already = self.m - kept.reshape(kept.shape[0], -1, self.m).sum(-1)
+            already = self.m - kept.reshape(kept.shape[0], kept.shape[1] // self.m, self.m).sum(-1)
             if bool((already > pruned_per_group).any()):
                 raise ValueError(
                     f"{self!r}: {name!r} already has more than {pruned_per_group} pruned weights "
