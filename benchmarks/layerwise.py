@@ -202,26 +202,43 @@ def wanda_mask_check(root: str, refs: Path) -> list[dict[str, Any]]:
 
 
 def table(results: dict[str, Any]) -> str:
-    lines = [
-        "| model | setting | method | layer error (geo) | / ALPS | worst / SparseGPT | ppl | "
-        "cpu s | peak RSS growth MB |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    references = results.get("references", {})
-    for run in results["runs"].values():
-        lines.append(
-            f"| {run['model']} | {run['setting']} | {run['method']} | {run['geo']:.5f} | "
-            f"{run.get('geo_vs_alps', float('nan')):.3f} | "
-            f"{run.get('worst_vs_sparsegpt', float('nan')):.3f} | {run['ppl']:.3f} | "
-            f"{run['cpu_s']:.1f} | {run['rss_growth_mb']:.0f} |"
-        )
-    for run in references.values():
-        geo = run.get("geo_error_seq", float("nan"))
-        lines.append(
-            f"| {run['model']} | {run['setting']} | {run['method']} (authors) | {geo:.5f} | | | "
-            f"{run['ppl']:.3f} | {run['cpu_s']:.1f} | "
-            f"{run['peak_rss_mb'] - run['rss_before_mb']:.0f} |"
-        )
+    """Markdown: per model, a row per method, per setting ``ppl · layer error / ALPS's``."""
+    runs, references = results["runs"], results.get("references", {})
+    lines = []
+    for model in MODELS:
+        settings = [s for s in SETTINGS if any(r["model"] == model and r["setting"] == s
+                                               for r in runs.values())]  # fmt: skip
+        if not settings:
+            continue
+        dense = next(r["dense_ppl"] for r in runs.values() if r["model"] == model)
+        lines += [
+            f"**{model}** (dense held-out perplexity {dense:.3f}): held-out perplexity · "
+            "geometric-mean layer error / ALPS's · worst matrix / SparseGPT's · CPU seconds",
+            "",
+            "| method | " + " | ".join(settings) + " |",
+            "|---|" + "---|" * len(settings),
+        ]
+        for reference in ("sparsegpt", "wanda", "alps"):
+            cells = []
+            for setting in settings:
+                ref = references.get(f"{reference}|{model}|{setting}|plain")
+                cells.append("" if ref is None else f"{ref['ppl']:.3f} · {ref['cpu_s']:.1f} s")
+            lines.append(f"| {reference} (authors) | " + " | ".join(cells) + " |")
+        names = dict.fromkeys(r["method"] for r in runs.values() if r["model"] == model)
+        for name in names:
+            cells = []
+            for setting in settings:
+                run = runs.get(f"{name}|{model}|{setting}")
+                cells.append(
+                    "" if run is None else f"{run['ppl']:.3f} · {run['geo_vs_alps']:.3f} · "
+                    f"{run['worst_vs_sparsegpt']:.2f} · {run['cpu_s']:.1f} s"
+                )
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines.append("")
+    masks = results.get("wanda_masks", [])
+    if masks:
+        differ = ", ".join(f"{m['setting']} {m['calib']}: {m['mismatches']}" for m in masks)
+        lines.append(f"Wanda masks differing from the authors' (of {masks[0]['weights']}): {differ}")
     return "\n".join(lines)
 
 
