@@ -230,7 +230,9 @@ def table(results: dict[str, Any]) -> str:
             for setting in settings:
                 run = runs.get(f"{name}|{model}|{setting}")
                 cells.append(
-                    "" if run is None else f"{run['ppl']:.3f} · {run['geo_vs_alps']:.3f} · "
+                    ""
+                    if run is None
+                    else f"{run['ppl']:.3f} · {run['geo_vs_alps']:.3f} · "
                     f"{run['worst_vs_sparsegpt']:.2f} · {run['cpu_s']:.1f} s"
                 )
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
@@ -238,7 +240,8 @@ def table(results: dict[str, Any]) -> str:
     masks = results.get("wanda_masks", [])
     if masks:
         differ = ", ".join(f"{m['setting']} {m['calib']}: {m['mismatches']}" for m in masks)
-        lines.append(f"Wanda masks differing from the authors' (of {masks[0]['weights']}): {differ}")
+        total = masks[0]["weights"]
+        lines.append(f"Wanda masks differing from the authors' (of {total}): {differ}")
     return "\n".join(lines)
 
 

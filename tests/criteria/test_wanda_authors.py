@@ -9,26 +9,16 @@ from lossprune import LinearModel, LinearSchedule, ModelLoss, PerRow, Pruner, Wa
 from lossprune.curvature import Statistic, compute_statistics
 from lossprune.selection import prunable_parameters
 from tests.hf_models import VOCAB, tiny_llama
+from tests.layerwise.models import batches
 
 transformers = pytest.importorskip("transformers")
 INPUTS = Statistic("input_sq_norms")
 CE = nn.CrossEntropyLoss()
 
 
-def padded_batch(lengths, seq=12, seed=0, ignore_first=0):
-    """Right-padded token sequences: attention_mask 0 and labels -100 on padding.
-
-    ``ignore_first``: that many leading labels of every sequence are -100 too (a masked prompt).
-    """
-    generator = torch.Generator().manual_seed(seed)
-    ids = torch.randint(1, VOCAB, (len(lengths), seq), generator=generator)
-    mask = torch.zeros(len(lengths), seq, dtype=torch.long)
-    for n, length in enumerate(lengths):
-        mask[n, :length] = 1
-    ids = ids.masked_fill(mask == 0, 0)
-    labels = ids.masked_fill(mask == 0, -100)
-    labels[:, :ignore_first] = -100
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+def padded_batch(lengths, seed=0, ignore_first=0):
+    """One right-padded batch (tests.layerwise.models.batches): mask 0 and -100 on padding."""
+    return batches((tuple(lengths),), seed=seed, ignore_first=ignore_first)[0]
 
 
 def per_token_loop(model, names, batches):
@@ -75,9 +65,9 @@ def llama():
 def test_padding_and_ignored_labels_are_left_out_exactly():
     model = llama()
     names = list(prunable_parameters(model))
-    batches = [padded_batch([12, 7, 3], seed=1, ignore_first=2), padded_batch([5, 12], seed=2)]
-    statistics = compute_statistics(model, prunable_parameters(model), batches, None, [INPUTS])
-    expected = per_token_loop(model, names, batches)
+    data = [padded_batch([12, 7, 3], seed=1, ignore_first=2), padded_batch([5, 12], seed=2)]
+    statistics = compute_statistics(model, prunable_parameters(model), data, None, [INPUTS])
+    expected = per_token_loop(model, names, data)
     for name in names:
         torch.testing.assert_close(statistics[INPUTS][name], expected[name], rtol=1e-10, atol=0)
 
@@ -92,8 +82,8 @@ def test_batches_whose_labels_are_all_ignored_count_the_same_at_every_batch_size
     singles = [{k: v[n : n + 1] for k, v in rows.items()} for n in range(6)]
     pairs = [{k: v[n : n + 2] for k, v in rows.items()} for n in (0, 2, 4)]
     whole = scores(model, Wanda(), [rows])
-    for batches in (singles, pairs):
-        got = scores(model, Wanda(), batches)
+    for grouped in (singles, pairs):
+        got = scores(model, Wanda(), grouped)
         for name, score in whole.items():
             torch.testing.assert_close(got[name], score, rtol=1e-12, atol=0)
 
@@ -143,9 +133,9 @@ def wanda_by_the_paper(model, batches, sparsity):
 @pytest.mark.parametrize("sparsity", [0.5, 0.7])
 def test_wanda_compares_within_each_output_row_by_default(sparsity):
     model = llama()
-    batches = [padded_batch([12, 12, 12], seed=5), padded_batch([12, 12], seed=6)]
-    expected = wanda_by_the_paper(model, batches, sparsity)
-    pruner = Pruner(model, Wanda(), LinearSchedule(sparsity, 1), data=batches)
+    data = [padded_batch([12, 12, 12], seed=5), padded_batch([12, 12], seed=6)]
+    expected = wanda_by_the_paper(model, data, sparsity)
+    pruner = Pruner(model, Wanda(), LinearSchedule(sparsity, 1), data=data)
     assert pruner.selection == PerRow()
     pruner.step()
     for name, mask in expected.items():

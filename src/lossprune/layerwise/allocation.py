@@ -103,8 +103,8 @@ class ErrorAllocation:
         return [top * k / self.steps for k in range(self.steps + 1)]
 
 
-#: The allocation ``selection="global"`` uses unless told otherwise (the winner of
-#: benchmarks/layerwise.py at 70% on the tiny Llama and OPT).
+#: The allocation ``selection="global"`` uses unless told otherwise (the cheaper one, bounded by
+#: one block's memory; neither beat uniform sparsity on both benchmark models at 70%).
 DEFAULT_ALLOCATION: ErrorAllocation | NetworkAllocation = ErrorAllocation()
 
 

@@ -105,11 +105,10 @@ class LayerwisePruner:
             :class:`~lossprune.Layerwise` (the same sparsity in every matrix),
             :class:`~lossprune.NM`, :class:`~lossprune.Blocks`, :class:`~lossprune.Targets`
             (per-matrix targets by name), or ``"global"``: ``sparsity`` of all the pruned
-            weights, each matrix's share from ``allocation``. Default: the criterion's own
-            scope (:meth:`~lossprune.Criterion.default_scope`): per row for
-            :class:`~lossprune.Wanda`, as its authors; ``"global"`` for the paper's criteria
-            and for solvers that choose the mask (it beat uniform sparsity at 70% on both
-            benchmark models: docs/layerwise.md).
+            weights, each matrix's share from ``allocation``. Default: ``sparsity`` in every
+            matrix, per row for a criterion defined per row (:class:`~lossprune.Wanda`, as its
+            authors), the whole matrix otherwise (uniform sparsity beat neither allocation on
+            both benchmark models at 70%: docs/layerwise.md).
         allocation: with ``selection="global"``, how each matrix's share is found
             (:mod:`lossprune.layerwise.allocation`; default
             :class:`~lossprune.layerwise.ErrorAllocation`).
@@ -536,14 +535,12 @@ def _check_data(data: Any) -> list[Any]:
 
 
 def _selection(selection: object, criterion: Criterion | None) -> Selection:
-    """The selection object; by default the criterion's own scope (a solver's: global)."""
-    if selection is None:
-        return as_selection("global" if criterion is None else criterion.default_scope())
-    return as_selection(selection)
+    """The selection object; by default :func:`_within_matrix` (the same sparsity everywhere)."""
+    return _within_matrix(criterion) if selection is None else as_selection(selection)
 
 
 def _within_matrix(criterion: Criterion | None) -> Selection:
-    """Inside each matrix under a global sparsity: per row for Wanda, else the whole matrix."""
+    """Inside each matrix: per row for a criterion defined per row (Wanda), else the matrix."""
     per_row = criterion is not None and criterion.default_scope() == "per_row"
     return as_selection("per_row" if per_row else "layerwise")
 
