@@ -30,10 +30,9 @@ from lossprune import (
     Wanda,
     scores,
 )
-from lossprune._common.batches import ModelInputs
 from lossprune.curvature import Statistic, compute_statistics, hvp
 from lossprune.curvature.expert_inputs import expert_input_sums
-from lossprune.curvature.inputs import input_sq_norms
+from lossprune.curvature.inputs import InputStatistics
 from lossprune.selection import describe_prunable, is_nm, prunable_parameters, select_masks
 from tests.moe_models import EXPERTS, FAMILIES, HIDDEN, INTER, experts_of, tiny_moe, token_batch
 from tests.test_transformers_core import close, reference_ggn, reference_loss
@@ -200,14 +199,21 @@ def test_wanda_input_norms_of_each_expert_are_those_of_its_routed_tokens(family)
     assert (rows > 0).sum() >= 2  # several experts were routed to
     params = _params(model, (GATE_UP, DOWN))
     inputs = {k: v for k, v in batch.items() if k != "labels"}
-    norms = input_sq_norms(model, params, ModelInputs((), inputs), torch.float64)
+    statistics = InputStatistics(model, params, dtype=torch.float64)
+    with statistics.recording():
+        model(**inputs)
+    norms = {k: m.sq_norms for k, m in statistics.means().items()}
     transposed = family == "gpt_oss"
 
     def shaped(sums):
         return sums[:, :, None] if transposed else sums[:, None, :]
 
-    torch.testing.assert_close(norms[GATE_UP], shaped(x_sq))
-    torch.testing.assert_close(norms[DOWN], shaped(h_sq))
+    # A mean per expert, over the tokens routed to it (0 for an expert no token reached).
+    per_expert = rows.clamp(min=1).to(torch.float64)[:, None]
+    torch.testing.assert_close(norms[GATE_UP], shaped(x_sq / per_expert))
+    torch.testing.assert_close(norms[DOWN], shaped(h_sq / per_expert))
+    with pytest.raises(TypeError, match="no Gram matrix for the fused experts"):
+        InputStatistics(model, params, gram=True)
     # Counted tokens only (padding left out), with each expert's number of tokens.
     counted = torch.rand(hidden.shape[0], generator=torch.Generator().manual_seed(0)) < 0.6
     x_sq, h_sq, rows = _brute_force_sums(family, experts, hidden, index, counted)

@@ -28,6 +28,11 @@ NOTEBOOKS = {
         "is in training mode",
         "same masks as an uninterrupted run: True",
     ],
+    "layerwise_pruning.ipynb": [
+        "ADMM           perplexity",
+        "weights whose mask differs with padding: 0",
+        "π = 16: layer error",
+    ],
     "pruning_transformers.ipynb": [
         "validation perplexity after pruning",
         "weight matrix of Conv1D (Hugging Face)",

@@ -24,6 +24,7 @@ from .criteria import (
     Wanda,
 )
 from .curvature import NonFiniteError
+from .layerwise import LayerwisePruner, LayerwiseReport
 from .pruning import (
     Compensation,
     LayerCollapseError,
@@ -39,6 +40,7 @@ from .selection import (
     Global,
     Layerwise,
     MaskHandle,
+    PerRow,
     Selection,
     Targets,
     keep_pruned_at_zero,
@@ -60,11 +62,14 @@ __all__ = [
     "LayerCollapseError",
     "LayerCollapseWarning",
     "Layerwise",
+    "LayerwisePruner",
+    "LayerwiseReport",
     "LinearModel",
     "LinearSchedule",
     "Magnitude",
     "MaskHandle",
     "NM",
+    "PerRow",
     "ModelLoss",
     "NonFiniteError",
     "Pruner",

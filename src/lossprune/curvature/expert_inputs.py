@@ -16,10 +16,10 @@ linear map, so its statistic sums over its own inputs only:
 
 A token routed to :math:`k` experts counts once in each. The routing weights multiply
 :math:`y_t` after ``down_proj`` and so do not enter either statistic. One forward pre-hook on the
-experts module reads its inputs (``hidden_states, top_k_index, ...``: the calling convention of
-transformers' experts kernels) and recomputes :math:`h_t` from the parameters the model is
-evaluated at. The results broadcast against the parameter: ``(experts, 1, in)``, or
-``(experts, in, 1)`` for a transposed class.
+experts module (:class:`lossprune.curvature.inputs.InputStatistics`) reads its inputs
+(``hidden_states, top_k_index, ...``: the calling convention of transformers' experts kernels)
+and recomputes :math:`h_t` from the parameters the model is evaluated at. The results broadcast
+against the parameter: ``(experts, 1, in)``, or ``(experts, in, 1)`` for a transposed class.
 """
 
 from __future__ import annotations
@@ -30,11 +30,10 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
-from torch.utils.hooks import RemovableHandle
 
-from .._common.linear_maps import is_hf_experts, weight_matrices
+from .._common.linear_maps import weight_matrices
 
-__all__ = ["ExpertInputs", "expert_input_sums", "is_expert_matrix", "register_expert_hooks"]
+__all__ = ["ExpertInputs", "expert_input_sums", "is_expert_matrix"]
 
 
 class ExpertInputs(NamedTuple):
@@ -57,45 +56,6 @@ def is_expert_matrix(model: nn.Module, name: str) -> bool:
     module = model.get_submodule(module_name)
     matrix = weight_matrices(module).get(attribute)
     return matrix is not None and matrix.expert_axis is not None
-
-
-def register_expert_hooks(
-    model: nn.Module, names: Iterable[str], sums: dict[str, Tensor], dtype: torch.dtype
-) -> list[RemovableHandle]:
-    """Hooks that add each expert matrix's statistic of one forward pass to ``sums[name]``.
-
-    ``names`` are expert matrices (:func:`is_expert_matrix`); one hook per experts module.
-    """
-    by_module: dict[str, list[str]] = {}
-    for name in names:
-        module_name, _, attribute = name.rpartition(".")
-        by_module.setdefault(module_name, []).append(attribute)
-    handles = []
-    try:
-        for module_name, attributes in by_module.items():
-            module = model.get_submodule(module_name)
-            assert is_hf_experts(module)
-            prefix = f"{module_name}." if module_name else ""
-
-            def hook(
-                module: nn.Module,
-                args: tuple,
-                kwargs: dict,
-                prefix: str = prefix,
-                attributes: list[str] = attributes,
-            ) -> None:
-                found = expert_input_sums(module, args, kwargs, attributes, dtype)
-                for attribute, value in found.items():
-                    key = prefix + attribute
-                    total = value.sq_sums
-                    sums[key] = total if key not in sums else sums[key] + total
-
-            handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
-    except BaseException:
-        for handle in handles:
-            handle.remove()
-        raise
-    return handles
 
 
 def expert_input_sums(
