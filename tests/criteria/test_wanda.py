@@ -43,39 +43,54 @@ def patches_2d(x, kernel, stride, padding, dilation):
 
 
 def brute_force_sequence(model, batches):
+    """Means over every row: the Linear sees 3 positions per example, the Conv1D one row."""
     linear_in = torch.zeros(4, dtype=torch.float64)
     conv1d_in = torch.zeros(18, dtype=torch.float64)
+    examples = 0
     for inputs, _ in batches:
         for x in inputs:  # one example at a time, one position at a time
             for t in range(3):
                 linear_in += x[t] ** 2
             hidden = torch.tanh(model[0](x)).reshape(-1)
             conv1d_in += hidden**2
-    return {"0.weight": linear_in.unsqueeze(0), "3.weight": conv1d_in.unsqueeze(1)}
+            examples += 1
+    return {
+        "0.weight": linear_in.unsqueeze(0) / (3 * examples),
+        "3.weight": conv1d_in.unsqueeze(1) / examples,
+    }
 
 
 def brute_force_conv(model, batches):
     first = torch.zeros(2 * 3 * 3, dtype=torch.float64)
     second = torch.zeros(4 * 2, dtype=torch.float64)
     last = torch.zeros(36, dtype=torch.float64)
+    rows = [0, 0, 0]
     for inputs, _ in batches:
         for x in inputs:
-            first += patches_2d(x, 3, 2, 1, 1).square().sum(0)
+            patches = patches_2d(x, 3, 2, 1, 1)
+            first += patches.square().sum(0)
+            rows[0] += len(patches)
             h = torch.tanh(model[0](x.unsqueeze(0))).flatten(2)[0]  # (4, 9)
             padded = F.pad(h, (1, 1))
             for t in range(0, padded.shape[1] - 2):  # kernel 2, dilation 2: taps t, t + 2
                 second += padded[:, [t, t + 2]].reshape(-1) ** 2
+                rows[1] += 1
             last += model[3](h.unsqueeze(0)).reshape(-1) ** 2
+            rows[2] += 1
     in_per_group = second.reshape(2, 1, 2, 2)  # groups, 1, in/groups, k
     conv1d = in_per_group.expand(2, 2, 2, 2).reshape(4, 2, 2)
-    return {"0.weight": first.reshape(1, 2, 3, 3), "3.weight": conv1d, "5.weight": last[None]}
+    return {
+        "0.weight": first.reshape(1, 2, 3, 3) / rows[0],
+        "3.weight": conv1d / rows[1],
+        "5.weight": last[None] / rows[2],
+    }
 
 
 @pytest.mark.parametrize(
     "make, shape, brute_force",
     [(sequence_model, (3, 4), brute_force_sequence), (conv_model, (2, 5, 5), brute_force_conv)],
 )
-def test_input_sq_norms_sum_over_every_example_and_position(make, shape, brute_force):
+def test_input_sq_norms_are_means_over_every_example_and_position(make, shape, brute_force):
     model = make()
     batches = [
         (torch.randn(n, *shape, dtype=torch.float64), torch.randint(0, 3, (n,))) for n in (5, 3)
@@ -92,10 +107,10 @@ def test_wanda_scores_are_weight_magnitude_times_input_norm():
     model = sequence_model()
     batches = [(torch.randn(6, 3, 4, dtype=torch.float64), torch.randint(0, 3, (6,)))]
     got = scores(model, Wanda(), batches, loss_fn=CE)
-    norms = brute_force_sequence(model, batches)
+    means = brute_force_sequence(model, batches)
     for name, score in got.items():
         weight = model.get_parameter(name).detach()
-        torch.testing.assert_close(score, weight.abs() * norms[name].sqrt(), rtol=1e-12, atol=0)
+        torch.testing.assert_close(score, weight.abs() * means[name].sqrt(), rtol=1e-12, atol=0)
 
 
 class CountingBatches:

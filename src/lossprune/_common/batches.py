@@ -31,6 +31,7 @@ __all__ = [
     "ModelInputs",
     "ModelLoss",
     "batch_examples",
+    "counted_positions",
     "is_batch",
     "model_loss",
     "model_loss_in",
@@ -39,6 +40,8 @@ __all__ = [
 ]
 
 LABELS = "labels"
+#: The label value the Hugging Face convention ignores (``ignore_index`` of its cross-entropy).
+IGNORE_INDEX = -100
 
 
 class ModelInputs:
@@ -48,19 +51,24 @@ class ModelInputs:
         args: positional inputs, tensors (batch dimension first) or other constants.
         kwargs: keyword inputs, same kinds.
         read: maps the model's outputs to what the loss reads (``None``: the outputs themselves).
+        labels: the ``labels`` of a mapping batch as the user gave them (before any causal-LM
+            shift), which say which positions count in input statistics
+            (:func:`counted_positions`); ``None`` for other batches.
     """
 
-    __slots__ = ("args", "kwargs", "read")
+    __slots__ = ("args", "kwargs", "read", "labels")
 
     def __init__(
         self,
         args: tuple[Any, ...] = (),
         kwargs: Mapping[str, Any] | None = None,
         read: Callable[[Any], Any] | None = None,
+        labels: Tensor | None = None,
     ) -> None:
         self.args = tuple(args)
         self.kwargs = dict(kwargs or {})
         self.read = read
+        self.labels = labels
 
     def tensors(self) -> list[Tensor]:
         return [t for t in (*self.args, *self.kwargs.values()) if isinstance(t, Tensor)]
@@ -73,6 +81,7 @@ class ModelInputs:
             tuple(each(a) for a in self.args),
             {k: each(v) for k, v in self.kwargs.items()},
             self.read,
+            each(self.labels),
         )
 
     def to(self, device: torch.device) -> ModelInputs:
@@ -156,6 +165,50 @@ _TASKS = (
     (("ForMaskedLM", "ForTokenClassification"), "tokens"),
     (("ForSequenceClassification",), "sequence"),
 )
+
+
+def counted_positions(kwargs: Mapping[str, Any], labels: Tensor | None) -> Tensor | None:
+    r"""Which positions of a batch of sequences count in input statistics (``None``: all).
+
+    The ONE rule of the library for which tokens an input statistic (Wanda's
+    :math:`\|X_j\|^2`, the Gram matrices of layer-wise pruning) sums over. A position
+    :math:`(n, t)` counts unless
+
+    * the batch's ``attention_mask`` (2-d, ``(N, T)``) is 0 there (padding), or
+    * its own label, ``labels[n, t]`` as given in the batch (the token at that position, BEFORE
+      the causal-LM shift), is ``-100`` (ignored; padding, or a prompt the user masked out).
+
+    Labels count only when they are one per position (integer, shaped like ``input_ids`` or
+    the attention mask); a batch without labels uses its attention mask alone, and a batch
+    with neither counts every position. Right- and left-padded batches therefore give the
+    statistics of the unpadded sequences.
+
+    Raises:
+        ValueError: an ``attention_mask`` that is not 2-d (a 4-d mask does not say which
+            positions are padding).
+    """
+    counted = None
+    mask = kwargs.get("attention_mask")
+    if isinstance(mask, Tensor):
+        if mask.dim() != 2:
+            raise ValueError(
+                f"input statistics read padding from a 2-d (batch, positions) attention_mask; "
+                f"got one of shape {tuple(mask.shape)}: pass the 2-d padding mask"
+            )
+        counted = mask != 0
+    ids = kwargs.get("input_ids")
+    shape = counted.shape if counted is not None else getattr(ids, "shape", None)
+    per_position = (
+        labels is not None
+        and labels.dim() == 2
+        and not labels.is_floating_point()
+        and labels.shape == shape
+    )
+    if per_position:
+        assert labels is not None
+        labelled = labels != IGNORE_INDEX
+        counted = labelled if counted is None else counted & labelled.to(counted.device)
+    return counted
 
 
 def model_loss(model: nn.Module) -> ModelLoss | None:
@@ -242,7 +295,7 @@ def to_batch(raw: Any, loss_fn: Any = None, device: torch.device | None = None) 
         if not isinstance(targets, Tensor):
             raise TypeError(f"the 'labels' of a mapping batch must be a tensor, got {targets!r}")
         inputs: Tensor | ModelInputs = ModelInputs(
-            (), {str(k): v for k, v in raw.items() if k != LABELS}
+            (), {str(k): v for k, v in raw.items() if k != LABELS}, labels=targets
         )
     elif isinstance(raw, (tuple, list)) and len(raw) == 2 and isinstance(raw[1], Tensor):
         first, targets = raw
@@ -260,7 +313,7 @@ def to_batch(raw: Any, loss_fn: Any = None, device: torch.device | None = None) 
     if own is not None:
         if isinstance(inputs, Tensor):
             inputs = ModelInputs((inputs,))
-        inputs = ModelInputs(inputs.args, inputs.kwargs, own.read)
+        inputs = ModelInputs(inputs.args, inputs.kwargs, own.read, inputs.labels)
         targets = own.targets(targets)
     _check_lengths(inputs, targets)
     if device is not None:

@@ -81,6 +81,15 @@ class Criterion(ABC):
         """
         return {k: group_sum(k, v) for k, v in self.score(context).items()}
 
+    def default_scope(self) -> str:
+        """The comparison group a pruner uses when given no ``scope`` (a ``scope=`` shorthand).
+
+        ``"global"``, the paper's single ranking over all weights, unless the criterion's authors
+        define it with another: :class:`~lossprune.Wanda` compares within each output row
+        (``"per_row"``). A composite keeps its terms' group when they all agree.
+        """
+        return "global"
+
     def scoring_loss(self, loss_fn: LossFn) -> LossFn:
         """The loss whose statistics :meth:`requests` describes (default: the pruner's own).
 
@@ -165,6 +174,10 @@ class SumCriterion(Criterion):
     def requests(self) -> frozenset[Statistic]:
         return frozenset().union(*(term.requests() for term in self.terms))
 
+    def default_scope(self) -> str:
+        scopes = {term.default_scope() for term in self.terms}
+        return scopes.pop() if len(scopes) == 1 else "global"
+
     def score(self, context: ScoringContext) -> dict[str, Tensor]:
         total: dict[str, Tensor] | None = None
         for term in self.terms:
@@ -197,6 +210,9 @@ class ScaledCriterion(Criterion):
 
     def scoring_loss(self, loss_fn: LossFn) -> LossFn:
         return self.criterion.scoring_loss(loss_fn)
+
+    def default_scope(self) -> str:
+        return self.criterion.default_scope()
 
     def score(self, context: ScoringContext) -> dict[str, Tensor]:
         return {k: self.factor * v for k, v in self.criterion.score(context).items()}

@@ -1,47 +1,123 @@
-r"""Squared norms of the inputs of each weight matrix: the activation statistic of Wanda.
+r"""Second moments of the inputs of each weight matrix, over the tokens that count.
 
 A linear map :math:`y = W x` (a convolution: :math:`y = W \operatorname{unfold}(x)`) multiplies
-input feature :math:`j` by column :math:`j` of :math:`W`. Stacking every input vector the map
-sees in the data (every example, and every position of a sequence or every patch of an image)
-as the rows of :math:`X`, the statistic of feature :math:`j` is
+input feature :math:`j` by column :math:`j` of :math:`W`. Stack as the rows of :math:`X`
+(:math:`n \times d_{in}`) every input vector the map sees in the data at a position that COUNTS
+(:func:`lossprune._common.batches.counted_positions`: not padding, label not ``-100``; every
+position of a batch without them): every example, every counted position of a sequence, every
+patch of an image, and, for a weight shared by several modules (tied weights), the inputs of
+EVERY module that uses it. This module computes the means over those :math:`n` rows
 
-.. math:: \|X_j\|_2^2 = \sum_{n} \sum_{t} x_{ntj}^2,
+.. math::
 
-the diagonal of :math:`X^\top X`. Wanda (Sun et al. 2024, "A Simple and Effective Pruning
-Approach for Large Language Models", Eq. 1) scores :math:`|W_{ij}| \, \|X_j\|_2`; layer-wise
-reconstruction (SparseGPT, Frantar and Alistarh 2023) needs the same second moments.
+    s_j = \frac1n \sum_t x_{tj}^2 \quad\text{(mean squared input)}, \qquad
+    G = \frac1n X^\top X = \frac1n \sum_t x_t x_t^\top \quad\text{(mean Gram matrix)}.
 
-:func:`input_sq_norms` computes them for one batch with forward pre-hooks during ONE forward
-pass (no gradient). The result for a parameter is shaped to broadcast against it: ``(1, in)``
-for ``nn.Linear``, ``(in, 1)`` for Hugging Face's ``Conv1D`` (stored ``(in, out)``), and
-``(1, in, *kernel)`` for a convolution (``(out, in/groups, *kernel)`` with groups, where each
-output channel sees only its group's inputs).
+Wanda (Sun et al. 2024, "A Simple and Effective Pruning Approach for Large Language Models",
+Eq. 1) scores :math:`|W_{ij}| \, \|X_j\|_2 = |W_{ij}| \sqrt{n s_j}`; the layer-wise
+reconstruction loss :math:`E(\hat W) = \|W_0 X^\top - \hat W X^\top\|_F^2 / n` of SparseGPT
+(Frantar and Alistarh 2023) and ALPS has Hessian :math:`2G` per output row, and :math:`s` is
+its diagonal. Both are MEANS, like every other statistic of the library, so duplicating the
+data changes nothing and a batch contributes exactly its counted rows, whatever the batch size.
+
+:class:`InputStatistics` accumulates the sums :math:`\sum_t x_t^2` (and :math:`\sum_t x_t
+x_t^\top` when asked) and the row counts with forward pre-hooks, one ``addmm`` per batch into
+float32 (float64 when asked) whatever the model's dtype, all-reduces sums and counts under
+:mod:`torch.distributed` (every rank gets the statistics of the union of the shards), then
+divides. The result for a parameter is shaped to broadcast against it: ``(1, in)`` for
+``nn.Linear``, ``(in, 1)`` for Hugging Face's ``Conv1D`` (stored ``(in, out)``), and ``(1, in,
+*kernel)`` for a convolution (``(out, in/groups, *kernel)`` with groups, where each output
+channel sees only its group's inputs); the Gram matrix is ``(in, in)``, for ``nn.Linear`` and
+``Conv1D`` only.
+
+Which rows of a module's input are the counted positions: an input shaped ``(N, T, in)`` has one
+row per position, ``(N·T, in)`` the same flattened, ``(N, in)`` one row per example (counted
+when any of its positions counts). Any other layout (the tokens routed to one expert of a
+mixture of experts, a convolution over a sequence) is supported only when every position counts.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._common.functional import FunctionalModel
+from .._common.distributed import all_reduce_sum
 from .._common.linear_maps import is_hf_conv1d
 
-__all__ = ["input_sq_norms"]
+__all__ = ["InputMoments", "InputStatistics"]
 
 
-def _linear(module: nn.Module, x: Tensor) -> Tensor:
-    return x.reshape(-1, x.shape[-1]).square().sum(0).unsqueeze(0)  # (1, in)
+class InputMoments(NamedTuple):
+    r"""The input moments of one weight matrix (module docstring).
+
+    Attributes:
+        sq_norms: :math:`s_j`, the mean over counted rows of input feature :math:`j` squared,
+            shaped to broadcast against the parameter.
+        gram: :math:`G`, the mean of :math:`x x^\top`, ``(in, in)``; ``None`` unless asked for.
+        rows: :math:`n`, the number of counted rows (all ranks together).
+    """
+
+    sq_norms: Tensor
+    gram: Tensor | None
+    rows: int
 
 
-def _hf_conv1d(module: nn.Module, x: Tensor) -> Tensor:
-    return x.reshape(-1, x.shape[-1]).square().sum(0).unsqueeze(1)  # (in, 1)
+class _Contribution(NamedTuple):
+    """What one call of a module adds: the sum of its inputs squared, the rows, their number."""
+
+    sq_sum: Tensor
+    rows: Tensor | None  # (r, in), for the Gram matrix; None for a convolution
+    rows_counted: int
 
 
-def _conv(module: nn.Module, x: Tensor) -> Tensor:
+# A rule maps (module, input, counted positions) to its contribution.
+_Rule = Callable[[nn.Module, Tensor, "Tensor | None"], _Contribution]
+
+
+def _counted_rows(x: Tensor, counted: Tensor | None, module: nn.Module) -> Tensor:
+    """The input vectors of ``x`` (``(..., in)``) at counted positions, as rows ``(r, in)``."""
+    flat = x.reshape(-1, x.shape[-1])
+    if counted is None:
+        return flat
+    lead = tuple(x.shape[:-1])
+    if lead == tuple(counted.shape) or lead == (counted.numel(),):  # one row per position
+        keep = counted.reshape(-1)
+    elif lead == tuple(counted.shape[:1]):  # one row per example (e.g. a classifier head)
+        keep = counted.any(1)
+    elif bool(counted.all()):
+        return flat
+    else:
+        raise TypeError(
+            f"input statistics: the input of {type(module).__name__} has shape "
+            f"{tuple(x.shape)}, which does not say which rows are the counted positions "
+            f"{tuple(counted.shape)} (e.g. the tokens routed to one expert); pass batches "
+            "without padding or ignored labels"
+        )
+    return flat[keep.to(flat.device)]
+
+
+def _linear(module: nn.Module, x: Tensor, counted: Tensor | None) -> _Contribution:
+    rows = _counted_rows(x, counted, module)
+    return _Contribution(rows.square().sum(0).unsqueeze(0), rows, rows.shape[0])  # (1, in)
+
+
+def _hf_conv1d(module: nn.Module, x: Tensor, counted: Tensor | None) -> _Contribution:
+    rows = _counted_rows(x, counted, module)  # the weight is (in, out): the sum is (in, 1)
+    return _Contribution(rows.square().sum(0).unsqueeze(1), rows, rows.shape[0])
+
+
+def _conv(module: nn.Module, x: Tensor, counted: Tensor | None) -> _Contribution:
     assert isinstance(module, (nn.Conv1d, nn.Conv2d))
+    if counted is not None and not bool(counted.all()):
+        raise TypeError(
+            f"input statistics: a {type(module).__name__} has no per-position rows to leave "
+            "padding or ignored labels out of; pass batches without them"
+        )
     if isinstance(module, nn.Conv1d):  # as a 2-d convolution of height 1
         x = x.unsqueeze(-2)
         kernel, dilation = (1, *module.kernel_size), (1, *module.dilation)
@@ -53,18 +129,18 @@ def _conv(module: nn.Module, x: Tensor) -> Tensor:
         x = x.unsqueeze(0)
     patches = F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)
     per_feature = patches.square().sum((0, 2))  # (in · prod(kernel),)
+    count = patches.shape[0] * patches.shape[2]  # examples x positions of the kernel
     weight = module.weight
     groups = module.groups
     # Output channels of group g see only the inputs of group g.
     per_group = per_feature.reshape(groups, 1, *weight.shape[1:])
     if groups == 1:
-        return per_group[0]
-    return per_group.expand(groups, weight.shape[0] // groups, *weight.shape[1:]).reshape(
-        weight.shape
-    )
+        return _Contribution(per_group[0], None, count)
+    expanded = per_group.expand(groups, weight.shape[0] // groups, *weight.shape[1:])
+    return _Contribution(expanded.reshape(weight.shape), None, count)
 
 
-def _rule(module: nn.Module, attribute: str) -> Callable[[nn.Module, Tensor], Tensor] | str:
+def _rule(module: nn.Module, attribute: str) -> _Rule | str:
     """The rule for a parameter, or why it has none."""
     if attribute != "weight":
         return "it is not the weight matrix of a linear map"
@@ -78,67 +154,170 @@ def _rule(module: nn.Module, attribute: str) -> Callable[[nn.Module, Tensor], Te
         return _conv
     return (
         "only nn.Linear, nn.Conv1d, nn.Conv2d and Hugging Face's Conv1D are supported "
-        "(not transposed or 3-d convolutions, nor nn.MultiheadAttention's input projections)"
+        "(not transposed or 3-d convolutions, embeddings, nor nn.MultiheadAttention's input "
+        "projections)"
     )
 
 
-def input_sq_norms(
-    model: nn.Module,
-    params: Mapping[str, Tensor],
-    inputs: Tensor,
-    dtype: torch.dtype,
-) -> dict[str, Tensor]:
-    r""":math:`\|X_j\|_2^2` over the examples and positions of ONE batch, for each of ``params``.
+def _sum_shape(module: nn.Module, weight: Tensor) -> tuple[int, ...]:
+    """The shape of the sum of squares of a module's inputs (module docstring)."""
+    if isinstance(module, nn.Linear):
+        return (1, weight.shape[1])
+    if is_hf_conv1d(module):
+        return (weight.shape[0], 1)
+    groups = getattr(module, "groups", 1)
+    return tuple(weight.shape) if groups > 1 else (1, *weight.shape[1:])
+
+
+def _users(model: nn.Module, name: str) -> list[tuple[str, nn.Module, str]]:
+    """Every (module name, module, attribute) holding the parameter ``name`` (tied weights)."""
+    param = model.get_parameter(name)
+    return [
+        (module_name, module, attribute)
+        for module_name, module in model.named_modules(remove_duplicate=False)
+        for attribute, value in module._parameters.items()
+        if value is param
+    ]
+
+
+class InputStatistics:
+    r"""Accumulates the input moments of weight matrices over batches (module docstring).
+
+    Usage: build it, run forward passes inside :meth:`recording` (one per batch, with that
+    batch's counted positions), then read :meth:`means`.
 
     Args:
-        model: the module (never modified; hooks are removed afterwards).
-        params: weight matrices by qualified name, at which the model is evaluated.
-        inputs: the batch's inputs.
-        dtype: the dtype to square and sum in.
-
-    Returns:
-        Name to a tensor shaped to broadcast against the parameter (module docstring).
+        model: the module holding the parameters (never modified; hooks live only inside
+            :meth:`recording`).
+        names: qualified names of weight matrices of ``model``.
+        gram: also accumulate :math:`\sum_t x_t x_t^\top` (``nn.Linear`` and ``Conv1D`` only).
+        dtype: the accumulation dtype (float32 or float64), whatever the model's dtype.
 
     Raises:
-        TypeError: a parameter that is not the weight of a supported linear map, or whose
-            module is not called through its ``forward`` (e.g. the ``out_proj`` of
-            :class:`~torch.nn.MultiheadAttention`, which it applies functionally).
+        TypeError: a parameter that is not the weight of a supported linear map (or a Gram
+            matrix asked for a convolution), before any hook is registered.
     """
-    rules = {}
-    for name in params:
-        module_name, _, attribute = name.rpartition(".")
-        module = model.get_submodule(module_name)
-        rule = _rule(module, attribute)
-        if isinstance(rule, str):
+
+    def __init__(
+        self,
+        model: nn.Module,
+        names: Iterable[str],
+        *,
+        gram: bool = False,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        if dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"input statistics accumulate in float32 or float64, got {dtype}")
+        self._uses: dict[str, list[tuple[nn.Module, _Rule]]] = {}
+        self._sums: dict[str, Tensor] = {}
+        self._grams: dict[str, Tensor] = {}
+        self._rows: dict[str, Tensor] = {}
+        self._seen: set[str] = set()
+        self._dtype = dtype
+        for name in names:
+            weight = model.get_parameter(name)
+            uses = []
+            for module_name, module, attribute in _users(model, name):
+                rule = _rule(module, attribute)
+                if isinstance(rule, str):
+                    used = f" (used as {module_name}.{attribute})" if module_name else ""
+                    raise TypeError(
+                        f"input statistics: none for {name!r}{used} ({type(module).__name__}): "
+                        f"{rule}"
+                    )
+                if gram and rule is _conv:
+                    raise TypeError(
+                        f"input statistics: no Gram matrix for {name!r} "
+                        f"({type(module).__name__}): only nn.Linear and Hugging Face's Conv1D"
+                    )
+                uses.append((module, rule))
+            shapes = {_sum_shape(module, weight) for module, _ in uses}
+            if len(shapes) != 1:
+                raise TypeError(
+                    f"input statistics: {name!r} is shared by modules that read its input "
+                    "dimension differently"
+                )
+            self._uses[name] = uses
+            device = weight.device if weight.device.type != "meta" else torch.device("cpu")
+            self._sums[name] = torch.zeros(shapes.pop(), dtype=dtype, device=device)
+            self._rows[name] = torch.zeros((), dtype=torch.float64, device=device)
+            if gram:
+                size = weight.shape[1] if isinstance(uses[0][0], nn.Linear) else weight.shape[0]
+                self._grams[name] = torch.zeros(size, size, dtype=dtype, device=device)
+
+    @contextmanager
+    def recording(self, counted: Tensor | None = None) -> Iterator[None]:
+        """Accumulate the inputs of every forward pass run inside, at ``counted`` positions.
+
+        Args:
+            counted: ``bool`` ``(N, T)`` counted positions of the batch
+                (:func:`~lossprune._common.batches.counted_positions`), or ``None``: every row.
+        """
+        handles = []
+        for name, uses in self._uses.items():
+            for module, rule in uses:
+
+                def hook(
+                    module: nn.Module,
+                    args: tuple[Tensor, ...],
+                    name: str = name,
+                    rule: _Rule = rule,
+                ) -> None:
+                    self._add(name, module, rule, args[0], counted)
+
+                handles.append(module.register_forward_pre_hook(hook))
+        try:
+            with torch.no_grad():
+                yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def _add(
+        self, name: str, module: nn.Module, rule: _Rule, x: Tensor, counted: Tensor | None
+    ) -> None:
+        x = x.detach()
+        total = self._sums[name]
+        if x.device != total.device:  # an accumulator made before the model moved (offload)
+            self._move(name, x.device)
+        contribution = rule(module, x.to(self._dtype), counted)
+        self._sums[name].add_(contribution.sq_sum)
+        self._rows[name].add_(contribution.rows_counted)
+        rows = contribution.rows
+        if name in self._grams and rows is not None:
+            self._grams[name].addmm_(rows.T, rows)
+        self._seen.add(name)
+
+    def _move(self, name: str, device: torch.device) -> None:
+        self._sums[name] = self._sums[name].to(device)
+        self._rows[name] = self._rows[name].to(device)
+        if name in self._grams:
+            self._grams[name] = self._grams[name].to(device)
+
+    def means(self) -> dict[str, InputMoments]:
+        """The moments over everything recorded, all-reduced over ranks (module docstring).
+
+        Raises:
+            TypeError: a module was never called through its ``forward`` (e.g. the
+                ``out_proj`` of :class:`~torch.nn.MultiheadAttention`, applied functionally).
+            ValueError: no recorded position counts (every position padding or ignored).
+        """
+        missing = [name for name in self._uses if name not in self._seen]
+        if missing:
             raise TypeError(
-                f"input_sq_norms: no input statistic for {name!r} ({type(module).__name__}): {rule}"
+                f"input statistics: the modules of {missing} were not called through their "
+                "forward (e.g. nn.MultiheadAttention applies out_proj functionally), so their "
+                "inputs are unknown"
             )
-        rules[name] = (module, rule)
-    sums: dict[str, Tensor] = {}
-    handles = []
-    for name, (module, rule) in rules.items():
-
-        def hook(
-            module: nn.Module,
-            args: tuple[Tensor, ...],
-            name: str = name,
-            rule: Callable[[nn.Module, Tensor], Tensor] = rule,
-        ) -> None:
-            value = rule(module, args[0].detach().to(dtype))
-            sums[name] = value if name not in sums else sums[name] + value
-
-        handles.append(module.register_forward_pre_hook(hook))
-    try:
-        with torch.no_grad():
-            FunctionalModel(model, params)(params, inputs)
-    finally:
-        for handle in handles:
-            handle.remove()
-    missing = [name for name in params if name not in sums]
-    if missing:
-        raise TypeError(
-            f"input_sq_norms: the modules of {missing} were not called through their forward "
-            "(e.g. nn.MultiheadAttention applies out_proj functionally), so their inputs are "
-            "unknown"
-        )
-    return sums
+        all_reduce_sum(self._sums, self._rows, self._grams)
+        result = {}
+        for name, total in self._sums.items():
+            rows = round(float(self._rows[name]))
+            if rows == 0:
+                raise ValueError(
+                    f"input statistics: no input of {name!r} is at a counted position (every "
+                    "position is padding or has the label -100)"
+                )
+            gram = self._grams[name] / rows if name in self._grams else None
+            result[name] = InputMoments(total / rows, gram, rows)
+        return result

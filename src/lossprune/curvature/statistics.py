@@ -24,14 +24,14 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .._common.batches import resolve_loss
+from .._common.batches import ModelInputs, counted_positions, resolve_loss
 from .._common.checks import check_positive_int
 from .._common.data import is_single_batch, iter_batches
 from .._common.distributed import all_reduce_floats, all_reduce_sum
 from .._common.functional import FunctionalModel, statistics_dtype
 from .diagonals import fisher_diag, fisher_diag_mc, hutchinson, warn_exact_fisher_cost
 from .errors import check_finite
-from .inputs import input_sq_norms
+from .inputs import InputStatistics
 from .outputs import LossFn, check_mean_over_examples, check_tensor_outputs, loss_normaliser
 from .products import check_inputs, hvp, loss_and_grad
 
@@ -63,12 +63,15 @@ def dataset_mean(
     device: torch.device,
     dtype: torch.dtype,
     progress: str | None = None,
+    every_batch: Callable[[tuple[Any, Tensor]], None] | None = None,
 ) -> DatasetMean:
     """The ONE dataset-mean loop (module docstring).
 
     ``batch_values(batch)`` returns per-batch means (tensors or dicts of tensors); batches whose
-    loss has no unit (every target ignored) are skipped. ``progress``: the description of a
-    per-batch tqdm progress bar (``None``: no bar).
+    loss has no unit (every target ignored) are skipped. ``every_batch(batch)``, when given,
+    runs on EVERY batch first, those included (the input statistics of
+    :class:`~.inputs.InputStatistics` count positions, not loss units). ``progress``: the
+    description of a per-batch tqdm progress bar (``None``: no bar).
 
     Raises:
         ValueError: no batch has a unit.
@@ -86,6 +89,8 @@ def dataset_mean(
         leave=False,
     )
     for batch in batches:
+        if every_batch is not None:
+            every_batch(batch)
         z = float(loss_normaliser(loss_fn, batch[1]))
         examples += len(batch[1])
         if z == 0.0:
@@ -132,8 +137,9 @@ class Statistic:
       token for a language model's logits, each token's label drawn independently);
     * ``"hutchinson"`` — Hutchinson Hessian diagonal with ``samples`` probes per batch;
     * ``"hessian_grad"`` — :math:`Hg` with :math:`g` the gradient over all the data (GraSP);
-    * ``"input_sq_norms"`` — :math:`\|X_j\|_2^2`, the SUM over all examples and positions of
-      each input feature of each weight matrix squared (:mod:`.inputs`; Wanda), shaped to
+    * ``"input_sq_norms"`` — :math:`\|X_j\|_2^2 / n`, the MEAN over the :math:`n` counted rows
+      of each weight matrix's inputs (every example and counted position, every module that
+      uses the weight; :mod:`.inputs`) of input feature :math:`j` squared (Wanda), shaped to
       broadcast against the parameter. One extra forward pass per batch in the same loop.
     """
 
@@ -246,11 +252,7 @@ def compute_statistics(
             elif request.kind == "fisher":
                 values[request] = fisher_diag(model, params, batch, loss_fn, chunk_size=chunk_size)
             elif request.kind == "input_sq_norms":
-                # A sum, not a mean: divided by Z_b here, the loop's weighting gives Σ_b S_b / W,
-                # and the total weight W is multiplied back below.
-                z = float(loss_normaliser(loss_fn, batch[1]))
-                sums = input_sq_norms(model, params, batch[0], dtype)
-                values[request] = {k: v / z for k, v in sums.items()}
+                continue  # every batch, in every_batch below
             else:
                 values[request] = fisher_diag_mc(
                     model,
@@ -279,14 +281,33 @@ def compute_statistics(
     check_mean_over_examples(loss_fn, lambda: (first_outputs(), first.targets))
     if any(r.kind == "fisher" for r in first_pass):
         warn_exact_fisher_cost(model, params, first)
+    inputs = None
+    if any(r.kind == "input_sq_norms" for r in first_pass):
+        # Positions, not loss units: every batch counts its counted rows, and a weight shared by
+        # several modules sees the inputs of all of them (:mod:`.inputs`).
+        inputs = InputStatistics(model, params, dtype=dtype)
+    forward = FunctionalModel(model, params)
+
+    def record_inputs(batch: tuple[Any, Tensor]) -> None:
+        assert inputs is not None
+        model_inputs = batch[0]
+        counted = None
+        if isinstance(model_inputs, ModelInputs):
+            counted = counted_positions(model_inputs.kwargs, model_inputs.labels)
+        with inputs.recording(counted):
+            forward(params, model_inputs)
+
     bar = "statistics" if progress else None
-    result = dataset_mean(data, loss_fn, batch_values, device=device, dtype=dtype, progress=bar)
+    result = dataset_mean(
+        data, loss_fn, batch_values, device=device, dtype=dtype, progress=bar,
+        every_batch=None if inputs is None else record_inputs,
+    )  # fmt: skip
     means = result.means
     grad = _params(means["grad"])
-    values = {r: _params(means[r]) for r in first_pass}
-    for request in values:
-        if request.kind == "input_sq_norms":
-            values[request] = {k: v * result.weight for k, v in values[request].items()}
+    values = {r: _params(means[r]) for r in first_pass if r.kind != "input_sq_norms"}
+    if inputs is not None:
+        moments = inputs.means()
+        values[Statistic("input_sq_norms")] = {k: m.sq_norms for k, m in moments.items()}
     if any(r.kind == "hessian_grad" for r in ordered):
         values[Statistic("hessian_grad")] = _hessian_grad(
             model, params, data, loss_fn, grad, device, dtype, chunk_size, progress

@@ -68,10 +68,13 @@ class Pruner:
         data: scoring data: a batch or a DataLoader of batches; a batch is ``(inputs,
             targets)``, ``((input, ...), targets)`` or a mapping of keyword inputs with
             ``labels`` (a ``dict``, a ``BatchEncoding``).
-        scope: ``"global"`` (one ranking over all weights, the paper's), ``"layerwise"``, a
-            mapping of name patterns to sparsities (per-layer targets,
-            :class:`~lossprune.Targets`), or a selection object (:mod:`lossprune.selection`:
-            :class:`~lossprune.NM`, :class:`~lossprune.Blocks`, ...).
+        scope: ``"global"`` (one ranking over all weights, the paper's), ``"layerwise"``,
+            ``"per_row"`` (:class:`~lossprune.PerRow`), a mapping of name patterns to sparsities
+            (per-layer targets, :class:`~lossprune.Targets`), or a selection object
+            (:mod:`lossprune.selection`: :class:`~lossprune.NM`, :class:`~lossprune.Blocks`,
+            ...). Default: the criterion's own comparison group
+            (:meth:`~lossprune.Criterion.default_scope`): per output row for
+            :class:`~lossprune.Wanda`, as its authors define it; global for the others.
         examples: if given, a fresh random subset of this many examples is drawn from ``data``
             for every stage (the paper uses 1000), only among the rows the DataLoader's sampler
             reads.
@@ -120,7 +123,7 @@ class Pruner:
         *,
         loss_fn: LossFn | None = None,
         data: Any = None,
-        scope: str | Mapping[str, float] | Selection = "global",
+        scope: str | Mapping[str, float] | Selection | None = None,
         examples: int | None = None,
         include: Any = None,
         exclude: Any = None,
@@ -143,7 +146,7 @@ class Pruner:
             loss_fn = model_loss(model)
         check_criterion(criterion, data, loss_fn)
         self._targets = _check_schedule(schedule)
-        self.selection = as_selection(scope)
+        self.selection = as_selection(criterion.default_scope() if scope is None else scope)
         for_schedule = getattr(self.selection, "for_schedule", None)
         if callable(for_schedule):  # a selection whose stage targets depend on the whole schedule
             self.selection = for_schedule(self._targets)

@@ -17,6 +17,8 @@ Modules, one job each:
   map (:class:`ParameterLayout`);
 - :mod:`~lossprune.selection.structures` — the :class:`Selection` protocol, :class:`Global`,
   :class:`Layerwise`, per-group :class:`Targets` and the ``scope=`` shorthands;
+- :mod:`~lossprune.selection.per_row` — the same count in every output row (:class:`PerRow`,
+  Wanda's comparison group);
 - :mod:`~lossprune.selection.nm` — N:M masks (:func:`nm_mask`, :class:`NM`);
 - :mod:`~lossprune.selection.blocks` — whole tiles (:class:`Blocks`);
 - :mod:`~lossprune.selection.keep_at_zero` — pruned weights stay exactly zero while an
@@ -39,6 +41,7 @@ from .masks import (
     sparsity_of,
 )
 from .nm import NM, is_nm, nm_mask
+from .per_row import PerRow
 from .prunable import ParameterDecision, PrunableSummary, describe_prunable, prunable_parameters
 from .structures import Global, Layerwise, Selection, Targets, as_selection
 from .torch_prune import from_torch_prune, to_torch_prune
@@ -51,6 +54,7 @@ __all__ = [
     "NM",
     "ParameterDecision",
     "ParameterLayout",
+    "PerRow",
     "PrunableSummary",
     "Selection",
     "Targets",

@@ -13,12 +13,14 @@ parameters; the :class:`~lossprune.Pruner` only calls the two methods of :class:
 A selection whose stage targets depend on the whole schedule also defines
 ``for_schedule(targets)``, returning the selection the Pruner then uses (:class:`Targets`).
 
-``Pruner(scope="global")`` and ``scope="layerwise"`` are shorthands for :class:`Global` and
-:class:`Layerwise`; :class:`~lossprune.NM` (:mod:`lossprune.selection.nm`) is N:M sparsity along
-each weight matrix's input dimension, :class:`~lossprune.Blocks`
-(:mod:`lossprune.selection.blocks`) prunes whole tiles. A selection that removes groups of
-weights together also defines ``group_sum(layout, tensor)`` (a tensor summed over each group,
-broadcast back); the Pruner then scores with :meth:`lossprune.Criterion.group_score`.
+``Pruner(scope="global")``, ``scope="layerwise"`` and ``scope="per_row"`` are shorthands for
+:class:`Global`, :class:`Layerwise` and :class:`~lossprune.PerRow`
+(:mod:`lossprune.selection.per_row`, Wanda's comparison group); :class:`~lossprune.NM`
+(:mod:`lossprune.selection.nm`) is N:M sparsity along each weight matrix's input dimension,
+:class:`~lossprune.Blocks` (:mod:`lossprune.selection.blocks`) prunes whole tiles. A selection
+that removes groups of weights together also defines ``group_sum(layout, tensor)`` (a tensor
+summed over each group, broadcast back); the Pruner then scores with
+:meth:`lossprune.Criterion.group_score`.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from torch import Tensor
 from .._common.checks import check_fraction
 from .layout import ParameterLayout, numel
 from .masks import ceil_times, select_masks
+from .per_row import PerRow
 
 __all__ = ["Global", "Layerwise", "Selection", "Targets", "as_selection"]
 
@@ -286,14 +289,18 @@ class Targets:
         return {k: new_masks[k] for k in masks}
 
 
-_SHORTHANDS: dict[str, Selection] = {"global": Global(), "layerwise": Layerwise()}
+_SHORTHANDS: dict[str, Selection] = {
+    "global": Global(),
+    "layerwise": Layerwise(),
+    "per_row": PerRow(),
+}
 
 
 def as_selection(scope: object) -> Selection:
     """A selection object from ``scope`` (a shorthand or a :class:`Selection`).
 
-    ``"global"``, ``"layerwise"``, a mapping of name patterns to sparsities (:class:`Targets`
-    with layerwise selection) or a :class:`Selection` itself.
+    ``"global"``, ``"layerwise"``, ``"per_row"``, a mapping of name patterns to sparsities
+    (:class:`Targets` with layerwise selection) or a :class:`Selection` itself.
 
     Raises:
         ValueError: an unknown shorthand.
@@ -309,8 +316,8 @@ def as_selection(scope: object) -> Selection:
         return _SHORTHANDS[scope]
     if not isinstance(scope, Selection):
         raise TypeError(
-            "scope must be 'global', 'layerwise' or a Selection (an object with check_schedule "
-            f"and select), got {type(scope).__name__}"
+            "scope must be 'global', 'layerwise', 'per_row' or a Selection (an object with "
+            f"check_schedule and select), got {type(scope).__name__}"
         )
     return scope
 
