@@ -61,6 +61,7 @@ def opt() -> nn.Module:
     config = transformers.OPTConfig(
         vocab_size=VOCAB, hidden_size=32, ffn_dim=40, num_hidden_layers=2,
         num_attention_heads=4, max_position_embeddings=SEQ, word_embed_proj_dim=32,
+        activation_function="gelu",
     )  # fmt: skip
     return _perturbed(transformers.OPTForCausalLM(config))
 

@@ -23,12 +23,25 @@ from .groups import (
     masked_state,
     parameters_removed,
 )
+from .obs import GroupOBS, GroupOBSResult
+from .pruner import SetReport, StructuredPruner, StructuredReport
+from .refit import ConsumerProblem, column_refit
 from .removal import parameter_count, remove
 from .saving import load_removed
+from .scores import GroupQuadratic, group_scores
 from .tracing import ChannelTrace, trace_channels
 
 __all__ = [
     "AttributeUpdate",
+    "ConsumerProblem",
+    "GroupOBS",
+    "GroupOBSResult",
+    "GroupQuadratic",
+    "SetReport",
+    "StructuredPruner",
+    "StructuredReport",
+    "column_refit",
+    "group_scores",
     "ChannelTrace",
     "ConfigUpdate",
     "Consumer",
