@@ -207,7 +207,15 @@ def test_error_table_names_existing_tests():
 
 
 @pytest.mark.parametrize(
-    "page", ["getting_started.md", "concepts.md", "sparse.md", "structured.md", "transformers.md"]
+    "page",
+    [
+        "getting_started.md",
+        "concepts.md",
+        "sparse.md",
+        "structured.md",
+        "structured_removal.md",
+        "transformers.md",
+    ],
 )
 def test_user_guide_python_examples_run(page, capsys):
     text = (DOCS / page).read_text()

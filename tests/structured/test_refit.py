@@ -54,9 +54,9 @@ def test_column_refit_is_the_constrained_least_squares_solution():
     solution = torch.linalg.lstsq(x[:, kept], x @ reference.T).solution.T
     torch.testing.assert_close(undamped.weight[:, kept], solution, rtol=1e-9, atol=1e-9)
     assert bool((undamped.weight[:, removed] == 0).all())
-    damped = column_refit(consumer.problem, removed)
+    damped = column_refit(consumer.problem, removed, Damping(relative=0.01))
     mask = kept.expand_as(reference).clone()
-    twin = refit(consumer.problem, mask, method="cholesky")
+    twin = refit(consumer.problem, mask, Damping(relative=0.01), method="cholesky")
     torch.testing.assert_close(damped.weight, twin.weight, rtol=1e-10, atol=1e-12)
 
 
@@ -243,7 +243,10 @@ def test_pipeline_on_a_batch_norm_network_equals_the_masked_network_with_the_sam
             kept = torch.ones(problem.reference.shape[1], dtype=torch.bool)
             kept[consumer.columns[list(visited.removed)].reshape(-1)] = False
             mask = kept.expand_as(problem.reference).clone()
-            solved = refit(problem._replace(kept=~problem.kept), mask, method="cholesky").weight
+            damping = Damping(relative=1e-5)  # STRUCTURED_DAMPING, the pruner's default
+            solved = refit(
+                problem._replace(kept=~problem.kept), mask, damping, method="cholesky"
+            ).weight
             with torch.no_grad():
                 weights = solved[:, : module.weight[0].numel()]
                 module.weight.copy_(weights.reshape(module.weight.shape))

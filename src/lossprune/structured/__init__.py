@@ -23,6 +23,7 @@ from .groups import (
     masked_state,
     parameters_removed,
 )
+from .measured import MeasuredLoss
 from .obs import GroupOBS, GroupOBSResult
 from .pruner import SetReport, StructuredPruner, StructuredReport
 from .refit import ConsumerProblem, column_refit
@@ -37,6 +38,7 @@ __all__ = [
     "GroupOBS",
     "GroupOBSResult",
     "GroupQuadratic",
+    "MeasuredLoss",
     "SetReport",
     "StructuredPruner",
     "StructuredReport",

@@ -31,8 +31,8 @@ from torch import Tensor
 
 from ..layerwise.solvers import Damping, LayerSolution
 from ..layerwise.solvers._hessian import damped_hessian
-from ..layerwise.solvers.problem import DEFAULT_DAMPING, solution
-from .refit import ConsumerProblem, removed_columns
+from ..layerwise.solvers.problem import solution
+from .refit import STRUCTURED_DAMPING, ConsumerProblem, removed_columns
 
 __all__ = ["GroupOBS", "GroupOBSResult"]
 
@@ -60,11 +60,12 @@ class GroupOBS:
 
     Args:
         damping: :math:`\delta` of :math:`H = G + \delta I`
-            (:class:`~lossprune.layerwise.solvers.Damping`; SparseGPT's 1 % of the mean
-            diagonal by default).
+            (:class:`~lossprune.layerwise.solvers.Damping`; default
+            :data:`~lossprune.structured.refit.STRUCTURED_DAMPING`). It is also the damping of
+            the refit that the greedy ends at.
     """
 
-    damping: Damping = DEFAULT_DAMPING
+    damping: Damping = STRUCTURED_DAMPING
 
     def __post_init__(self) -> None:
         if not isinstance(self.damping, Damping):

@@ -39,25 +39,35 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from .._common.batches import ModelInputs, counted_positions, model_loss
+from .._common.batches import ModelInputs, counted_positions, model_loss, resolve_loss
 from .._common.checks import check_fraction
 from .._common.data import check_data, iter_batches
 from .._common.functional import check_deterministic
 from ..criteria import Criterion, Magnitude
 from ..curvature.inputs import InputMoments, InputStatistics
 from ..layerwise.solvers import Damping
-from ..layerwise.solvers.problem import DEFAULT_DAMPING, layer_error
+from ..layerwise.solvers.problem import layer_error
+from ..pruning._diagnostics import mean_loss
 from ..schedules import Schedule
 from .find import find_groups
 from .groups import GroupSet, masked_state, parameters_removed
+from .measured import MeasuredLoss
 from .obs import GroupOBS
-from .refit import ConsumerProblem, column_refit, consumer_problems, removed_columns, write_refit
+from .refit import (
+    STRUCTURED_DAMPING,
+    ConsumerProblem,
+    column_refit,
+    consumer_problems,
+    refit_tensors,
+    removed_columns,
+    write_refit,
+)
 from .removal import _plan, parameter_count, remove
 from .scores import GroupQuadratic, group_scores
 
 __all__ = ["StructuredPruner", "StructuredReport", "SetReport"]
 
-Choice = Criterion | GroupQuadratic | GroupOBS
+Choice = Criterion | GroupQuadratic | GroupOBS | MeasuredLoss
 
 
 class SetReport(NamedTuple):
@@ -121,7 +131,7 @@ class StructuredPruner:
             the first batch of ``data``.
         include: a regular expression; only sets whose name matches it (``re.search``) are
             pruned.
-        damping: the damping of every refit and of GroupOBS.
+        damping: the damping of every refit (GroupOBS refits with its own).
         statistics_dtype: dtype of the Gram matrices (float64 by default: the refit of small
             models is cheap, and exact).
         inplace: shrink ``model`` itself (default: a copy).
@@ -144,7 +154,7 @@ class StructuredPruner:
     loss_fn: Any = None
     example_inputs: Any = None
     include: str | None = None
-    damping: Damping = DEFAULT_DAMPING
+    damping: Damping = STRUCTURED_DAMPING
     statistics_dtype: torch.dtype = torch.float64
     inplace: bool = False
     hf_config: str = "update"
@@ -152,13 +162,13 @@ class StructuredPruner:
     def __post_init__(self) -> None:
         if not isinstance(self.model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(self.model).__name__}")
-        if not isinstance(self.choice, Criterion | GroupQuadratic | GroupOBS):
+        if not isinstance(self.choice, Criterion | GroupQuadratic | GroupOBS | MeasuredLoss):
             raise TypeError(
-                "choice must be a lossprune Criterion, GroupQuadratic or GroupOBS, got "
-                f"{type(self.choice).__name__}"
+                "choice must be a lossprune Criterion, GroupQuadratic, GroupOBS or MeasuredLoss, "
+                f"got {type(self.choice).__name__}"
             )
         self.targets = _targets(self.amount)
-        needs_data = self.refit or isinstance(self.choice, GroupOBS | GroupQuadratic)
+        needs_data = self.refit or isinstance(self.choice, GroupOBS | GroupQuadratic | MeasuredLoss)
         needs_data = needs_data or bool(
             isinstance(self.choice, Criterion) and self.choice.requests()
         )
@@ -185,6 +195,13 @@ class StructuredPruner:
                 "an expert reroutes tokens, which a zeroed expert does not model); run another "
                 "StructuredPruner for the other kinds"
             )
+        if isinstance(self.choice, MeasuredLoss):
+            large = [g.name for g in groups if g.size > self.choice.max_groups]
+            if large:
+                raise ValueError(
+                    f"MeasuredLoss measures one pass per group, but {large[:3]} have more than "
+                    f"max_groups={self.choice.max_groups} groups; use GroupOBS for them"
+                )
         self.groups = _ordered(self.model, groups)
         final = {g.name: tuple(range(_count(g, self.targets[-1]))) for g in self.groups}
         # The config (and the experts' top-k) are checked now: a refusal after the work would
@@ -247,6 +264,8 @@ class StructuredPruner:
                 )
             result = self.choice.select(problems, earlier, extra)
             chosen, solutions = result.removed, result.solutions
+        elif isinstance(self.choice, MeasuredLoss):
+            chosen = self._measured(working, group_set, problems, earlier, extra)
         else:
             assert scores is not None
             chosen = _lowest(scores[group_set.name], earlier, extra)
@@ -267,6 +286,36 @@ class StructuredPruner:
                 zeroed = problem.problem.reference.clone()
                 zeroed[:, removed_columns(problem, gone)] = 0
                 errors[group_set.name][problem.module] = layer_error(problem.problem, zeroed)[1]
+
+    def _measured(
+        self,
+        working: nn.Module,
+        group_set: GroupSet,
+        problems: list[ConsumerProblem],
+        earlier: list[int],
+        extra: int,
+    ) -> list[int]:
+        """MeasuredLoss: greedy on the calibration loss after removal (and refit)."""
+        loss = resolve_loss(working, self.loss_fn)
+        parameters = dict(working.named_parameters())
+        chosen: list[int] = []
+        for _ in range(extra):
+            losses = {}
+            for candidate in range(group_set.size):
+                if candidate in earlier or candidate in chosen:
+                    continue
+                removed = [*earlier, *chosen, candidate]
+                state = masked_state(working, [group_set], {group_set.name: removed})
+                tensors = {k: v for k, v in state.items() if k in parameters}
+                gone = torch.tensor(removed, dtype=torch.long)
+                for problem in problems if self.refit else []:
+                    solved = column_refit(
+                        problem.problem, removed_columns(problem, gone), self.damping
+                    )
+                    tensors.update(refit_tensors(problem, solved.weight, working))
+                losses[candidate] = mean_loss(working, tensors, self.data, loss)
+            chosen.append(min(losses, key=lambda c: (losses[c], c)))
+        return chosen
 
 
 def _targets(amount: object) -> list[float]:

@@ -33,11 +33,24 @@ from torch import Tensor, nn
 from ..curvature.inputs import InputMoments
 from ..layerwise.solvers import Damping, LayerProblem, LayerSolution
 from ..layerwise.solvers._hessian import damped_hessian
-from ..layerwise.solvers.problem import DEFAULT_DAMPING, check_problem, solution
+from ..layerwise.solvers.problem import check_problem, solution
 from ..selection.layout import ParameterLayout, from_matrix_view, matrix_view, parameter_layouts
 from .groups import Consumer
 
-__all__ = ["ConsumerProblem", "column_refit", "consumer_problem", "write_refit"]
+__all__ = [
+    "ConsumerProblem",
+    "STRUCTURED_DAMPING",
+    "column_refit",
+    "consumer_problem",
+    "write_refit",
+]
+
+#: The damping of structured refits: :math:`\delta = 10^{-5} \operatorname{mean}_j G_{jj}`.
+#: A consumer's refit keeps whole columns and has many more calibration rows than columns (16,384
+#: tokens for at most a few hundred columns in the benchmarks), so it needs damping only against
+#: rounding; SparseGPT's 1 % (the layer-wise default) measurably pulls the refit away from the
+#: least-squares solution (benchmarks/README.md: the damping sweep).
+STRUCTURED_DAMPING = Damping(relative=1e-5)
 
 
 class ConsumerProblem(NamedTuple):
@@ -96,7 +109,7 @@ def removed_columns(problem: ConsumerProblem, removed: Tensor) -> Tensor:
 
 
 def column_refit(
-    problem: LayerProblem, removed: Tensor, damping: Damping = DEFAULT_DAMPING
+    problem: LayerProblem, removed: Tensor, damping: Damping = STRUCTURED_DAMPING
 ) -> LayerSolution:
     r"""The exact refit when every row loses the same columns ``removed`` (module docstring).
 
@@ -124,18 +137,27 @@ def column_refit(
     return solution(problem, weight, mask)
 
 
-def write_refit(model: nn.Module, problem: ConsumerProblem, weight: Tensor) -> None:
-    """Write a solved matrix (bias last when the consumer has one) into the consumer, in place."""
-    module = model.get_submodule(problem.module)
+def refit_tensors(problem: ConsumerProblem, weight: Tensor, like: nn.Module) -> dict[str, Tensor]:
+    """A solved matrix (bias last when the consumer has one) as the consumer's new tensors."""
+    module = like.get_submodule(problem.module)
     target = module.weight
     assert isinstance(target, Tensor)
     matrix = weight[:, :-1] if problem.bias else weight
+    tensors = {
+        f"{problem.module}.weight": from_matrix_view(matrix, problem.layout).to(target.dtype)
+    }
+    if problem.bias:
+        bias = module.bias
+        assert isinstance(bias, Tensor)
+        tensors[f"{problem.module}.bias"] = weight[:, -1].to(bias.dtype)
+    return tensors
+
+
+def write_refit(model: nn.Module, problem: ConsumerProblem, weight: Tensor) -> None:
+    """Write a solved matrix (bias last when the consumer has one) into the consumer, in place."""
     with torch.no_grad():
-        target.copy_(from_matrix_view(matrix, problem.layout).to(target.dtype))
-        if problem.bias:
-            bias = module.bias
-            assert isinstance(bias, Tensor)
-            bias.copy_(weight[:, -1].to(bias.dtype))
+        for name, value in refit_tensors(problem, weight, model).items():
+            model.get_parameter(name).copy_(value)
 
 
 def consumer_problems(
