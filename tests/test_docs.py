@@ -32,7 +32,7 @@ DOCS = ROOT / "docs"
 ERROR_TABLE = DOCS / "errors.csv"
 ERROR_COLUMNS = ["Exception", "Message", "Raised by", "Source", "Test"]
 # Raised and caught inside the library, or abstract-method placeholders: never reach a user.
-INTERNAL_EXCEPTIONS = {"NotImplementedError", "NotAChain"}
+INTERNAL_EXCEPTIONS = {"NotImplementedError", "NotAChain", "_Stop"}
 
 
 def public_modules() -> list[str]:

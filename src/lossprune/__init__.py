@@ -24,6 +24,7 @@ from .criteria import (
     Wanda,
 )
 from .curvature import NonFiniteError
+from .layerwise import LayerwisePruner, LayerwiseReport
 from .pruning import (
     Compensation,
     LayerCollapseError,
@@ -61,6 +62,8 @@ __all__ = [
     "LayerCollapseError",
     "LayerCollapseWarning",
     "Layerwise",
+    "LayerwisePruner",
+    "LayerwiseReport",
     "LinearModel",
     "LinearSchedule",
     "Magnitude",

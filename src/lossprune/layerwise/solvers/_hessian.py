@@ -15,7 +15,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from .problem import Damping
+from .problem import Damping, check_damping
 
 __all__ = ["DampedHessian", "damped_hessian"]
 
@@ -36,8 +36,7 @@ def damped_hessian(gram: Tensor, damping: Damping) -> DampedHessian:
         ValueError: :math:`H` is not positive definite (a zero Gram matrix, or a singular one
             with no damping).
     """
-    if not isinstance(damping, Damping):
-        raise TypeError(f"damping must be a Damping, got {type(damping).__name__}")
+    check_damping("refit", damping)
     delta = damping.value(gram)
     matrix = (gram + gram.T) / 2
     matrix.diagonal().add_(delta)

@@ -111,6 +111,21 @@ class Damping:
         return self.relative * mean_diagonal + self.lam / 2
 
 
+def check_damping(owner: str, damping: object) -> Damping:
+    """``damping`` if it is a :class:`Damping`, else ``TypeError`` naming ``owner``."""
+    if not isinstance(damping, Damping):
+        raise TypeError(f"{owner}: damping must be a Damping, got {type(damping).__name__}")
+    return damping
+
+
+def check_positive(name: str, value: object) -> float:
+    """A finite real number ``> 0``, returned as float."""
+    number = check_nonnegative(name, value)
+    if number == 0:
+        raise ValueError(f"{name} must be > 0, got {value}")
+    return number
+
+
 #: The damping every solver uses unless told otherwise.
 DEFAULT_DAMPING = Damping()
 

@@ -128,13 +128,13 @@ def refit(
             raise ValueError("refit: initial (a warm start) only applies to method='cg'")
         start = _check_initial(problem, initial)
     hessian = damped_hessian(problem.gram, damping)
-    correction = refit_correction(
+    weight = refit_weight(
         hessian, problem.reference, mask, method=method, initial=start, rtol=rtol, max_iter=max_iter
     )
-    return solution(problem, problem.reference + correction, mask)
+    return solution(problem, weight, mask)
 
 
-def refit_correction(
+def refit_weight(
     hessian: DampedHessian,
     reference: Tensor,
     mask: Tensor,
@@ -144,12 +144,12 @@ def refit_correction(
     rtol: float,
     max_iter: int = 200,
 ) -> Tensor:
-    r""":math:`u` of the refit (:math:`\hat W = (W_0 + u) \odot M`), arguments already checked.
+    r"""The refitted :math:`\hat W = (W_0 + u) \odot M`, arguments already checked.
 
     The building block the solvers share (one :class:`DampedHessian` for many refits).
     """
     if method == "cholesky":
-        return _cholesky_correction(hessian.matrix, reference, mask)
+        return _masked_sum(reference, _cholesky_correction(hessian.matrix, reference, mask), mask)
     start = None if initial is None else (initial - reference).masked_fill(~mask, 0.0)
     result = masked_conjugate_gradients(
         hessian, reference, mask, initial=start, rtol=rtol, max_iter=max_iter
@@ -158,7 +158,11 @@ def refit_correction(
     rows = result.unconverged.nonzero().flatten()
     if rows.numel():
         correction[rows] = _cholesky_correction(hessian.matrix, reference[rows], mask[rows])
-    return correction
+    return _masked_sum(reference, correction, mask)
+
+
+def _masked_sum(reference: Tensor, correction: Tensor, mask: Tensor) -> Tensor:
+    return (reference + correction).masked_fill_(~mask, 0.0)
 
 
 def masked_conjugate_gradients(

@@ -1,0 +1,133 @@
+"""The blocks a model is pruned by, in the order its forward runs them.
+
+Layer-wise pruning calibrates one block at a time on the outputs of the blocks before it, so a
+model must be a chain: whatever runs before the first block (embeddings, rotary position
+embeddings, the attention mask), then the blocks one after another (each one's output is the
+next one's input), then whatever runs after the last (final norm, head). The blocks are
+
+* the decoder layers of a Hugging Face model: the :class:`~torch.nn.ModuleList` whose modules
+  are of the model's ``_no_split_modules`` classes (``LlamaDecoderLayer``, ``OPTDecoderLayer``,
+  ``GPT2Block``...): the layer list of every causal LM of the transformers page (Llama,
+  Qwen2/3, Mistral, Gemma, Phi-3, OPT, GPT-2);
+* the children of an :class:`~torch.nn.Sequential` model;
+* else the longest :class:`~torch.nn.ModuleList` of modules of one class;
+* or what the user names: ``blocks="model.layers"`` (a ``ModuleList``/``Sequential`` whose
+  children are the blocks) or a list of module names in forward order.
+
+Whether the named modules really form a chain is checked on the data before anything is pruned
+(:mod:`lossprune.layerwise.calibration`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+from torch import nn
+
+__all__ = ["BlockStack", "find_blocks"]
+
+
+class BlockStack(NamedTuple):
+    """The blocks of a model, in forward order.
+
+    Attributes:
+        names: qualified module names of the blocks (``"model.layers.0"``, ...).
+        modules: the blocks themselves.
+        found_by: how they were found (for reports and error messages).
+    """
+
+    names: tuple[str, ...]
+    modules: tuple[nn.Module, ...]
+    found_by: str
+
+
+def find_blocks(model: nn.Module, blocks: str | Sequence[str] | None = None) -> BlockStack:
+    """The blocks of ``model`` (module docstring).
+
+    Args:
+        model: the model.
+        blocks: ``None`` (found automatically), the name of a ``ModuleList``/``Sequential``
+            whose children are the blocks, or the names of the blocks in forward order.
+
+    Raises:
+        TypeError: ``blocks`` of another type.
+        ValueError: a name that is no module of the model, a named container that is not a
+            ``ModuleList``/``Sequential``, a block named twice or inside another, or a model
+            whose blocks cannot be found (name them with ``blocks=``).
+    """
+    if blocks is None:
+        return _found(model)
+    if isinstance(blocks, str):
+        container = _module(model, blocks)
+        if not isinstance(container, (nn.ModuleList, nn.Sequential)):
+            raise ValueError(
+                f"blocks={blocks!r} names a {type(container).__name__}; name a ModuleList or "
+                "Sequential whose children are the blocks, or pass the blocks' names as a list"
+            )
+        prefix = f"{blocks}." if blocks else ""
+        names = tuple(f"{prefix}{child}" for child, _ in container.named_children())
+        return _stack(model, names, f"the children of {blocks!r}")
+    if not isinstance(blocks, Sequence) or not all(isinstance(b, str) for b in blocks):
+        raise TypeError(
+            "blocks must be None, a module name or a list of module names, got "
+            f"{type(blocks).__name__}"
+        )
+    return _stack(model, tuple(blocks), "named by blocks=")
+
+
+def _module(model: nn.Module, name: str) -> nn.Module:
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        raise ValueError(f"blocks: {name!r} is not a module of the model") from None
+
+
+def _stack(model: nn.Module, names: tuple[str, ...], found_by: str) -> BlockStack:
+    if not names:
+        raise ValueError(f"blocks: {found_by} holds no module")
+    if len(set(names)) != len(names):
+        raise ValueError(f"blocks: a block is named twice in {list(names)}")
+    for outer in names:
+        for inner in names:
+            if inner != outer and (not outer or inner.startswith(f"{outer}.")):
+                raise ValueError(f"blocks: {inner!r} lies inside the block {outer!r}")
+    return BlockStack(names, tuple(_module(model, name) for name in names), found_by)
+
+
+def _found(model: nn.Module) -> BlockStack:
+    no_split = set(getattr(model, "_no_split_modules", None) or ())
+    lists = [
+        (name, module)
+        for name, module in model.named_modules()
+        if isinstance(module, nn.ModuleList) and len(module) > 0
+    ]
+    if no_split:
+        decoder = [
+            (name, module)
+            for name, module in lists
+            if all(type(child).__name__ in no_split for child in module)
+        ]
+        if len(decoder) == 1:
+            name = decoder[0][0]
+            return find_blocks(model, name)._replace(found_by=f"the layer list {name!r}")
+        if len(decoder) > 1:
+            raise ValueError(
+                f"blocks: {type(model).__name__} has several stacks of layers "
+                f"({[name for name, _ in decoder]}; an encoder and a decoder?), which do not "
+                "form one chain; name the blocks with blocks=[...]"
+            )
+    if isinstance(model, nn.Sequential):
+        return find_blocks(model, "")._replace(found_by="the children of the Sequential model")
+    uniform = [
+        (name, module)
+        for name, module in lists
+        if len({type(child) for child in module}) == 1 and name
+    ]
+    if uniform:
+        name, _ = max(uniform, key=lambda item: len(item[1]))
+        return find_blocks(model, name)._replace(found_by=f"the longest ModuleList {name!r}")
+    raise ValueError(
+        f"blocks: no stack of blocks found in {type(model).__name__} (no decoder layer list, "
+        "not an nn.Sequential, no ModuleList); name them with blocks='path.to.layers' or a list"
+    )
