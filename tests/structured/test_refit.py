@@ -264,3 +264,38 @@ def test_staged_removal_keeps_exact_counts_and_masks_only_grow():
     ).run()
     assert all(len(s.removed) == 20 for s in report.sets)
     assert report.model.config.intermediate_size == 20
+
+
+def test_block_by_block_calibration_gives_the_whole_model_refits(monkeypatch):
+    import lossprune.structured.pruner as pruner_module
+    from lossprune.structured.calibration import block_stack
+
+    model = models.llama()
+    batches = _calibration(padded=True)
+    groups = find_groups(model, ["heads", "neurons"])
+    assert block_stack(model, groups).names == ("model.layers.0", "model.layers.1")
+    options = {"choice": GroupOBS(), "data": batches, "hf_config": "record"}
+    by_blocks = StructuredPruner(model, ["heads", "neurons"], 0.25, **options).run()
+    monkeypatch.setattr(pruner_module, "block_stack", lambda model, groups: None)
+    whole = StructuredPruner(model, ["heads", "neurons"], 0.25, **options).run()
+    assert by_blocks.removed == whole.removed
+    test = models.token_batch()
+    torch.testing.assert_close(
+        models.logits(by_blocks.model, test), models.logits(whole.model, test), rtol=0, atol=1e-10
+    )
+
+
+def test_device_needs_sets_inside_blocks_and_a_block_local_choice():
+    from lossprune.structured import MeasuredLoss
+
+    data = [(torch.randn(4, 1, 8, 8, dtype=torch.float64), torch.zeros(4, dtype=torch.long))]
+    with pytest.raises(ValueError, match="do not each lie inside one block"):
+        StructuredPruner(models.resnet(), "channels", 0.5, data=data, device="cpu")
+    with pytest.raises(ValueError, match="MeasuredLoss runs the whole model"):
+        StructuredPruner(
+            models.llama(), "heads", 0.25, choice=MeasuredLoss(), data=_calibration(), device="cpu"
+        )
+    report = StructuredPruner(
+        models.llama(), "neurons", 0.25, data=_calibration(), device="cpu"
+    ).run()
+    assert report.model.config.intermediate_size == 30

@@ -58,9 +58,16 @@ def test_options_of_the_choices_are_checked():
         GroupOBS(damping=0.1)
     with pytest.raises(ValueError, match="curvature must be 'ggn' or 'hessian'"):
         GroupQuadratic(curvature="fisher")
-    data = [{"input_ids": torch.zeros(2, 4, dtype=torch.long), "labels": torch.zeros(2, 4, dtype=torch.long)}]
+    data = [
+        {
+            "input_ids": torch.zeros(2, 4, dtype=torch.long),
+            "labels": torch.zeros(2, 4, dtype=torch.long),
+        }
+    ]
     with pytest.raises(ValueError, match="max_groups=8"):
-        StructuredPruner(models.llama(), "neurons", 0.25, choice=MeasuredLoss(max_groups=8), data=data)
+        StructuredPruner(
+            models.llama(), "neurons", 0.25, choice=MeasuredLoss(max_groups=8), data=data
+        )
     with pytest.raises(TypeError, match="must be a lossprune.Criterion"):
         group_scores(models.llama(), find_groups(models.llama(), "heads"), "magnitude")
 

@@ -32,23 +32,23 @@ from __future__ import annotations
 
 import copy
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
-from .._common.batches import ModelInputs, counted_positions, model_loss, resolve_loss
+from .._common.batches import ModelInputs, resolve_loss
 from .._common.checks import check_fraction
 from .._common.data import check_data, iter_batches
 from .._common.functional import check_deterministic
 from ..criteria import Criterion, Magnitude
-from ..curvature.inputs import InputMoments, InputStatistics
 from ..layerwise.solvers import Damping
 from ..layerwise.solvers.problem import layer_error
 from ..pruning._diagnostics import mean_loss
 from ..schedules import Schedule
+from .calibration import Moments, block_stack, visits
 from .find import find_groups
 from .groups import GroupSet, masked_state, parameters_removed
 from .measured import MeasuredLoss
@@ -136,6 +136,9 @@ class StructuredPruner:
             models is cheap, and exact).
         inplace: shrink ``model`` itself (default: a copy).
         hf_config: ``"update"`` or ``"record"`` (:func:`~lossprune.structured.remove`).
+        device: the compute device of block-by-block calibration (each block is moved there
+            while its sets are visited, :mod:`~lossprune.structured.calibration`); default the
+            model's own device. Only for models calibrated block by block.
 
     Raises:
         TypeError: a model, choice or amount of the wrong type; a model that cannot be traced.
@@ -158,6 +161,7 @@ class StructuredPruner:
     statistics_dtype: torch.dtype = torch.float64
     inplace: bool = False
     hf_config: str = "update"
+    device: str | torch.device | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, nn.Module):
@@ -203,6 +207,18 @@ class StructuredPruner:
                     f"max_groups={self.choice.max_groups} groups; use GroupOBS for them"
                 )
         self.groups = _ordered(self.model, groups)
+        if self.device is not None:
+            if block_stack(self.model, self.groups) is None:
+                raise ValueError(
+                    "StructuredPruner: device= moves one block at a time to the device, but "
+                    "these sets do not each lie inside one block of the model; leave device "
+                    "out and move the model"
+                )
+            if isinstance(self.choice, MeasuredLoss):
+                raise ValueError(
+                    "StructuredPruner: MeasuredLoss runs the whole model on its own device; "
+                    "leave device out"
+                )
         final = {g.name: tuple(range(_count(g, self.targets[-1]))) for g in self.groups}
         # The config (and the experts' top-k) are checked now: a refusal after the work would
         # leave an in-place model masked but not removed.
@@ -216,10 +232,11 @@ class StructuredPruner:
         errors: dict[str, dict[str, float]] = {g.name: {} for g in self.groups}
         for target in self.targets:
             scores = self._network_scores(working)
-            for group_set in self.groups:
+            needed = [g for g in self.groups if _count(g, target) > len(removed[g.name])]
+            stack = block_stack(working, needed) if needed and self.data is not None else None
+            for group_set, moments in self._visits(working, needed, stack):
                 extra = _count(group_set, target) - len(removed[group_set.name])
-                if extra > 0:
-                    self._prune_set(working, group_set, removed, errors, scores, extra)
+                self._prune_set(working, group_set, removed, errors, scores, extra, moments)
         final = {k: tuple(sorted(v)) for k, v in removed.items() if v}
         saved = parameters_removed(working, self.groups, final)
         small = remove(working, self.groups, final, inplace=True, hf_config=self.hf_config)
@@ -229,6 +246,18 @@ class StructuredPruner:
             for g in self.groups
         ]
         return StructuredReport(small, final, sets, before, parameter_count(small))
+
+    def _visits(
+        self, working: nn.Module, groups: list[GroupSet], stack: Any
+    ) -> Iterator[tuple[GroupSet, Moments | None]]:
+        if self.data is None:
+            for group_set in groups:
+                yield group_set, None
+            return
+        device = None if self.device is None else torch.device(self.device)
+        yield from visits(
+            working, groups, stack, self.data, self.loss_fn, self.statistics_dtype, device
+        )
 
     def _network_scores(self, working: nn.Module) -> dict[str, Tensor] | None:
         if isinstance(self.choice, GroupQuadratic):
@@ -245,14 +274,12 @@ class StructuredPruner:
         errors: dict[str, dict[str, float]],
         scores: dict[str, Tensor] | None,
         extra: int,
+        moments: Moments | None,
     ) -> None:
         problems: list[ConsumerProblem] = []
-        if group_set.consumers and self.data is not None:
-            moments = consumer_moments(
-                working, group_set, self.data, self.loss_fn, self.statistics_dtype
-            )
+        if group_set.consumers and moments is not None:
             problems = consumer_problems(
-                working, group_set.consumers, moments, self.statistics_dtype
+                working, group_set.consumers, moments(), self.statistics_dtype
             )
         earlier = list(removed[group_set.name])
         solutions = None
@@ -357,24 +384,3 @@ def _first_inputs(data: Any) -> Any:
     if isinstance(inputs, ModelInputs):
         return inputs.args
     return inputs
-
-
-def consumer_moments(
-    model: nn.Module, group_set: GroupSet, data: Any, loss_fn: Any, dtype: torch.dtype
-) -> dict[str, InputMoments]:
-    """Gram matrices and means of the consumers' inputs over ``data`` (counted positions)."""
-    names = [f"{c.module}.weight" for c in group_set.consumers]
-    statistics = InputStatistics(model, names, gram=True, dtype=dtype)
-    device = next(model.parameters()).device
-    own = loss_fn if loss_fn is not None else model_loss(model)
-    for batch in iter_batches(data, device, own):
-        inputs = batch.inputs
-        counted = None
-        if isinstance(inputs, ModelInputs):
-            counted = counted_positions(inputs.kwargs, inputs.labels)
-        with statistics.recording(counted):
-            if isinstance(inputs, ModelInputs):
-                model(*inputs.args, **inputs.kwargs)
-            else:
-                model(inputs)
-    return statistics.means()
