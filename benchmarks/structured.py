@@ -33,12 +33,13 @@ the 450 test images). The reference rows (Torch-Pruning 1.6.1 magnitude and Tayl
 exact refit, the OSSCAR authors' code on OPT) are copied from the reference helper's JSON, which
 used the same models, data and metrics.
 
-``--speed`` adds the FLOP section: a Llama with hidden size 1024 (random weights, 2 layers,
-16/8 heads, MLP 2816) with 50 % of its MLP neurons removed, 8 x 128 tokens, CPU: measured time
-ratio against the ratio of floating-point operations (:class:`torch.utils.flop_counter.FlopCounterMode`).
-
-``--stages`` adds the paper's finding at group level: the loss change after removing 30 % / 50 %
-of the CNN's channels by OBD and the quadratic model in 1, 4 and 8 stages (no refit).
+Parts (``--parts``): ``lm``, ``cnn``, ``stages`` (the paper's finding at group level: the loss
+change after removing 30 % / 50 % of the CNN's channels by OBD and the quadratic model in 1, 4
+and 8 stages, no refit) and ``speed`` (a Llama with hidden size 1024, random weights, 2 layers,
+16/8 heads, MLP 2816, with 50 % of its MLP neurons or one KV group in four removed, 8 x 128
+tokens, CPU: the measured time ratio against the ratio of floating-point operations counted by
+:class:`torch.utils.flop_counter.FlopCounterMode`). ``--table`` prints the markdown tables of an
+existing ``--out``.
 """
 
 from __future__ import annotations
@@ -155,7 +156,10 @@ def language_models(args: argparse.Namespace) -> dict[str, Any]:
     results: dict[str, Any] = {}
     for family, preset in LM_PRESETS.items():
         model, calib, heldout = load_lm(Path(args.tiny_root), preset)
-        data = [{"input_ids": calib[s : s + 16], "labels": calib[s : s + 16]} for s in range(0, len(calib), 16)]
+        data = [
+            {"input_ids": calib[s : s + 16], "labels": calib[s : s + 16]}
+            for s in range(0, len(calib), 16)
+        ]
         timing_input = {"input_ids": heldout[:8], "use_cache": False}
         dense_ppl = perplexity(model, heldout)
         runs = []
@@ -163,29 +167,52 @@ def language_models(args: argparse.Namespace) -> dict[str, Any]:
             for method, options in lm_methods(kind).items():
                 start = time.perf_counter()
                 hf_config = "record" if family in ("opt", "gpt2") and kind == "heads" else "update"
-                report = StructuredPruner(model, kind, amount, data=data, hf_config=hf_config, **options).run()
+                report = StructuredPruner(
+                    model, kind, amount, data=data, hf_config=hf_config, **options
+                ).run()
                 seconds = time.perf_counter() - start
                 times = time_models(
-                    {"dense": model, "removed": report.model, "same_shapes": same_shapes(report.model)},
-                    timing_input, args.rounds,
-                )  # fmt: skip
+                    {
+                        "dense": model,
+                        "removed": report.model,
+                        "same_shapes": same_shapes(report.model),
+                    },
+                    timing_input,
+                    args.rounds,
+                )
                 row = {
-                    "method": method, "target": target, "ppl": perplexity(report.model, heldout),
-                    "mean_layer_rel_err": mean_error(report), "params": report.parameters_after,
+                    "method": method,
+                    "target": target,
+                    "ppl": perplexity(report.model, heldout),
+                    "mean_layer_rel_err": mean_error(report),
+                    "params": report.parameters_after,
                     "param_ratio": report.parameters_before / report.parameters_after,
                     "speedup": times["dense"] / times["removed"],
                     "speed_vs_same_shapes": times["same_shapes"] / times["removed"],
                     "prune_seconds": seconds,
-                }  # fmt: skip
+                }
                 runs.append(row)
-                print(family, target, method, {k: round(v, 5) if isinstance(v, float) else v for k, v in row.items()}, flush=True)
-        results[family] = {"preset": preset, "dense": {"ppl": dense_ppl, "params": sum(p.numel() for p in model.parameters())}, "runs": runs}
+                print(
+                    family,
+                    target,
+                    method,
+                    {k: round(v, 5) if isinstance(v, float) else v for k, v in row.items()},
+                    flush=True,
+                )
+        results[family] = {
+            "preset": preset,
+            "dense": {"ppl": dense_ppl, "params": sum(p.numel() for p in model.parameters())},
+            "runs": runs,
+        }
     return results
 
 
 def cnn(args: argparse.Namespace) -> dict[str, Any]:
     model, data, record = load_trained(args.digits_cache)
-    calibration = [(data.x_train[s : s + 128], data.y_train[s : s + 128]) for s in range(0, len(data.y_train), 128)]
+    calibration = [
+        (data.x_train[s : s + 128], data.y_train[s : s + 128])
+        for s in range(0, len(data.y_train), 128)
+    ]
     loss = nn.CrossEntropyLoss()
     methods = {
         "magnitude": {"choice": Magnitude(), "refit": False},
@@ -196,31 +223,48 @@ def cnn(args: argparse.Namespace) -> dict[str, Any]:
     for target, amount in CNN_TARGETS.items():
         for method, options in methods.items():
             start = time.perf_counter()
-            report = StructuredPruner(model, "channels", amount, data=calibration, loss_fn=loss, **options).run()
+            report = StructuredPruner(
+                model, "channels", amount, data=calibration, loss_fn=loss, **options
+            ).run()
             seconds = time.perf_counter() - start
             times = time_models(
                 {"dense": model, "removed": report.model, "same_shapes": same_shapes(report.model)},
-                data.x_test, args.rounds,
-            )  # fmt: skip
+                data.x_test,
+                args.rounds,
+            )
             row = {
-                "method": method, "target": target,
+                "method": method,
+                "target": target,
                 "acc": accuracy(report.model, data.x_test, data.y_test),
-                "mean_layer_rel_err": mean_error(report), "params": report.parameters_after,
+                "mean_layer_rel_err": mean_error(report),
+                "params": report.parameters_after,
                 "param_ratio": report.parameters_before / report.parameters_after,
                 "speedup": times["dense"] / times["removed"],
                 "speed_vs_same_shapes": times["same_shapes"] / times["removed"],
                 "prune_seconds": seconds,
-            }  # fmt: skip
+            }
             runs.append(row)
-            print("cnn", target, method, {k: round(v, 5) if isinstance(v, float) else v for k, v in row.items()}, flush=True)
-    dense = {"acc": accuracy(model, data.x_test, data.y_test), "params": sum(p.numel() for p in model.parameters())}
+            print(
+                "cnn",
+                target,
+                method,
+                {k: round(v, 5) if isinstance(v, float) else v for k, v in row.items()},
+                flush=True,
+            )
+    dense = {
+        "acc": accuracy(model, data.x_test, data.y_test),
+        "params": sum(p.numel() for p in model.parameters()),
+    }
     return {"dense": dense, "runs": runs}
 
 
 def stages(args: argparse.Namespace) -> dict[str, Any]:
     """The paper's finding at group level: more stages, lower loss change (no refit)."""
     model, data, _ = load_trained(args.digits_cache)
-    calibration = [(data.x_train[s : s + 128], data.y_train[s : s + 128]) for s in range(0, len(data.y_train), 128)]
+    calibration = [
+        (data.x_train[s : s + 128], data.y_train[s : s + 128])
+        for s in range(0, len(data.y_train), 128)
+    ]
     loss = nn.CrossEntropyLoss()
 
     @torch.no_grad()
@@ -233,12 +277,22 @@ def stages(args: argparse.Namespace) -> dict[str, Any]:
         for name, criterion in (("OBD", OBD()), ("QuadraticModel", QuadraticModel())):
             for count in (1, 4, 8):
                 schedule = LinearSchedule(amount, count)
-                report = StructuredPruner(model, "channels", schedule, choice=criterion, refit=False, data=calibration, loss_fn=loss).run()
+                report = StructuredPruner(
+                    model,
+                    "channels",
+                    schedule,
+                    choice=criterion,
+                    refit=False,
+                    data=calibration,
+                    loss_fn=loss,
+                ).run()
                 row = {
-                    "criterion": name, "amount": amount, "stages": count,
+                    "criterion": name,
+                    "amount": amount,
+                    "stages": count,
                     "delta_loss": train_loss(report.model) - before,
                     "acc": accuracy(report.model, data.x_test, data.y_test),
-                }  # fmt: skip
+                }
                 rows.append(row)
                 print("stages", row, flush=True)
     return {"train_loss": before, "runs": rows}
@@ -248,9 +302,14 @@ def speed(args: argparse.Namespace) -> dict[str, Any]:
     import transformers
 
     config = transformers.LlamaConfig(
-        vocab_size=256, hidden_size=1024, intermediate_size=2816, num_hidden_layers=2,
-        num_attention_heads=16, num_key_value_heads=8, max_position_embeddings=128,
-    )  # fmt: skip
+        vocab_size=256,
+        hidden_size=1024,
+        intermediate_size=2816,
+        num_hidden_layers=2,
+        num_attention_heads=16,
+        num_key_value_heads=8,
+        max_position_embeddings=128,
+    )
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(config).eval()
     ids = torch.randint(0, 256, (8, 128))
@@ -271,14 +330,22 @@ def speed(args: argparse.Namespace) -> dict[str, Any]:
         flop_ratio = flops["dense"] / flops["removed"]
         time_ratio = times["dense"] / times["removed"]
         row = {
-            "target": label, "flop_ratio": flop_ratio, "time_ratio": time_ratio,
+            "target": label,
+            "flop_ratio": flop_ratio,
+            "time_ratio": time_ratio,
             "share_of_flop_reduction": (1 - 1 / time_ratio) / (1 - 1 / flop_ratio),
-            "params_dense": report.parameters_before, "params_removed": report.parameters_after,
-            "seconds_dense": times["dense"], "seconds_removed": times["removed"],
-        }  # fmt: skip
+            "params_dense": report.parameters_before,
+            "params_removed": report.parameters_after,
+            "seconds_dense": times["dense"],
+            "seconds_removed": times["removed"],
+        }
         rows.append(row)
         print("speed", row, flush=True)
-    return {"config": {"hidden": 1024, "intermediate": 2816, "layers": 2, "heads": 16, "kv_heads": 8}, "tokens": [8, 128], "runs": rows}
+    return {
+        "config": {"hidden": 1024, "intermediate": 2816, "layers": 2, "heads": 16, "kv_heads": 8},
+        "tokens": [8, 128],
+        "runs": rows,
+    }
 
 
 def references(path: str | None) -> dict[str, Any]:
@@ -286,7 +353,16 @@ def references(path: str | None) -> dict[str, Any]:
     if path is None:
         return {}
     found = json.loads(Path(path).read_text())
-    keep = ("method", "target", "ppl", "acc", "acc_after_bn_recalibration", "params", "param_ratio", "mean_layer_rel_err")
+    keep = (
+        "method",
+        "target",
+        "ppl",
+        "acc",
+        "acc_after_bn_recalibration",
+        "params",
+        "param_ratio",
+        "mean_layer_rel_err",
+    )
     out = {}
     for part in ("llama", "opt", "gpt2", "cnn"):
         if part in found:
@@ -297,6 +373,45 @@ def references(path: str | None) -> dict[str, Any]:
     return out
 
 
+REFERENCE_TARGETS = {"heads": ("kv1of4", "head1of4")}
+
+
+def table(result: dict[str, Any]) -> str:
+    """Markdown tables: ours beside the references, per model and target."""
+    lines = []
+    for family in ("llama", "opt", "gpt2", "cnn"):
+        ours = result["cnn"] if family == "cnn" else result.get("language_models", {}).get(family)
+        refs = result.get("references", {}).get(family, {"runs": []})
+        if ours is None:
+            continue
+        metric = "acc" if family == "cnn" else "ppl"
+        dense = ours["dense"][metric]
+        lines += [
+            f"**{family}** (dense {metric} {dense:.4f}, {ours['dense']['params']:,} parameters)",
+            "",
+            f"| target | method | {metric} | layer error | parameters | speed-up | vs same shape |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for target in dict.fromkeys(r["target"] for r in ours["runs"]):
+            names = REFERENCE_TARGETS.get(target, (target,))
+            for row in [r for r in refs["runs"] if r["target"] in names]:
+                error = row.get("mean_layer_rel_err")
+                lines.append(
+                    f"| {row['target']} | {row['method']} (reference) | {row[metric]:.4f} | "
+                    f"{'' if error is None else f'{error:.5f}'} | {row['params']:,} | | |"
+                )
+            for row in [r for r in ours["runs"] if r["target"] == target]:
+                error = row["mean_layer_rel_err"]
+                lines.append(
+                    f"| {names[-1] if family == 'opt' or family == 'gpt2' else names[0]} | "
+                    f"lossprune {row['method']} | **{row[metric]:.4f}** | "
+                    f"{'' if error is None else f'{error:.5f}'} | {row['params']:,} | "
+                    f"{row['speedup']:.2f}x | {row['speed_vs_same_shapes']:.2f}x |"
+                )
+        lines.append("")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tiny-root", default="/work/scratch/tiny")
@@ -305,10 +420,19 @@ def main() -> None:
     parser.add_argument("--parts", nargs="+", default=["lm", "cnn", "stages", "speed"])
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--out", required=True)
+    parser.add_argument("--table", action="store_true", help="print the tables of --out")
     args = parser.parse_args()
+    if args.table:
+        print(table(json.loads(Path(args.out).read_text())))
+        return
     torch.set_num_threads(1)
     result: dict[str, Any] = {
-        "meta": {"torch": torch.__version__, "python": platform.python_version(), "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine()},
+        "meta": {
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "threads": torch.get_num_threads(),
+            "cpu": platform.processor() or platform.machine(),
+        },
         "references": references(args.refs),
     }
     path = Path(args.out)

@@ -29,7 +29,7 @@ def test_attention_and_mlp_shapes_that_contradict_their_layout_are_refused():
         find_groups(qwen, "heads")
     opt = models.opt()
     opt.model.decoder.layers[0].self_attn.num_heads = 3
-    with pytest.raises(TypeError, match="num_heads=3"):
+    with pytest.raises(TypeError, match="num_heads x head_dim=3"):
         find_groups(opt, "heads")
     gpt2 = models.gpt2()
     gpt2.transformer.h[0].attn.num_heads = 3
@@ -41,7 +41,7 @@ def test_attention_and_mlp_shapes_that_contradict_their_layout_are_refused():
         find_groups(gpt2, "heads")
     bert = models.bert()
     bert.bert.encoder.layer[0].attention.self.num_attention_heads = 3
-    with pytest.raises(TypeError, match="num_attention_heads=3"):
+    with pytest.raises(TypeError, match="attention_head_size=3"):
         find_groups(bert, "heads")
     llama = models.llama()
     llama.model.layers[0].mlp.up_proj = nn.Linear(48, 30, bias=False)

@@ -130,33 +130,57 @@ _DERIVED = (
 )
 
 
-def _opt_attention(model: nn.Module, name: str, module: nn.Module) -> GroupSet | None:
-    q, k, v, o = (_linear(module, n) for n in ("q_proj", "k_proj", "v_proj", "out_proj"))
-    heads, head_dim = getattr(module, "num_heads", None), getattr(module, "head_dim", None)
-    if None in (q, k, v, o) or not isinstance(heads, int) or not isinstance(head_dim, int):
+def _separate_heads(
+    name: str,
+    projections: dict[str, nn.Linear | None],
+    consumer: tuple[str, nn.Linear | None],
+    heads: object,
+    head_dim: object,
+    attributes: tuple[AttributeUpdate, ...],
+    counts: str,
+) -> GroupSet | None:
+    """Heads of separate q/k/v projections read by one output projection (OPT, BERT).
+
+    ``projections`` and ``consumer`` map paths (relative to the attention ``name``) to the
+    modules; ``counts`` names the attributes in the error message.
+    """
+    path, output = consumer
+    if output is None or None in projections.values():
         return None
-    assert q is not None and k is not None and v is not None and o is not None
+    if not isinstance(heads, int) or not isinstance(head_dim, int):
+        return None
     width = heads * head_dim
-    if {q.out_features, k.out_features, v.out_features, o.in_features} != {width}:
+    outputs = {m.out_features for m in projections.values() if m is not None}
+    if outputs | {output.in_features} != {width}:
         raise TypeError(
             f"find_groups: the attention {name!r} has projection sizes that do not match "
-            f"num_heads={heads} x head_dim={head_dim}; its heads cannot be removed safely"
+            f"{counts}={heads} x {head_dim}; its heads cannot be removed safely"
         )
     index = _blocks(heads, head_dim)
     slices = [
-        *_rows(f"{name}.q_proj", q, index),
-        *_rows(f"{name}.k_proj", k, index),
-        *_rows(f"{name}.v_proj", v, index),
-        Slice(f"{name}.out_proj.weight", 1, index),
+        s for p, m in projections.items() if m is not None for s in _rows(f"{name}.{p}", m, index)
     ]
     return GroupSet(
         name,
         "heads",
         heads,
-        tuple(slices),
-        consumers=(Consumer(f"{name}.out_proj", index),),
-        attributes=(AttributeUpdate(name, "num_heads", 1),),
+        (*slices, Slice(f"{name}.{path}.weight", 1, index)),
+        consumers=(Consumer(f"{name}.{path}", index),),
+        attributes=attributes,
         note=_DERIVED,
+    )
+
+
+def _opt_attention(model: nn.Module, name: str, module: nn.Module) -> GroupSet | None:
+    projections = {p: _linear(module, p) for p in ("q_proj", "k_proj", "v_proj")}
+    return _separate_heads(
+        name,
+        projections,
+        ("out_proj", _linear(module, "out_proj")),
+        getattr(module, "num_heads", None),
+        getattr(module, "head_dim", None),
+        (AttributeUpdate(name, "num_heads", 1),),
+        "num_heads x head_dim",
     )
 
 
@@ -205,39 +229,22 @@ def _gpt2_attention(model: nn.Module, name: str, module: nn.Module) -> GroupSet 
 
 def _bert_attention(model: nn.Module, name: str, module: nn.Module) -> GroupSet | None:
     attention, output = getattr(module, "self", None), getattr(module, "output", None)
-    dense = _linear(output, "dense") if output is not None else None
-    if attention is None or dense is None:
+    if not isinstance(attention, nn.Module) or not isinstance(output, nn.Module):
         return None
-    q, k, v = (_linear(attention, n) for n in ("query", "key", "value"))
-    heads = getattr(attention, "num_attention_heads", None)
     head_dim = getattr(attention, "attention_head_size", None)
-    if None in (q, k, v) or not isinstance(heads, int) or not isinstance(head_dim, int):
-        return None
-    assert q is not None and k is not None and v is not None
-    width = heads * head_dim
-    if {q.out_features, k.out_features, v.out_features, dense.in_features} != {width}:
-        raise TypeError(
-            f"find_groups: the attention {name!r} has projection sizes that do not match "
-            f"num_attention_heads={heads} x attention_head_size={head_dim}"
-        )
-    index = _blocks(heads, head_dim)
-    slices = [
-        *_rows(f"{name}.self.query", q, index),
-        *_rows(f"{name}.self.key", k, index),
-        *_rows(f"{name}.self.value", v, index),
-        Slice(f"{name}.output.dense.weight", 1, index),
-    ]
-    return GroupSet(
+    return _separate_heads(
         name,
-        "heads",
-        heads,
-        tuple(slices),
-        consumers=(Consumer(f"{name}.output.dense", index),),
-        attributes=(
+        {f"self.{p}": _linear(attention, p) for p in ("query", "key", "value")},
+        ("output.dense", _linear(output, "dense")),
+        getattr(attention, "num_attention_heads", None),
+        head_dim,
+        (
             AttributeUpdate(f"{name}.self", "num_attention_heads", 1),
-            AttributeUpdate(f"{name}.self", "all_head_size", head_dim),
+            AttributeUpdate(
+                f"{name}.self", "all_head_size", head_dim if isinstance(head_dim, int) else 0
+            ),
         ),
-        note=_DERIVED,
+        "num_attention_heads x attention_head_size",
     )
 
 
