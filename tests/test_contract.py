@@ -408,13 +408,17 @@ def test_examples_from_an_iterable_dataset_is_a_clear_type_error():
             return iter(zip(inputs, targets))
 
     model = make_mlp()
-    pruner = Pruner(
-        model, LinearModel(), LinearSchedule(0.5, 1), loss_fn=CE,
-        data=DataLoader(Stream(), batch_size=4), examples=5,
-    )  # fmt: skip
+    pruner = Pruner(model, LinearModel(), LinearSchedule(0.5, 1), loss_fn=CE, data=data(10))
     before = snapshot(model, pruner)
-    with pytest.raises(TypeError, match="IterableDataset"):
-        pruner.step()
+    with pytest.raises(TypeError, match="IterableDataset"):  # when the pruner is built
+        Pruner(
+            model, LinearModel(), LinearSchedule(0.5, 1), loss_fn=CE,
+            data=DataLoader(Stream(), batch_size=4), examples=5,
+        )  # fmt: skip
+    sampling = Pruner(model, LinearModel(), LinearSchedule(0.5, 1), loss_fn=CE, data=data(10),
+                      examples=5)  # fmt: skip
+    with pytest.raises(TypeError, match="IterableDataset"):  # or when its data is replaced
+        sampling.data = DataLoader(Stream(), batch_size=4)
     assert snapshot(model, pruner) == before
 
 

@@ -215,6 +215,7 @@ def test_error_table_names_existing_tests():
         "structured.md",
         "structured_removal.md",
         "transformers.md",
+        "layerwise.md",
     ],
 )
 def test_user_guide_python_examples_run(page, capsys):

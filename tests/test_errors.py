@@ -86,11 +86,8 @@ class _Stream(IterableDataset):
 def test_examples_needs_data_that_can_be_sampled():
     model = make_mlp()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    pruner = Pruner(
-        model, LinearModel(), LinearSchedule(0.5, 2), loss_fn=CE, data=[batch()], examples=5
-    )
     with pytest.raises(TypeError, match="examples=n needs data that can be sampled"):
-        pruner.step()
+        Pruner(model, LinearModel(), LinearSchedule(0.5, 2), loss_fn=CE, data=[batch()], examples=5)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     with pytest.raises(ValueError, match="examples=n needs data to draw from"):
         Pruner(make_mlp(), Magnitude(), LinearSchedule(0.5, 2), examples=5)

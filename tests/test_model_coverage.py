@@ -131,8 +131,8 @@ def test_parametrized_weights_are_refused_by_default_and_original_can_be_include
     model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 3)).double()
     parametrize.register_parametrization(model[0], "weight", Symmetric())
     batch = (torch.randn(10, 4, dtype=torch.float64), torch.randint(0, 3, (10,)))
-    pruner = Pruner(model, QuadraticModel(), LinearSchedule(0.5, 1), loss_fn=CE, data=batch)
-    assert list(pruner.params) == ["2.weight"]  # the parametrized weight is not a Parameter
+    with pytest.raises(ValueError, match=r"'0\.weight' is computed by a torch parametrization"):
+        Pruner(model, QuadraticModel(), LinearSchedule(0.5, 1), loss_fn=CE, data=batch)
     pruner = Pruner(
         model,
         QuadraticModel(),

@@ -1,5 +1,7 @@
 """N:M selection (``scope=NM(n, m)``): exact per-group counts, brute-force selection, refusals."""
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -20,7 +22,7 @@ from lossprune import (
     scores,
 )
 from lossprune.selection import ParameterLayout, parameter_layouts
-from lossprune.sparse import is_nm
+from lossprune.sparse import is_nm, nm_mask
 from tests import brute_force as bf
 from tests.hf_models import tiny_gpt2
 from tests.test_contract import raw
@@ -246,3 +248,20 @@ def test_compensation_with_nm_masks_matches_a_dense_solve_on_the_kept_weights(la
     expected = torch.zeros_like(theta)  # pruned now or before: exactly zero
     expected[k_mask] = theta[k_mask] + torch.linalg.solve(a, rhs)
     torch.testing.assert_close(bf.flatten(bf.weights(model)), expected, atol=1e-8, rtol=1e-6)
+
+
+@pytest.mark.parametrize("rows", [5, 2048])
+@pytest.mark.parametrize("m", [1, 2, 4, 8, 16])
+def test_nm_mask_is_a_stable_sort_of_each_group(m, rows):
+    """Many short groups are ranked by pairwise comparisons, the rest by a stable sort: both are
+    the stable ascending order (many ties, infinities and integers included)."""
+    generator = torch.Generator().manual_seed(m)
+    scores = torch.randint(0, 3, (rows, 4 * m), generator=generator).float()
+    scores[0, :m] = -math.inf
+    scores[1, :m] = math.inf
+    for n in range(1, m + 1):
+        for tensor in (scores, scores.long()):
+            grouped = tensor.reshape(rows, 4, m)
+            pruned = grouped.sort(dim=-1, stable=True).indices[..., : m - n]
+            expected = torch.ones_like(grouped, dtype=torch.bool).scatter_(-1, pruned, False)
+            assert torch.equal(nm_mask(tensor, n, m, dim=1), expected.reshape(rows, 4 * m))

@@ -33,6 +33,11 @@ NOTEBOOKS = {
         "group OBS + refit  test accuracy",
         "speed-up of the removed network",
     ],
+    "layerwise_pruning.ipynb": [
+        "ADMM           perplexity",
+        "weights whose mask differs with padding: 0",
+        "π = 16: layer error",
+    ],
     "pruning_transformers.ipynb": [
         "validation perplexity after pruning",
         "weight matrix of Conv1D (Hugging Face)",

@@ -51,10 +51,11 @@ def test_untied_language_model_head_stays_dense_unless_included():
     assert "lm_head.weight" in _names(model, include=[r".*_proj\.weight", "lm_head.weight"])
 
 
-def test_bert_classifier_prunes_its_head_but_no_embedding():
+def test_bert_classifier_keeps_its_head_pooler_and_embeddings_dense():
     names = _names(tiny_bert())
-    assert "classifier.weight" in names and "bert.pooler.dense.weight" in names
+    assert "classifier.weight" not in names and "bert.pooler.dense.weight" not in names
     assert not any("embeddings" in n for n in names)
+    assert len(names) == 2 * 6  # q, k, v, attention output, intermediate, output per layer
 
 
 def test_multihead_attention_input_projections_are_prunable():

@@ -146,7 +146,7 @@ def test_ambiguous_batches_name_what_was_expected():
     with pytest.raises(TypeError, match="mapping of model inputs with 'labels'"):
         to_batch((x, y, y))
     with pytest.raises(TypeError, match="'labels' of a mapping batch must be a tensor"):
-        to_batch({"input_ids": x, "labels": [0, 1]})
+        to_batch({"input_ids": x, "labels": 7})
     with pytest.raises(ValueError, match="model input 'mask' has 3 rows"):
         to_batch({"input_ids": x, "mask": x[:3], "labels": y})
     with pytest.raises(ValueError, match="loss_fn is needed for Sequential"):
@@ -176,7 +176,7 @@ def test_the_models_own_loss_is_the_one_it_computes(build):
 
 def test_model_loss_refuses_labels_it_cannot_score():
     with pytest.raises(ValueError, match="task must be"):
-        ModelLoss("regression")
+        ModelLoss("ranking")
     with pytest.raises(ValueError, match="needs integer labels"):
         to_batch({"input_ids": torch.ones(2, 3), "labels": torch.ones(2)}, ModelLoss("sequence"))
     with pytest.raises(TypeError, match="reads the logits"):

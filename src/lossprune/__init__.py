@@ -11,7 +11,7 @@ Unstructured Pruning" (arXiv:2006.12279)::
 
 from importlib.metadata import PackageNotFoundError, version
 
-from ._common.batches import ModelLoss
+from ._common.model_loss import ModelLoss
 from .criteria import (
     OBD,
     Criterion,

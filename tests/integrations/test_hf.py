@@ -68,9 +68,29 @@ def test_second_train_call_attaches_to_the_new_optimizer(tmp_path):
         assert (param.detach()[~pruner.masks[name]] == 0).all()
 
 
-def test_callback_needs_a_pruner():
-    with pytest.raises(TypeError, match="pruner must be a lossprune.Pruner"):
+def test_callback_needs_a_pruner_masks_or_a_mask_file(tmp_path):
+    with pytest.raises(TypeError, match="pruner must be a lossprune.Pruner, a dict of bool masks"):
         PruningCallback(object())  # type: ignore[arg-type]
+    with pytest.raises(FileNotFoundError, match="no mask file"):
+        PruningCallback(tmp_path)
+    masks = {"transformer.h.0.mlp.c_fc.weight": torch.ones(32, 128, dtype=torch.bool)}
+    with pytest.raises(ValueError, match="needs the Trainer's model"):
+        PruningCallback(masks).on_train_begin(None, None, None, optimizer=object())
+
+
+@pytest.mark.parametrize("form", ["directory", "dict"])
+def test_a_reloaded_model_fine_tunes_with_masks_from_a_file_or_a_dict(tmp_path, form):
+    model = tiny_gpt2()
+    pruner = Pruner(model, Magnitude(), LinearSchedule(0.5, 1), include=CONV1D_WEIGHTS)
+    pruner.run()
+    model.save_pretrained(tmp_path)
+    pruner.save_masks(tmp_path)
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path)
+    masks = tmp_path if form == "directory" else {k: m.clone() for k, m in pruner.masks.items()}
+    _trainer(reloaded, masks, tmp_path / "run").train()
+    params = dict(reloaded.named_parameters())
+    for name, mask in pruner.masks.items():
+        assert (params[name][~mask] == 0).all() and (params[name][mask] != 0).all(), name
 
 
 def test_callback_needs_the_trainers_optimizer():

@@ -64,7 +64,6 @@ class NaNScores(Criterion):
         ({"stages": 0}, ValueError, "stages must be >= 1"),
         ({"sparsity": None}, ValueError, "sparsity is needed"),
         ({"sparsity": 1.0}, ValueError, "sparsity must satisfy"),
-        ({"selection": "global"}, ValueError, "a global selection compares weights"),
         ({"selection": NM(2, 4), "sparsity": 0.6}, ValueError, "must be 1 - n/m"),
         ({"selection": Targets({r"nothing": 0.5})}, ValueError, "match no pruned parameter"),
         ({"data": None}, TypeError, "data must be calibration batches"),
@@ -251,8 +250,10 @@ def test_updates_are_validated():
 
 def test_a_mask_choosing_solver_replaces_the_criterion():
     model = mlp()
-    report = LayerwisePruner(model, None, 0.5, data=DATA, update=Solver()).run()
-    assert all(m.sparsity == 0.5 for m in report.matrices)
+    report = LayerwisePruner(model, None, 0.5, data=DATA, update=Solver(), selection="layerwise")
+    assert all(m.sparsity == 0.5 for m in report.run().matrices)
+    report = LayerwisePruner(mlp(), None, 0.5, data=DATA, update=Solver()).run()  # global
+    assert report.sparsity == pytest.approx(0.5, abs=1 / 128)
 
 
 def test_hugging_face_batches_with_labels_and_padding_run_in_half_precision():
@@ -319,3 +320,30 @@ def test_a_pattern_needs_a_selection_on_one_matrix():
 
     with pytest.raises(TypeError, match="Pattern: selection must be a Selection on one matrix"):
         Pattern(Targets({"x": 0.5}))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_model_on_the_cpu_is_pruned_block_by_block_on_the_gpu():
+    """The CPU model's blocks visit the GPU one at a time; the result is the CPU run's."""
+    on_cpu, on_gpu = tiny("llama", torch.float32), tiny("llama", torch.float32)
+    options = {"sparsity": 0.5, "data": batches(), "update": Refit()}
+    LayerwisePruner(on_cpu, Wanda(), **options).run()
+    pruner = LayerwisePruner(on_gpu, Wanda(), device="cuda", **options)
+    pruner.run()
+    for (name, a), b in zip(on_cpu.state_dict().items(), on_gpu.state_dict().values()):
+        assert b.device.type == "cpu", name  # moved back after its block
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-4, msg=name)
+
+
+def test_fused_experts_are_refused_with_the_way_out():
+    from tests.moe_models import tiny_moe, token_batch
+
+    model = tiny_moe("mixtral")
+    before = raw(model.state_dict())
+    with pytest.raises(TypeError, match=r"exclude=\[r'\.\*experts\.\*'\]"):
+        LayerwisePruner(model, Wanda(), 0.5, data=[token_batch()])
+    assert raw(model.state_dict()) == before
+    report = LayerwisePruner(model, Wanda(), 0.5, data=[token_batch()],
+                             exclude=r".*experts.*").run()  # fmt: skip
+    assert report.matrices and all("experts" not in m.name for m in report.matrices)

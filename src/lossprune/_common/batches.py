@@ -11,20 +11,21 @@ A batch reaches the library as
 tensor itself (the fast paths read it) or a :class:`ModelInputs` (positional and keyword
 arguments, and how to read the loss's input from the model's outputs).
 
-For models that follow the Hugging Face convention the loss may be omitted: :class:`ModelLoss`
-is the loss the model computes itself, written as "logits, shifted for a causal LM, then the
-standard cross-entropy with ``ignore_index=-100``", so that the closed forms of
-:mod:`lossprune.curvature.outputs` apply to it (never a (T·V)² output Hessian).
+For models that follow the Hugging Face convention the loss may be omitted: the model's own
+loss, :class:`~lossprune._common.model_loss.ModelLoss`, reads the logits from the outputs, aligns
+the labels with them and, for an encoder-decoder, builds the decoder inputs from the labels
+(:mod:`.model_loss`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
+
+from .model_loss import DECODER_INPUTS, ModelLoss, model_loss, model_loss_in, resolve_loss
 
 __all__ = [
     "Batch",
@@ -111,62 +112,6 @@ def batch_examples(batch: Batch) -> int:
     return len(batch.targets)
 
 
-@dataclass(frozen=True)
-class ModelLoss:
-    r"""The loss a Hugging Face model computes itself, as logits + standard cross-entropy.
-
-    ``task`` says how logits and labels line up:
-
-    * ``"causal_lm"`` (``*ForCausalLM``, ``*LMHeadModel``): position :math:`t` predicts label
-      :math:`t + 1`; logits ``[:, :-1]`` against labels ``[:, 1:]``;
-    * ``"tokens"`` (``*ForMaskedLM``, ``*ForTokenClassification``): one label per position;
-    * ``"sequence"`` (``*ForSequenceClassification`` with integer labels): one label per example.
-
-    The loss is the mean over the labels that are not ``-100`` (``ignore_index``), as in
-    ``transformers``; :meth:`read` moves the vocabulary to dim 1, PyTorch's class layout, so
-    the loss is exactly :func:`torch.nn.functional.cross_entropy` on ``(N, V, T)`` logits.
-    """
-
-    task: str
-    reduction: str = "mean"
-    ignore_index: int = -100
-
-    def __post_init__(self) -> None:
-        if self.task not in ("causal_lm", "tokens", "sequence"):
-            raise ValueError(f"task must be 'causal_lm', 'tokens' or 'sequence', got {self.task!r}")
-
-    def __call__(self, logits: Tensor, targets: Tensor) -> Tensor:
-        return nn.functional.cross_entropy(logits, targets, ignore_index=self.ignore_index)
-
-    def read(self, outputs: Any) -> Tensor:
-        """The logits of ``outputs`` (``.logits`` of a ``ModelOutput``), shifted, classes dim 1."""
-        logits = getattr(outputs, "logits", outputs)
-        if not isinstance(logits, Tensor):
-            raise TypeError(
-                "loss_fn=None reads the logits of the model's outputs (a tensor or an object "
-                f"with .logits), got {type(outputs).__name__}; pass loss_fn=..."
-            )
-        if self.task == "causal_lm":
-            logits = logits[:, :-1]
-        return logits.movedim(-1, 1) if logits.dim() > 2 else logits
-
-    def targets(self, labels: Tensor) -> Tensor:
-        """The labels the logits of :meth:`read` predict."""
-        if labels.is_floating_point():
-            raise ValueError(
-                "loss_fn=None computes the model's cross-entropy, which needs integer labels, got "
-                f"{labels.dtype} labels (regression or multi-label): pass loss_fn=..."
-            )
-        return labels[:, 1:] if self.task == "causal_lm" else labels
-
-
-_TASKS = (
-    (("ForCausalLM", "LMHeadModel"), "causal_lm"),
-    (("ForMaskedLM", "ForTokenClassification"), "tokens"),
-    (("ForSequenceClassification",), "sequence"),
-)
-
-
 def counted_positions(kwargs: Mapping[str, Any], labels: Tensor | None) -> Tensor | None:
     r"""Which positions of a batch of sequences count in input statistics (``None``: all).
 
@@ -211,45 +156,6 @@ def counted_positions(kwargs: Mapping[str, Any], labels: Tensor | None) -> Tenso
     return counted
 
 
-def model_loss(model: nn.Module) -> ModelLoss | None:
-    """The :class:`ModelLoss` of a Hugging Face model, by its class name; ``None`` otherwise."""
-    name = type(model).__name__
-    if getattr(model, "config", None) is None:
-        return None
-    for suffixes, task in _TASKS:
-        if name.endswith(suffixes):
-            return ModelLoss(task)
-    return None
-
-
-def resolve_loss(model: nn.Module, loss_fn: Any) -> Any:
-    """``loss_fn``, or when it is ``None`` the model's own loss (:func:`model_loss`).
-
-    Raises:
-        ValueError: ``loss_fn`` is ``None`` and the model follows no known convention.
-    """
-    if loss_fn is not None:
-        return loss_fn
-    loss = model_loss(model)
-    if loss is None:
-        raise ValueError(
-            f"loss_fn is needed for {type(model).__name__}: only Hugging Face models "
-            "(*ForCausalLM, *LMHeadModel, *ForMaskedLM, *ForTokenClassification, "
-            "*ForSequenceClassification) computing their loss from labels may omit it"
-        )
-    return loss
-
-
-def model_loss_in(loss_fn: Any) -> ModelLoss | None:
-    """The :class:`ModelLoss` that ``loss_fn`` is or wraps, else ``None``.
-
-    A wrapper keeps the loss it wraps in ``.loss_fn``, as GraSP's tempered loss does.
-    """
-    while loss_fn is not None and not isinstance(loss_fn, ModelLoss):
-        loss_fn = getattr(loss_fn, "loss_fn", None)
-    return loss_fn
-
-
 def is_batch(data: Any) -> bool:
     """One batch (a mapping, or ``(inputs, targets)`` with tensor targets), not many."""
     if isinstance(data, Mapping):
@@ -286,6 +192,7 @@ def to_batch(raw: Any, loss_fn: Any = None, device: torch.device | None = None) 
     if isinstance(raw, Batch):  # already converted (the per-batch functions inside a loop)
         return raw if device is None else Batch(raw.inputs.to(device), raw.targets.to(device))
     if isinstance(raw, Mapping):
+        _check_no_lists(raw)
         if LABELS not in raw:
             raise ValueError(
                 "a mapping batch needs a 'labels' entry (the targets the loss compares the "
@@ -294,6 +201,11 @@ def to_batch(raw: Any, loss_fn: Any = None, device: torch.device | None = None) 
         targets = raw[LABELS]
         if not isinstance(targets, Tensor):
             raise TypeError(f"the 'labels' of a mapping batch must be a tensor, got {targets!r}")
+        if targets.dim() == 0:
+            raise ValueError(
+                "the 'labels' of a mapping batch are one number: this is one example (a row), "
+                "not a batch; batch the rows, e.g. DataLoader(rows, batch_size=8)"
+            )
         inputs: Tensor | ModelInputs = ModelInputs(
             (), {str(k): v for k, v in raw.items() if k != LABELS}, labels=targets
         )
@@ -313,12 +225,36 @@ def to_batch(raw: Any, loss_fn: Any = None, device: torch.device | None = None) 
     if own is not None:
         if isinstance(inputs, Tensor):
             inputs = ModelInputs((inputs,))
-        inputs = ModelInputs(inputs.args, inputs.kwargs, own.read, inputs.labels)
+        kwargs = inputs.kwargs
+        if own.task == "seq2seq" and not any(k in kwargs for k in DECODER_INPUTS):
+            # What the encoder-decoder does with labels and no decoder inputs (model_loss).
+            kwargs = {**kwargs, "decoder_input_ids": own.decoder_inputs(targets)}
+        # An encoder-decoder's labels are the decoder's positions, not the inputs' own.
+        labels = None if own.task == "seq2seq" else inputs.labels
+        inputs = ModelInputs(inputs.args, kwargs, own.read, labels)
         targets = own.targets(targets)
     _check_lengths(inputs, targets)
     if device is not None:
         inputs, targets = inputs.to(device), targets.to(device)
     return Batch(inputs, targets)
+
+
+def _check_no_lists(raw: Mapping[Any, Any]) -> None:
+    """A mapping of lists of numbers is a tokenizer's output that was never made into tensors.
+
+    (A list of tensors, e.g. images of several sizes, is a model input like any other.)
+    """
+    lists = [
+        str(k)
+        for k, v in raw.items()
+        if isinstance(v, list) and (not v or isinstance(v[0], (int, float, list)))
+    ]
+    if lists:
+        raise TypeError(
+            f"the mapping batch holds Python lists under {lists} (a tokenizer's output without "
+            "return_tensors='pt'?): call the tokenizer with padding=True, return_tensors='pt', "
+            "or batch the rows with a DataLoader and a collator (DataCollatorWithPadding)"
+        )
 
 
 def _describe(raw: Any) -> str:

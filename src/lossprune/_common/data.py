@@ -11,7 +11,15 @@ from torch.utils.data import BatchSampler, DataLoader, IterableDataset, Subset
 
 from .batches import Batch, batch_examples, is_batch, to_batch
 
-__all__ = ["Batch", "is_single_batch", "iter_batches", "random_subset", "first_batch"]
+__all__ = [
+    "Batch",
+    "is_single_batch",
+    "iter_batches",
+    "random_subset",
+    "check_can_sample",
+    "first_batch",
+    "first_raw_batch",
+]
 
 _FORMS = "a batch ((inputs, targets) or a mapping with 'labels') or an iterable of batches"
 
@@ -78,14 +86,30 @@ def random_subset(data: Any, examples: int, generator: torch.Generator) -> Any:
         TypeError: for other iterables, which cannot be sampled without reading them whole.
         ValueError: when ``examples`` exceeds the number of examples available.
     """
+    check_can_sample(data)
     if is_single_batch(data):
         return _batch_subset(data, examples, generator)
-    if isinstance(data, DataLoader):
-        return _loader_subset(data, examples, generator)
-    raise TypeError(
-        "examples=n needs data that can be sampled: an (inputs, targets) tuple or a DataLoader "
-        f"over a sized dataset, got {type(data).__name__}"
-    )
+    return _loader_subset(data, examples, generator)
+
+
+def check_can_sample(data: Any) -> None:
+    """``data`` is one batch or a DataLoader over a map-style dataset (rows to draw from).
+
+    Raises:
+        TypeError: any other data (an IterableDataset has no rows to index).
+    """
+    if is_single_batch(data):
+        return
+    if not isinstance(data, DataLoader):
+        raise TypeError(
+            "examples=n needs data that can be sampled: an (inputs, targets) tuple or a "
+            f"DataLoader over a sized dataset, got {type(data).__name__}"
+        )
+    if isinstance(data.dataset, IterableDataset):
+        raise TypeError(
+            "examples=n cannot draw from a DataLoader over an IterableDataset (it has no rows to "
+            "index); pass a map-style dataset or draw the subset yourself"
+        )
 
 
 def _loader_subset(loader: DataLoader, examples: int, generator: torch.Generator) -> DataLoader:
@@ -96,11 +120,6 @@ def _loader_subset(loader: DataLoader, examples: int, generator: torch.Generator
     batching (``batch_size=b`` or ``batch_sampler=``) and ``batch_size=None`` with a
     :class:`~torch.utils.data.BatchSampler` as sampler (the dataset indexed by lists of rows).
     """
-    if isinstance(loader.dataset, IterableDataset):
-        raise TypeError(
-            "examples=n cannot draw from a DataLoader over an IterableDataset (it has no rows to "
-            "index); pass a map-style dataset or draw the subset yourself"
-        )
     batched_by_dataset = loader.batch_sampler is None and isinstance(loader.sampler, BatchSampler)
     rows = sorted(set(_sampled_rows(loader.batch_sampler or loader.sampler)))
     _check_size(examples, len(rows))
@@ -172,3 +191,16 @@ def _batch_subset(data: Any, examples: int, generator: torch.Generator) -> Any:
 def first_batch(data: Any, loss_fn: Any = None) -> Batch:
     """The first batch of ``data`` (SynFlow needs only its input shapes)."""
     return next(iter_batches(data, loss_fn=loss_fn))
+
+
+def first_raw_batch(data: Any) -> Any:
+    """The first batch of ``data`` that holds an example, as the user wrote it.
+
+    Raises:
+        ValueError: when ``data`` holds no example.
+    """
+    check_data(data)
+    for raw in (data,) if is_single_batch(data) else data:
+        if batch_examples(to_batch(raw)):
+            return raw
+    raise ValueError("data is empty: no batch holds an example")

@@ -24,13 +24,17 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_map
 
 from .batches import ModelInputs
 
 __all__ = [
     "FunctionalModel",
+    "at_least_float32",
     "check_deterministic",
     "math_attention",
+    "no_random_draws",
     "statistics_dtype",
 ]
 
@@ -143,6 +147,100 @@ def check_deterministic(model: nn.Module) -> None:
                 "at random, so the scores would be random. Call model.eval() before scoring "
                 "(or pass eval_mode=True to Pruner)."
             )
+
+
+class _RandomDraws(TorchDispatchMode):
+    """Records the operators that draw from a random generator, and the module running each.
+
+    Every ATen operator that consumes random numbers carries ``torch.Tag.nondeterministic_seeded``
+    (``bernoulli_`` behind every dropout, ``rand``, ``randn_like``, the fused attention kernels);
+    one told to draw nothing (``dropout_p=0``, ``train=False``) is not counted.
+    """
+
+    def __init__(self, where: Callable[[], str]) -> None:
+        super().__init__()
+        self.where = where
+        self.draws: list[tuple[str, str]] = []
+
+    def __torch_dispatch__(
+        self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None
+    ) -> Any:
+        kwargs = kwargs or {}
+        if torch.Tag.nondeterministic_seeded in func.tags and _draws(func, args, kwargs):
+            self.draws.append((str(func), self.where()))
+        return func(*args, **kwargs)
+
+
+def _draws(func: Any, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> bool:
+    for index, argument in enumerate(func._schema.arguments):
+        default = argument.default_value if argument.has_default_value() else None
+        value = args[index] if index < len(args) else kwargs.get(argument.name, default)
+        if (argument.name == "dropout_p" and value == 0) or (
+            argument.name == "train" and value is False
+        ):
+            return False
+    return True
+
+
+@contextmanager
+def no_random_draws(model: nn.Module) -> Iterator[None]:
+    """Run a forward pass of ``model`` inside; raise if it drew random numbers.
+
+    :func:`check_deterministic` sees dropout modules; this sees every random draw, also dropout
+    written as a function call (``nn.functional.dropout(x, p, training=self.training)``, the
+    ``dropout_p`` of attention, as in OPT or Llama with ``attention_dropout``), by watching the
+    operators the pass runs.
+
+    Raises:
+        ValueError: naming the innermost module that drew, after the block.
+    """
+    running: list[str] = []  # the modules whose forward is running, innermost last
+
+    def enter(name: str) -> Callable[..., None]:
+        return lambda *_: running.append(name)
+
+    def leave(*_: Any) -> None:  # returns None: the module's output is kept
+        running.pop()
+
+    handles = []
+    for name, module in model.named_modules():
+        handles.append(module.register_forward_pre_hook(enter(name)))
+        handles.append(module.register_forward_hook(leave, always_call=True))
+    recorder = _RandomDraws(lambda: running[-1] if running else "")
+    try:
+        with recorder:
+            yield
+    finally:
+        for handle in handles:
+            handle.remove()
+    if recorder.draws:
+        op, name = recorder.draws[0]
+        where = f"module {name!r} ({type(model.get_submodule(name)).__name__})" if name else "it"
+        fix = (
+            "Call model.eval() before scoring (or pass eval_mode=True to Pruner)"
+            if any(m.training for m in model.modules())
+            else "Make its forward pass deterministic"
+        )
+        raise ValueError(
+            f"the model's forward pass draws random numbers ({op} in {where}, e.g. dropout "
+            "written as nn.functional.dropout(..., training=self.training) or attention "
+            f"dropout), so the scores would be random. {fix}."
+        )
+
+
+def at_least_float32(outputs: Any) -> Any:
+    """Every floating-point tensor of ``outputs`` (a tensor or a pytree) in float32 or better.
+
+    A loss of half-precision outputs is then computed with float32 arithmetic: a bfloat16 mean
+    of thousands of token losses keeps about two significant digits.
+    """
+
+    def promote(leaf: Any) -> Any:
+        if isinstance(leaf, Tensor) and leaf.is_floating_point():
+            return leaf.to(torch.promote_types(leaf.dtype, torch.float32))
+        return leaf
+
+    return tree_map(promote, outputs)
 
 
 def statistics_dtype(params: Mapping[str, Tensor]) -> torch.dtype:

@@ -14,6 +14,7 @@ from torch.utils._pytree import tree_leaves
 from .._common.batches import ModelInputs
 from .._common.checks import is_int
 from .._common.data import first_batch
+from .._common.functional import check_deterministic, no_random_draws
 from .base import Criterion, ScoringContext
 
 __all__ = ["SynFlow"]
@@ -35,12 +36,15 @@ class SynFlow(Criterion):
     dtype: cast back to float32 they overflow for deep networks (a ResNet-50 at initialisation).
     A model with several outputs (a tuple, a dict) has :math:`R` summed over all their
     floating-point entries. No data is read except, when ``input_shape`` is not given, the
-    shape of the first batch of inputs. The paper prunes with about 100 exponential stages.
+    shapes of the first batch's inputs: every floating-point input, positional or keyword, is
+    replaced by ones shaped like one example. The paper prunes with about 100 exponential
+    stages.
 
     A token model (integer inputs, e.g. a language model) has no all-ones input: the flow runs
     through the embedding output instead, ``model(inputs_embeds=1)`` with ones of shape
     ``(1, T, d)``, for models that accept ``inputs_embeds`` and name their input embedding
-    (``get_input_embeddings()``, every Hugging Face model); other token models raise.
+    (``get_input_embeddings()``, every Hugging Face model); other token models raise. Integer
+    keyword inputs (attention masks, token types) are left out: the model's defaults apply.
 
     Args:
         input_shape: shape of one input example, e.g. ``(3, 32, 32)``: a sequence of positive
@@ -74,8 +78,10 @@ class SynFlow(Criterion):
             k: p.detach().to(self.dtype).abs().requires_grad_(True)
             for k, p in context.params.items()
         }
+        check_deterministic(model)
         with torch.enable_grad():
-            outputs = functional_call(model, {**fixed, **leaves}, call.args, call.kwargs)
+            with no_random_draws(model):
+                outputs = functional_call(model, {**fixed, **leaves}, call.args, call.kwargs)
             flow = _total(outputs)
             grads = torch.autograd.grad(flow, list(leaves.values()), allow_unused=True)
         return {
@@ -91,27 +97,55 @@ def _ones_input(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
 def _flow_input(
     model: torch.nn.Module, inputs: Tensor | ModelInputs, dtype: torch.dtype, device: torch.device
 ) -> ModelInputs:
-    """All ones shaped like one example of ``inputs``, or, for token ids, like its embeddings.
+    """All ones shaped like one example of every floating-point input of ``inputs``.
+
+    Positional and keyword inputs keep their places (a model of two inputs gets two). Token ids
+    (``input_ids``, or an integer first input) are replaced by ones shaped like their embeddings,
+    passed as ``inputs_embeds``. Other integer keyword inputs (attention masks, token types) are
+    left out, so that the model's defaults apply and the flow does not depend on the data; other
+    integer positional inputs, which cannot be left out, are the first example's own.
 
     Raises:
         TypeError: token inputs and a model with no input embedding to feed ones to.
     """
-    first = inputs if isinstance(inputs, Tensor) else inputs.tensors()[0]
-    if isinstance(inputs, ModelInputs) and "input_ids" in inputs.kwargs:
-        first = inputs.kwargs["input_ids"]
-    if first.is_floating_point():
-        return _ones_input(tuple(first.shape[1:]), dtype, device)
+    if isinstance(inputs, Tensor):
+        inputs = ModelInputs((inputs,))
+
+    def one(value: Any) -> Any:
+        if not isinstance(value, Tensor):
+            return value
+        if value.is_floating_point():
+            return torch.ones((1, *value.shape[1:]), dtype=dtype, device=device)
+        return value[:1].to(device)
+
+    args = [one(a) for a in inputs.args]
+    kwargs = {
+        k: one(v)
+        for k, v in inputs.kwargs.items()
+        if k == "input_ids" or not isinstance(v, Tensor) or v.is_floating_point()
+    }
+    ids = kwargs.pop("input_ids", None)
+    if ids is None and args and isinstance(args[0], Tensor) and not args[0].is_floating_point():
+        ids = args.pop(0)  # token ids as the first positional input
+    if ids is not None:
+        kwargs["inputs_embeds"] = _ones_embeddings(model, ids, dtype, device)
+    return ModelInputs(tuple(args), kwargs)
+
+
+def _ones_embeddings(
+    model: torch.nn.Module, ids: Tensor, dtype: torch.dtype, device: torch.device
+) -> Tensor:
+    """Ones shaped like the embeddings of one example's token ids."""
     get_embeddings = getattr(model, "get_input_embeddings", None)
     embedding = get_embeddings() if callable(get_embeddings) else None
     if not isinstance(embedding, torch.nn.Embedding):
         raise TypeError(
-            f"SynFlow feeds an all-ones input, but this model reads {first.dtype} token ids, "
+            f"SynFlow feeds an all-ones input, but this model reads {ids.dtype} token ids, "
             "which cannot be all ones in a meaningful way; SynFlow runs through the embedding "
             "output only for models with get_input_embeddings() that accept inputs_embeds "
             "(Hugging Face models). Pass input_shape=... for a model with float inputs"
         )
-    ones = torch.ones((1, *first.shape[1:], embedding.embedding_dim), dtype=dtype, device=device)
-    return ModelInputs((), {"inputs_embeds": ones})
+    return torch.ones((1, *ids.shape[1:], embedding.embedding_dim), dtype=dtype, device=device)
 
 
 def _check_input_shape(shape: object) -> tuple[int, ...]:

@@ -46,8 +46,10 @@ class Wanda(Criterion):
     duplicating the data changes nothing, not even ``Wanda() + 0.5 * QuadraticModel()``, which
     reads the data once. Like every criterion with statistics it needs ``data`` and ``loss_fn``
     (the loss says which examples count). Supported: the weights of ``nn.Linear``,
-    ``nn.Conv1d``, ``nn.Conv2d`` (flattened in·kh·kw patches) and Hugging Face's ``Conv1D``;
-    other parameters are refused with a ``TypeError``.
+    ``nn.Conv1d``, ``nn.Conv2d`` (flattened in·kh·kw patches), Hugging Face's ``Conv1D`` and
+    its fused MoE experts (each expert's matrix from the tokens routed to it, a mean per
+    expert: :mod:`lossprune.curvature.expert_inputs`); other parameters are refused with a
+    ``TypeError``.
 
     Example:
         >>> import torch

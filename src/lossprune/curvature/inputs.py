@@ -34,6 +34,9 @@ Which rows of a module's input are the counted positions: an input shaped ``(N, 
 row per position, ``(N·T, in)`` the same flattened, ``(N, in)`` one row per example (counted
 when any of its positions counts). Any other layout (the tokens routed to one expert of a
 mixture of experts, a convolution over a sequence) is supported only when every position counts.
+The fused experts of a Hugging Face mixture of experts (one ``(experts, out, in)`` parameter) are
+read by :mod:`.expert_inputs`: each expert's matrix from the tokens routed to it, a mean per
+expert (an expert no counted token reached has 0).
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ from torch import Tensor, nn
 
 from .._common.distributed import all_reduce_sum
 from .._common.linear_maps import is_hf_conv1d
+from .expert_inputs import expert_input_sums, is_expert_matrix
 
 __all__ = ["InputMoments", "InputStatistics"]
 
@@ -223,8 +227,28 @@ class InputStatistics:
         self._rows: dict[str, Tensor] = {}
         self._seen: set[str] = set()
         self._dtype = dtype
+        # Fused MoE experts: one matrix per expert, fed by its routed tokens (.expert_inputs);
+        # experts module -> its attributes, and per expert matrix the tokens each expert saw.
+        self._experts: dict[nn.Module, tuple[str, list[str]]] = {}
+        self._expert_rows: dict[str, Tensor] = {}
         for name in names:
             weight = model.get_parameter(name)
+            if is_expert_matrix(model, name):
+                if gram:
+                    raise TypeError(
+                        f"input statistics: no Gram matrix for the fused experts {name!r} "
+                        "(each expert's inputs are its routed tokens); exclude them"
+                    )
+                module_name, _, attribute = name.rpartition(".")
+                module = model.get_submodule(module_name)
+                prefix = f"{module_name}." if module_name else ""
+                self._experts.setdefault(module, (prefix, []))[1].append(attribute)
+                device = weight.device if weight.device.type != "meta" else torch.device("cpu")
+                experts = weight.shape[0]
+                self._sums[name] = torch.zeros(0, dtype=dtype, device=device)  # set on first add
+                self._expert_rows[name] = torch.zeros(experts, dtype=torch.float64, device=device)
+                self._rows[name] = torch.zeros((), dtype=torch.float64, device=device)
+                continue
             uses = []
             for module_name, module, attribute in _users(model, name):
                 rule = _rule(module, attribute)
@@ -277,6 +301,20 @@ class InputStatistics:
                     self._add(name, module, rule, args[0], counted)
 
                 handles.append(module.register_forward_pre_hook(hook))
+        for module, (prefix, attributes) in self._experts.items():
+
+            def experts_hook(
+                module: nn.Module,
+                args: tuple,
+                kwargs: dict,
+                prefix: str = prefix,
+                attributes: list[str] = attributes,
+            ) -> None:
+                found = expert_input_sums(module, args, kwargs, attributes, self._dtype, counted)
+                for attribute, value in found.items():
+                    self._add_experts(prefix + attribute, value.sq_sums, value.rows)
+
+            handles.append(module.register_forward_pre_hook(experts_hook, with_kwargs=True))
         try:
             with torch.no_grad():
                 yield
@@ -298,6 +336,14 @@ class InputStatistics:
         if name in self._grams and rows is not None:
             self._grams[name].addmm_(rows.T, rows)
             self._firsts[name].add_(rows.sum(0))
+        self._seen.add(name)
+
+    def _add_experts(self, name: str, sq_sums: Tensor, rows: Tensor) -> None:
+        if self._sums[name].numel() == 0:  # the broadcast shape is known from the first call
+            self._sums[name] = torch.zeros_like(sq_sums, dtype=self._dtype)
+        self._sums[name] = self._sums[name].to(sq_sums.device).add_(sq_sums)
+        self._expert_rows[name] = self._expert_rows[name].to(rows.device).add_(rows)
+        self._rows[name] = self._rows[name].to(rows.device).add_(rows.sum())
         self._seen.add(name)
 
     def _move(self, name: str, device: torch.device) -> None:
@@ -322,7 +368,7 @@ class InputStatistics:
                 "forward (e.g. nn.MultiheadAttention applies out_proj functionally), so their "
                 "inputs are unknown"
             )
-        all_reduce_sum(self._sums, self._rows, self._grams, self._firsts)
+        all_reduce_sum(self._sums, self._rows, self._grams, self._firsts, self._expert_rows)
         result = {}
         for name, total in self._sums.items():
             rows = round(float(self._rows[name]))
@@ -331,6 +377,10 @@ class InputStatistics:
                     f"input statistics: no input of {name!r} is at a counted position (every "
                     "position is padding or has the label -100)"
                 )
+            if name in self._expert_rows:  # a mean per expert (0 for an expert no token reached)
+                per_expert = self._expert_rows[name].clamp(min=1).to(total.dtype)
+                result[name] = InputMoments(total / per_expert.reshape(-1, 1, 1), None, rows)
+                continue
             gram = self._grams[name] / rows if name in self._grams else None
             mean = self._firsts[name] / rows if name in self._firsts else None
             result[name] = InputMoments(total / rows, gram, rows, mean)

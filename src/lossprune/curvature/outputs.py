@@ -50,7 +50,7 @@ from torch import Tensor, nn
 from torch.func import grad_and_value, hessian, vjp, vmap
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from .._common.batches import ModelLoss
+from .._common.model_loss import ModelLoss
 from .errors import NonFiniteError
 
 __all__ = [
@@ -59,6 +59,7 @@ __all__ = [
     "SoftmaxCrossEntropy",
     "check_mean_over_examples",
     "check_reduction",
+    "check_scalar_loss",
     "check_tensor_outputs",
     "flatten_example",
     "flatten_examples",
@@ -94,7 +95,9 @@ def _family(loss_fn: object) -> str:
 
     Exact types only: a subclass may override ``forward``.
     """
-    if loss_fn in _CROSS_ENTROPY or type(loss_fn) in (nn.CrossEntropyLoss, ModelLoss):
+    if type(loss_fn) is ModelLoss:  # a Hugging Face model's own loss: its task's form
+        return {"regression": "mse", "multi_label": "generic"}.get(loss_fn.task, "ce")
+    if loss_fn in _CROSS_ENTROPY or type(loss_fn) is nn.CrossEntropyLoss:
         return "ce"
     if loss_fn in _NLL or type(loss_fn) is nn.NLLLoss:
         return "nll"
@@ -504,6 +507,24 @@ def check_mean_over_examples(
     except (RuntimeError, NotImplementedError):
         return  # the loss does not run on batches of one under vmap: cannot be checked
     _check_mean_of_per_example(loss_fn(outputs, targets), per_example)
+
+
+@torch.no_grad()
+def check_scalar_loss(loss_fn: LossFn, outputs: Any, targets: Tensor) -> None:
+    """``loss_fn`` returns one number for a batch (losses with a closed form say so themselves).
+
+    Raises:
+        ValueError: a plain function that returns one loss per example (``reduction='none'``).
+    """
+    if _family(_wrapped(loss_fn)) != "generic":
+        return
+    loss = loss_fn(outputs, targets)
+    if not (isinstance(loss, Tensor) and loss.dim() == 0):
+        got = f"shape {tuple(loss.shape)}" if isinstance(loss, Tensor) else type(loss).__name__
+        raise ValueError(
+            f"loss_fn returned {got}, not one number for the batch: return the batch mean "
+            "(reduction='mean', or .mean() of the per-example losses)"
+        )
 
 
 def check_tensor_outputs(loss_fn: LossFn, outputs_of: Callable[[], Any]) -> None:

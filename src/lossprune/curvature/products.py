@@ -24,11 +24,19 @@ from torch import Tensor, nn
 from torch.func import grad_and_value, jvp, vjp, vmap
 from torch.utils._pytree import tree_map
 
-from .._common.batches import Batch, resolve_loss, to_batch
+from .._common.batches import Batch
 from .._common.functional import FunctionalModel, check_deterministic
+from .._common.model_loss import resolve_loss
+from .._common.probe import probe_first_batch
 from .chain import Chain, find_chain, run_chain
 from .layers import NotAChain
-from .outputs import LossFn, check_reduction, loss_and_output_grad, output_curvature
+from .outputs import (
+    LossFn,
+    check_reduction,
+    check_scalar_loss,
+    loss_and_output_grad,
+    output_curvature,
+)
 
 __all__ = [
     "Backend",
@@ -120,12 +128,18 @@ def check_inputs(model: nn.Module, loss_fn: object) -> None:
 def prepare(model: nn.Module, loss_fn: LossFn | None, batch: Any) -> tuple[LossFn, Batch]:
     """The loss and the batch in the library's form, checked (:func:`check_inputs`).
 
-    ``None`` is the model's own loss (:func:`~lossprune._common.batches.resolve_loss`); the batch
-    takes the form of :func:`~lossprune._common.batches.to_batch`.
+    ``None`` is the model's own loss (:func:`~lossprune._common.model_loss.resolve_loss`); the
+    batch takes the form of :func:`~lossprune._common.batches.to_batch`. A batch as the user wrote
+    it (not yet a :class:`~lossprune._common.batches.Batch`) is first run through the model once
+    (:func:`~lossprune._common.probe.probe_first_batch`: no random draw, the model's own loss).
     """
     loss = resolve_loss(model, loss_fn)
     check_inputs(model, loss)
-    return loss, to_batch(batch, loss)
+    if isinstance(batch, Batch):  # converted and probed by the caller's loop
+        return loss, batch
+    probe = probe_first_batch(model, loss, batch)
+    check_scalar_loss(loss, probe.outputs, probe.batch.targets)
+    return loss, probe.batch
 
 
 def loss_and_grad(

@@ -24,15 +24,23 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .._common.batches import ModelInputs, counted_positions, resolve_loss
+from .._common.batches import ModelInputs, counted_positions
 from .._common.checks import check_positive_int
 from .._common.data import is_single_batch, iter_batches
 from .._common.distributed import all_reduce_floats, all_reduce_sum
 from .._common.functional import FunctionalModel, statistics_dtype
+from .._common.model_loss import CROSS_ENTROPY_TASKS, model_loss_in, resolve_loss
+from .._common.probe import probe_first_batch
 from .diagonals import fisher_diag, fisher_diag_mc, hutchinson, warn_exact_fisher_cost
 from .errors import check_finite
 from .inputs import InputStatistics
-from .outputs import LossFn, check_mean_over_examples, check_tensor_outputs, loss_normaliser
+from .outputs import (
+    LossFn,
+    check_mean_over_examples,
+    check_scalar_loss,
+    check_tensor_outputs,
+    loss_normaliser,
+)
 from .products import check_inputs, hvp, loss_and_grad
 
 __all__ = ["DatasetMean", "Statistic", "Statistics", "compute_statistics", "dataset_mean"]
@@ -241,7 +249,11 @@ def compute_statistics(
     device = next(iter(params.values())).device
     dtype = statistics_dtype(params)
 
+    own = model_loss_in(loss_fn)
+
     def batch_values(batch: tuple[Any, Tensor]) -> Values:
+        if own is not None and own.task in CROSS_ENTROPY_TASKS:  # every batch's labels, too
+            own.check_label_range(batch[1], first_outputs.shape[1])
         values: Values = {}
         loss = grads = None
         for request in first_pass:
@@ -270,15 +282,12 @@ def compute_statistics(
         values["loss"], values["grad"] = loss, grads
         return values
 
-    first = next(iter_batches(data, device, loss_fn))
-
-    @torch.no_grad()
-    def first_outputs() -> Any:
-        return FunctionalModel(model, params)(params, first.inputs)
-
+    # One forward pass of the first batch: no random draw, the model's own loss checked.
+    first, first_outputs = probe_first_batch(model, loss_fn, data, device)
     if not isinstance(first.inputs, Tensor):  # keyword inputs: a model that may return a pytree
-        check_tensor_outputs(loss_fn, first_outputs)
-    check_mean_over_examples(loss_fn, lambda: (first_outputs(), first.targets))
+        check_tensor_outputs(loss_fn, lambda: first_outputs)
+    check_scalar_loss(loss_fn, first_outputs, first.targets)
+    check_mean_over_examples(loss_fn, lambda: (first_outputs, first.targets))
     if any(r.kind == "fisher" for r in first_pass):
         warn_exact_fisher_cost(model, params, first)
     inputs = None

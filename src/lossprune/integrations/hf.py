@@ -8,8 +8,15 @@ Usage::
                       callbacks=[PruningCallback(pruner)])
     trainer.train()      # pruned weights stay exactly zero (AdamW, clipping, schedulers, bf16)
 
-The callback calls :meth:`lossprune.Pruner.attach` on the optimizer the ``Trainer`` built (which
-``accelerate`` wraps; ``attach`` unwraps it), when training begins, and removes its hooks when
+or, in another process, from what ``save_pretrained`` and :meth:`lossprune.Pruner.save_masks`
+wrote::
+
+    model = AutoModelForCausalLM.from_pretrained("pruned/")
+    trainer = Trainer(model=model, ..., callbacks=[PruningCallback("pruned/")])
+
+The callback attaches :func:`lossprune.selection.keep_pruned_at_zero` (through
+:meth:`lossprune.Pruner.attach` for a pruner) to the optimizer the ``Trainer`` built (which
+``accelerate`` wraps; it is unwrapped), when training begins, and removes its hooks when
 training ends, so a second ``trainer.train()`` attaches to the new optimizer and no hook outlives
 the run. Gradients of pruned weights are replaced by zeros as they are computed (before
 gradient clipping measures the norm), and the weights are set back to zero after every optimizer
@@ -18,30 +25,44 @@ step (weight decay and Adam's moments cannot move them).
 
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping
 from typing import Any
 
+from torch import Tensor
 from transformers import TrainerCallback
 
 from ..pruning import Pruner
-from ..selection import MaskHandle
+from ..selection import MaskHandle, keep_pruned_at_zero, load_masks
 
 __all__ = ["PruningCallback"]
 
 
 class PruningCallback(TrainerCallback):
-    """Keeps ``pruner``'s pruned weights exactly zero during ``Trainer.train()``.
+    """Keeps the pruned weights exactly zero during ``Trainer.train()``.
 
     Args:
-        pruner: the :class:`~lossprune.Pruner` whose masks to keep; its current masks are read
-            at every step, so stages run between two ``train()`` calls are covered too.
+        pruner: what to keep: a :class:`~lossprune.Pruner` (its current masks are read at every
+            step, so stages run between two ``train()`` calls are covered too), a dict of
+            ``bool`` masks by parameter name, or a mask file / the directory holding one
+            (:func:`lossprune.selection.save_masks`, read now). Masks are matched to the
+            ``Trainer``'s model when training begins.
 
     Raises:
-        TypeError: ``pruner`` is not a :class:`~lossprune.Pruner`.
+        TypeError: ``pruner`` is none of these.
+        FileNotFoundError, ValueError: a path with no mask file, or not a mask file.
     """
 
-    def __init__(self, pruner: Pruner) -> None:
-        if not isinstance(pruner, Pruner):
-            raise TypeError(f"pruner must be a lossprune.Pruner, got {type(pruner).__name__}")
+    def __init__(self, pruner: Pruner | Mapping[str, Tensor] | str | os.PathLike) -> None:
+        if isinstance(pruner, str | os.PathLike):
+            pruner = load_masks(pruner)
+        elif isinstance(pruner, Mapping):
+            pruner = dict(pruner)
+        elif not isinstance(pruner, Pruner):
+            raise TypeError(
+                "pruner must be a lossprune.Pruner, a dict of bool masks or a mask file, got "
+                f"{type(pruner).__name__}"
+            )
         self.pruner = pruner
         self._handle: MaskHandle | None = None
 
@@ -53,7 +74,15 @@ class PruningCallback(TrainerCallback):
                 "PruningCallback needs the Trainer's optimizer at on_train_begin, got None"
             )
         self._detach()
-        self._handle = self.pruner.attach(optimizer)
+        if isinstance(self.pruner, Pruner):
+            self._handle = self.pruner.attach(optimizer)
+            return
+        model = kwargs.get("model")
+        if model is None:
+            raise ValueError(
+                "PruningCallback needs the Trainer's model at on_train_begin, got None"
+            )
+        self._handle = keep_pruned_at_zero(optimizer, model, self.pruner)
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         """Remove the hooks (the weights stay pruned)."""

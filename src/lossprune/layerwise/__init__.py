@@ -9,12 +9,14 @@ Modules, one job each:
   models block by block; accelerate's CPU and disk offload);
 - :mod:`~lossprune.layerwise.local` — the paper's criteria on a map's local loss;
 - :mod:`~lossprune.layerwise.updates` — zeroing, the exact refit, or a mask-choosing solver;
+- :mod:`~lossprune.layerwise.allocation` — each matrix's share of a global sparsity;
 - :mod:`~lossprune.layerwise.pruner` — :class:`LayerwisePruner`, which puts them together;
 - :mod:`~lossprune.layerwise.reports` — per matrix, per block, in total;
 - :mod:`~lossprune.layerwise.solvers` — the weight-update solvers: the exact least-squares refit
   of the kept weights and the solvers that choose the mask with it.
 """
 
+from .allocation import ErrorAllocation, NetworkAllocation
 from .blocks import BlockStack, find_blocks
 from .pruner import LayerwisePruner
 from .reports import BlockReport, LayerwiseReport, MatrixReport
@@ -37,6 +39,7 @@ __all__ = [
     "BlockReport",
     "BlockStack",
     "Damping",
+    "ErrorAllocation",
     "IterativeThresholding",
     "LayerProblem",
     "LayerSolution",
@@ -44,6 +47,7 @@ __all__ = [
     "LayerwiseReport",
     "MaskSolver",
     "MatrixReport",
+    "NetworkAllocation",
     "Pattern",
     "Refit",
     "Stages",

@@ -29,7 +29,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -165,7 +165,12 @@ def capture(
         ValueError: a block the forward never calls, or calls more than once, or no batch.
     """
     index = {id(block): i for i, block in enumerate(stack.modules)}
-    records: dict[int, list[tuple[tuple[Any, ...], dict[str, Any], str | None]]] = {}
+    # Per block, what it was called with BESIDES its hidden states (kept only for the first
+    # block, and as a small slice on the first batch): the intermediate hidden states are freed
+    # as the model's own forward goes on, so memory does not grow with depth.
+    records: dict[int, list[_Context]] = {}
+    first_hidden: list[Tensor] = []
+    dense_slices: list[Tensor] = []
     keywords = [_hidden_keyword(block) for block in stack.modules]
 
     def record(block: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -176,26 +181,30 @@ def capture(
                 f"layer-wise pruning: block {stack.names[i]!r} was called without positional "
                 f"arguments and without {keyword!r}; it cannot tell its hidden states apart"
             )
-        records.setdefault(i, []).append((args, kwargs, keyword))
+        hidden = args[0] if keyword is None else kwargs[keyword]
+        others = {k: v for k, v in kwargs.items() if k != keyword}
+        records.setdefault(i, []).append(_Context(args[1:], others, keyword))
+        if i == 0:
+            first_hidden.append(hidden)
+        if not batches:
+            dense_slices.append(_head(hidden).detach().clone())
         if i == len(stack.modules) - 1:
             raise _Stop  # the last block's inputs are known: nothing after them is needed
 
     handles = [b.register_forward_pre_hook(record, with_kwargs=True) for b in stack.modules]
     batches: list[BlockInputs] = []
-    dense_slices: list[Tensor] = []
     try:
         for raw in progress(data):
             args, kwargs, labels = model_inputs(raw)
             records.clear()
+            first_hidden.clear()
             try:
                 with torch.no_grad():
                     model(*args, **kwargs, **forward_options)
             except _Stop:
                 pass
-            batches.append(_batch_inputs(stack, records, kwargs, labels, device))
-            if len(batches) == 1:
-                dense_slices = [_slice(records[i][0][0], records[i][0][1], records[i][0][2])
-                                for i in range(len(stack.names))]  # fmt: skip
+            inputs = _batch_inputs(stack, records, first_hidden, kwargs, labels, device)
+            batches.append(inputs)
     finally:
         for handle in handles:
             handle.remove()
@@ -204,9 +213,21 @@ def capture(
     return batches, dense_slices
 
 
+class _Context(NamedTuple):
+    """A block's call without its hidden states.
+
+    ``keyword``: the name the hidden states came by (``None``: the first positional argument).
+    """
+
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    keyword: str | None
+
+
 def _batch_inputs(
     stack: BlockStack,
-    records: Mapping[int, list[tuple[tuple[Any, ...], dict[str, Any], str | None]]],
+    records: Mapping[int, list[_Context]],
+    first_hidden: list[Tensor],
     kwargs: Mapping[str, Any],
     labels: Tensor | None,
     device: torch.device,
@@ -221,29 +242,21 @@ def _batch_inputs(
                 f"layer-wise pruning: the model's forward called block {name!r} {len(seen)} "
                 "times; each block must run exactly once per forward pass (a chain of blocks)"
             )
-        args, block_kwargs, keyword = seen[0]
-        context = (args[1:], {k: v for k, v in block_kwargs.items() if k != keyword})
+        context = (seen[0].args, seen[0].kwargs)
         found = next((j for j, other in enumerate(originals) if _same(other, context)), None)
         if found is None:
             originals.append(context)
             contexts.append(_to(context, device))
             found = len(contexts) - 1
         calls.append(found)
-    args, block_kwargs, keyword = records[0][0]
-    hidden = args[0] if keyword is None else block_kwargs[keyword]
     counted = counted_positions(kwargs, labels)
     return BlockInputs(
-        hidden=hidden.detach().to(device),
+        hidden=first_hidden[0].detach().to(device),
         calls=calls,
         contexts=contexts,
-        keyword=keyword,
+        keyword=records[0][0].keyword,
         counted=None if counted is None else counted.to(device),
     )
-
-
-def _slice(args: tuple[Any, ...], kwargs: Mapping[str, Any], keyword: str | None) -> Tensor:
-    hidden = args[0] if keyword is None else kwargs[keyword]
-    return _head(hidden).detach().clone()
 
 
 def _head(hidden: Tensor) -> Tensor:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
@@ -11,9 +12,23 @@ from torch import Tensor
 from .._common.checks import is_int, is_real
 from .updates import Compensation, CompensationState
 
-__all__ = ["Checkpoint", "pruner_state", "read_pruner_state"]
+__all__ = ["Checkpoint", "configuration_text", "pruner_state", "read_pruner_state"]
 
 _KEYS = ("stage", "masks", "generator", "targets", "criterion", "scope", "min_density", "update")
+
+
+_ADDRESS = re.compile(r" (?:object )?at 0x[0-9a-fA-F]+")
+
+
+def configuration_text(obj: object) -> str:
+    """How a criterion or selection is recorded in a state: its ``repr``, without addresses.
+
+    The default ``repr`` of a user's own class holds a memory address, different in every
+    process and for every instance: it is dropped, so such an object is recorded by its class
+    (its attributes may be counters that change as it runs; a user who wants its settings
+    compared gives the class a ``repr``, or makes it a dataclass).
+    """
+    return _ADDRESS.sub("", repr(obj))
 
 
 class Checkpoint(NamedTuple):

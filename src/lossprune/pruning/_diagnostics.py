@@ -8,11 +8,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .._common.functional import FunctionalModel, statistics_dtype
+from .._common.functional import FunctionalModel, at_least_float32, statistics_dtype
 from ..curvature import LossFn, hvp
 from ..curvature.statistics import dataset_mean
 
-__all__ = ["curvature_product", "predicted_loss_change", "mean_loss"]
+__all__ = ["curvature_product", "predicted_loss_change", "mean_loss", "stepped"]
 
 Params = dict[str, Tensor]
 
@@ -50,6 +50,11 @@ def curvature_product(
     return float(means["loss"]), dict(means["grad"]), dict(means["product"])
 
 
+def stepped(params: Mapping[str, Tensor], delta: Mapping[str, Tensor]) -> Params:
+    """The weights after the step ``delta``, rounded to their dtype as the commit rounds them."""
+    return {k: params[k] + delta[k].to(params[k].dtype) for k in params}
+
+
 def predicted_loss_change(
     model: nn.Module,
     params: Mapping[str, Tensor],
@@ -75,6 +80,8 @@ def predicted_loss_change(
     loss, grad, product = curvature_product(
         model, params, data, loss_fn, delta, curvature=curvature, chunk_size=chunk_size
     )
+    if statistics_dtype(params) != next(iter(params.values())).dtype:
+        loss = mean_loss(model, params, data, loss_fn)  # half precision: the loss in float32
     change = sum(
         float((grad[k].double() * delta[k]).sum() + 0.5 * (product[k].double() * delta[k]).sum())
         for k in delta
@@ -84,13 +91,16 @@ def predicted_loss_change(
 
 @torch.no_grad()
 def mean_loss(model: nn.Module, params: Mapping[str, Tensor], data: Any, loss_fn: LossFn) -> float:
-    """Mean loss over ``data`` with the prunable weights set to ``params`` (one data loop)."""
+    """Mean loss over ``data`` with the prunable weights set to ``params`` (one data loop).
+
+    The loss of half-precision outputs is computed in float32 (the model runs in its dtype).
+    """
     device = next(iter(params.values())).device
     fmodel = FunctionalModel(model, params)
 
     def batch_values(batch: tuple[Any, Tensor]) -> dict[Hashable, Any]:
         inputs, targets = batch
-        return {"loss": loss_fn(fmodel(params, inputs), targets)}
+        return {"loss": loss_fn(at_least_float32(fmodel(params, inputs)), targets)}
 
     dtype = statistics_dtype(params)
     loss: Any = dataset_mean(data, loss_fn, batch_values, device=device, dtype=dtype).means["loss"]

@@ -21,11 +21,13 @@ from torch import Tensor, nn
 
 from .._common.data import random_subset
 from .._common.functional import check_deterministic
+from .._common.probe import probe_first_batch
 from ..criteria.base import Criterion, GroupSum
 from ..curvature import LossFn, NonFiniteError
 from ..selection import Global, Layerwise, ParameterLayout, Selection
 from ..selection._connectivity import ChainLayer, Connectivity, connectivity
-from ._diagnostics import mean_loss, predicted_loss_change
+from ..selection.layout import per_matrix
+from ._diagnostics import mean_loss, predicted_loss_change, stepped
 from .reports import StageReport, collapse_message, handle_collapse
 from .scoring import compute_scores
 from .updates import Compensation, CompensationState, plan_update
@@ -95,22 +97,18 @@ def plan_stage(
         data = random_subset(setup.data, setup.examples, generator)
     params = {k: p.detach() for k, p in params.items()}
     with _scoring_mode(setup.model, setup.eval_mode):
-        check_deterministic(setup.model)
+        _check_deterministic(setup, data, params)
         scores, _ = compute_scores(
             setup.model, setup.criterion, params, data, setup.loss_fn,
             generator=_device_generator(generator, params), chunk_size=setup.chunk_size,
             group_sum=_group_sum(setup),
             progress=setup.progress,
         )  # fmt: skip
-        new_masks = setup.selection.select(
-            scores, masks, sparsity=target, min_density=setup.min_density, layouts=setup.layouts
-        )
-        if not isinstance(setup.selection, (Global, Layerwise)):  # the built-in ones comply
-            _check_selected(new_masks, masks)
+        new_masks = _select(setup, scores, masks, target)
         newly_pruned = {k: masks[k] & ~new_masks[k] for k in masks}
         kept = {k: int(m.count_nonzero()) for k, m in new_masks.items()}
         pruned = {k: int(m.count_nonzero()) for k, m in newly_pruned.items()}
-        after = _check_collapse(setup, masks, new_masks, kept, pruned, stage, previous)
+        after = _check_collapse(setup, masks, new_masks, stage, previous)
         update = None
         if setup.update is not None or setup.diagnostics:
             update = plan_update(
@@ -151,6 +149,44 @@ def plan_stage(
     return StagePlan(new_masks, delta, state, report, after)
 
 
+def _check_deterministic(setup: StageSetup, data: Any, params: Mapping[str, Tensor]) -> None:
+    """A stage that runs the model on data needs a deterministic forward pass.
+
+    The statistics pass checks it itself (:func:`~lossprune._common.probe.probe_first_batch`);
+    a data-free criterion (Magnitude) with an update or diagnostics is checked here; a stage that
+    never runs the model (Magnitude alone) does not care about the model's mode.
+    """
+    if setup.criterion.requests() or not (setup.update is not None or setup.diagnostics):
+        return
+    check_deterministic(setup.model)
+    device = next(iter(params.values())).device
+    probe_first_batch(setup.model, setup.loss_fn, data, device)
+
+
+def _select(
+    setup: StageSetup, scores: Mapping[str, Tensor], masks: Mapping[str, Tensor], target: float
+) -> dict[str, Tensor]:
+    """The selection's new masks, checked to be bool masks that only grow the pruned set.
+
+    A selection other than the built-in :class:`Global`/:class:`Layerwise` (the user's own, or
+    one that wraps user code) gets copies of the scores and masks, so that editing them in place
+    can neither un-prune weights nor hide new ones from the collapse check.
+    """
+    if isinstance(setup.selection, (Global, Layerwise)):
+        return setup.selection.select(
+            scores, masks, sparsity=target, min_density=setup.min_density, layouts=setup.layouts
+        )
+    new_masks = setup.selection.select(
+        {k: s.clone() for k, s in scores.items()},
+        {k: m.clone() for k, m in masks.items()},
+        sparsity=target,
+        min_density=setup.min_density,
+        layouts=setup.layouts,
+    )
+    _check_selected(new_masks, masks)
+    return {k: new_masks[k] for k in masks}
+
+
 def _group_sum(setup: StageSetup) -> GroupSum | None:
     """The selection's ``group_sum`` by parameter name, if it removes groups together."""
     group_sum = getattr(setup.selection, "group_sum", None)
@@ -164,17 +200,22 @@ def _check_collapse(
     setup: StageSetup,
     masks: Mapping[str, Tensor],
     new_masks: Mapping[str, Tensor],
-    kept: Mapping[str, int],
-    pruned: Mapping[str, int],
     stage: int,
     previous: Connectivity | None,
 ) -> Connectivity:
     """Route an emptied layer or newly cut-off outputs through ``on_collapse``.
 
-    Returns the disconnection after the stage (for the report). Only a growth counts, so the
-    disconnection before is computed (when not known) only if there is any after.
+    Each expert's matrix of a fused mixture-of-experts parameter is a layer of its own
+    (``"…down_proj[3]"``). Returns the disconnection after the stage (for the report). Only a
+    growth counts, so the disconnection before is computed (when not known) only if there is any
+    after.
     """
-    emptied = [k for k in masks if kept[k] == 0 and pruned[k] > 0]
+    before_pieces = per_matrix(masks, setup.layouts)
+    emptied = [
+        k
+        for k, piece in per_matrix(new_masks, setup.layouts).items()
+        if not bool(piece.any()) and bool(before_pieces[k].any())
+    ]
     after = connectivity(setup.chain, new_masks)
     if after.total and previous is None:
         previous = connectivity(setup.chain, masks)
@@ -209,8 +250,7 @@ def _diagnostics(
     loss_before, predicted = predicted_loss_change(
         setup.model, params, delta, data, setup.loss_fn, chunk_size=setup.chunk_size
     )
-    after = {k: params[k] + delta[k] for k in params}
-    loss_after = mean_loss(setup.model, after, data, setup.loss_fn)
+    loss_after = mean_loss(setup.model, stepped(params, delta), data, setup.loss_fn)
     if not math.isfinite(loss_after):
         raise NonFiniteError(f"the loss after stage {stage} is not finite; nothing was modified")
     return loss_before, loss_after, predicted

@@ -9,8 +9,10 @@ that keep pruned weights at zero while training (:mod:`lossprune.selection.keep_
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -19,6 +21,8 @@ from tqdm.auto import tqdm
 
 from .._common.batches import model_loss
 from .._common.checks import check_fraction, check_optional_positive_int, is_int
+from .._common.data import check_can_sample
+from .._common.models import check_weights, unwrap
 from ..criteria.base import Criterion
 from ..curvature import LossFn
 from ..schedules import Schedule
@@ -31,10 +35,11 @@ from ..selection import (
     keep_pruned_at_zero,
     parameter_layouts,
     prunable_parameters,
+    save_masks,
     sparsity_of,
 )
 from ..selection._connectivity import Connectivity, trace_chain
-from ._checkpoint import pruner_state, read_pruner_state
+from ._checkpoint import configuration_text, pruner_state, read_pruner_state
 from ._stage import StageSetup, plan_stage
 from .reports import ON_COLLAPSE, StageReport
 from .scoring import check_criterion
@@ -52,9 +57,19 @@ class Pruner:
     ``scope="layerwise"``), and zeroes them in place (:math:`\Delta\theta_q = -\theta_q`). Masks
     only grow. Laurent et al. (2020, Sec. 4) show that more stages keep the loss far lower.
 
+    The zeros a model already has are pruned weights: the initial masks are the prunable
+    weights' nonzero pattern (:func:`lossprune.selection.masks_from_zeros`), so a model pruned
+    earlier (and saved, reloaded, fine-tuned) reports its true sparsity, a stage whose target is
+    below it is refused, and a higher target prunes only new weights (a report's ``pruned``
+    counts the weights that stage pruned, its ``sparsity`` the adopted zeros too; ``adopted``
+    holds their number). :func:`lossprune.scores` knows nothing of masks (a zero weight gets
+    the criterion's score); :meth:`state_dict` and :meth:`load_state_dict` carry the current
+    masks, adopted zeros included, and a loaded state replaces them.
+
     Args:
         model: the network; pruned in place (parameters keep their identity). A
-            ``DistributedDataParallel``/``DataParallel`` wrapper is unwrapped; with
+            ``DistributedDataParallel``/``DataParallel``/``torch.compile`` wrapper is unwrapped
+            (masks are keyed by the network's own names); with
             :mod:`torch.distributed` initialised, every statistic and diagnostic is all-reduced
             (example-weighted) so that all ranks select the same mask from their own shards.
             Parameters are looked up by name at every stage, so a parameter replaced between
@@ -80,7 +95,8 @@ class Pruner:
             reads.
         include, exclude: parameter names or regular expressions (default: every Linear and Conv
             ``.weight``); see :func:`lossprune.selection.prunable_parameters`.
-        min_density: every layer keeps at least this fraction of its weights.
+        min_density: every layer (each expert's matrix of a fused MoE parameter) keeps at least
+            this fraction of its weights.
         generator: seed (int) or :class:`torch.Generator` for example subsets and Monte-Carlo
             statistics; the pruner keeps its own state, so runs are reproducible.
         progress: show a tqdm progress bar in :meth:`run`, and one per batch inside each
@@ -99,6 +115,9 @@ class Pruner:
             dead hidden units are counted in every :class:`StageReport`): ``"warn"``
             (:class:`LayerCollapseWarning`, default), ``"raise"`` (:class:`LayerCollapseError`
             before anything is modified) or ``"ignore"``. ``min_density`` prevents empty layers.
+        adopt_zeros: start from the model's zeros (default). ``False``: every weight starts
+            kept, zeros included (for a model with zero-initialised layers whose zeros are not
+            pruning).
 
     Example:
         >>> import torch
@@ -135,13 +154,12 @@ class Pruner:
         chunk_size: int | None = None,
         update: Compensation | None = None,
         on_collapse: str = "warn",
+        adopt_zeros: bool = True,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-            # Statistics are computed functionally on the wrapped network (its own all-reduce
-            # replaces DDP's gradient sync); masks use the names of the unwrapped model.
-            model = model.module
+        model = unwrap(model)  # DDP, DataParallel, torch.compile: masks use the network's names
+        check_weights(model)
         if loss_fn is None:  # a Hugging Face model's own loss, when it has one
             loss_fn = model_loss(model)
         check_criterion(criterion, data, loss_fn)
@@ -154,6 +172,8 @@ class Pruner:
         chunk_size = check_optional_positive_int("chunk_size", chunk_size)
         if examples is not None and data is None:
             raise ValueError("examples=n needs data to draw from")
+        if examples is not None:
+            check_can_sample(data)
         min_density = check_fraction("min_density", min_density)
         if diagnostics is None:
             diagnostics = data is not None and loss_fn is not None
@@ -167,6 +187,8 @@ class Pruner:
             raise ValueError("update=Compensation(...) needs data and loss_fn")
         if on_collapse not in ON_COLLAPSE:
             raise ValueError(f"on_collapse must be one of {ON_COLLAPSE}, got {on_collapse!r}")
+        if not isinstance(adopt_zeros, bool):
+            raise TypeError(f"adopt_zeros must be a bool, got {type(adopt_zeros).__name__}")
         params = prunable_parameters(model, include, exclude)
         layouts = parameter_layouts(model, params)
         self.selection.check_schedule(layouts, self._targets, min_density)
@@ -196,9 +218,13 @@ class Pruner:
             chunk_size=chunk_size,
             chain=trace_chain(model, params),
         )
+        # check_weights refused meta tensors: every weight has a value to read zeros from.
         self.masks: dict[str, Tensor] = {
-            k: torch.ones_like(p, dtype=torch.bool) for k, p in params.items()
+            k: p.detach() != 0 if adopt_zeros else torch.ones_like(p, dtype=torch.bool)
+            for k, p in params.items()
         }
+        self.adopted = count_pruned(self.masks)
+        """Number of weights that were already zero when the pruner was built (adopted)."""
         self.stage = 0
         self.reports: list[StageReport] = []
         # (masks, their disconnection) from the last stage, reused while self.masks is that dict.
@@ -217,6 +243,8 @@ class Pruner:
         check_criterion(self.criterion, data, self._setup.loss_fn)
         if data is None and (self._setup.examples is not None or self._setup.diagnostics):
             raise ValueError("data=None: this pruner draws examples or computes diagnostics")
+        if self._setup.examples is not None:
+            check_can_sample(data)
         self._setup = replace(self._setup, data=data)
 
     @property
@@ -272,6 +300,7 @@ class Pruner:
         """
         if self.finished:
             raise RuntimeError(f"the schedule's {len(self._targets)} stages have all run")
+        self._check_target_reachable(self._targets[self.stage])
         params = self.params
         generator = torch.Generator()
         generator.set_state(self.generator.get_state())  # the plan draws from a copy
@@ -292,6 +321,24 @@ class Pruner:
         self.stage += 1
         self.reports.append(plan.report)
         return plan.report
+
+    def _check_target_reachable(self, target: float) -> None:
+        """Masks never shrink: a target below the weights already pruned is refused."""
+        pruned = self.num_pruned()
+        total = sum(m.numel() for m in self.masks.values())
+        if round(total * target) >= pruned:
+            return
+        adopted = (
+            f" ({self.adopted:,} of them already zero when the Pruner was built)"
+            if self.adopted
+            else ""
+        )
+        raise ValueError(
+            f"stage {self.stage + 1} targets sparsity {target!r} but {pruned:,} of the "
+            f"{total:,} prunable weights ({pruned / total:.4f}) are already pruned{adopted}; "
+            f"masks never shrink: use a schedule whose targets start at {pruned / total:.4f} "
+            "or above (or Pruner(..., adopt_zeros=False) if those zeros are not pruning)"
+        )
 
     def _known_connectivity(self) -> Connectivity | None:
         if self._connectivity is not None and self._connectivity[0] is self.masks:
@@ -327,7 +374,9 @@ class Pruner:
         See :func:`lossprune.selection.keep_pruned_at_zero`: gradients of pruned weights are
         overwritten with zeros as they are computed, and the weights are re-zeroed after every
         ``optimizer.step()``. The current masks are read at every call, so later stages are
-        covered too. A wrapper such as Accelerate's ``AcceleratedOptimizer`` is unwrapped.
+        covered too. A wrapper such as Accelerate's ``AcceleratedOptimizer`` is unwrapped. A
+        pruner built on a reloaded pruned model starts from its zeros, so they are kept too;
+        without a pruner, ``keep_pruned_at_zero(optimizer, model, masks_or_mask_file)``.
 
         Returns:
             A handle whose ``remove()`` detaches the hooks.
@@ -337,6 +386,16 @@ class Pruner:
     def apply(self) -> None:
         """Zero the pruned weights of the model in place (e.g. after loading new weights)."""
         apply_masks(self.params, self.masks)
+
+    def save_masks(self, path: str | os.PathLike) -> Path:
+        """Write the current masks beside ``save_pretrained``'s files; returns the file's path.
+
+        See :func:`lossprune.selection.save_masks`: ``path`` is a directory (the file is
+        ``lossprune_masks.safetensors`` in it) or a ``.safetensors`` file name. A process that
+        reloads the model keeps every pruned weight at zero with
+        ``keep_pruned_at_zero(optimizer, model, path)`` or ``PruningCallback(path)``.
+        """
+        return save_masks(self.masks, path)
 
     # ----------------------------------------------------------------------------------------
     # Checkpoints
@@ -354,8 +413,8 @@ class Pruner:
             masks=self.masks,
             generator=self.generator,
             targets=self._targets,
-            criterion=repr(self.criterion),
-            scope=repr(self.selection),
+            criterion=configuration_text(self.criterion),
+            scope=configuration_text(self.selection),
             min_density=self.min_density,
             update=self.compensation,
             update_state=self.update_state,
@@ -376,8 +435,8 @@ class Pruner:
             state,
             params=params,
             targets=self._targets,
-            criterion=repr(self.criterion),
-            scope=repr(self.selection),
+            criterion=configuration_text(self.criterion),
+            scope=configuration_text(self.selection),
             min_density=self.min_density,
             update=self.compensation,
         )

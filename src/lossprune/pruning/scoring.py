@@ -9,8 +9,9 @@ import torch
 from torch import Tensor, nn
 
 from .._common.batches import model_loss
+from .._common.checks import is_int
 from .._common.data import check_data
-from .._common.functional import check_deterministic
+from .._common.models import check_weights, unwrap
 from ..criteria.base import Criterion, GroupSum, ScoringContext
 from ..curvature import LossFn, NonFiniteError, Statistics, compute_statistics
 from ..selection import prunable_parameters
@@ -104,13 +105,14 @@ def scores(
     loss_fn: LossFn | None = None,
     include: Any = None,
     exclude: Any = None,
-    generator: torch.Generator | None = None,
+    generator: int | torch.Generator | None = None,
     chunk_size: int | None = None,
 ) -> dict[str, Tensor]:
     """Scores of ``criterion`` for the prunable weights of ``model``, lower = pruned first.
 
     Args:
-        model: the network, in eval mode if it has batch norm or dropout.
+        model: the network, in eval mode if it has batch norm or dropout (criteria that run it;
+            :class:`~lossprune.Magnitude` does not).
         criterion: any :class:`~lossprune.Criterion` (or a composite).
         data: an ``(inputs, targets)`` batch or a re-iterable of batches (DataLoader); statistics
             are example-weighted means over all of it. Not needed by data-free criteria.
@@ -119,7 +121,8 @@ def scores(
         include: which parameters to score, by name or regular expression (see
             :func:`lossprune.selection.prunable_parameters`); default every Linear/Conv ``.weight``.
         exclude: parameters to leave out, same form as ``include``.
-        generator: random source for Monte-Carlo criteria.
+        generator: random source for Monte-Carlo criteria: a seed (int) or a
+            :class:`torch.Generator` on the parameters' device.
         chunk_size: memory bound for the curvature routines.
 
     Returns:
@@ -138,11 +141,19 @@ def scores(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    model = unwrap(model)  # DDP, DataParallel, torch.compile: scores keyed by the network's names
+    check_weights(model)
     if loss_fn is None:  # a Hugging Face model's own loss, when it has one
         loss_fn = model_loss(model)
     check_criterion(criterion, data, loss_fn)
-    check_deterministic(model)
     params = prunable_parameters(model, include, exclude)
+    if is_int(generator):  # a seed, on the parameters' device
+        device = next(iter(params.values())).device
+        generator = torch.Generator(device).manual_seed(int(generator))  # type: ignore[arg-type]
+    elif generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(
+            f"generator must be None, an int seed or a torch.Generator, got {generator!r}"
+        )
     return compute_scores(
         model, criterion, params, data, loss_fn, generator=generator, chunk_size=chunk_size
     )[0]

@@ -34,8 +34,9 @@ import torch
 from torch import Tensor, nn
 
 from .._common.checks import check_lam, check_nonnegative, check_positive_int
+from .._common.functional import statistics_dtype
 from ..curvature import LossFn
-from ._diagnostics import curvature_product, mean_loss, predicted_loss_change
+from ._diagnostics import curvature_product, mean_loss, predicted_loss_change, stepped
 
 __all__ = [
     "CGResult",
@@ -151,8 +152,11 @@ def compensation_step(
     Returns:
         ``(delta, result)`` with ``delta`` shaped like ``params``.
     """
-    keep = {k: m.to(params[k].dtype) for k, m in kept.items()}
-    pruned_step = {k: torch.where(newly_pruned[k], -params[k], 0) for k in params}
+    # The solve is in the statistics dtype (float32 for half-precision weights): CG's inner
+    # products and updates in bfloat16 would stall; the products run in the model's dtype.
+    dtype = statistics_dtype(params)
+    keep = {k: m.to(dtype) for k, m in kept.items()}
+    pruned_step = {k: torch.where(newly_pruned[k], -params[k], 0).to(dtype) for k in params}
 
     def restricted_product(v: Mapping[str, Tensor]) -> Params:
         """(C + λI)_KK v for v supported on K."""
@@ -167,12 +171,12 @@ def compensation_step(
     )
     b = {k: -(grad[k] + c_pruned[k]) * keep[k] for k in params}
     b_norm = math.sqrt(_dot(b, b))
-    x = {k: torch.zeros_like(p) for k, p in params.items()}
+    x = {k: torch.zeros_like(p, dtype=dtype) for k, p in params.items()}
     if b_norm == 0.0:
         return pruned_step, CGResult(0, 0.0, False)
     iterations = 0
     if warm_start is not None:
-        x = {k: warm_start[k] * keep[k] for k in params}
+        x = {k: warm_start[k].to(dtype) * keep[k] for k in params}
         ax = restricted_product(x)
         iterations += 1
         r = {k: b[k] - ax[k] for k in params}
@@ -362,8 +366,7 @@ def plan_update(
             )[1]  # fmt: skip
 
         def measured_change(delta: Params) -> float:
-            after = {k: params[k] + delta[k] for k in params}
-            return mean_loss(model, after, data, loss_fn) - loss_before
+            return mean_loss(model, stepped(params, delta), data, loss_fn) - loss_before
 
         delta, cg, lam, accepted = trust_region_step(
             solve, model_change, measured_change, zero, state.lam, update

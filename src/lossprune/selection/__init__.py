@@ -23,7 +23,11 @@ Modules, one job each:
 - :mod:`~lossprune.selection.blocks` — whole tiles (:class:`Blocks`);
 - :mod:`~lossprune.selection.keep_at_zero` — pruned weights stay exactly zero while an
   optimizer trains (:func:`keep_pruned_at_zero`);
+- :mod:`~lossprune.selection.mask_files` — masks from a model's zeros (:func:`masks_from_zeros`),
+  saved beside ``save_pretrained`` and loaded back (:func:`save_masks`, :func:`load_masks`);
 - :mod:`~lossprune.selection.torch_prune` — masks to and from :mod:`torch.nn.utils.prune`;
+- ``_dense`` — which weight matrices stay dense by default (embeddings, heads, front-ends,
+  routers), from the model's own structure;
 - ``_connectivity`` — which units of a pruned Linear/conv chain are cut off.
 
 It imports :mod:`lossprune._common` only.
@@ -32,6 +36,7 @@ It imports :mod:`lossprune._common` only.
 from .blocks import Blocks
 from .keep_at_zero import MaskHandle, keep_pruned_at_zero, unwrap_optimizer
 from .layout import ParameterLayout, parameter_layouts
+from .mask_files import MASKS_FILE, load_masks, masks_from_zeros, resolve_masks, save_masks
 from .masks import (
     apply_masks,
     check_masks_fit,
@@ -47,6 +52,7 @@ from .structures import Global, Layerwise, Selection, Targets, as_selection
 from .torch_prune import from_torch_prune, to_torch_prune
 
 __all__ = [
+    "MASKS_FILE",
     "Blocks",
     "Global",
     "Layerwise",
@@ -67,9 +73,13 @@ __all__ = [
     "is_nm",
     "keep_pruned_at_zero",
     "layer_densities",
+    "load_masks",
+    "masks_from_zeros",
     "nm_mask",
     "parameter_layouts",
     "prunable_parameters",
+    "resolve_masks",
+    "save_masks",
     "select_masks",
     "sparsity_of",
     "to_torch_prune",

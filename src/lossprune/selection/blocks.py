@@ -8,7 +8,16 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from .._common.checks import is_int
-from .layout import ParameterLayout, from_matrix_view, input_size, matrix_view, numel
+from .layout import (
+    ParameterLayout,
+    from_matrix_view,
+    from_per_matrix,
+    input_size,
+    matrix_shape,
+    matrix_view,
+    per_matrix,
+    per_matrix_layouts,
+)
 from .masks import select_masks
 from .structures import as_selection
 
@@ -33,6 +42,9 @@ class Blocks:
     ``scope="layerwise"`` :math:`\operatorname{round}(T_l p)` of each tensor's :math:`T_l`
     (:func:`lossprune.selection.select_masks` on the tiles: ties to the earlier tile, masks only
     grow, ``min_density`` counted in tiles). A tile with any pruned weight counts as pruned.
+    Each expert's matrix of a fused mixture-of-experts parameter is tiled on its own (``h``
+    divides each expert's outputs, so no tile spans two experts) and, with
+    ``scope="layerwise"``, selected on its own.
 
     Args:
         h: rows (outputs) per tile.
@@ -67,9 +79,9 @@ class Blocks:
     ) -> None:
         """Every tensor is a weight matrix that the tiles divide; the target is reachable."""
         tiles = {}
-        for name, layout in layouts.items():
+        for name, layout in per_matrix_layouts(layouts).items():
             inputs = input_size(name, layout, self)
-            outputs = numel(layout.shape) // inputs
+            outputs = matrix_shape(layout)[0]
             if outputs % self.h or inputs % self.w:
                 raise ValueError(
                     f"{self!r}: the {outputs} x {inputs} matrix of {name!r} (shape "
@@ -97,6 +109,9 @@ class Blocks:
         ``scores`` must give every weight its tile's score (as :meth:`Criterion.group_score`
         with :meth:`group_sum` does); per-weight scores are refused, not silently reduced.
         """
+        whole = {k: layouts[k] for k in masks}
+        scores, masks = per_matrix(scores, whole), per_matrix(masks, whole)
+        layouts = per_matrix_layouts(whole)
         tile_scores = {}
         for name, score in scores.items():
             tiles = self._tiles(score, layouts[name])
@@ -111,12 +126,13 @@ class Blocks:
         chosen = select_masks(
             tile_scores, tile_kept, sparsity=sparsity, scope=self.scope, min_density=min_density
         )
-        return {
+        pieces = {
             k: self._untiled(
                 kept[:, None, :, None].expand(-1, self.h, -1, self.w), layouts[k]
             ).contiguous()
             for k, kept in chosen.items()
         }
+        return from_per_matrix(pieces, whole)
 
     def _tiles(self, tensor: Tensor, layout: ParameterLayout) -> Tensor:
         """The (outputs / h, h, inputs / w, w) tiles of the matrix view."""
@@ -125,4 +141,5 @@ class Blocks:
         return matrix.reshape(rows // self.h, self.h, columns // self.w, self.w)
 
     def _untiled(self, tiles: Tensor, layout: ParameterLayout) -> Tensor:
-        return from_matrix_view(tiles.reshape(tiles.shape[0] * self.h, -1), layout)
+        rows, columns = tiles.shape[0] * tiles.shape[1], tiles.shape[2] * tiles.shape[3]
+        return from_matrix_view(tiles.reshape(rows, columns), layout)

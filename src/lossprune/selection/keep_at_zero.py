@@ -8,12 +8,14 @@ pruned weight would spread to every weight through ``clip_grad_norm_``.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
+from .mask_files import resolve_masks
 from .masks import apply_masks, check_masks_fit
 
 __all__ = ["MaskHandle", "keep_pruned_at_zero", "unwrap_optimizer"]
@@ -60,8 +62,8 @@ def unwrap_optimizer(optimizer: object) -> torch.optim.Optimizer:
 
 def keep_pruned_at_zero(
     optimizer: object,
-    params: Mapping[str, Tensor],
-    masks: Masks | Callable[[], Masks],
+    params: Mapping[str, Tensor] | nn.Module,
+    masks: Masks | Callable[[], Masks] | str | os.PathLike,
 ) -> MaskHandle:
     """Keep the pruned entries of ``params`` exactly zero while ``optimizer`` trains them.
 
@@ -69,12 +71,19 @@ def keep_pruned_at_zero(
     (so momentum buffers never pick them up) and the weights are re-zeroed after every
     ``optimizer.step()`` (so weight decay, Adam's moments or earlier momentum cannot move them).
 
+    Without a pruner, e.g. in a process that reloaded a pruned model::
+
+        model = AutoModelForCausalLM.from_pretrained("pruned/")
+        keep_pruned_at_zero(optimizer, model, "pruned/")  # its lossprune_masks.safetensors
+
     Args:
         optimizer: a :class:`torch.optim.Optimizer` or a wrapper of one (see
             :func:`unwrap_optimizer`).
-        params: parameters by qualified name.
-        masks: ``bool`` masks by name (``True`` = kept), or a function returning the current
-            ones, read at every hook call (so that later pruning stages are covered too).
+        params: parameters by qualified name, or the model (then the masks name its
+            parameters; a tied weight by any of its names).
+        masks: ``bool`` masks by name (``True`` = kept), a mask file or the directory holding
+            one (:func:`~lossprune.selection.save_masks`), or a function returning the current
+            masks, read at every hook call (so that later pruning stages are covered too).
 
     Returns:
         A handle whose ``remove()`` detaches the hooks. If registering fails, the hooks
@@ -85,6 +94,14 @@ def keep_pruned_at_zero(
             parameter or has another shape (both before any hook or weight changes).
     """
     inner = unwrap_optimizer(optimizer)
+    if isinstance(params, nn.Module):
+        if callable(masks):
+            raise TypeError("with a model as params, masks must be a dict or a mask file")
+        masks = resolve_masks(params, masks)
+        named = dict(params.named_parameters())
+        params = {k: named[k] for k in masks}
+    elif isinstance(masks, str | os.PathLike):
+        raise TypeError("a mask file needs the model: keep_pruned_at_zero(optimizer, model, path)")
     if callable(masks):
         current = masks
         check_masks_fit(params, current())

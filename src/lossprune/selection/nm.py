@@ -60,10 +60,38 @@ def nm_mask(scores: Tensor, n: int, m: int, dim: int) -> Tensor:
     if scores.is_floating_point() and bool(scores.isnan().any()):
         raise ValueError("scores contains NaN: the N:M selection needs ordered scores")
     grouped = _grouped(scores, m, dim)
-    # A stable ascending sort puts the lower index first among ties: those are pruned first.
-    pruned = grouped.sort(dim=-1, stable=True).indices[..., : m - n]
-    keep = torch.ones_like(grouped, dtype=torch.bool).scatter_(-1, pruned, False)
+    if m <= _PAIRWISE_MAX_M and grouped.numel() >= _PAIRWISE_MIN_ENTRIES:
+        keep = _stable_ranks(grouped) >= m - n
+    else:
+        # A stable ascending sort puts the lower index first among ties: those are pruned first.
+        pruned = grouped.sort(dim=-1, stable=True).indices[..., : m - n]
+        keep = torch.ones_like(grouped, dtype=torch.bool).scatter_(-1, pruned, False)
     return _ungrouped(keep, scores.shape, dim)
+
+
+#: Up to this group size, and from this many entries, the ranks come from comparing the entries
+#: of a group pairwise (m² - m comparisons of whole columns, no sort): 2-7x faster than sorting a
+#: short last dimension; below ~2000 groups of 4 the sort's fewer calls win (measured, 1 thread).
+_PAIRWISE_MAX_M = 8
+_PAIRWISE_MIN_ENTRIES = 8192
+
+
+def _stable_ranks(grouped: Tensor) -> Tensor:
+    """Each entry's position in a STABLE ascending sort of its group (the last dimension).
+
+    Entry ``j`` is preceded by every ``k`` with a lower score, and by every ``k < j`` with an
+    equal one (the lower index first among ties).
+    """
+    size = grouped.shape[-1]
+    columns = grouped.reshape(-1, size).T.contiguous()  # (m, groups): each entry's column
+    ranks = torch.zeros(columns.shape, dtype=torch.uint8, device=grouped.device)
+    for j in range(size):
+        for k in range(size):
+            if k < j:
+                ranks[j] += columns[k] <= columns[j]
+            elif k > j:
+                ranks[j] += columns[k] < columns[j]
+    return ranks.T.reshape(grouped.shape)
 
 
 def is_nm(mask: Tensor, n: int, m: int, dim: int) -> bool:
@@ -127,7 +155,7 @@ def _grouped(tensor: Tensor, m: int, dim: int) -> Tensor:
 
 def _ungrouped(grouped: Tensor, shape: torch.Size, dim: int) -> Tensor:
     """Undo :func:`_grouped`."""
-    moved = grouped.reshape(*grouped.shape[:-2], -1)
+    moved = grouped.reshape(*grouped.shape[:-2], grouped.shape[-2] * grouped.shape[-1])
     return moved.movedim(-1, dim).reshape(shape)
 
 
@@ -223,14 +251,14 @@ class NM:
         for name, mask in masks.items():
             layout = layouts[name]
             kept = matrix_view(mask, layout)
-            already = self.m - kept.reshape(kept.shape[0], -1, self.m).sum(-1)
+            already = self.m - kept.reshape(kept.shape[0], kept.shape[1] // self.m, self.m).sum(-1)
             if bool((already > pruned_per_group).any()):
                 raise ValueError(
                     f"{self!r}: {name!r} already has more than {pruned_per_group} pruned weights "
                     f"in a group of {self.m}, more than the target {sparsity!r} allows"
                 )
             score = matrix_view(scores[name], layout)
-            if not bool(score[kept].isfinite().all()):
+            if not bool((score.isfinite() | ~kept).all()):  # no copy of the kept scores
                 raise ValueError(f"scores[{name!r}] has non-finite values on kept entries")
             # Already-pruned entries rank below every finite score, so they count first.
             key = score.masked_fill(~kept, -math.inf)

@@ -1,10 +1,12 @@
 r"""Which parameters pruning may touch, and why each of the others stays dense.
 
 By default the weight matrices of linear maps (:mod:`lossprune._common.linear_maps` knows which
-modules are linear maps), never biases or normalisation parameters, as in Laurent et al.,
-"Revisiting Loss Modelling for Unstructured Pruning", arXiv:2006.12279; embeddings and the heads
-tied to them stay dense. Masks, scores and parameters are keyed by the parameter's qualified name
-(``"features.0.weight"``), a tied parameter by the first name ``named_parameters()`` gives it.
+modules are linear maps, Hugging Face's fused MoE experts included), never biases or normalisation
+parameters, as in Laurent et al., "Revisiting Loss Modelling for Unstructured Pruning",
+arXiv:2006.12279; embeddings, heads, input front-ends, poolers and MoE routers stay dense
+(:mod:`lossprune.selection._dense` says why). Masks, scores and parameters are keyed by the
+parameter's qualified name (``"features.0.weight"``), a tied parameter by the first name
+``named_parameters()`` gives it.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ from typing import NamedTuple
 from torch import nn
 from torch.nn.utils import prune
 
-from .._common.linear_maps import dense_by_default, weight_matrices
+from .._common.linear_maps import computed_matrices, weight_matrices
+from ._dense import dense_by_default
 
 __all__ = ["prunable_parameters", "describe_prunable", "PrunableSummary", "ParameterDecision"]
 
@@ -28,15 +31,23 @@ def prunable_parameters(model: nn.Module, include=None, exclude=None) -> dict[st
 
     By default these are the weight matrices of linear maps: the ``.weight`` of every
     :class:`~torch.nn.Linear` and every convolution (``Conv1d/2d/3d`` and their transposed
-    forms), of Hugging Face's ``Conv1D`` (GPT-2), and the input projections of
-    :class:`~torch.nn.MultiheadAttention` (``in_proj_weight`` or ``q/k/v_proj_weight``), as in
-    the paper: no biases, no normalisation parameters. Embedding tables, weights tied to them
-    (GPT-2's ``lm_head``) and a language model's output head stay dense unless ``include``
-    names them. They come in ``model.named_parameters()`` order, which follows
-    ``model.named_modules()``; :func:`describe_prunable` says why each parameter is in or out.
+    forms), of Hugging Face's ``Conv1D`` (GPT-2), the input projections of
+    :class:`~torch.nn.MultiheadAttention` (``in_proj_weight`` or ``q/k/v_proj_weight``) and
+    Hugging Face's fused mixture-of-experts matrices (``experts.gate_up_proj``,
+    ``experts.down_proj``: one matrix per expert), as in the paper: no biases, no normalisation
+    parameters. Embedding tables and weights tied to them (GPT-2's ``lm_head``), a language
+    model's output head, input front-ends (ViT's patch embedding, Whisper's convolutions), MoE
+    routers and gates, poolers and task heads (a classifier) stay dense unless ``include``
+    names them (the rules: :mod:`lossprune.selection._dense`). They come in
+    ``model.named_parameters()`` order, which follows ``model.named_modules()``;
+    :func:`describe_prunable` says why each parameter is in or out.
 
     A parameter shared by several modules (tied weights) is counted once, under the first name
-    ``named_parameters()`` gives it. Frozen parameters (``requires_grad=False``) are skipped.
+    ``named_parameters()`` gives it. Frozen parameters (``requires_grad=False``) are skipped;
+    an ``include`` pattern that names only frozen ones is refused. A weight matrix that a
+    parametrization or a norm hook recomputes (``weight_norm``, ``spectral_norm``) cannot be
+    zeroed in place: the model is refused unless ``include``/``exclude`` says what to do with
+    it.
 
     Args:
         model: The network.
@@ -52,7 +63,9 @@ def prunable_parameters(model: nn.Module, include=None, exclude=None) -> dict[st
 
     Raises:
         TypeError: ``model`` is not a module, or a pattern is not a string.
-        ValueError: A pattern matches no parameter of the model, or nothing is left to prune.
+        ValueError: A pattern matches no parameter of the model, or only frozen ones; a
+            parametrized weight matrix that ``include``/``exclude`` leaves undecided; nothing
+            is left to prune.
 
     Example:
         >>> net = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
@@ -62,6 +75,8 @@ def prunable_parameters(model: nn.Module, include=None, exclude=None) -> dict[st
         ['0.bias']
     """
     summary = describe_prunable(model, include, exclude)
+    if include is None:
+        _refuse_computed_matrices(model, _patterns(exclude, "exclude"))
     params = dict(model.named_parameters())
     selected = {row.name: params[row.name] for row in summary.rows if row.pruned}
     if not selected:
@@ -154,6 +169,15 @@ def describe_prunable(model: nn.Module, include=None, exclude=None) -> PrunableS
         for pattern in patterns or ():
             if not any(_matches(pattern, name) for name in all_names):
                 raise ValueError(f"{option} pattern {pattern!r} matches no parameter of the model")
+    for pattern in include or ():
+        matched = [key for key, group in names.items() if _any_match([pattern], group)]
+        if not any(params[key].requires_grad for key in matched):
+            frozen = [names[key][0] for key in matched]
+            raise ValueError(
+                f"include pattern {pattern!r} names only frozen parameters (requires_grad=False): "
+                f"{frozen}; unfreeze them with requires_grad_(True) to prune them, or leave them "
+                "out of include="
+            )
 
     matrices = {
         id(module._parameters[local]): matrix.kind
@@ -161,6 +185,15 @@ def describe_prunable(model: nn.Module, include=None, exclude=None) -> PrunableS
         for local, matrix in weight_matrices(module).items()
     }
     dense = dense_by_default(model)
+    params_by_name = dict(model.named_parameters(remove_duplicate=False))
+    for computed in _computed_matrices(model):
+        for source in computed.sources:
+            dense.setdefault(
+                id(params_by_name[source]),
+                f"parameter of {computed.weight!r}, which {computed.what} computes (not a weight "
+                "matrix itself; prunable_parameters refuses the model unless include= or "
+                "exclude= names it)",
+            )
     rows = []
     for key, group in names.items():
         if include is not None:
@@ -180,6 +213,48 @@ def describe_prunable(model: nn.Module, include=None, exclude=None) -> PrunableS
             ParameterDecision(group[0], tuple(group[1:]), tuple(params[key].shape), pruned, reason)
         )
     return PrunableSummary(tuple(rows))
+
+
+class _Computed(NamedTuple):
+    """A weight matrix that something recomputes from other parameters."""
+
+    weight: str  # its qualified name
+    what: str  # what computes it
+    sources: tuple[str, ...]  # the qualified names of the parameters it is computed from
+
+
+def _computed_matrices(model: nn.Module) -> list[_Computed]:
+    found = []
+    for module_name, module in model.named_modules():
+        prefix = f"{module_name}." if module_name else ""
+        for local, what in computed_matrices(module).items():
+            sources = tuple(
+                prefix + name
+                for name, _ in module.named_parameters()
+                if name.startswith((f"parametrizations.{local}.", f"{local}_"))
+            )
+            found.append(_Computed(prefix + local, what, sources))
+    return found
+
+
+def _refuse_computed_matrices(model: nn.Module, exclude: list[str] | None) -> None:
+    """A weight matrix recomputed from other parameters is neither pruned nor silently skipped.
+
+    Zeroing ``weight_norm``'s ``weight`` does not stay (the next forward recomputes it from
+    ``g`` and ``v``); leaving the layer out would report a sparsity over fewer layers than the
+    user expects. Unless ``exclude=`` names one of its parameters (then it stays dense by
+    choice), the model is refused with the ways out.
+    """
+    for computed in _computed_matrices(model):
+        if not computed.sources or (exclude and _any_match(exclude, list(computed.sources))):
+            continue
+        raise ValueError(
+            f"{computed.weight!r} is computed by {computed.what} from {list(computed.sources)}, "
+            "so a zero written into it would not stay; remove the parametrization or hook first "
+            "(e.g. torch.nn.utils.parametrize.remove_parametrizations), or pass "
+            f"exclude={computed.sources[-1]!r} to leave the layer dense (include= may name its "
+            "parameters to prune those instead)"
+        )
 
 
 def _refuse_torch_pruned(model: nn.Module) -> None:

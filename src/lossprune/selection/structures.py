@@ -35,7 +35,7 @@ from typing import Protocol, runtime_checkable
 from torch import Tensor
 
 from .._common.checks import check_fraction
-from .layout import ParameterLayout, numel
+from .layout import ParameterLayout, from_per_matrix, numel, per_matrix, per_matrix_layouts
 from .masks import ceil_times, select_masks
 from .per_row import PerRow
 
@@ -73,7 +73,8 @@ class Global:
     r"""One ranking over all prunable weights (the paper's).
 
     Exactly :math:`\operatorname{round}(P \cdot p)` of the :math:`P` weights are pruned after
-    the stage, each tensor keeping at least ``min_density`` of its entries. See
+    the stage, each weight matrix keeping at least ``min_density`` of its entries (each
+    expert's matrix of a fused mixture-of-experts parameter counts as one matrix). See
     :func:`lossprune.selection.select_masks`.
     """
 
@@ -83,8 +84,8 @@ class Global:
         targets: Sequence[float],
         min_density: float,
     ) -> None:
-        """The final target must leave every tensor ``min_density`` of its entries in total."""
-        sizes = [numel(layout.shape) for layout in layouts.values()]
+        """The final target must leave every matrix ``min_density`` of its entries in total."""
+        sizes = [numel(layout.shape) for layout in per_matrix_layouts(layouts).values()]
         k = round(sum(sizes) * targets[-1])
         cap = sum(n - ceil_times(min_density, n) for n in sizes)
         _check_reachable(k, cap, f"{sum(sizes)} entries", targets[-1], min_density)
@@ -99,17 +100,17 @@ class Global:
         layouts: Mapping[str, ParameterLayout],
     ) -> dict[str, Tensor]:
         """:func:`~lossprune.selection.select_masks` with ``scope="global"``."""
-        return select_masks(
-            dict(scores), dict(masks), sparsity=sparsity, scope="global", min_density=min_density
-        )
+        return _per_matrix_select(scores, masks, layouts, "global", sparsity, min_density)
 
 
 @dataclass(frozen=True)
 class Layerwise:
-    r"""Each tensor separately.
+    r"""Each weight matrix separately.
 
-    Tensor :math:`l` with :math:`n_l` entries has exactly
-    :math:`\operatorname{round}(n_l \cdot p)` entries pruned after the stage.
+    Matrix :math:`l` with :math:`n_l` entries has exactly
+    :math:`\operatorname{round}(n_l \cdot p)` entries pruned after the stage. Every expert's
+    matrix of a fused mixture-of-experts parameter (``experts.down_proj[e]``) is a matrix of
+    its own, as it would be stored as separate ``nn.Linear`` experts.
     """
 
     def check_schedule(
@@ -118,8 +119,8 @@ class Layerwise:
         targets: Sequence[float],
         min_density: float,
     ) -> None:
-        """The final target must leave each tensor ``min_density`` of its entries."""
-        for name, layout in layouts.items():
+        """The final target must leave each matrix ``min_density`` of its entries."""
+        for name, layout in per_matrix_layouts(layouts).items():
             n = numel(layout.shape)
             what = f"tensor {name!r} ({n} entries)"
             cap = n - ceil_times(min_density, n)
@@ -135,9 +136,7 @@ class Layerwise:
         layouts: Mapping[str, ParameterLayout],
     ) -> dict[str, Tensor]:
         """:func:`~lossprune.selection.select_masks` with ``scope="layerwise"``."""
-        return select_masks(
-            dict(scores), dict(masks), sparsity=sparsity, scope="layerwise", min_density=min_density
-        )
+        return _per_matrix_select(scores, masks, layouts, "layerwise", sparsity, min_density)
 
 
 @dataclass(frozen=True)
@@ -149,7 +148,8 @@ class Targets:
     (:func:`re.fullmatch`, in the mapping's order); the unmatched ones form one more group that
     follows the schedule itself. Each group is selected separately by ``structure``
     (``"layerwise"``: every tensor on its own; ``"global"``: one ranking within the group;
-    :class:`NM`, :class:`Blocks`: that structure within the group).
+    :class:`NM`, :class:`Blocks`: that structure within the group). A tied parameter matches
+    when any of its names does.
 
     The schedule gives the shape over stages: with :math:`p_s` its target after stage
     :math:`s` and :math:`P = p_S` its final one, a group with target :math:`t_g` is at
@@ -205,8 +205,12 @@ class Targets:
         """The structure's ``group_sum`` when it removes groups of weights together."""
         return getattr(self.structure, "group_sum", None)
 
-    def groups(self, names: Sequence[str]) -> dict[str | None, list[str]]:
+    def groups(
+        self, names: Sequence[str], layouts: Mapping[str, ParameterLayout] | None = None
+    ) -> dict[str | None, list[str]]:
         """Parameter names by the first pattern that matches them (``None``: unmatched).
+
+        A tied parameter matches when any of its names does (its ``aliases`` in ``layouts``).
 
         Raises:
             ValueError: a pattern that matches no parameter (a typo would otherwise silently
@@ -215,7 +219,11 @@ class Targets:
         groups: dict[str | None, list[str]] = {pattern: [] for pattern in self.sparsity}
         groups[None] = []
         for name in names:
-            pattern = next((p for p in self.sparsity if re.fullmatch(p, name)), None)
+            layout = None if layouts is None else layouts.get(name)
+            spellings = [name, *(() if layout is None else layout.aliases)]
+            pattern = next(
+                (p for p in self.sparsity if any(re.fullmatch(p, n) for n in spellings)), None
+            )
             groups[pattern].append(name)
         unused = [p for p in self.sparsity if not groups[p]]
         if unused:
@@ -252,7 +260,7 @@ class Targets:
             )
         last = len(targets) - 1
         bound = self.for_schedule(targets)
-        for pattern, names in self.groups(list(layouts)).items():
+        for pattern, names in self.groups(list(layouts), layouts).items():
             group = {name: layouts[name] for name in names}
             scaled = [bound._group_target(pattern, t, s == last) for s, t in enumerate(targets)]
             self.structure.check_schedule(group, scaled, min_density)  # type: ignore[attr-defined]
@@ -277,7 +285,7 @@ class Targets:
             )
         last = math.isclose(sparsity, self.final, rel_tol=0.0, abs_tol=1e-12)
         new_masks: dict[str, Tensor] = {}
-        for pattern, names in self.groups(list(masks)).items():
+        for pattern, names in self.groups(list(masks), layouts).items():
             chosen = self.structure.select(  # type: ignore[attr-defined]
                 {k: scores[k] for k in names},
                 {k: masks[k] for k in names},
@@ -320,6 +328,31 @@ def as_selection(scope: object) -> Selection:
             f"check_schedule and select), got {type(scope).__name__}"
         )
     return scope
+
+
+def _per_matrix_select(
+    scores: Mapping[str, Tensor],
+    masks: Mapping[str, Tensor],
+    layouts: Mapping[str, ParameterLayout],
+    scope: str,
+    sparsity: float,
+    min_density: float,
+) -> dict[str, Tensor]:
+    """:func:`select_masks` with every expert's matrix as a tensor of its own.
+
+    The pieces come in the order of the flattened tensors, so a global ranking and its ties are
+    the same as on the whole tensors; only per-matrix rules (layerwise targets, min_density)
+    see the experts apart. Parameters the layouts do not describe are selected as they are.
+    """
+    layouts = {k: layouts.get(k, ParameterLayout((), "", None)) for k in masks}  # as they are
+    chosen = select_masks(
+        per_matrix(scores, layouts),
+        per_matrix(masks, layouts),
+        sparsity=sparsity,
+        scope=scope,
+        min_density=min_density,
+    )
+    return from_per_matrix(chosen, layouts)
 
 
 def _check_reachable(k: int, cap: int, what: str, sparsity: float, min_density: float) -> None:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from torch.func import functional_call
 
 from .._common.checks import check_positive_int
 from ._linear import (
@@ -154,7 +155,7 @@ class SpeedReport:
             f"{layout} ms (speed-up)" for layout in self.layouts
         ]
         rows = [header]
-        notes = []
+        skipped: dict[tuple[str, str], list[str]] = {}  # (layout, reason) -> layers
         for layer in self.layers:
             row = [
                 layer.name or "(model)",
@@ -166,7 +167,9 @@ class SpeedReport:
             for form in layer.forms:
                 row.append(_cell(form))
                 if form.skipped:
-                    notes.append(f"  {form.layout}, {layer.name or '(model)'}: {form.skipped}")
+                    name = layer.name or "(model)"
+                    reason = form.skipped.removeprefix(f"layer {layer.name!r}: ")
+                    skipped.setdefault((form.layout, reason), []).append(name)
             rows.append(row)
         widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
         lines = [
@@ -190,8 +193,10 @@ class SpeedReport:
             lines.append(line)
         if not self.all_agree:
             lines.append("MISMATCH: a sparse form disagrees with dense beyond rounding")
-        if notes:
-            lines += ["not measured:", *notes]
+        if skipped:  # one line per reason, with the layers it holds for
+            lines.append("not measured:")
+            for (layout, reason), names in skipped.items():
+                lines.append(f"  {layout}: {reason} ({', '.join(names)})")
         return "\n".join(lines)
 
 
@@ -214,7 +219,9 @@ def speed_report(
     CUDA events and a synchronisation, on CPU with :func:`time.perf_counter`. A layout that
     cannot be built for a layer (dense layer with 2:4, a dtype the kernel lacks, a blocksize not
     dividing the weight, ...) is reported with the reason instead of a time. ``model`` is not
-    modified.
+    modified: it runs on clones of its buffers (a batch-norm layer in training mode updates
+    the clones). Layers with no weight (a zero-size dimension) have nothing to time and are left
+    out.
 
     Agreement is judged against the rounding error a dot product may carry: a sparse output
     :math:`\tilde y_{ij}` agrees with the dense :math:`y_{ij}` when
@@ -290,19 +297,23 @@ def _captured_inputs(
     calls: dict[str, tuple[nn.Module, Tensor]] = {}
 
     def capture(name: str) -> Callable:
-        def hook(module: nn.Module, inputs: tuple) -> None:
-            calls.setdefault(name, (module, inputs[0].detach()))
+        def hook(module: nn.Module, inputs: tuple, keywords: dict) -> None:
+            # A layer may be called by keyword (``self.proj(input=x)``): its one input either way.
+            x = inputs[0] if inputs else next(iter(keywords.values()))
+            calls.setdefault(name, (module, x.detach()))
 
         return hook
 
     handles = [
-        module.register_forward_pre_hook(capture(name))
+        module.register_forward_pre_hook(capture(name), with_kwargs=True)
         for name, module in model.named_modules()
-        if is_linear(module)
+        if is_linear(module) and linear_weights(module).weight.numel()  # zero-size: no weights
     ]
+    # Cloned buffers: a model in training mode updates its batch-norm statistics in the clones.
+    buffers = {name: buffer.clone() for name, buffer in model.named_buffers()}
     try:
         with torch.no_grad():
-            model(*args, **kwargs)
+            functional_call(model, buffers, args, kwargs)
     finally:
         for handle in handles:
             handle.remove()

@@ -54,6 +54,11 @@ def to_sparse(
     ``layers``. Whether the result is faster depends on sparsity, shapes, batch and machine:
     measure it with :func:`~lossprune.sparse.speed_report`.
 
+    Saving: safetensors (``save_pretrained``) stores no sparse tensor. Save the pruned dense
+    model and call ``to_sparse`` again after loading it (the zeros are the pattern, so the
+    export is identical), or ``torch.save`` the exported module itself (load it with
+    ``weights_only=False``).
+
     Args:
         model: The network (a single :class:`~torch.nn.Linear` works too).
         layout: ``"csr"`` or ``"bsr"``.

@@ -37,16 +37,17 @@ import torch
 from torch import Tensor
 
 from ..._common.checks import check_positive_int
-from ._hessian import damped_hessian
-from .patterns import Pattern, check_solve
-from .problem import DEFAULT_DAMPING, Damping, LayerProblem, LayerSolution, check_damping, solution
+from ._hessian import DampedHessian
+from ._solver import MaskSolver
+from .patterns import Pattern
+from .problem import DEFAULT_DAMPING, Damping, LayerProblem, check_damping
 from .refit import default_rtol, refit_weight
 
 __all__ = ["OBS"]
 
 
 @dataclass(frozen=True)
-class OBS:
+class OBS(MaskSolver):
     r"""SparseGPT's solver (module docstring), with an exact refit of its mask by default.
 
     Attributes:
@@ -71,16 +72,9 @@ class OBS:
         )
         check_damping("OBS", self.damping)
 
-    def solve(self, problem: LayerProblem, pattern: Pattern, sparsity: float) -> LayerSolution:
-        """Prune ``problem`` to ``sparsity`` under ``pattern``.
-
-        Raises:
-            TypeError: a bad problem or pattern, a non-real sparsity.
-            ValueError: the problem's (see :func:`~lossprune.layerwise.refit`), a sparsity
-                outside ``[0, 1)`` or one the pattern cannot reach.
-        """
-        problem, pattern, sparsity = check_solve(problem, pattern, sparsity)
-        hessian = damped_hessian(problem.gram, self.damping)
+    def _solve(
+        self, problem: LayerProblem, pattern: Pattern, sparsity: float, hessian: DampedHessian
+    ) -> tuple[Tensor, Tensor]:
         upper = torch.linalg.cholesky(hessian.inverse, upper=True)
         weight, mask = _sweep(problem, pattern, sparsity, upper, self.block_size)
         if self.refit:
@@ -91,7 +85,7 @@ class OBS:
                 initial=weight,
                 rtol=default_rtol(problem.gram.dtype),
             )
-        return solution(problem, weight, mask)
+        return weight, mask
 
 
 def _sweep(
@@ -114,20 +108,22 @@ def _sweep(
     held = torch.finfo(weight.dtype).max
     for start in range(0, inputs, block_size):
         stop = min(start + block_size, inputs)
-        block = weight[:, start:stop]  # a view: updated in place
+        # The block's columns as contiguous rows: the sweep reads and updates one column at a time.
+        columns = weight[:, start:stop].T.contiguous()
         if group is None:
-            scores = torch.cat([torch.full_like(weight[:, :start], held), block.square()], 1)
+            scores = torch.cat([torch.full_like(weight[:, :start], held), columns.T.square()], 1)
             scores[:, start:] /= scale[start:stop]
             mask[:, :stop] = pattern(scores, mask[:, :stop], sparsity)
-        errors = torch.empty_like(block)
+        errors = torch.empty_like(columns)
         for offset in range(stop - start):
             column = start + offset
             if group and column % group == 0:
                 run = slice(column, column + group)
-                local = block[:, offset : offset + group].square() / scale[run]
+                local = columns[offset : offset + group].T.square() / scale[run]
                 mask[:, run] = pattern(local, mask[:, run], sparsity)
-            error = block[:, offset].masked_fill(mask[:, column], 0.0) / upper[column, column]
-            block[:, offset:] -= error[:, None] * upper[column, column:stop]
-            errors[:, offset] = error
-        weight[:, stop:] -= errors @ upper[start:stop, stop:]
+            error = columns[offset].masked_fill(mask[:, column], 0.0) / upper[column, column]
+            columns[offset:] -= upper[column, column:stop, None] * error
+            errors[offset] = error
+        weight[:, start:stop] = columns.T
+        weight[:, stop:] -= errors.T @ upper[start:stop, stop:]
     return weight.masked_fill_(~mask, 0.0), mask

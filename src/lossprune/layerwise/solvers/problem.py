@@ -178,6 +178,15 @@ def check_problem(problem: object) -> LayerProblem:
     return LayerProblem(reference.to(gram.dtype), gram, kept)
 
 
+def check_placed_like(tensor: Tensor, like: Tensor, name: str) -> None:
+    """``ValueError`` unless ``tensor`` has the shape and device of ``like``."""
+    if tensor.shape != like.shape or tensor.device != like.device:
+        raise ValueError(
+            f"{name} must have shape {tuple(like.shape)} on {like.device}, got "
+            f"{tuple(tensor.shape)} on {tensor.device}"
+        )
+
+
 def check_mask(problem: LayerProblem, mask: object, name: str = "mask") -> Tensor:
     """``mask`` as a bool (out, in) subset of ``problem.kept``.
 
@@ -188,11 +197,7 @@ def check_mask(problem: LayerProblem, mask: object, name: str = "mask") -> Tenso
     if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
         what = mask.dtype if isinstance(mask, Tensor) else type(mask).__name__
         raise TypeError(f"{name} must be a bool tensor, got {what}")
-    if mask.shape != problem.kept.shape or mask.device != problem.kept.device:
-        raise ValueError(
-            f"{name} must have shape {tuple(problem.kept.shape)} on {problem.kept.device}, got "
-            f"{tuple(mask.shape)} on {mask.device}"
-        )
+    check_placed_like(mask, problem.kept, name)
     if bool((mask & ~problem.kept).any()):
         raise ValueError(f"{name} keeps entries that problem.kept prunes (masks only shrink)")
     return mask

@@ -46,6 +46,7 @@ from .problem import (
     LayerProblem,
     LayerSolution,
     check_mask,
+    check_placed_like,
     check_problem,
     solution,
 )
@@ -249,11 +250,7 @@ def _check_initial(problem: LayerProblem, initial: object) -> Tensor:
     if not isinstance(initial, Tensor) or not initial.is_floating_point():
         what = initial.dtype if isinstance(initial, Tensor) else type(initial).__name__
         raise TypeError(f"refit: initial must be a floating tensor, got {what}")
-    if initial.shape != problem.reference.shape or initial.device != problem.reference.device:
-        raise ValueError(
-            f"refit: initial must have shape {tuple(problem.reference.shape)} on "
-            f"{problem.reference.device}, got {tuple(initial.shape)} on {initial.device}"
-        )
+    check_placed_like(initial, problem.reference, "refit: initial")
     if not bool(initial.isfinite().all()):
         raise ValueError("refit: initial has non-finite entries")
     return initial.to(problem.gram.dtype)

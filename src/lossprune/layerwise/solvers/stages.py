@@ -26,19 +26,22 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from torch import Tensor
+
 from ..._common.checks import check_positive_int
 from ...schedules import ExponentialSchedule
-from ._hessian import damped_hessian
+from ._hessian import DampedHessian
 from ._scores import check_score, removal_cost
-from .patterns import Pattern, check_solve
-from .problem import DEFAULT_DAMPING, Damping, LayerProblem, LayerSolution, check_damping, solution
+from ._solver import MaskSolver
+from .patterns import Pattern
+from .problem import DEFAULT_DAMPING, Damping, LayerProblem, check_damping
 from .refit import default_rtol, refit_weight
 
 __all__ = ["Stages"]
 
 
 @dataclass(frozen=True)
-class Stages:
+class Stages(MaskSolver):
     r"""π stages, each pruning the lowest scores on the current weights, then refitting exactly.
 
     Attributes:
@@ -60,16 +63,9 @@ class Stages:
         check_score("Stages", self.score)
         check_damping("Stages", self.damping)
 
-    def solve(self, problem: LayerProblem, pattern: Pattern, sparsity: float) -> LayerSolution:
-        """Prune ``problem`` to ``sparsity`` under ``pattern``.
-
-        Raises:
-            TypeError: a bad problem or pattern, a non-real sparsity.
-            ValueError: the problem's (see :func:`~lossprune.layerwise.refit`), a sparsity
-                outside ``[0, 1)`` or one the pattern cannot reach.
-        """
-        problem, pattern, sparsity = check_solve(problem, pattern, sparsity)
-        hessian = damped_hessian(problem.gram, self.damping)
+    def _solve(
+        self, problem: LayerProblem, pattern: Pattern, sparsity: float, hessian: DampedHessian
+    ) -> tuple[Tensor, Tensor]:
         reference, mask = problem.reference, problem.kept
         rtol = default_rtol(reference.dtype)
         weight = refit_weight(hessian, reference, mask, rtol=rtol)
@@ -80,4 +76,4 @@ class Stages:
             scores = removal_cost(self.score, weight, hessian)
             mask = pattern(scores, mask, target)
             weight = refit_weight(hessian, reference, mask, initial=weight, rtol=rtol)
-        return solution(problem, weight, mask)
+        return weight, mask

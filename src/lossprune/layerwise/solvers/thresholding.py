@@ -20,20 +20,20 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch import Tensor
 
 from ..._common.checks import check_positive_int
-from ._hessian import damped_hessian
+from ._hessian import DampedHessian
 from ._scores import removal_cost
-from .patterns import Pattern, check_solve
+from ._solver import MaskSolver
+from .patterns import Pattern
 from .problem import (
     DEFAULT_DAMPING,
     Damping,
     LayerProblem,
-    LayerSolution,
     check_damping,
     check_positive,
     damped_objective,
-    solution,
 )
 from .refit import default_rtol, refit_weight
 
@@ -41,7 +41,7 @@ __all__ = ["IterativeThresholding"]
 
 
 @dataclass(frozen=True)
-class IterativeThresholding:
+class IterativeThresholding(MaskSolver):
     r"""Hard thresholding pursuit on the damped local loss (module docstring).
 
     Attributes:
@@ -64,16 +64,9 @@ class IterativeThresholding:
         object.__setattr__(self, "step", check_positive("IterativeThresholding: step", self.step))
         check_damping("IterativeThresholding", self.damping)
 
-    def solve(self, problem: LayerProblem, pattern: Pattern, sparsity: float) -> LayerSolution:
-        """Prune ``problem`` to ``sparsity`` under ``pattern``.
-
-        Raises:
-            TypeError: a bad problem or pattern, a non-real sparsity.
-            ValueError: the problem's (see :func:`~lossprune.layerwise.refit`), a sparsity
-                outside ``[0, 1)`` or one the pattern cannot reach.
-        """
-        problem, pattern, sparsity = check_solve(problem, pattern, sparsity)
-        hessian = damped_hessian(problem.gram, self.damping)
+    def _solve(
+        self, problem: LayerProblem, pattern: Pattern, sparsity: float, hessian: DampedHessian
+    ) -> tuple[Tensor, Tensor]:
         reference, kept = problem.reference, problem.kept
         rtol = default_rtol(reference.dtype)
         diagonal = hessian.matrix.diagonal()
@@ -93,4 +86,4 @@ class IterativeThresholding:
             if objective >= best:
                 break
             weight, mask, best = candidate, new, objective
-        return solution(problem, weight, mask)
+        return weight, mask
