@@ -8,6 +8,7 @@ import itertools
 
 import pytest
 import torch
+from torch import nn
 
 from lossprune import LinearSchedule, Magnitude
 from lossprune.layerwise.solvers import Damping, LayerProblem, refit
@@ -301,3 +302,11 @@ def test_device_needs_sets_inside_blocks_and_a_block_local_choice():
         models.llama(), "neurons", 0.25, data=_calibration(), device="cpu"
     ).run()
     assert report.model.config.intermediate_size == 30
+
+
+def test_a_model_with_weights_on_the_meta_device_is_refused():
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2))
+    data = (torch.randn(3, 4), torch.zeros(3, dtype=torch.long))
+    with pytest.raises(ValueError, match="meta device"):
+        StructuredPruner(model, "channels", 0.5, data=data, loss_fn=nn.CrossEntropyLoss())

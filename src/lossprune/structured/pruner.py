@@ -23,9 +23,11 @@ Until the end the removed groups are zero in a dense working model (the masked d
 computes exactly what the smaller one will); then :func:`~lossprune.structured.remove` makes it
 small in one step.
 
-The statistics pass runs the whole model once per set (early sets stop nothing): fine for the
-models this project benchmarks; a block-by-block pass with offload is the layer-wise engine's
-(:mod:`lossprune.layerwise`) to provide.
+Statistics come block by block where every set lies inside one block (the decoder layers of a
+transformer: the layer-wise engine's capture, one block on ``device`` at a time), else from one
+pass of the whole model per set (:mod:`~lossprune.structured.calibration`). Models dispatched by
+accelerate (weights offloaded to the meta device) are refused: the masking and the refits write
+ordinary tensors; load the model on the CPU and pass ``device=``.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ from .._common.checks import check_fraction
 from .._common.data import check_data, iter_batches
 from .._common.functional import check_deterministic
 from ..criteria import Criterion, Magnitude
+from ..layerwise.offload import is_dispatched
 from ..layerwise.solvers import Damping
 from ..layerwise.solvers.problem import layer_error
 from ..pruning._diagnostics import mean_loss
@@ -184,6 +187,12 @@ class StructuredPruner:
         if self.data is not None:
             check_data(self.data)
         check_deterministic(self.model)
+        if is_dispatched(self.model) or any(p.is_meta for p in self.model.parameters()):
+            raise ValueError(
+                "StructuredPruner: the model is dispatched by accelerate or has weights on the "
+                "meta device; structured removal writes ordinary tensors: load the model on the "
+                "CPU and pass device= to calibrate one block at a time on the accelerator"
+            )
         example = self.example_inputs
         wanted = [self.kinds] if isinstance(self.kinds, str) else list(self.kinds)
         if "channels" in wanted and example is None and self.data is not None:
