@@ -7,12 +7,13 @@ Usage::
         --refs /work/scratch/structured_refs/results-structured-refs.json \\
         --out benchmarks/results-structured.json
 
-Models (trained, nothing downloaded): the tiny byte-level language models that the reference
-runs use — ``llama-gqa-192`` (Llama, 4 x 192, 8 query / 4 KV heads, MLP 512), ``opt-3x64``
-(3 x 64, 4 heads, ffn 128), ``gpt2-small`` (4 x 128, 4 heads, MLP 512) — each a
-``save_pretrained`` folder ``<tiny-root>/<preset>/<LATEST>/`` with ``calib.pt`` (128 x 128 train
-tokens) and ``heldout.pt`` (64 x 128 validation tokens); and the residual CNN with batch norm on
-scikit-learn's digits (:mod:`lossprune.experiments.digits_resnet`, 98.9 % test accuracy).
+Models (trained, nothing downloaded): the tiny byte-level language models of
+:mod:`lossprune.experiments.tiny_models` that the reference runs use — ``llama-gqa-192`` (Llama,
+4 x 192, 8 query / 4 KV heads, MLP 512), ``opt-3x64`` (3 x 64, 4 heads, ffn 128), ``gpt2-small``
+(4 x 128, 4 heads, MLP 512) — loaded from ``--tiny-root`` (trained and cached there when
+missing), with their ``calib.pt`` (128 x 128 train tokens) and ``heldout.pt`` (64 x 128
+validation tokens); and the residual CNN with batch norm on scikit-learn's digits
+(:mod:`lossprune.experiments.digits_resnet`, 98.9 % test accuracy).
 
 Targets: 25 % and 50 % of the MLP neurons of every block; one KV group in four (Llama) or one
 head in four (OPT, GPT-2) per block; 30 % and 50 % of the channels of every channel set (CNN).
@@ -60,6 +61,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from lossprune import OBD, LinearSchedule, Magnitude, QuadraticModel
 from lossprune.experiments.digits_resnet import DigitsResNet, accuracy, load_trained
+from lossprune.experiments.tiny_models import load_data, load_or_train
 from lossprune.structured import GroupOBS, MeasuredLoss, StructuredPruner
 from lossprune.structured.removal import RECORD_KEY
 
@@ -69,13 +71,10 @@ CNN_TARGETS = {"channels30": 0.3, "channels50": 0.5}
 
 
 def load_lm(root: Path, preset: str) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
-    import transformers
-
-    folder = root / preset / (root / preset / "LATEST").read_text().strip()
-    model = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
-    calib = torch.load(folder / "calib.pt")["input_ids"]
-    heldout = torch.load(folder / "heldout.pt")["input_ids"]
-    return model, calib, heldout
+    """A cached tiny model (:mod:`lossprune.experiments.tiny_models`) and its token sets."""
+    tiny = load_or_train(preset, root=root)
+    data = load_data(tiny.path)
+    return tiny.model.eval(), data["calib"]["input_ids"], data["heldout"]["input_ids"]
 
 
 @torch.no_grad()
@@ -136,6 +135,26 @@ def time_models(models: dict[str, nn.Module], inputs: Any, rounds: int) -> dict[
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+def measured(
+    model: nn.Module, report: Any, seconds: float, inputs: Any, rounds: int, quality: dict
+) -> dict[str, Any]:
+    """One row: quality, layer error, size, and speed against dense and same-shape models."""
+    times = time_models(
+        {"dense": model, "removed": report.model, "same_shapes": same_shapes(report.model)},
+        inputs,
+        rounds,
+    )
+    return {
+        **quality,
+        "mean_layer_rel_err": mean_error(report),
+        "params": report.parameters_after,
+        "param_ratio": report.parameters_before / report.parameters_after,
+        "speedup": times["dense"] / times["removed"],
+        "speed_vs_same_shapes": times["same_shapes"] / times["removed"],
+        "prune_seconds": seconds,
+    }
+
+
 def mean_error(report: Any) -> float | None:
     errors = [e for s in report.sets for e in s.errors.values()]
     return sum(errors) / len(errors) if errors else None
@@ -171,26 +190,9 @@ def language_models(args: argparse.Namespace) -> dict[str, Any]:
                     model, kind, amount, data=data, hf_config=hf_config, **options
                 ).run()
                 seconds = time.perf_counter() - start
-                times = time_models(
-                    {
-                        "dense": model,
-                        "removed": report.model,
-                        "same_shapes": same_shapes(report.model),
-                    },
-                    timing_input,
-                    args.rounds,
-                )
-                row = {
-                    "method": method,
-                    "target": target,
-                    "ppl": perplexity(report.model, heldout),
-                    "mean_layer_rel_err": mean_error(report),
-                    "params": report.parameters_after,
-                    "param_ratio": report.parameters_before / report.parameters_after,
-                    "speedup": times["dense"] / times["removed"],
-                    "speed_vs_same_shapes": times["same_shapes"] / times["removed"],
-                    "prune_seconds": seconds,
-                }
+                quality = {"method": method, "target": target}
+                quality["ppl"] = perplexity(report.model, heldout)
+                row = measured(model, report, seconds, timing_input, args.rounds, quality)
                 runs.append(row)
                 print(
                     family,
@@ -227,22 +229,9 @@ def cnn(args: argparse.Namespace) -> dict[str, Any]:
                 model, "channels", amount, data=calibration, loss_fn=loss, **options
             ).run()
             seconds = time.perf_counter() - start
-            times = time_models(
-                {"dense": model, "removed": report.model, "same_shapes": same_shapes(report.model)},
-                data.x_test,
-                args.rounds,
-            )
-            row = {
-                "method": method,
-                "target": target,
-                "acc": accuracy(report.model, data.x_test, data.y_test),
-                "mean_layer_rel_err": mean_error(report),
-                "params": report.parameters_after,
-                "param_ratio": report.parameters_before / report.parameters_after,
-                "speedup": times["dense"] / times["removed"],
-                "speed_vs_same_shapes": times["same_shapes"] / times["removed"],
-                "prune_seconds": seconds,
-            }
+            quality = {"method": method, "target": target}
+            quality["acc"] = accuracy(report.model, data.x_test, data.y_test)
+            row = measured(model, report, seconds, data.x_test, args.rounds, quality)
             runs.append(row)
             print(
                 "cnn",
