@@ -213,6 +213,7 @@ def test_error_table_names_existing_tests():
         "concepts.md",
         "sparse.md",
         "structured.md",
+        "structured_removal.md",
         "transformers.md",
         "layerwise.md",
     ],

@@ -92,7 +92,7 @@ def test_unsupported_requests_are_refused_before_any_hook():
     model = Stack()
     with pytest.raises(ValueError, match="float32 or float64"):
         InputStatistics(model, ["first.weight"], dtype=torch.float16)
-    conv = nn.Sequential(nn.Conv2d(2, 2, 3))
+    conv = nn.Sequential(nn.Conv2d(2, 2, 3, groups=2))
     with pytest.raises(TypeError, match="no Gram matrix"):
         InputStatistics(conv, ["0.weight"], gram=True)
     with pytest.raises(TypeError, match="none for 'first.bias'"):
@@ -116,3 +116,25 @@ def test_no_counted_position_and_a_convolution_with_padding_are_refused():
     with pytest.raises(TypeError, match="no per-position rows"):
         with statistics.recording(torch.tensor([[True, False]])):
             conv(torch.randn(1, 4, 2))
+
+
+def test_convolution_gram_matrices_and_means_are_those_of_the_unfolded_patches():
+    conv = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1, stride=2), nn.Tanh(), nn.Linear(2, 4))
+    conv = conv.double()
+    batches = [torch.randn(2, 2, 4, 4, dtype=torch.float64) for _ in range(2)]
+    statistics = InputStatistics(conv, ["0.weight", "2.weight"], gram=True, dtype=torch.float64)
+    for x in batches:
+        with statistics.recording():
+            conv(x)
+    moments = statistics.means()
+    patches = torch.cat(
+        [
+            nn.functional.unfold(x, 3, padding=1, stride=2).transpose(1, 2).reshape(-1, 18)
+            for x in batches
+        ]
+    )
+    torch.testing.assert_close(moments["0.weight"].gram, patches.T @ patches / len(patches))
+    torch.testing.assert_close(moments["0.weight"].mean, patches.mean(0))
+    hidden = torch.cat([conv[1](conv[0](x)).reshape(-1, 2) for x in batches])
+    torch.testing.assert_close(moments["2.weight"].mean, hidden.mean(0))
+    assert moments["2.weight"].rows == len(hidden)

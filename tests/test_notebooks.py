@@ -28,6 +28,11 @@ NOTEBOOKS = {
         "is in training mode",
         "same masks as an uninterrupted run: True",
     ],
+    "structured_removal.ipynb": [
+        "stem.0            16 channels, read by blocks.0.conv1",
+        "group OBS + refit  test accuracy",
+        "speed-up of the removed network",
+    ],
     "layerwise_pruning.ipynb": [
         "ADMM           perplexity",
         "weights whose mask differs with padding: 0",

@@ -64,18 +64,23 @@ class InputMoments(NamedTuple):
             shaped to broadcast against the parameter.
         gram: :math:`G`, the mean of :math:`x x^\top`, ``(in, in)``; ``None`` unless asked for.
         rows: :math:`n`, the number of counted rows (all ranks together).
+        mean: :math:`\bar x`, the mean row, ``(in,)``, with the Gram matrix (``None``
+            without): an affine map :math:`W x + b` has the Gram matrix
+            :math:`\begin{pmatrix} G & \bar x \\ \bar x^\top & 1\end{pmatrix}` of
+            :math:`(x, 1)`, which a refit of its bias needs.
     """
 
     sq_norms: Tensor
     gram: Tensor | None
     rows: int
+    mean: Tensor | None = None
 
 
 class _Contribution(NamedTuple):
     """What one call of a module adds: the sum of its inputs squared, the rows, their number."""
 
     sq_sum: Tensor
-    rows: Tensor | None  # (r, in), for the Gram matrix; None for a convolution
+    rows: Tensor | None  # (r, in), for the Gram matrix; None for a grouped convolution
     rows_counted: int
 
 
@@ -138,8 +143,9 @@ def _conv(module: nn.Module, x: Tensor, counted: Tensor | None) -> _Contribution
     groups = module.groups
     # Output channels of group g see only the inputs of group g.
     per_group = per_feature.reshape(groups, 1, *weight.shape[1:])
-    if groups == 1:
-        return _Contribution(per_group[0], None, count)
+    if groups == 1:  # each patch is one row of the map's (out, in·kh·kw) matrix
+        rows = patches.transpose(1, 2).reshape(count, patches.shape[1])
+        return _Contribution(per_group[0], rows, count)
     expanded = per_group.expand(groups, weight.shape[0] // groups, *weight.shape[1:])
     return _Contribution(expanded.reshape(weight.shape), None, count)
 
@@ -194,7 +200,9 @@ class InputStatistics:
         model: the module holding the parameters (never modified; hooks live only inside
             :meth:`recording`).
         names: qualified names of weight matrices of ``model``.
-        gram: also accumulate :math:`\sum_t x_t x_t^\top` (``nn.Linear`` and ``Conv1D`` only).
+        gram: also accumulate :math:`\sum_t x_t x_t^\top` and :math:`\sum_t x_t` (``nn.Linear``,
+            ``Conv1D``, and convolutions without groups, whose rows are the flattened
+            ``in·kh·kw`` patches).
         dtype: the accumulation dtype (float32 or float64), whatever the model's dtype.
 
     Raises:
@@ -215,6 +223,7 @@ class InputStatistics:
         self._uses: dict[str, list[tuple[nn.Module, _Rule]]] = {}
         self._sums: dict[str, Tensor] = {}
         self._grams: dict[str, Tensor] = {}
+        self._firsts: dict[str, Tensor] = {}
         self._rows: dict[str, Tensor] = {}
         self._seen: set[str] = set()
         self._dtype = dtype
@@ -249,10 +258,11 @@ class InputStatistics:
                         f"input statistics: none for {name!r}{used} ({type(module).__name__}): "
                         f"{rule}"
                     )
-                if gram and rule is _conv:
+                if gram and rule is _conv and getattr(module, "groups", 1) > 1:
                     raise TypeError(
                         f"input statistics: no Gram matrix for {name!r} "
-                        f"({type(module).__name__}): only nn.Linear and Hugging Face's Conv1D"
+                        f"({type(module).__name__} with groups): only nn.Linear, Hugging "
+                        "Face's Conv1D and convolutions without groups"
                     )
                 uses.append((module, rule))
             shapes = {_sum_shape(module, weight) for module, _ in uses}
@@ -266,8 +276,9 @@ class InputStatistics:
             self._sums[name] = torch.zeros(shapes.pop(), dtype=dtype, device=device)
             self._rows[name] = torch.zeros((), dtype=torch.float64, device=device)
             if gram:
-                size = weight.shape[1] if isinstance(uses[0][0], nn.Linear) else weight.shape[0]
+                size = weight[0].numel() if not is_hf_conv1d(uses[0][0]) else weight.shape[0]
                 self._grams[name] = torch.zeros(size, size, dtype=dtype, device=device)
+                self._firsts[name] = torch.zeros(size, dtype=dtype, device=device)
 
     @contextmanager
     def recording(self, counted: Tensor | None = None) -> Iterator[None]:
@@ -324,6 +335,7 @@ class InputStatistics:
         rows = contribution.rows
         if name in self._grams and rows is not None:
             self._grams[name].addmm_(rows.T, rows)
+            self._firsts[name].add_(rows.sum(0))
         self._seen.add(name)
 
     def _add_experts(self, name: str, sq_sums: Tensor, rows: Tensor) -> None:
@@ -339,6 +351,7 @@ class InputStatistics:
         self._rows[name] = self._rows[name].to(device)
         if name in self._grams:
             self._grams[name] = self._grams[name].to(device)
+            self._firsts[name] = self._firsts[name].to(device)
 
     def means(self) -> dict[str, InputMoments]:
         """The moments over everything recorded, all-reduced over ranks (module docstring).
@@ -355,7 +368,7 @@ class InputStatistics:
                 "forward (e.g. nn.MultiheadAttention applies out_proj functionally), so their "
                 "inputs are unknown"
             )
-        all_reduce_sum(self._sums, self._rows, self._grams, self._expert_rows)
+        all_reduce_sum(self._sums, self._rows, self._grams, self._firsts, self._expert_rows)
         result = {}
         for name, total in self._sums.items():
             rows = round(float(self._rows[name]))
@@ -369,5 +382,6 @@ class InputStatistics:
                 result[name] = InputMoments(total / per_expert.reshape(-1, 1, 1), None, rows)
                 continue
             gram = self._grams[name] / rows if name in self._grams else None
-            result[name] = InputMoments(total / rows, gram, rows)
+            mean = self._firsts[name] / rows if name in self._firsts else None
+            result[name] = InputMoments(total / rows, gram, rows, mean)
         return result

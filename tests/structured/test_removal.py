@@ -1,0 +1,275 @@
+"""Physical removal: the smaller model computes what the masked dense model computes (float64),
+counts exactly what was removed, and reloads through Hugging Face or the recorded route."""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import types
+from unittest import mock
+
+import pytest
+import torch
+
+from lossprune.structured import (
+    find_groups,
+    load_removed,
+    masked_state,
+    parameter_count,
+    parameters_removed,
+    remove,
+)
+
+from . import models
+
+transformers = pytest.importorskip("transformers")
+
+HF_CASES = [(name, kind) for name in models.HF_MODELS for kind in ("heads", "neurons")]
+UNIFORM_RELOADS = [
+    ("llama", "heads"), ("llama", "neurons"), ("qwen3", "heads"), ("qwen3", "neurons"),
+    ("mistral", "heads"), ("mistral", "neurons"), ("gpt2", "neurons"), ("opt", "neurons"),
+    ("bert", "neurons"),
+]  # fmt: skip
+
+
+def _auto(name: str):
+    if name == "bert":
+        return transformers.AutoModelForSequenceClassification
+    return transformers.AutoModelForCausalLM
+
+
+def _random_removal(groups, fraction=0.25, seed=0, uniform=True):
+    generator = torch.Generator().manual_seed(seed)
+    removed = {}
+    for position, group_set in enumerate(groups):
+        count = max(1, round(group_set.size * fraction)) if uniform else 1 + position % 2
+        count = min(count, group_set.size - 1)
+        removed[group_set.name] = torch.randperm(group_set.size, generator=generator)[
+            :count
+        ].tolist()
+    return removed
+
+
+def _masked(model, groups, removed):
+    reference = copy.deepcopy(model)
+    reference.load_state_dict(masked_state(reference, groups, removed), strict=False)
+    return reference
+
+
+def _state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _same_state(a, b):
+    return a.keys() == b.keys() and all(
+        a[k].shape == b[k].shape and torch.equal(a[k], b[k]) for k in a
+    )
+
+
+@pytest.mark.parametrize("name, kind", HF_CASES)
+def test_removed_model_equals_masked_dense_model(name, kind):
+    model = models.HF_MODELS[name]()
+    groups = find_groups(model, kind)
+    removed = _random_removal(groups, uniform=False)
+    small = remove(model, groups, removed, hf_config="record")
+    batch = models.token_batch()
+    expected = models.logits(_masked(model, groups, removed), batch)
+    torch.testing.assert_close(models.logits(small, batch), expected, rtol=0, atol=1e-10)
+    saved = parameters_removed(model, groups, removed)
+    assert parameter_count(model) - parameter_count(small) == saved
+    assert saved > 0
+
+
+def test_inplace_removal_modifies_the_model_and_a_copy_does_not():
+    model = models.llama()
+    before = _state(model)
+    groups = find_groups(model, "neurons")
+    small = remove(model, groups, {groups[0].name: [0, 3]}, hf_config="record")
+    assert _same_state(_state(model), before)
+    assert small.model.layers[0].mlp.down_proj.in_features == 38
+    same = remove(model, groups, {groups[0].name: [0, 3]}, inplace=True, hf_config="record")
+    assert same is model and model.model.layers[0].mlp.up_proj.out_features == 38
+
+
+@pytest.mark.parametrize("name, kind", UNIFORM_RELOADS)
+def test_uniform_removal_reloads_with_from_pretrained(name, kind, tmp_path):
+    model = models.HF_MODELS[name]()
+    groups = find_groups(model, kind)
+    small = remove(model, groups, {g.name: list(range(g.size // 4 or 1)) for g in groups})
+    small.save_pretrained(tmp_path)
+    again = _auto(name).from_pretrained(tmp_path, dtype=torch.float64)
+    batch = models.token_batch()
+    torch.testing.assert_close(
+        models.logits(again, batch), models.logits(small, batch), rtol=0, atol=0
+    )
+    assert parameter_count(again) == parameter_count(small)
+
+
+def test_gqa_removal_keeps_whole_key_value_groups():
+    model = models.llama(heads=8, kv_heads=4)
+    (first, second) = find_groups(model, "heads")
+    assert (first.size, first.heads_per_group) == (4, 2)
+    small = remove(model, [first, second], {first.name: [2], second.name: [0]})
+    config = small.config
+    assert (config.num_attention_heads, config.num_key_value_heads, config.head_dim) == (6, 3, 6)
+    attention = small.model.layers[0].self_attn
+    assert attention.q_proj.out_features == 36 and attention.k_proj.out_features == 18
+    assert attention.num_key_value_groups == 2
+
+
+@pytest.mark.parametrize("name", ["gpt2", "opt", "bert"])
+def test_heads_a_config_cannot_express_are_refused_and_nothing_changes(name):
+    model = models.HF_MODELS[name]()
+    before = _state(model)
+    groups = find_groups(model, "heads")
+    with pytest.raises(ValueError, match="cannot express removing heads.*hf_config='record'"):
+        remove(model, groups, {g.name: [0] for g in groups}, inplace=True)
+    assert _same_state(_state(model), before)
+
+
+def test_a_head_count_the_config_refuses_raises_and_says_what_to_do():
+    model = models.llama(heads=12, kv_heads=4)  # 48 / 9 heads is no integer
+    before = _state(model)
+    groups = find_groups(model, "heads")
+    with pytest.raises(ValueError, match="(?s)config refuses.*divide hidden_size"):
+        remove(model, groups, {g.name: [0] for g in groups}, inplace=True)
+    assert _same_state(_state(model), before)
+
+
+def test_non_uniform_removal_is_refused_by_update_and_reloads_by_the_record(tmp_path):
+    model = models.llama()
+    before = _state(model)
+    neurons = find_groups(model, "neurons")
+    removed = _random_removal(neurons, uniform=False)
+    with pytest.raises(ValueError, match="one size for every layer"):
+        remove(model, neurons, removed, inplace=True)
+    assert _same_state(_state(model), before)
+    small = remove(model, neurons, removed, hf_config="record")
+    heads = find_groups(small, "heads")
+    small = remove(small, heads, {heads[1].name: [0]}, hf_config="record", inplace=True)
+    with pytest.raises(ValueError, match="already records a removal"):
+        remove(small, heads, {heads[0].name: [0]})
+    small.save_pretrained(tmp_path)
+    again = load_removed(transformers.AutoModelForCausalLM, tmp_path)
+    batch = models.token_batch()
+    torch.testing.assert_close(
+        models.logits(again, batch), models.logits(small, batch), rtol=0, atol=0
+    )
+    with pytest.raises(RuntimeError):
+        transformers.AutoModelForCausalLM.from_pretrained(tmp_path)
+
+
+def test_load_removed_refuses_a_folder_without_a_record_or_with_other_weights(tmp_path):
+    model = models.gpt2()
+    model.save_pretrained(tmp_path / "plain")
+    with pytest.raises(ValueError, match="records no removal"):
+        load_removed(transformers.AutoModelForCausalLM, tmp_path / "plain")
+    groups = find_groups(model, "neurons")
+    small = remove(model, groups, {groups[0].name: [1]}, hf_config="record")
+    small.config.lossprune_removed = [{"kinds": ["neurons"], "removed": {groups[0].name: [1, 2]}}]
+    small.save_pretrained(tmp_path / "wrong")
+    with pytest.raises(ValueError, match="do not match the replayed removal"):
+        load_removed(transformers.AutoModelForCausalLM, tmp_path / "wrong")
+
+
+def _router_masked_logits(model, groups, removed, batch):
+    """The dense MoE model whose routers never pick the removed experts (logits -inf)."""
+    rows = {id(model.get_submodule(f"{g.name}.gate").weight): removed[g.name] for g in groups}
+
+    def linear(x, weight, bias=None):
+        out = torch.nn.functional.linear(x, weight, bias)
+        if id(weight) in rows:
+            out = out.clone()
+            out[..., rows[id(weight)]] = float("-inf")
+        return out
+
+    router = model.get_submodule(f"{groups[0].name}.gate")
+    module = importlib.import_module(type(router).__module__)
+    functional = types.SimpleNamespace(**vars(torch.nn.functional))
+    functional.linear = linear
+    with mock.patch.object(module, "F", functional):
+        return models.logits(model, batch)
+
+
+@pytest.mark.parametrize("name", list(models.MOE_MODELS))
+def test_removing_experts_equals_routing_around_them_and_reloads(name, tmp_path):
+    model = models.MOE_MODELS[name]()
+    groups = find_groups(model, "experts")
+    removed = {g.name: [1 + i] for i, g in enumerate(groups)}
+    small = remove(model, groups, removed)
+    batch = models.token_batch()
+    expected = _router_masked_logits(model, groups, removed, batch)
+    torch.testing.assert_close(models.logits(small, batch), expected, rtol=0, atol=1e-10)
+    assert small.get_submodule(f"{groups[0].name}.experts").num_experts == 3
+    small.save_pretrained(tmp_path)
+    again = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path, dtype=torch.float64, experts_implementation="eager"
+    )
+    torch.testing.assert_close(
+        models.logits(again, batch), models.logits(small, batch), rtol=0, atol=0
+    )
+
+
+def test_fewer_experts_than_the_router_picks_are_refused():
+    model = models.mixtral()
+    before = _state(model)
+    groups = find_groups(model, "experts")
+    with pytest.raises(ValueError, match="router picks 2 per token"):
+        remove(model, groups, {groups[0].name: [0, 1, 2]}, inplace=True)
+    assert _same_state(_state(model), before)
+
+
+def test_bad_removals_are_refused_before_anything_changes():
+    model = models.opt()
+    before = _state(model)
+    groups = find_groups(model, "neurons")
+    name = groups[0].name
+    with pytest.raises(ValueError, match="not a group set"):
+        remove(model, groups, {"nowhere": [0]}, inplace=True)
+    with pytest.raises(ValueError, match="distinct group indices"):
+        remove(model, groups, {name: [0, 0]}, inplace=True)
+    with pytest.raises(ValueError, match="distinct group indices"):
+        remove(model, groups, {name: [40]}, inplace=True)
+    with pytest.raises(ValueError, match="removes all 40 groups"):
+        remove(model, groups, {name: list(range(40))}, inplace=True)
+    with pytest.raises(TypeError, match="must hold ints"):
+        remove(model, groups, {name: [0.5]}, inplace=True)
+    with pytest.raises(ValueError, match="hf_config must be one of"):
+        remove(model, groups, {name: [0]}, hf_config="ignore")
+    assert _same_state(_state(model), before)
+
+
+def test_a_tied_tensor_is_never_cut():
+    model = models.opt()
+    groups = find_groups(model, "neurons")
+    layer = model.model.decoder.layers
+    layer[1].fc1.weight = layer[0].fc1.weight  # a tie the finder could not know about
+    with pytest.raises(TypeError, match="is tied to"):
+        remove(model, groups, {groups[0].name: [0]})
+
+
+def test_find_groups_refuses_unknown_kinds_and_absent_groups():
+    with pytest.raises(ValueError, match="kinds must be among"):
+        find_groups(models.gpt2(), "rows")
+    with pytest.raises(ValueError, match="has no removable experts"):
+        find_groups(models.gpt2(), "experts")
+    with pytest.raises(ValueError, match="pass example_inputs"):
+        find_groups(models.resnet(), "channels")
+
+
+def test_shapes_that_contradict_a_layout_are_refused():
+    model = models.llama()
+    attention = model.model.layers[0].self_attn
+    attention.head_dim = 5  # 24 key rows are no whole number of 5-wide heads
+    with pytest.raises(TypeError, match="do not match head_dim"):
+        find_groups(model, "heads")
+
+
+def test_the_parameters_one_group_owns_add_up_when_sets_do_not_share_tensors():
+    model = models.llama()
+    groups = find_groups(model, ["heads", "neurons"])
+    removed = {g.name: [0] for g in groups}
+    per_group = sum(g.parameters_per_group(model) for g in groups)
+    assert parameters_removed(model, groups, removed) == per_group
+    small = remove(model, groups, removed)
+    assert parameter_count(model) - parameter_count(small) == per_group
