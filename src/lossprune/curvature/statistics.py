@@ -12,6 +12,15 @@ initialised :mod:`torch.distributed` group, and divide:
 
 which for the loss, its gradient and every curvature statistic (all linear in the loss) is
 exactly the statistic of the full-data mean loss.
+
+Memory: ONE option, ``chunk_size``, bounds every statistic the same way: at most ``chunk_size``
+parameter-sized intermediate copies exist at once beyond one forward and backward pass —
+per-example (and per output column) pull-backs of the Fisher diagonals, tangent vectors of
+curvature-vector products (Hutchinson's probes, :math:`Hg`, the compensation's products), and,
+on the per-layer fast path, ``chunk_size`` times the parameters' count of back-propagated
+columns and per-example weight gradients. Peak memory grows linearly in it and the numbers do
+not change. Default (``None``): per-example copies as many as fit in ``2**24`` numbers, every
+vector of a product at once.
 """
 
 from __future__ import annotations
@@ -24,12 +33,12 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .._common.batches import resolve_loss
+from .._common.batches import ModelInputs, resolve_loss
 from .._common.checks import check_positive_int
 from .._common.data import is_single_batch, iter_batches
 from .._common.distributed import all_reduce_floats, all_reduce_sum
 from .._common.functional import FunctionalModel, statistics_dtype
-from .diagonals import fisher_diag, fisher_diag_mc, hutchinson, warn_exact_fisher_cost
+from .diagonals import diagonal_pass, hutchinson, warn_exact_fisher_cost
 from .errors import check_finite
 from .inputs import input_sq_norms
 from .outputs import LossFn, check_mean_over_examples, check_tensor_outputs, loss_normaliser
@@ -221,7 +230,8 @@ def compute_statistics(
             (the model's own loss: logits, causal-LM shift, cross-entropy, ``-100`` ignored).
         requests: statistics to compute besides loss and gradient.
         generator: random source for Monte-Carlo labels and Hutchinson probes.
-        chunk_size: memory bound passed to the per-batch routines.
+        chunk_size: the memory bound of every statistic (module docstring): at most this many
+            parameter-sized per-example pull-backs or tangent vectors exist at once.
         progress: show a per-batch progress bar (tqdm) for each pass over the data.
 
     Raises:
@@ -243,24 +253,19 @@ def compute_statistics(
                 loss, grads, values[request] = hutchinson(
                     model, params, batch, loss_fn, request.samples, generator, chunk_size
                 )
-            elif request.kind == "fisher":
-                values[request] = fisher_diag(model, params, batch, loss_fn, chunk_size=chunk_size)
+            elif request.kind in ("fisher", "fisher_mc"):
+                diagonal = diagonal_pass(
+                    model, params, batch, loss_fn, generator, request.samples, chunk_size
+                )
+                values[request] = diagonal.diagonal
+                if loss is None and diagonal.grad is not None:  # the same graphs gave them
+                    loss, grads = diagonal.loss, diagonal.grad
             elif request.kind == "input_sq_norms":
                 # A sum, not a mean: divided by Z_b here, the loop's weighting gives Σ_b S_b / W,
                 # and the total weight W is multiplied back below.
                 z = float(loss_normaliser(loss_fn, batch[1]))
                 sums = input_sq_norms(model, params, batch[0], dtype)
                 values[request] = {k: v / z for k, v in sums.items()}
-            else:
-                values[request] = fisher_diag_mc(
-                    model,
-                    params,
-                    batch,
-                    loss_fn,
-                    samples=request.samples,
-                    generator=generator,
-                    chunk_size=chunk_size,
-                )
         if loss is None or grads is None:
             loss, grads = loss_and_grad(model, params, batch, loss_fn)
         check_finite("loss", loss)
@@ -274,7 +279,9 @@ def compute_statistics(
     def first_outputs() -> Any:
         return FunctionalModel(model, params)(params, first.inputs)
 
-    if not isinstance(first.inputs, Tensor):  # keyword inputs: a model that may return a pytree
+    if isinstance(first.inputs, ModelInputs) and first.inputs.read is None:
+        # Keyword inputs: a model that may return a pytree (a ModelLoss reads the logits, a
+        # tensor by construction, so its check would cost a forward pass for nothing).
         check_tensor_outputs(loss_fn, first_outputs)
     check_mean_over_examples(loss_fn, lambda: (first_outputs(), first.targets))
     if any(r.kind == "fisher" for r in first_pass):

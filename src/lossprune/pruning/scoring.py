@@ -120,7 +120,9 @@ def scores(
             :func:`lossprune.selection.prunable_parameters`); default every Linear/Conv ``.weight``.
         exclude: parameters to leave out, same form as ``include``.
         generator: random source for Monte-Carlo criteria.
-        chunk_size: memory bound for the curvature routines.
+        chunk_size: the one memory bound of every statistic: at most this many
+            parameter-sized per-example pull-backs or tangent vectors exist at once
+            (:mod:`lossprune.curvature.statistics`; default: automatic).
 
     Returns:
         Qualified parameter name to a score tensor shaped like the parameter, in at least
