@@ -25,6 +25,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 from torch.func import vjp, vmap
+from torch.utils._pytree import tree_flatten
 
 from .._common.batches import Batch, ModelInputs
 from .._common.checks import check_positive_int
@@ -37,6 +38,7 @@ from .products import CurvatureProducts, hvp, prepare
 __all__ = [
     "DiagonalPass",
     "diagonal_pass",
+    "exact_fisher_columns",
     "fisher_diag",
     "fisher_diag_mc",
     "hutchinson_diag",
@@ -117,38 +119,52 @@ def _sum_squared_per_example_vjps(
     return total
 
 
-# Exact diagonals costing more than this many gradients are announced (with the alternative).
-_EXPENSIVE_GRADIENTS = 100
+#: Gradients per pass an exact Fisher/GGN diagonal may cost: above it, the exact diagonal is
+#: announced with its alternative, and ``Statistic("fisher_auto")`` is estimated by Monte Carlo.
+EXACT_FISHER_BUDGET = 100
 _WARNED_COST: set[tuple[str, int]] = set()
+_DEFAULT_ALTERNATIVE = "Statistic('fisher_mc', samples=1)"
+
+
+def exact_fisher_columns(model: nn.Module, params: Mapping[str, Tensor], batch: Batch) -> int:
+    r""":math:`R`, the output entries of one example: the exact diagonal's cost in gradients.
+
+    The exact diagonal pulls back every column of :math:`S_n`, one per output entry of the
+    example (:math:`R = T \cdot V` for a language model's logits), so it costs about
+    :math:`R` gradients per pass; ``fisher_mc`` costs one per sample. One forward pass of the
+    batch's first example, without a graph.
+    """
+    first = batch.inputs[:1] if isinstance(batch.inputs, Tensor) else batch.inputs.rows(0, 1)
+    with torch.no_grad():
+        outputs = FunctionalModel(model, params)(params, first)
+    leaves = [leaf for leaf in tree_flatten(outputs)[0] if isinstance(leaf, Tensor)]
+    return sum(leaf.numel() for leaf in leaves)
 
 
 def warn_exact_fisher_cost(
     model: nn.Module,
     params: Mapping[str, Tensor],
     batch: Batch,
+    alternative: str | None = None,
 ) -> None:
-    r"""Warn before an exact Fisher that costs more than about 100 gradients per pass.
+    r"""Warn before an exact Fisher that costs more than ``EXACT_FISHER_BUDGET`` gradients.
 
     The parameters no fast path covers need one backward pass per output entry of every
-    example (:math:`R` columns of :math:`S_n`, :math:`R = T \cdot V` for a language model's
-    logits): about :math:`R` gradients. ``fisher_mc`` costs one gradient per sample.
+    example (:func:`exact_fisher_columns`). ``alternative`` names what to use instead (the
+    caller's criterion with the Monte-Carlo Fisher; default: the statistic itself).
     """
     covered = covered_parameters(model, params, batch.inputs)
     if set(params) <= covered:
         return
-    with torch.no_grad():
-        outputs = FunctionalModel(model, params)(params, batch.inputs)
-    if not isinstance(outputs, Tensor) or outputs.dim() == 0:
-        return
-    columns = outputs[0].numel()
+    columns = exact_fisher_columns(model, params, batch)
     key = (type(model).__name__, columns)
-    if columns > _EXPENSIVE_GRADIENTS and key not in _WARNED_COST:
+    if columns > EXACT_FISHER_BUDGET and key not in _WARNED_COST:
         _WARNED_COST.add(key)  # once per model class and output size: not at every stage
         warnings.warn(
             f"the exact Fisher/GGN diagonal costs about {columns} gradients per pass here (one "
             f"backward pass per output entry of each example, {columns} entries: every token "
-            "times every class); Statistic('fisher_mc', samples=k) estimates the same diagonal "
-            "without bias at about k gradients (e.g. OBD(curvature='fisher_mc'))",
+            f"times every class); {alternative or _DEFAULT_ALTERNATIVE} estimates the same "
+            "diagonal without bias at about one gradient per sampled label",
             RuntimeWarning,
             stacklevel=3,
         )

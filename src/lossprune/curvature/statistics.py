@@ -25,6 +25,7 @@ vector of a product at once.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -33,12 +34,18 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .._common.batches import ModelInputs, resolve_loss
+from .._common.batches import Batch, ModelInputs, resolve_loss
 from .._common.checks import check_positive_int
 from .._common.data import is_single_batch, iter_batches
 from .._common.distributed import all_reduce_floats, all_reduce_sum
 from .._common.functional import FunctionalModel, statistics_dtype
-from .diagonals import diagonal_pass, hutchinson, warn_exact_fisher_cost
+from .diagonals import (
+    EXACT_FISHER_BUDGET,
+    diagonal_pass,
+    exact_fisher_columns,
+    hutchinson,
+    warn_exact_fisher_cost,
+)
 from .errors import check_finite
 from .inputs import input_sq_norms
 from .outputs import LossFn, check_mean_over_examples, check_tensor_outputs, loss_normaliser
@@ -139,6 +146,11 @@ class Statistic:
     * ``"fisher"`` — exact GGN/Fisher diagonal;
     * ``"fisher_mc"`` — Monte-Carlo Fisher diagonal with ``samples`` labels per example (per
       token for a language model's logits, each token's label drawn independently);
+    * ``"fisher_auto"`` — ``"fisher"`` where the exact diagonal costs at most
+      :data:`~.diagonals.EXACT_FISHER_BUDGET` (100) gradients per pass (one per output entry of
+      an example: a classifier with up to 100 classes), else ``"fisher_mc"`` with ``samples``
+      labels per unit (a language model: the exact one costs T·V gradients per sequence).
+      Decided on the first batch, announced once, recorded in :attr:`Statistics.resolved`;
     * ``"hutchinson"`` — Hutchinson Hessian diagonal with ``samples`` probes per batch;
     * ``"hessian_grad"`` — :math:`Hg` with :math:`g` the gradient over all the data (GraSP);
     * ``"input_sq_norms"`` — :math:`\|X_j\|_2^2`, the SUM over all examples and positions of
@@ -152,11 +164,15 @@ class Statistic:
     def __post_init__(self) -> None:
         if self.kind not in _KINDS:
             raise ValueError(f"unknown statistic {self.kind!r}; expected one of {sorted(_KINDS)}")
-        if self.kind in ("fisher_mc", "hutchinson"):
+        if self.kind in ("fisher_mc", "fisher_auto", "hutchinson"):
             check_positive_int("samples", self.samples)
 
+    def __str__(self) -> str:
+        return self.kind if self.kind in _NO_SAMPLES else f"{self.kind}(samples={self.samples})"
 
-_KINDS = frozenset({"grad", "fisher", "fisher_mc", "hutchinson", "hessian_grad", "input_sq_norms"})
+
+_NO_SAMPLES = frozenset({"grad", "fisher", "hessian_grad", "input_sq_norms"})
+_KINDS = _NO_SAMPLES | {"fisher_mc", "fisher_auto", "hutchinson"}
 
 
 @dataclass
@@ -169,6 +185,8 @@ class Statistics:
         examples: number of examples (all ranks together).
         values: every requested :class:`Statistic`, keyed by it.
         units: :math:`\\sum_b Z_b`, the units (or their class weights) the means are over.
+        resolved: the statistic each request was computed as: itself, or for ``"fisher_auto"``
+            the exact ``"fisher"`` or ``"fisher_mc"`` it chose.
     """
 
     loss: float
@@ -176,6 +194,7 @@ class Statistics:
     examples: int
     values: dict[Statistic, Params] = field(default_factory=dict)
     units: float = 0.0
+    resolved: dict[Statistic, Statistic] = field(default_factory=dict)
 
     def __getitem__(self, request: Statistic) -> Params:
         """The value of ``request``.
@@ -212,6 +231,7 @@ def compute_statistics(
     generator: torch.Generator | None = None,
     chunk_size: int | None = None,
     progress: bool = False,
+    fisher_alternative: str | None = None,
 ) -> Statistics:
     """Loss, gradient and every requested statistic over all of ``data`` (:func:`dataset_mean`).
 
@@ -233,6 +253,8 @@ def compute_statistics(
         chunk_size: the memory bound of every statistic (module docstring): at most this many
             parameter-sized per-example pull-backs or tangent vectors exist at once.
         progress: show a per-batch progress bar (tqdm) for each pass over the data.
+        fisher_alternative: what the warning before an expensive exact Fisher suggests instead
+            (the caller's criterion with the Monte-Carlo Fisher).
 
     Raises:
         NonFiniteError: a batch loss, gradient or a statistic is NaN or infinite.
@@ -245,19 +267,22 @@ def compute_statistics(
     device = next(iter(params.values())).device
     dtype = statistics_dtype(params)
 
+    resolved = {request: request for request in ordered}
+
     def batch_values(batch: tuple[Any, Tensor]) -> Values:
         values: Values = {}
         loss = grads = None
-        for request in first_pass:
+        for key in first_pass:
+            request = resolved[key]
             if request.kind == "hutchinson":
-                loss, grads, values[request] = hutchinson(
+                loss, grads, values[key] = hutchinson(
                     model, params, batch, loss_fn, request.samples, generator, chunk_size
                 )
             elif request.kind in ("fisher", "fisher_mc"):
                 diagonal = diagonal_pass(
                     model, params, batch, loss_fn, generator, request.samples, chunk_size
                 )
-                values[request] = diagonal.diagonal
+                values[key] = diagonal.diagonal
                 if loss is None and diagonal.grad is not None:  # the same graphs gave them
                     loss, grads = diagonal.loss, diagonal.grad
             elif request.kind == "input_sq_norms":
@@ -265,7 +290,7 @@ def compute_statistics(
                 # and the total weight W is multiplied back below.
                 z = float(loss_normaliser(loss_fn, batch[1]))
                 sums = input_sq_norms(model, params, batch[0], dtype)
-                values[request] = {k: v / z for k, v in sums.items()}
+                values[key] = {k: v / z for k, v in sums.items()}
         if loss is None or grads is None:
             loss, grads = loss_and_grad(model, params, batch, loss_fn)
         check_finite("loss", loss)
@@ -284,8 +309,11 @@ def compute_statistics(
         # tensor by construction, so its check would cost a forward pass for nothing).
         check_tensor_outputs(loss_fn, first_outputs)
     check_mean_over_examples(loss_fn, lambda: (first_outputs(), first.targets))
-    if any(r.kind == "fisher" for r in first_pass):
-        warn_exact_fisher_cost(model, params, first)
+    for request in first_pass:
+        if request.kind == "fisher_auto":
+            resolved[request] = _resolve_auto(model, params, first, request)
+    if any(resolved[r].kind == "fisher" for r in first_pass):
+        warn_exact_fisher_cost(model, params, first, fisher_alternative)
     bar = "statistics" if progress else None
     result = dataset_mean(data, loss_fn, batch_values, device=device, dtype=dtype, progress=bar)
     means = result.means
@@ -303,8 +331,38 @@ def compute_statistics(
     loss = means["loss"]
     assert isinstance(loss, Tensor)
     return Statistics(
-        loss=float(loss), grad=grad, examples=result.examples, values=values, units=result.weight
+        loss=float(loss),
+        grad=grad,
+        examples=result.examples,
+        values=values,
+        units=result.weight,
+        resolved=resolved,
     )
+
+
+_ANNOUNCED: set[tuple[str, int, int]] = set()
+
+
+def _resolve_auto(model: nn.Module, params: Params, first: Batch, request: Statistic) -> Statistic:
+    """The exact Fisher within :data:`~.diagonals.EXACT_FISHER_BUDGET`, else ``fisher_mc``.
+
+    The Monte-Carlo choice is announced once per model class and output size.
+    """
+    columns = exact_fisher_columns(model, params, first)
+    if columns <= EXACT_FISHER_BUDGET:
+        return Statistic("fisher")
+    key = (type(model).__name__, columns, request.samples)
+    if key not in _ANNOUNCED:
+        _ANNOUNCED.add(key)
+        warnings.warn(
+            f"curvature 'auto': the exact Fisher would cost about {columns} gradients per pass "
+            f"here (one per output entry of an example), above the budget of "
+            f"{EXACT_FISHER_BUDGET}, so it is estimated by Monte Carlo with {request.samples} "
+            "sampled label(s) per unit ('fisher_mc'); pass curvature='fisher' for the exact one",
+            UserWarning,
+            stacklevel=4,
+        )
+    return Statistic("fisher_mc", request.samples)
 
 
 def _params(value: Tensor | Mapping[str, Tensor]) -> Params:

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from .._common.data import random_subset
 from .._common.functional import check_deterministic
 from ..criteria.base import Criterion, GroupSum
-from ..curvature import LossFn, NonFiniteError
+from ..curvature import LossFn, NonFiniteError, Statistics
 from ..selection import Global, Layerwise, ParameterLayout, Selection
 from ..selection._connectivity import ChainLayer, Connectivity, connectivity
 from ._diagnostics import mean_loss, predicted_loss_change
@@ -96,7 +96,7 @@ def plan_stage(
     params = {k: p.detach() for k, p in params.items()}
     with _scoring_mode(setup.model, setup.eval_mode):
         check_deterministic(setup.model)
-        scores, _ = compute_scores(
+        scores, statistics = compute_scores(
             setup.model, setup.criterion, params, data, setup.loss_fn,
             generator=_device_generator(generator, params), chunk_size=setup.chunk_size,
             group_sum=_group_sum(setup),
@@ -145,10 +145,22 @@ def plan_stage(
         cg_negative_curvature=None if cg is None else cg.negative_curvature,
         disconnected_outputs=after.outputs if after.checked else None,
         disconnected_units=dict(after.hidden) if after.checked else None,
+        curvature=_curvature_used(statistics),
     )
     delta = None if setup.update is None else update.delta  # type: ignore[union-attr]
     state = update_state if update is None else update.state
     return StagePlan(new_masks, delta, state, report, after)
+
+
+def _curvature_used(statistics: Statistics | None) -> str | None:
+    """The curvature statistics the scores read, as computed (``"auto"`` resolved)."""
+    if statistics is None:
+        return None
+    used = {str(s) for s in statistics.resolved.values() if s.kind in _CURVATURE_KINDS}
+    return ", ".join(sorted(used)) or None
+
+
+_CURVATURE_KINDS = ("fisher", "fisher_mc", "hutchinson")
 
 
 def _group_sum(setup: StageSetup) -> GroupSum | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import is_dataclass, replace
 from typing import Any
 
 import torch
@@ -15,7 +16,7 @@ from ..criteria.base import Criterion, GroupSum, ScoringContext
 from ..curvature import LossFn, NonFiniteError, Statistics, compute_statistics
 from ..selection import prunable_parameters
 
-__all__ = ["scores", "compute_scores", "check_criterion"]
+__all__ = ["scores", "compute_scores", "check_criterion", "monte_carlo_alternative"]
 
 
 def check_criterion(criterion: object, data: Any, loss_fn: object) -> Criterion:
@@ -35,6 +36,23 @@ def check_criterion(criterion: object, data: Any, loss_fn: object) -> Criterion:
     if loss_fn is not None and not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
     return criterion
+
+
+def monte_carlo_alternative(criterion: Criterion) -> str | None:
+    """``criterion`` written with ``curvature="fisher_mc"`` where it asks for the exact Fisher.
+
+    What the warning before an expensive exact Fisher suggests (``None``: no term of the
+    criterion has a ``curvature`` option).
+    """
+    terms = getattr(criterion, "terms", None)
+    if terms is not None:  # a sum: the first term that can switch
+        return next(filter(None, map(monte_carlo_alternative, terms)), None)
+    inner = getattr(criterion, "criterion", None)
+    if isinstance(inner, Criterion):  # a scaled criterion
+        return monte_carlo_alternative(inner)
+    if is_dataclass(criterion) and getattr(criterion, "curvature", None) == "fisher":
+        return repr(replace(criterion, curvature="fisher_mc"))
+    return None
 
 
 def compute_scores(
@@ -68,6 +86,7 @@ def compute_scores(
         statistics = compute_statistics(
             model, params, data, criterion.scoring_loss(loss_fn), requests,
             generator=generator, chunk_size=chunk_size, progress=progress,
+            fisher_alternative=monte_carlo_alternative(criterion),
         )  # fmt: skip
     # Scores are formed in at least float32: squares of float16 weights round (and underflow)
     # so coarsely that the ranking of a float16 layer would be wrong.
