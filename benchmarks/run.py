@@ -311,7 +311,11 @@ def time_side_by_side(methods: dict[str, Callable], device, warmup: int, repeats
 
 
 def check(result, reference, name, rtol=2e-3, atol=1e-5):
-    """Relative error in the norm of all entries; raise when a fast result is wrong."""
+    """Relative error in the norm of all entries; raise when a fast result is wrong.
+
+    ``--smoke``'s tiny float32 models round more, relative to their small numbers: 1e-2.
+    """
+    rtol = max(rtol, 1e-2) if SMOKE else rtol
     if isinstance(result, dict):
         keys = list(reference)
         result = torch.cat([result[k].reshape(-1) for k in keys])
@@ -537,9 +541,14 @@ def bench_hvp(bench, k, model_name, model, params, batch, record, memory, timing
     for name in [m for m in methods if m not in ("grad", "double_backward")]:
         check(methods[name](), reference, f"{bench}/{model_name}/{name}")
     for label, fn in curvlinops_methods(model, params, batch, vectors).items():
+        try:
+            result = fn()
+        except (RuntimeError, NotImplementedError) as error:  # e.g. no forward-mode rule
+            print(f"{bench:12s} {model_name} curvlinops {label}: fails ({error})"[:200])
+            continue
         if label == "hessian":
             flat = torch.cat([reference[n].reshape(k, -1) for n in params], 1).T
-            check(fn(), flat, f"{bench}/{model_name}/curvlinops")
+            check(result, flat, f"{bench}/{model_name}/curvlinops")
         methods[f"curvlinops_{label}"] = fn
     times = timing(methods)
     for name, seconds in times.items():
