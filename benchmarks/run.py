@@ -700,7 +700,8 @@ def statistics_memory(results: list[dict]) -> None:
     within the time and address-space limits.
     """
     parameters = sum(p.numel() for p in workload("transformer25m", torch.device("cpu"))[1].values())
-    for method in ("qm_fisher_mc", "qm_default"):
+    # The exact Fisher does not finish (it is recorded as such in full runs only).
+    for method in ("qm_fisher_mc",) if QUICK else ("qm_fisher_mc", "qm_default"):
         start = time.perf_counter()
         peak, error = None, None
         try:
