@@ -12,8 +12,9 @@ load hits all of them alike; the median is reported. ``ratio_to_grad`` is the me
 the median time of ONE plain gradient (forward + backward, ``torch.autograd.grad``) of the same
 model and batch; for ``hvp_batch`` it is per vector. ``peak_mb`` is the peak memory of one call
 above what existed before it: ``torch.cuda.max_memory_allocated`` on CUDA; on CPU the growth of
-the peak resident set size of a fresh child process that runs the call once (``--quick``: the
-plain gradient and lossprune's rows only); ``peak_ratio`` is it over the plain gradient's.
+the peak resident set size (VmHWM, reset after the model and data are built) of a fresh child
+process that runs the call once (``--quick``: the plain gradient and lossprune's rows only);
+``peak_ratio`` is it over the plain gradient's.
 
 Sections: ``core`` (MLP and CNN), ``transformers`` (GPT-2 and a Llama with grouped-query
 attention: lossprune on the Hugging Face model itself with dict batches and no ``loss_fn``, the
@@ -373,11 +374,23 @@ def child_main(bench, model_name, method, k, chunk, mode):
         model, params, batch = workload(model_name, device, quick=mode != "full")
         vectors = random_vectors(params, int(k))
         fn = build_call(bench, method, model, params, batch, vectors, int(chunk) or None)
-    # No warm-up call: the peak RSS only grows, so the one measured call must be the first.
-    rss_kb = int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1024
+    # No warm-up call: the one measured call is the first. The peak of building the model and
+    # the data (imports, initialisation) is forgotten first: Linux resets the high-water mark
+    # of the resident set (VmHWM) to the current one when 5 is written to clear_refs.
+    with open("/proc/self/clear_refs", "w") as refs:
+        refs.write("5")
+    before = _status_kb("VmRSS")
     fn()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print((peak - rss_kb) / 1024)
+    print((_status_kb("VmHWM") - before) / 1024)
+
+
+def _status_kb(field: str) -> int:
+    """A field of /proc/self/status, in kB (VmRSS: resident now, VmHWM: the peak since reset)."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
 
 
 def build_call(bench, method, model, params, batch, vectors, chunk):
