@@ -24,7 +24,7 @@ from lossprune.curvature import (
     loss_and_grad,
     per_example,
 )
-from lossprune.curvature.outputs import rademacher
+from lossprune.curvature.outputs import SoftmaxCrossEntropy, rademacher
 from lossprune.selection import prunable_parameters
 from tests.hf_models import transformers
 
@@ -181,14 +181,15 @@ def test_exact_fisher_of_dict_batches_is_the_per_example_loop(name):
 def test_fisher_mc_of_dict_batches_is_the_per_example_loop_with_the_same_labels(name, monkeypatch):
     model, params, batch = _setup(name)
     drawn = []
-    multinomial = torch.multinomial
+    sample_columns = SoftmaxCrossEntropy.sample_columns
 
-    def recording(*args, **kwargs):
-        labels = multinomial(*args, **kwargs)
-        drawn.append(labels)
-        return labels
+    def recording(self, samples, generator):
+        columns = sample_columns(self, samples, generator)  # (1, C * D, k): sqrt(c/k)(e_y - p)
+        classes = self.probs.shape[1]
+        drawn.append(columns[0].reshape(classes, -1, samples).argmax(0))  # y: (D, k)
+        return columns
 
-    monkeypatch.setattr(torch, "multinomial", recording)
+    monkeypatch.setattr(SoftmaxCrossEntropy, "sample_columns", recording)
     generator = torch.Generator().manual_seed(0)
     estimate = fisher_diag_mc(model, params, batch, None, samples=2, generator=generator)
     assert len(drawn) == sum(1 for n in batch["labels"] if bool((n != -100).any()))
