@@ -12,8 +12,11 @@ mean and weights included):
 * Hutchinson's estimate of the Hessian diagonal :math:`\mathbb E_z[z \odot Hz]` with Rademacher
   probes :math:`z` (Bekas et al. 2007).
 
-The fast path takes the layers of :mod:`.contractions`; the rest goes through the generic
-per-example ``vmap`` path, which is also the slow twin of the tests (``fast=False``).
+For one tensor of inputs, the fast path takes the layers of :mod:`.contractions`; the rest goes
+through the generic per-example ``vmap`` path, which is also the slow twin of the tests
+(``fast=False``). A model called with keyword inputs (a Hugging Face model: ``vmap`` cannot run
+it over its examples) runs one example at a time, its loss and gradient fused into the same
+pass (:mod:`.per_example`). Memory: ``chunk_size`` (:mod:`.statistics`).
 """
 
 from __future__ import annotations
