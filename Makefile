@@ -7,7 +7,7 @@ TORCH_PIN ?= torch==2.13.0
 # What ruff and mypy check (Markdown is excluded in pyproject.toml).
 LINT_PATHS := src tests examples benchmarks docs/conf.py
 
-.PHONY: install test test-slow test-notebooks notebooks demo docs lint format typecheck bench clean
+.PHONY: install test test-slow test-notebooks notebooks demo docs lint format typecheck bench gpu-check clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -74,6 +74,14 @@ $(VENV)/.installed-bench-baselines: $(VENV)/.installed-bench
 
 bench: $(VENV)/.installed-bench-baselines
 	$(BIN)/python benchmarks/run.py $(BENCH_ARGS)
+
+# ONE command for a lent GPU (benchmarks/gpu_check.py): CUDA tests, the quick benchmark, 2:4
+# speed, QM at π = 140 and a 1B-parameter Llama pruning run, JSON into benchmarks/. It runs on
+# the GPU machine's own Python (torch, transformers, pytest; no .venv, nothing installed).
+# `make gpu-check GPU_CHECK_ARGS="--device cpu --smoke"` runs every step at tiny sizes here.
+GPU_CHECK_ARGS ?=
+gpu-check:
+	PYTHONPATH=src $(PYTHON) benchmarks/gpu_check.py $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache docs/_build

@@ -2,7 +2,7 @@
 
 Usage::
 
-    python benchmarks/run.py [--quick] [--device cpu|cuda] --out FILE.json
+    python benchmarks/run.py [--quick] [--smoke] [--device cpu|cuda] [--sections ...] --out FILE
 
 Every method of a bench runs in this one process on the same model, batch and vectors. Each
 result is first checked against a reference (the double-backward loop, or the generic
@@ -12,8 +12,15 @@ load hits all of them alike; the median is reported. ``ratio_to_grad`` is the me
 the median time of ONE plain gradient (forward + backward, ``torch.autograd.grad``) of the same
 model and batch; for ``hvp_batch`` it is per vector. ``peak_mb`` is the peak memory of one call
 above what existed before it: ``torch.cuda.max_memory_allocated`` on CUDA; on CPU the growth of
-the peak resident set size of a fresh child process that runs the call once (``--quick`` measures
-it only for the chunked-memory bench).
+the peak resident set size (VmHWM, reset after the model and data are built) of a fresh child
+process that runs the call once (``--quick``: the plain gradient and lossprune's rows only);
+``peak_ratio`` is it over the plain gradient's.
+
+Sections: ``core`` (MLP and CNN), ``transformers`` (GPT-2 and a Llama with grouped-query
+attention: lossprune on the Hugging Face model itself with dict batches and no ``loss_fn``, the
+path users take, beside the common tensor adapter every method shares) and ``public`` (the
+public API on a 28.8M Llama and the README's usage on a 23M GPT-2, :mod:`public_path`).
+``--smoke``: tiny sizes and one round, to check that everything runs (the numbers mean nothing).
 """
 
 from __future__ import annotations
@@ -28,7 +35,9 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from typing import NamedTuple
 
+import public_path
 import torch
 from torch import nn
 from torch.func import grad_and_value, jvp, vmap
@@ -37,6 +46,7 @@ from lossprune import curvature
 
 CE = nn.CrossEntropyLoss()
 QUICK = False
+SMOKE = False
 MINIMA: dict[str, float] = {}  # fastest round of the last side-by-side timing, by method
 
 
@@ -69,33 +79,74 @@ def cnn() -> nn.Module:
     )  # fmt: skip
 
 
-# The causal transformers: (layers, width, heads, vocabulary, tokens T, sequences N, N quick).
+# The causal transformers: (architecture, layers, width, heads, key/value heads, vocabulary,
+# tokens T, sequences N, N quick).
 TRANSFORMERS = {
-    "transformer": (2, 128, 4, 2048, 64, 16, 8),
+    "transformer": ("gpt2", 2, 128, 4, 4, 2048, 64, 16, 8),
+    # Grouped-query attention: two query heads per key/value head.
+    "transformer_llama": ("llama", 2, 128, 4, 2, 2048, 64, 16, 8),
     # ~25M parameters (with the tied 8192 x 512 embedding): the statistics-pass memory rows.
-    "transformer25m": (6, 512, 8, 8192, 128, 4, 4),
+    "transformer25m": ("gpt2", 6, 512, 8, 8, 8192, 128, 4, 4),
 }
+SMOKE_TRANSFORMER = (2, 16, 2, 1, 64, 8, 2, 2)  # layers ... N quick, for --smoke
 
 
 def transformer(name: str, quick: bool):
-    """A GPT-2 built from a ``transformers`` config, random tokens, as a next-token classifier.
+    """A causal LM built from a ``transformers`` config, random tokens, as a next-token classifier.
 
     The adapter of the reproduction (``NextTokenLogits``: ``(N, V, T - 1)`` logits, attention
-    under the math SDPA backend) is the one place that decides how the library sees a causal
-    LM; the targets are the next tokens, so the cross-entropy is the model's own shifted loss.
+    under the math SDPA backend) is the common tensor-in, tensor-out interface of every method;
+    lossprune's own rows take the Hugging Face model inside it directly (:func:`hf_view`). The
+    targets are the next tokens, so the cross-entropy is the model's own shifted loss.
     """
-    from transformers import GPT2Config, GPT2LMHeadModel
+    import transformers
 
     from lossprune.experiments.lm_run import NextTokenLogits
 
-    layers, width, heads, vocab, tokens, sequences, quick_sequences = TRANSFORMERS[name]
-    config = GPT2Config(
-        vocab_size=vocab, n_positions=tokens, n_embd=width, n_layer=layers, n_head=heads,
-        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0,
-    )  # fmt: skip
-    model = NextTokenLogits(GPT2LMHeadModel(config))
+    kind, *size = TRANSFORMERS[name]
+    if SMOKE:
+        size = list(SMOKE_TRANSFORMER)
+    layers, width, heads, kv_heads, vocab, tokens, sequences, quick_sequences = size
+    if kind == "gpt2":
+        config = transformers.GPT2Config(
+            vocab_size=vocab, n_positions=tokens, n_embd=width, n_layer=layers, n_head=heads,
+            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0,
+        )  # fmt: skip
+        lm = transformers.GPT2LMHeadModel(config)
+    else:
+        config = transformers.LlamaConfig(
+            vocab_size=vocab, hidden_size=width, intermediate_size=2 * width,
+            num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+            max_position_embeddings=tokens, tie_word_embeddings=True, bos_token_id=0,
+            eos_token_id=0,
+        )  # fmt: skip
+        lm = transformers.LlamaForCausalLM(config)
+    model = NextTokenLogits(lm)
     ids = torch.randint(0, vocab, (quick_sequences if quick else sequences, tokens))
     return model, ids, ids[:, 1:]
+
+
+class HFView(NamedTuple):
+    """The Hugging Face model inside the adapter, its parameters and the same batch as a dict."""
+
+    model: nn.Module
+    params: dict[str, torch.Tensor]
+    batch: dict[str, torch.Tensor]
+
+
+def hf_view(model, params, batch) -> HFView:
+    """What a user passes: the model itself, ``{"input_ids", "labels"}``, no ``loss_fn``."""
+    ids = batch[0]
+    return HFView(model.lm, to_hf(params), {"input_ids": ids, "labels": ids})
+
+
+def to_hf(tensors: dict) -> dict:
+    """Adapter names (``lm.transformer...``) to the Hugging Face model's own."""
+    return {k.removeprefix("lm."): v for k, v in tensors.items()}
+
+
+def from_hf(tensors: dict) -> dict:
+    return {f"lm.{k}": v for k, v in tensors.items()}
 
 
 def workload(name: str, device: torch.device, seed: int = 0, quick: bool = False):
@@ -107,9 +158,9 @@ def workload(name: str, device: torch.device, seed: int = 0, quick: bool = False
         params = {k: p.detach() for k, p in model.named_parameters()}
         return model, params, (x.to(device), y.to(device))
     if name == "mlp":
-        model, x = MLP(), torch.randn(1000, 1, 28, 28)
+        model, x = MLP(), torch.randn(50 if SMOKE else 1000, 1, 28, 28)
     else:
-        model, x = cnn(), torch.randn(64 if quick else 128, 3, 32, 32)
+        model, x = cnn(), torch.randn(8 if SMOKE else 64 if quick else 128, 3, 32, 32)
     model = model.to(device).eval()
     y = torch.randint(0, 10, (len(x),))
     params = {k: p.detach() for k, p in model.named_parameters()}
@@ -163,7 +214,19 @@ def naive_fused(model, params, batch, vectors):
 
 
 def lossprune_hvp(model, params, batch, vectors, chunk_size=None):
-    return curvature.hvp(model, params, batch, CE, vectors, chunk_size=chunk_size)[2]
+    """lossprune as users call it: a transformer's Hugging Face model itself, a dict batch."""
+    if hasattr(model, "lm"):
+        view = hf_view(model, params, batch)
+        products = curvature.hvp(
+            view.model, view.params, view.batch, None, to_hf(vectors), chunk_size=chunk_size
+        ).products
+        return from_hf(products)
+    return curvature.hvp(model, params, batch, CE, vectors, chunk_size=chunk_size).products
+
+
+def adapter_hvp(model, params, batch, vectors):
+    """lossprune through the tensor adapter (the interface the other methods need)."""
+    return curvature.hvp(model, params, batch, CE, vectors).products
 
 
 # ---------------------------------------------------------------------------------------------
@@ -249,7 +312,11 @@ def time_side_by_side(methods: dict[str, Callable], device, warmup: int, repeats
 
 
 def check(result, reference, name, rtol=2e-3, atol=1e-5):
-    """Relative error in the norm of all entries; raise when a fast result is wrong."""
+    """Relative error in the norm of all entries; raise when a fast result is wrong.
+
+    ``--smoke``'s tiny float32 models round more, relative to their small numbers: 1e-2.
+    """
+    rtol = max(rtol, 1e-2) if SMOKE else rtol
     if isinstance(result, dict):
         keys = list(reference)
         result = torch.cat([result[k].reshape(-1) for k in keys])
@@ -284,7 +351,7 @@ def child_peak_mb(
     taking the memory of a shared machine.
     """
     args = [sys.executable, __file__, "--child", bench, model, method, str(k), str(chunk or 0)]
-    args.append("quick" if QUICK else "full")
+    args.append("smoke" if SMOKE else "quick" if QUICK else "full")
 
     def limit() -> None:
         if memory_limit is not None:
@@ -298,15 +365,32 @@ def child_peak_mb(
 
 
 def child_main(bench, model_name, method, k, chunk, mode):
+    global SMOKE
+    SMOKE = mode == "smoke"
     device = torch.device("cpu")
-    model, params, batch = workload(model_name, device, quick=mode == "quick")
-    vectors = random_vectors(params, int(k))
-    fn = build_call(bench, method, model, params, batch, vectors, int(chunk) or None)
-    # No warm-up call: the peak RSS only grows, so the one measured call must be the first.
-    rss_kb = int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1024
+    if bench == "public":
+        fn = public_path.public_calls(model_name, device, SMOKE).calls[method]
+    else:
+        model, params, batch = workload(model_name, device, quick=mode != "full")
+        vectors = random_vectors(params, int(k))
+        fn = build_call(bench, method, model, params, batch, vectors, int(chunk) or None)
+    # No warm-up call: the one measured call is the first. The peak of building the model and
+    # the data (imports, initialisation) is forgotten first: Linux resets the high-water mark
+    # of the resident set (VmHWM) to the current one when 5 is written to clear_refs.
+    with open("/proc/self/clear_refs", "w") as refs:
+        refs.write("5")
+    before = _status_kb("VmRSS")
     fn()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print((peak - rss_kb) / 1024)
+    print((_status_kb("VmHWM") - before) / 1024)
+
+
+def _status_kb(field: str) -> int:
+    """A field of /proc/self/status, in kB (VmRSS: resident now, VmHWM: the peak since reset)."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
 
 
 def build_call(bench, method, model, params, batch, vectors, chunk):
@@ -315,6 +399,8 @@ def build_call(bench, method, model, params, batch, vectors, chunk):
     if bench in ("grad_hvp", "hvp_batch", "hvp_memory"):
         if method == "lossprune":
             return lambda: lossprune_hvp(model, params, batch, vectors, chunk)
+        if method == "lossprune_adapter":
+            return lambda: adapter_hvp(model, params, batch, vectors)
         if method == "double_backward":
             return lambda: double_backward(model, params, batch, vectors)
         return lambda: naive_fused(model, params, batch, vectors)
@@ -322,7 +408,9 @@ def build_call(bench, method, model, params, batch, vectors, chunk):
         fast = method == "lossprune"
         return lambda: curvature.fisher_diag(model, params, batch, CE, fast=fast)
     if bench == "fisher_mc":
-        return lambda: fisher_mc(model, params, batch, fast=method == "lossprune")
+        if method == "lossprune" and hasattr(model, "lm"):
+            return lambda: fisher_mc_hf(hf_view(model, params, batch))
+        return lambda: fisher_mc(model, params, batch, fast=method != "torch_func_naive")
     if bench == "statistics":
         # A whole statistics pass of a criterion: loss, gradient and its curvature diagonal.
         requests = _criterion(method).requests()
@@ -333,7 +421,9 @@ def build_call(bench, method, model, params, batch, vectors, chunk):
 def _criterion(name: str):
     from lossprune import QuadraticModel
 
-    return QuadraticModel() if name == "qm_default" else QuadraticModel(curvature="fisher_mc")
+    if name == "qm_default":
+        return QuadraticModel(curvature="fisher")  # the paper's exact Fisher (the old default)
+    return QuadraticModel(curvature="fisher_mc")
 
 
 def fisher_mc(model, params, batch, fast=True, seed=0):
@@ -342,31 +432,50 @@ def fisher_mc(model, params, batch, fast=True, seed=0):
     return curvature.fisher_diag_mc(model, params, batch, CE, generator=gen, fast=fast)
 
 
+def fisher_mc_hf(view: HFView, seed=0):
+    """The same statistic on the Hugging Face model itself, dict batch, no ``loss_fn``."""
+    gen = torch.Generator(device=view.batch["labels"].device).manual_seed(seed)
+    return curvature.fisher_diag_mc(view.model, view.params, view.batch, None, generator=gen)
+
+
 # ---------------------------------------------------------------------------------------------
 # Benches
 # ---------------------------------------------------------------------------------------------
 
+SECTIONS = ("core", "transformers", "public")
+
 
 def run(args) -> dict:
     device = torch.device(args.device)
-    quick = args.quick
-    warmup, repeats = (1, 3) if quick else (2, 9)
+    if device.type == "cuda":
+        # float32 everywhere (cuDNN would use TF32 for convolutions): the checks of every
+        # method against double-backward are then meaningful, and all methods run alike.
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
+    quick = args.quick or SMOKE
+    warmup, repeats = (0, 1) if SMOKE else (1, 3) if quick else (2, 9)
+    sections = args.sections.split(",")
     results: list[dict] = []
+    grad_peak: dict[str, float | None] = {}
 
     def record(bench, model_name, method, k, seconds, grad_seconds, per=1, keys=None, **extra):
         fast, base = keys or (method, "grad")
+        peak = extra.pop("peak_mb", None)
+        reference_peak = extra.pop("reference_peak_mb", grad_peak.get(model_name))
         row = {
             "bench": bench, "model": model_name, "method": method, "k": k,
             "ratio_to_grad": seconds / per / grad_seconds, "seconds": seconds,
-            "ratio_of_minima": MINIMA[fast] / per / MINIMA[base],
-            "peak_mb": extra.pop("peak_mb", None), **extra,
+            "ratio_of_minima": MINIMA[fast] / per / MINIMA[base], "peak_mb": peak,
+            "peak_ratio": None if peak is None or not reference_peak else peak / reference_peak,
+            **extra,
         }  # fmt: skip
         results.append(row)
         print(
-            f"{bench:12s} {model_name:4s} {method:16s} k={k:<3d} "
+            f"{bench:12s} {model_name:4s} {method:18s} k={k:<3d} "
             f"ratio={row['ratio_to_grad']:.3f} (min {row['ratio_of_minima']:.3f}) "
             f"t={seconds * 1e3:.1f}ms"
-            + (f" peak={row['peak_mb']:.0f}MB" if row["peak_mb"] is not None else ""),
+            + (f" peak={peak:.0f}MB" if peak is not None else "")
+            + (f" ({row['peak_ratio']:.2f}x)" if row["peak_ratio"] is not None else ""),
             flush=True,
         )
 
@@ -374,7 +483,9 @@ def run(args) -> dict:
         if device.type == "cuda":
             fn = build_call(bench, method, model, params, batch, vectors, chunk)
             return cuda_peak_mb(fn, device)
-        if (quick and bench != "hvp_memory") or method == "backpack":
+        if SMOKE or method in ("backpack", "curvlinops"):
+            return None
+        if quick and method not in ("grad", "lossprune", "lossprune_adapter"):
             return None
         return child_peak_mb(bench, model_name, method, k, chunk)
 
@@ -383,37 +494,53 @@ def run(args) -> dict:
             methods, device, warmup if warm is None else warm, repeats if reps is None else reps
         )
 
-    for model_name in ("mlp", "cnn"):
-        model, params, batch = workload(model_name, device, quick=quick)
-        for bench, k in (("grad_hvp", 1), ("hvp_batch", 16)):
-            bench_hvp(bench, k, model_name, model, params, batch, record, memory, timing)
-        if model_name == "cnn" or not quick:
-            for k, chunk in ((16, 4), (64, 4), (16, 16)):
-                bench_memory(k, chunk, model_name, model, params, batch, record, memory, timing)
-        bench_fisher(model_name, model, params, batch, record, memory, timing)
-        if model_name == "mlp":
-            pruner_step(model_name, device, record, quick)
-    if transformers_available():
-        model, params, batch = workload("transformer", device, quick=quick)
-        for bench, k in (("grad_hvp", 1), ("hvp_batch", 16)):
-            bench_hvp(bench, k, "transformer", model, params, batch, record, memory, timing)
-        bench_fisher_mc("transformer", model, params, batch, record, timing)
-        pruner_step("transformer", device, record, quick, fisher="fisher_mc")
-        if device.type == "cpu":
+    def reference(model_name, model, params, batch):
+        grad_peak[model_name] = memory("grad", model_name, "grad", model, params, batch, None, 0)
+
+    if "core" in sections:
+        for model_name in ("mlp", "cnn"):
+            model, params, batch = workload(model_name, device, quick=quick)
+            reference(model_name, model, params, batch)
+            for bench, k in (("grad_hvp", 1), ("hvp_batch", 16)):
+                bench_hvp(bench, k, model_name, model, params, batch, record, memory, timing)
+            if (model_name == "cnn" or not quick) and not SMOKE:
+                for k, chunk in ((16, 4), (64, 4), (16, 16)):
+                    bench_memory(k, chunk, model_name, model, params, batch, record, memory, timing)
+            bench_fisher(model_name, model, params, batch, record, memory, timing)
+            if model_name == "mlp":
+                pruner_step(model_name, device, record, quick)
+    if "transformers" in sections and transformers_available():
+        for model_name in ("transformer", "transformer_llama"):
+            model, params, batch = workload(model_name, device, quick=quick)
+            reference(model_name, model, params, batch)
+            for bench, k in (("grad_hvp", 1), ("hvp_batch", 16)):
+                bench_hvp(bench, k, model_name, model, params, batch, record, memory, timing)
+            bench_fisher_mc(model_name, model, params, batch, record, memory, timing)
+            pruner_step(model_name, device, record, quick, fisher="fisher_mc")
+        if device.type == "cpu" and not SMOKE:
             statistics_memory(results)
+    if "public" in sections and transformers_available():
+        for model_name in public_path.SIZES:
+            bench_public(model_name, device, record, timing)
     return {
         "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "machine": platform.processor() or platform.machine(),
         "quick": quick,
+        "smoke": SMOKE,
+        "sections": sections,
         "load_average": os.getloadavg(),
         "results": results,
     }
 
 
 def bench_hvp(bench, k, model_name, model, params, batch, record, memory, timing):
-    """Gradient + k HVPs: correctness against double-backward, then interleaved timing."""
+    """Gradient + k HVPs: correctness against double-backward, then interleaved timing.
+
+    For a transformer, ``lossprune`` is the Hugging Face model itself with a dict batch and no
+    ``loss_fn``; ``lossprune_adapter`` the same library call through the tensor adapter.
+    """
     vectors = random_vectors(params, k)
     reference = double_backward(model, params, batch, vectors)
     methods = {
@@ -422,12 +549,19 @@ def bench_hvp(bench, k, model_name, model, params, batch, record, memory, timing
         "double_backward": lambda: double_backward(model, params, batch, vectors),
         "torch_func_naive": lambda: naive_fused(model, params, batch, vectors),
     }
-    for name in ("lossprune", "torch_func_naive"):
+    if hasattr(model, "lm"):
+        methods["lossprune_adapter"] = lambda: adapter_hvp(model, params, batch, vectors)
+    for name in [m for m in methods if m not in ("grad", "double_backward")]:
         check(methods[name](), reference, f"{bench}/{model_name}/{name}")
     for label, fn in curvlinops_methods(model, params, batch, vectors).items():
+        try:
+            result = fn()
+        except (RuntimeError, NotImplementedError) as error:  # e.g. no forward-mode rule
+            print(f"{bench:12s} {model_name} curvlinops {label}: fails ({error})"[:200])
+            continue
         if label == "hessian":
             flat = torch.cat([reference[n].reshape(k, -1) for n in params], 1).T
-            check(fn(), flat, f"{bench}/{model_name}/curvlinops")
+            check(result, flat, f"{bench}/{model_name}/curvlinops")
         methods[f"curvlinops_{label}"] = fn
     times = timing(methods)
     for name, seconds in times.items():
@@ -435,9 +569,7 @@ def bench_hvp(bench, k, model_name, model, params, batch, record, memory, timing
             continue
         method = "curvlinops" if name.startswith("curvlinops") else name
         curv = "ggn" if name.endswith("ggn") else "hessian"
-        peak = None
-        if method != "curvlinops":
-            peak = memory(bench, model_name, method, model, params, batch, vectors, k)
+        peak = memory(bench, model_name, method, model, params, batch, vectors, k)
         record(
             bench, model_name, method, k, seconds, times["grad"], per=k, keys=(name, "grad"),
             peak_mb=peak, curvature=curv, examples=len(batch[0]),
@@ -465,7 +597,7 @@ def bench_memory(k, chunk, model_name, model, params, batch, record, memory, tim
 def bench_fisher(model_name, model, params, batch, record, memory, timing):
     """Exact Fisher diagonal over C = 10 classes; the generic path on a tenth of the batch."""
     fisher = curvature.fisher_diag(model, params, batch, CE)
-    sub = (batch[0][: len(batch[0]) // 10], batch[1][: len(batch[1]) // 10])
+    sub = (batch[0][: max(2, len(batch[0]) // 10)], batch[1][: max(2, len(batch[1]) // 10)])
     check(
         curvature.fisher_diag(model, params, sub, CE),
         curvature.fisher_diag(model, params, sub, CE, fast=False),
@@ -501,30 +633,37 @@ def transformers_available() -> bool:
     try:
         import transformers  # noqa: F401
     except ImportError:
-        print("transformer workload skipped: transformers is not installed")
+        print("transformer workloads skipped: transformers is not installed")
         return False
     return True
 
 
-def bench_fisher_mc(model_name, model, params, batch, record, timing):
+def bench_fisher_mc(model_name, model, params, batch, record, memory, timing):
     """Monte-Carlo Fisher diagonal, one sampled label per token (target: <= 4 gradients).
 
-    Checked against the generic per-example path with the SAME sampled labels (same seed);
-    that path is also the naive method timed beside it, on a quarter of the batch.
+    ``lossprune``: the Hugging Face model with a dict batch, one example at a time with the
+    gradient from the same graphs (its float64 checks against per-example loops are in
+    ``tests/test_per_example.py``); ``lossprune_adapter``: through the tensor adapter, checked
+    against the generic per-example path with the SAME sampled labels (same seed), which is
+    also the naive method timed beside it, on a quarter of the batch.
     """
     sub = (batch[0][: max(1, len(batch[0]) // 4)], batch[1][: max(1, len(batch[1]) // 4)])
     check(
         fisher_mc(model, params, sub), fisher_mc(model, params, sub, fast=False),
         f"fisher_mc/{model_name}",
     )  # fmt: skip
+    view = hf_view(model, params, batch)
     times = timing(
         {
             "grad": lambda: plain_grad(model, params, batch),
-            "lossprune": lambda: fisher_mc(model, params, batch),
+            "lossprune": lambda: fisher_mc_hf(view),
+            "lossprune_adapter": lambda: fisher_mc(model, params, batch),
         }
     )
-    record("fisher_mc", model_name, "lossprune", 1, times["lossprune"], times["grad"],
-           examples=len(batch[0]), tokens=batch[1].numel())  # fmt: skip
+    for method in ("lossprune", "lossprune_adapter"):
+        peak = memory("fisher_mc", model_name, method, model, params, batch, None, 1)
+        record("fisher_mc", model_name, method, 1, times[method], times["grad"], peak_mb=peak,
+               examples=len(batch[0]), tokens=batch[1].numel())  # fmt: skip
     times = timing(
         {
             "grad": lambda: plain_grad(model, params, sub),
@@ -536,6 +675,31 @@ def bench_fisher_mc(model_name, model, params, batch, record, timing):
            keys=("naive", "grad"), examples=len(sub[0]), tokens=sub[1].numel())  # fmt: skip
 
 
+def bench_public(model_name, device, record, timing):
+    """The public API on Hugging Face models (:mod:`public_path`), ratios to a forward+backward.
+
+    Time: interleaved rounds with the forward+backward; memory: each call's peak over the
+    forward+backward's (one fresh child process each on CPU).
+    """
+    public = public_path.public_calls(model_name, device, SMOKE)
+    times = timing(public.calls)
+    peaks: dict[str, float | None] = {}
+    for method, fn in public.calls.items():
+        if device.type == "cuda":
+            peaks[method] = cuda_peak_mb(fn, device)
+        elif not SMOKE and not method.endswith("_no_diagnostics"):
+            peaks[method] = child_peak_mb("public", model_name, method, 0, None)
+    base = "forward_backward"
+    for method, seconds in times.items():
+        if method == base:
+            continue
+        record(
+            "public", model_name, method, 0, seconds, times[base], per=public.batches,
+            keys=(method, base), peak_mb=peaks.get(method), reference_peak_mb=peaks.get(base),
+            relative_to="forward+backward per batch", parameters=public.parameters,
+        )  # fmt: skip
+
+
 STATISTICS_TIMEOUT = 300  # seconds for one statistics pass of the 25M-parameter model
 STATISTICS_MEMORY_LIMIT = 24 * 2**30  # bytes of address space of that child process
 
@@ -543,13 +707,14 @@ STATISTICS_MEMORY_LIMIT = 24 * 2**30  # bytes of address space of that child pro
 def statistics_memory(results: list[dict]) -> None:
     """Peak RSS growth of one statistics pass on the ~25M-parameter transformer (child process).
 
-    QM with the Monte-Carlo Fisher (one sampled label per token), and QM's default, the exact
-    Fisher: on an 8192-way softmax over 127 coupled tokens it needs T·V backward columns per
-    sequence, so it is recorded with its error where it does not finish within the time and
-    address-space limits.
+    QM with the Monte-Carlo Fisher (one sampled label per token), and the exact Fisher (the
+    paper's, the old default): on an 8192-way softmax over 127 coupled tokens it needs T·V
+    backward columns per sequence, so it is recorded with its error where it does not finish
+    within the time and address-space limits.
     """
     parameters = sum(p.numel() for p in workload("transformer25m", torch.device("cpu"))[1].values())
-    for method in ("qm_fisher_mc", "qm_default"):
+    # The exact Fisher does not finish (it is recorded as such in full runs only).
+    for method in ("qm_fisher_mc",) if QUICK else ("qm_fisher_mc", "qm_default"):
         start = time.perf_counter()
         peak, error = None, None
         try:
@@ -567,8 +732,8 @@ def statistics_memory(results: list[dict]) -> None:
             {
                 "bench": "statistics_memory", "model": "transformer25m", "method": method,
                 "k": 0, "peak_mb": peak, "seconds": seconds, "parameters": parameters,
-                "examples": TRANSFORMERS["transformer25m"][5],
-                "tokens": TRANSFORMERS["transformer25m"][4], "error": error,
+                "examples": TRANSFORMERS["transformer25m"][7],
+                "tokens": TRANSFORMERS["transformer25m"][6], "error": error,
             }
         )  # fmt: skip
         print(
@@ -579,22 +744,34 @@ def statistics_memory(results: list[dict]) -> None:
 
 
 def pruner_step(model_name, device, record, quick, fisher="fisher"):
-    """One QM stage of the Pruner against its statistics pass alone (target: <= 1.25x)."""
-    try:
-        from lossprune import ExponentialSchedule, Pruner, QuadraticModel
-    except ImportError:
-        print("pruner_step skipped: lossprune.Pruner is not importable")
-        return
+    """One QM stage of the Pruner against its statistics pass alone (target: <= 1.25x).
+
+    A transformer's pruner and statistics pass take the Hugging Face model with a dict batch.
+    """
+    from lossprune import ExponentialSchedule, Pruner, QuadraticModel
+    from lossprune.selection import prunable_parameters
+
     model, params, batch = workload(model_name, device, quick=quick)
+    loss_fn = CE
+    if hasattr(model, "lm"):
+        view = hf_view(model, params, batch)
+        model, batch, loss_fn = view.model, view.batch, None
+    prunable = {k: p.detach() for k, p in prunable_parameters(model).items()}
     requests = QuadraticModel(curvature=fisher).requests()
-    stats = lambda: curvature.compute_statistics(model, params, batch, CE, requests)  # noqa: E731
-    rounds = 3 if quick else 7
+    generator = torch.Generator(device=device).manual_seed(0)
+
+    def stats():
+        return curvature.compute_statistics(
+            model, prunable, batch, loss_fn, requests, generator=generator
+        )
+
+    rounds = 1 if SMOKE else 3 if quick else 7
     for diagnostics in (False, True):
         state = {k: v.clone() for k, v in model.state_dict().items()}
         pruner = Pruner(
             model, QuadraticModel(lam=1e-3, curvature=fisher),
-            ExponentialSchedule(0.9, rounds + 2), loss_fn=CE, data=batch, diagnostics=diagnostics,
-            generator=0,
+            ExponentialSchedule(0.9, rounds + 2), loss_fn=loss_fn, data=batch,
+            diagnostics=diagnostics, generator=0,
         )  # fmt: skip
         pruner.step()  # warm-up
         times = time_side_by_side({"stats": stats, "step": pruner.step}, device, 0, rounds)
@@ -610,12 +787,19 @@ def main() -> None:
         child_main(*sys.argv[2:8])
         return
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="fewer repeats (< 90 s on 2 cores)")
+    parser.add_argument("--quick", action="store_true", help="fewer repeats and smaller batches")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes, one round: it runs")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument(
+        "--sections", default=",".join(SECTIONS), help=f"comma-separated, of {SECTIONS}"
+    )
     parser.add_argument("--out", required=True, help="JSON file for the results")
     args = parser.parse_args()
-    global QUICK
-    QUICK = args.quick
+    unknown = set(args.sections.split(",")) - set(SECTIONS)
+    if unknown:
+        parser.error(f"unknown sections {sorted(unknown)}; expected some of {SECTIONS}")
+    global QUICK, SMOKE
+    QUICK, SMOKE = args.quick, args.smoke
     start = time.perf_counter()
     report = run(args)
     report["wall_seconds"] = time.perf_counter() - start

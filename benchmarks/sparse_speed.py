@@ -18,6 +18,9 @@ CUDA: ``nn.Linear(10240, 3072)`` in float16 on a 3072 x 10240 input (the shape o
 semi-structured sparsity tutorial), pruned 2:4 along the input dimension by magnitude
 (``lossprune.sparse.nm_mask``), dense against ``to_sparse_semi_structured``.
 
+``--smoke``: a 256 x 256 layer (CPU) or a 512 x 256 one (CUDA) and two repeats, to check that
+it runs.
+
 ``ratio`` is the median dense time over the median sparse time (> 1: sparse is faster);
 ``ratio_of_minima`` uses the fastest call of each, which is what to read on a shared machine.
 """
@@ -86,10 +89,10 @@ def rows_of(report, sparsity: float, pattern: str) -> list[dict]:
     return rows
 
 
-def cpu_curve(repeats: int, sparsities: tuple[float, ...]) -> dict:
+def cpu_curve(repeats: int, sparsities: tuple[float, ...], width: int = 4096) -> dict:
     torch.manual_seed(0)
-    layer = nn.Linear(4096, 4096).eval()
-    x = torch.randn(128, 4096)
+    layer = nn.Linear(width, width).eval()
+    x = torch.randn(128, width)
     rows = []
     for sparsity in sparsities:
         unstructured = pruned_copy(layer, magnitude_mask(layer.weight.detach(), sparsity))
@@ -100,21 +103,22 @@ def cpu_curve(repeats: int, sparsities: tuple[float, ...]) -> dict:
         )
         rows += rows_of(report, sparsity, f"blocks {TILE}x{TILE}")
         print_row(sparsity, rows)
-    return {"shape": [4096, 4096], "batch": 128, "dtype": "float32", "rows": rows}
+    return {"shape": [width, width], "batch": 128, "dtype": "float32", "rows": rows}
 
 
-def cuda_two_four(repeats: int) -> dict:
+def cuda_two_four(repeats: int, shape: tuple[int, int] = (3072, 10240)) -> dict:
     torch.manual_seed(0)
-    layer = nn.Linear(10240, 3072).half().cuda().eval()
+    out_features, in_features = shape
+    layer = nn.Linear(in_features, out_features).half().cuda().eval()
     with torch.no_grad():
         layer.weight.mul_(nm_mask(layer.weight.abs(), 2, 4, dim=1))
-    x = torch.randn(3072, 10240, dtype=torch.float16, device="cuda")
+    x = torch.randn(out_features, in_features, dtype=torch.float16, device="cuda")
     report = speed_report(layer, x, layouts=("semi_structured",), repeats=repeats)
     print(report)
     rows = rows_of(report, 0.5, "2:4")
     return {
-        "shape": [3072, 10240],
-        "batch": 3072,
+        "shape": [out_features, in_features],
+        "batch": out_features,
         "dtype": "float16",
         "gpu": torch.cuda.get_device_name(),
         "rows": rows,
@@ -135,11 +139,14 @@ def main() -> None:
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--sparsities", type=float, nargs="+", default=CPU_SPARSITIES)
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes: check that it runs")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     start = time.perf_counter()
     if args.device == "cuda":
-        result = cuda_two_four(args.repeats)
+        result = cuda_two_four(*((2, (256, 512)) if args.smoke else (args.repeats,)))
+    elif args.smoke:
+        result = cpu_curve(2, (0.5, 0.95), width=256)
     else:
         result = cpu_curve(args.repeats, tuple(args.sparsities))
     if not all(row["agrees"] for row in result["rows"]):

@@ -112,7 +112,7 @@ def test_the_quadratic_model_sums_inside_the_absolute_value_against_brute_force(
         signed = tiles_of(-g[k] * p + 0.5 * d[k] * p**2, layout[k], 2, 2).sum((1, 3))
         reference[k] = signed.abs() + 0.5 * lam * tiles_of(p**2, layout[k], 2, 2).sum((1, 3))
     selection = Blocks(2, 2)
-    got = QuadraticModel(lam=lam).group_score(
+    got = QuadraticModel(lam=lam, curvature="fisher").group_score(
         _context(model, params, inputs, targets),
         lambda name, t: selection.group_sum(layout[name], t),
     )

@@ -221,7 +221,7 @@ def test_composition_computes_shared_statistics_once(mlp, mlp_batch, monkeypatch
     monkeypatch.setattr(scoring, "compute_statistics", counting)
     combo = QuadraticModel(lam=0.1) + OBD(lam=1.0) + LinearModel()
     scores(mlp, combo, mlp_batch, loss_fn=CE)
-    assert calls == [{Statistic("grad"), Statistic("fisher")}]
+    assert calls == [{Statistic("grad"), Statistic("fisher_auto", 1)}]  # curvature="auto"
 
 
 def test_criteria_validate_arguments():

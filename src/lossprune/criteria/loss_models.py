@@ -26,7 +26,7 @@ from .base import Criterion, GroupSum, ScoringContext
 __all__ = ["LinearModel", "QuadraticModel", "OBD", "CURVATURES"]
 
 #: Diagonal curvature estimates a quadratic model can use.
-CURVATURES = ("fisher", "fisher_mc", "hessian_diag")
+CURVATURES = ("auto", "fisher", "fisher_mc", "hessian_diag")
 
 
 def _curvature_statistic(curvature: object, mc_samples: object, probes: object) -> Statistic:
@@ -34,6 +34,8 @@ def _curvature_statistic(curvature: object, mc_samples: object, probes: object) 
     probes = check_positive_int("probes", probes)
     if not isinstance(curvature, str):
         raise TypeError(f"curvature must be a str, got {type(curvature).__name__}")
+    if curvature == "auto":
+        return Statistic("fisher_auto", mc_samples)
     if curvature == "fisher":
         return Statistic("fisher")
     if curvature == "fisher_mc":
@@ -48,9 +50,9 @@ class _DiagonalCurvatureModel(Criterion):
     """Shared options of the criteria that read a diagonal curvature estimate ``D``."""
 
     lam: float = 0.0
-    curvature: str = "fisher"
+    curvature: str = "auto"
     _: KW_ONLY
-    mc_samples: int = 10
+    mc_samples: int = 1
     probes: int = 64
 
     def __post_init__(self) -> None:
@@ -112,10 +114,15 @@ class QuadraticModel(_DiagonalCurvatureModel):
 
     Args:
         lam: strength λ ≥ 0 of the step-size constraint.
-        curvature: ``"fisher"`` (exact Fisher/GGN diagonal, the paper's default),
-            ``"fisher_mc"`` (Monte-Carlo with ``mc_samples`` labels per example) or
-            ``"hessian_diag"`` (Hutchinson with ``probes`` Rademacher probes per batch).
-        mc_samples: labels sampled per example for ``"fisher_mc"`` (paper: 10).
+        curvature: ``"auto"`` (default: the exact Fisher where it costs at most 100 gradients
+            per pass, i.e. up to 100 outputs per example, as the paper's classifiers; else
+            ``"fisher_mc"``, announced once; the choice is in each
+            :attr:`~lossprune.StageReport.curvature`), ``"fisher"`` (exact Fisher/GGN
+            diagonal, the paper's), ``"fisher_mc"`` (Monte-Carlo with ``mc_samples`` labels
+            per unit: per example, per token for a language model) or ``"hessian_diag"``
+            (Hutchinson with ``probes`` Rademacher probes per batch).
+        mc_samples: labels sampled per unit for ``"fisher_mc"`` (and ``"auto"`` when it
+            samples): 1, one label per token (the paper used 10 on ImageNet).
         probes: probes per batch for ``"hessian_diag"``.
     """
 

@@ -97,6 +97,7 @@ def layer_ggn_diag(
     params: Mapping[str, Tensor],
     inputs: Any,
     cotangents_of: Callable[[Tensor], Tensor],
+    elements: int | None = None,
 ) -> LayerDiagonal:
     r""":math:`\sum_n\sum_r (J_n^\top c_{nr})^2` for every parameter of a covered layer.
 
@@ -105,6 +106,9 @@ def layer_ggn_diag(
         params: all differentiated tensors by qualified name.
         inputs: one batch of inputs.
         cotangents_of: maps the detached outputs ``(N, *out)`` to cotangents ``(N, O, R)``.
+        elements: the most back-propagated layer-output gradients and per-example weight
+            gradients that exist at once, in numbers (``None``: ``2**26`` and ``2**24``); the
+            statistics' ``chunk_size`` times the number of parameters.
     """
     rules = _candidates(model, params, inputs)
     records: dict[str, list[tuple[Tensor, Tensor, int, int]]] = {name: [] for name in rules}
@@ -141,23 +145,28 @@ def layer_ggn_diag(
     if not covered:
         return LayerDiagonal(detached, {})
     cotangents = cotangents_of(detached)  # (N, O, R)
-    deltas = _batched_output_grads(outputs, [z for _, _, z in covered], cotangents)
+    deltas = _batched_output_grads(
+        outputs, [z for _, _, z in covered], cotangents, elements or _COLUMN_ELEMENTS
+    )
     sums: Params = {}
     for (rule, a, _), delta in zip(covered, deltas, strict=True):
-        local = rule.squared_contraction(a, delta.detach(), list(rule.names))
+        local = rule.squared_contraction(a, delta.detach(), list(rule.names), elements)
         sums.update({rule.names[k]: v for k, v in local.items()})
     return LayerDiagonal(detached, sums)
 
 
-def _batched_output_grads(outputs: Tensor, zs: list[Tensor], cotangents: Tensor) -> list[Tensor]:
+def _batched_output_grads(
+    outputs: Tensor, zs: list[Tensor], cotangents: Tensor, elements: int
+) -> list[Tensor]:
     r""":math:`\partial (c_r^\top f)/\partial z` for every column ``r``: ``(R, *z.shape)``.
 
-    Columns go through the graph as one vmapped backward, in chunks bounding ``R' x |z|``.
+    Columns go through the graph as one vmapped backward, in chunks bounding ``R' x |z|`` by
+    ``elements``.
     """
     columns = cotangents.shape[2]
     grad_outputs = cotangents.permute(2, 0, 1).reshape(columns, *outputs.shape)
     activations = sum(z.numel() for z in zs)
-    step = max(1, min(columns, _COLUMN_ELEMENTS // max(1, activations)))
+    step = max(1, min(columns, elements // max(1, activations)))
     deltas = [z.new_empty(columns, *z.shape) for z in zs] if step < columns else None
     for start in range(0, columns, step):
         chunk = grad_outputs[start : start + step]

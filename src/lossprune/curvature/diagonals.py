@@ -12,34 +12,44 @@ mean and weights included):
 * Hutchinson's estimate of the Hessian diagonal :math:`\mathbb E_z[z \odot Hz]` with Rademacher
   probes :math:`z` (Bekas et al. 2007).
 
-The fast path takes the layers of :mod:`.contractions`; the rest goes through the generic
-per-example ``vmap`` path, which is also the slow twin of the tests (``fast=False``).
+For one tensor of inputs, the fast path takes the layers of :mod:`.contractions`; the rest goes
+through the generic per-example ``vmap`` path, which is also the slow twin of the tests
+(``fast=False``). A model called with keyword inputs (a Hugging Face model: ``vmap`` cannot run
+it over its examples) runs one example at a time, its loss and gradient fused into the same
+pass (:mod:`.per_example`). Memory: ``chunk_size`` (:mod:`.statistics`).
 """
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from functools import partial
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
 from torch.func import vjp, vmap
+from torch.utils._pytree import tree_flatten
 
 from .._common.batches import Batch, ModelInputs
 from .._common.checks import check_positive_int
 from .._common.functional import FunctionalModel
 from .contractions import covered_parameters, layer_ggn_diag
 from .outputs import LossFn, flatten_example, output_curvature, rademacher
+from .per_example import column_chunks, copies_at_once, per_example_pass
 from .products import CurvatureProducts, hvp, prepare
 
-__all__ = ["fisher_diag", "fisher_diag_mc", "hutchinson_diag", "warn_exact_fisher_cost"]
+__all__ = [
+    "DiagonalPass",
+    "diagonal_pass",
+    "exact_fisher_columns",
+    "fisher_diag",
+    "fisher_diag_mc",
+    "hutchinson_diag",
+    "warn_exact_fisher_cost",
+]
 
 Params = dict[str, Tensor]
 
-# Bound on the per-example tensors materialised at once: examples x columns x parameters.
-_PER_EXAMPLE_ELEMENTS = 1 << 24
 # Above this many entries (examples x outputs x columns), the exact square-root columns of a
 # tensor-input model are built block by block, one example at a time, like a keyword-input
 # model's: a language model's (N, T·V, T·V) matrix does not fit in memory.
@@ -67,16 +77,6 @@ def _squared_pullbacks(
     return {k: sums.get(k, torch.zeros_like(p)) for k, p in params.items()}
 
 
-def _column_chunks(columns: Tensor, width: int) -> Iterator[Tensor]:
-    for start in range(0, columns.shape[1], width):
-        yield columns[:, start : start + width]
-
-
-def _columns_per_call(params: Params) -> int:
-    """Columns pulled back at once: at most ``2**24`` per-column numbers exist together."""
-    return max(1, _PER_EXAMPLE_ELEMENTS // max(1, sum(p.numel() for p in params.values())))
-
-
 def _sum_squared_per_example_vjps(
     fmodel: FunctionalModel,
     params: Params,
@@ -87,29 +87,28 @@ def _sum_squared_per_example_vjps(
 ) -> Params:
     r""":math:`\sum_n \sum_r (J_n^\top c_{nr})^2` for output cotangents ``(N, O, R)``.
 
-    Each example's Jacobian is pulled back along its ``R`` columns (vmapped over at most
-    ``2**24 / P`` columns at a time), squared and summed. Examples are vmapped ``chunk_size``
-    at a time so that at most ``chunk_size * R * P`` per-example numbers exist at once.
+    Each example's Jacobian is pulled back along its ``R`` columns, squared and summed, with
+    examples and columns vmapped together: at most :func:`~.per_example.copies_at_once`
+    (example, column) pairs, i.e. that many parameter-sized pull-backs, exist at once.
     ``fixed`` tensors of ``fmodel``'s explicit parameters are held constant (the layers a fast
     path already covered).
     """
     n, _, columns = cotangents.shape
-    size = sum(p.numel() for p in params.values())
     fixed = fixed or {}
-    at_once = _columns_per_call(params)
-    if chunk_size is None:
-        chunk_size = max(1, _PER_EXAMPLE_ELEMENTS // max(1, columns * size))
+    copies = copies_at_once(params, chunk_size)
+    at_once = min(columns, copies)
+    examples_at_once = max(1, copies // at_once)
 
     def one_example(x: Tensor, cots: Tensor) -> Params:
         def output(p: Params) -> Tensor:
             return flatten_example(fmodel({**fixed, **p}, x.unsqueeze(0)))
 
-        return _squared_pullbacks(output, params, _column_chunks(cots, at_once))
+        return _squared_pullbacks(output, params, column_chunks(cots, at_once))
 
     total = {k: torch.zeros_like(p) for k, p in params.items()}
     try:
-        for start in range(0, n, chunk_size):
-            stop = min(n, start + chunk_size)
+        for start in range(0, n, examples_at_once):
+            stop = min(n, start + examples_at_once)
             chunk = vmap(one_example)(inputs[start:stop], cotangents[start:stop])
             for k in total:
                 total[k] += chunk[k].sum(0)
@@ -123,73 +122,68 @@ def _sum_squared_per_example_vjps(
     return total
 
 
-def _sum_squared_vjps_one_by_one(
-    fmodel: FunctionalModel,
-    params: Params,
-    inputs: ModelInputs | Tensor,
-    examples: int,
-    blocks_of: Callable[[int, int], Iterable[Tensor]],
-    fixed: Params,
-) -> Params:
-    r""":math:`\sum_n \sum_r (J_n^\top c_{nr})^2`, one example at a time, columns in blocks.
-
-    Used for keyword inputs (a Hugging Face model is not vmapped over examples) and for an exact
-    diagonal whose dense columns would not fit in memory: ``blocks_of(n, width)`` yields
-    example ``n``'s columns ``width`` at a time, so that the columns of a language model's
-    (T·V)-dimensional output space never exist all at once.
-    """
-    at_once = _columns_per_call(params)
-    total = {k: torch.zeros_like(p) for k, p in params.items()}
-    for n in range(examples):
-        row = inputs[n : n + 1] if isinstance(inputs, Tensor) else inputs.rows(n, n + 1)
-        output = partial(_example_outputs, fmodel, fixed, row)
-        for k, v in _squared_pullbacks(output, params, blocks_of(n, at_once)).items():
-            total[k] += v
-    return total
-
-
-def _example_outputs(
-    fmodel: FunctionalModel, fixed: Params, row: ModelInputs | Tensor, p: Params
-) -> Tensor:
-    """The flattened outputs of one example ``row`` (a batch of one) at ``p``."""
-    return fmodel({**fixed, **p}, row).reshape(-1)
-
-
-# Exact diagonals costing more than this many gradients are announced (with the alternative).
-_EXPENSIVE_GRADIENTS = 100
+#: Gradients per pass an exact Fisher/GGN diagonal may cost: above it, the exact diagonal is
+#: announced with its alternative, and ``Statistic("fisher_auto")`` is estimated by Monte Carlo.
+EXACT_FISHER_BUDGET = 100
 _WARNED_COST: set[tuple[str, int]] = set()
+_DEFAULT_ALTERNATIVE = "Statistic('fisher_mc', samples=1)"
+
+
+def exact_fisher_columns(model: nn.Module, params: Mapping[str, Tensor], batch: Batch) -> int:
+    r""":math:`R`, the output entries of one example: the exact diagonal's cost in gradients.
+
+    The exact diagonal pulls back every column of :math:`S_n`, one per output entry of the
+    example (:math:`R = T \cdot V` for a language model's logits), so it costs about
+    :math:`R` gradients per pass; ``fisher_mc`` costs one per sample. One forward pass of the
+    batch's first example, without a graph.
+    """
+    first = batch.inputs[:1] if isinstance(batch.inputs, Tensor) else batch.inputs.rows(0, 1)
+    with torch.no_grad():
+        outputs = FunctionalModel(model, params)(params, first)
+    leaves = [leaf for leaf in tree_flatten(outputs)[0] if isinstance(leaf, Tensor)]
+    return sum(leaf.numel() for leaf in leaves)
 
 
 def warn_exact_fisher_cost(
     model: nn.Module,
     params: Mapping[str, Tensor],
     batch: Batch,
+    alternative: str | None = None,
 ) -> None:
-    r"""Warn before an exact Fisher that costs more than about 100 gradients per pass.
+    r"""Warn before an exact Fisher that costs more than ``EXACT_FISHER_BUDGET`` gradients.
 
     The parameters no fast path covers need one backward pass per output entry of every
-    example (:math:`R` columns of :math:`S_n`, :math:`R = T \cdot V` for a language model's
-    logits): about :math:`R` gradients. ``fisher_mc`` costs one gradient per sample.
+    example (:func:`exact_fisher_columns`). ``alternative`` names what to use instead (the
+    caller's criterion with the Monte-Carlo Fisher; default: the statistic itself).
     """
     covered = covered_parameters(model, params, batch.inputs)
     if set(params) <= covered:
         return
-    with torch.no_grad():
-        outputs = FunctionalModel(model, params)(params, batch.inputs)
-    if not isinstance(outputs, Tensor) or outputs.dim() == 0:
-        return
-    columns = outputs[0].numel()
+    columns = exact_fisher_columns(model, params, batch)
     key = (type(model).__name__, columns)
-    if columns > _EXPENSIVE_GRADIENTS and key not in _WARNED_COST:
+    if columns > EXACT_FISHER_BUDGET and key not in _WARNED_COST:
         _WARNED_COST.add(key)  # once per model class and output size: not at every stage
         warnings.warn(
             f"the exact Fisher/GGN diagonal costs about {columns} gradients per pass here (one "
             f"backward pass per output entry of each example, {columns} entries: every token "
-            "times every class); Statistic('fisher_mc', samples=k) estimates the same diagonal "
-            "without bias at about k gradients (e.g. OBD(curvature='fisher_mc'))",
+            f"times every class); {alternative or _DEFAULT_ALTERNATIVE} estimates the same "
+            "diagonal without bias at about one gradient per sampled label",
             RuntimeWarning,
             stacklevel=3,
         )
+
+
+class DiagonalPass(NamedTuple):
+    """A Fisher/GGN diagonal, with the batch loss and gradient when the same pass gave them.
+
+    ``loss`` and ``grad`` are ``None`` unless one forward pass per example computed them with
+    the diagonal (keyword inputs, :mod:`.per_example`), sparing the statistics pass a separate
+    gradient pass.
+    """
+
+    loss: Tensor | None
+    grad: Params | None
+    diagonal: Params
 
 
 def fisher_diag(
@@ -212,12 +206,14 @@ def fisher_diag(
             (:mod:`lossprune._common.batches`).
         loss_fn: the batch loss ``loss_fn(outputs, targets)``, a mean (:mod:`.outputs`);
             ``None``: a Hugging Face model's own loss.
-        chunk_size: examples processed at once (default: bounded by ``2**24`` per-example numbers).
+        chunk_size: the memory bound of every statistic: at most this many parameter-sized
+            per-example (per output column) pull-backs exist at once (default: as many as fit
+            in ``2**24`` numbers).
         fast: use the per-layer squared contractions where they are proven exact (``False``:
             always the generic per-example path, the slow twin used in tests).
     """
     loss_fn, batch = prepare(model, loss_fn, batch)
-    return _diag_from_cotangents(model, dict(params), batch, loss_fn, None, 0, chunk_size, fast)
+    return diagonal_pass(model, dict(params), batch, loss_fn, None, 0, chunk_size, fast).diagonal
 
 
 def fisher_diag_mc(
@@ -231,25 +227,25 @@ def fisher_diag_mc(
     chunk_size: int | None = None,
     fast: bool = True,
 ) -> Params:
-    r"""Monte-Carlo estimate of :func:`fisher_diag` from ``samples`` sampled outputs per example.
+    r"""Monte-Carlo estimate of :func:`fisher_diag` from ``samples`` sampled outputs per unit.
 
     .. math:: \hat D = \sum_n \sum_{j=1}^k (J_n^\top z_{nj})^2,
        \quad \mathbb E\Big[\sum_j z_{nj} z_{nj}^\top\Big] = M_n
 
-    Unbiased; for cross-entropy :math:`z = \sqrt{c/k}\,(e_y - p)`, :math:`y\sim p` (Laurent et
-    al. 2020 use k = 10 on ImageNet).
+    Unbiased; for cross-entropy :math:`z = \sqrt{c/k}\,(e_y - p)`, :math:`y\sim p`, one label
+    per unit (per token for a language model; Laurent et al. 2020 use k = 10 on ImageNet).
 
     Raises:
         NonFiniteError: the model outputs are NaN or infinite (no label can be sampled).
     """
     loss_fn, batch = prepare(model, loss_fn, batch)
     check_positive_int("samples", samples)
-    return _diag_from_cotangents(
+    return diagonal_pass(
         model, dict(params), batch, loss_fn, generator, samples, chunk_size, fast
-    )
+    ).diagonal
 
 
-def _diag_from_cotangents(
+def diagonal_pass(
     model: nn.Module,
     params: Params,
     batch: tuple[Any, Tensor],
@@ -257,16 +253,25 @@ def _diag_from_cotangents(
     generator: torch.Generator | None,
     samples: int,
     chunk_size: int | None,
-    fast: bool,
-) -> Params:
+    fast: bool = True,
+) -> DiagonalPass:
     """Exact (``samples == 0``) or Monte-Carlo GGN diagonal of the batch loss.
 
-    With ``fast``, covered layers get their diagonal from squared contractions of one batched
+    Keyword inputs (and nested tuples) run one example at a time, each a batch of one, with the
+    loss and gradient from the same graphs (:mod:`.per_example`). For one tensor of inputs, with
+    ``fast``, covered layers get their diagonal from squared contractions of one batched
     backward pass (:func:`~.contractions.layer_ggn_diag`); whatever it does not cover goes
     through the generic per-example ``vmap`` path, its slow twin, with the SAME cotangents.
     """
     inputs, targets = batch
     fmodel = FunctionalModel(model, params)
+    width = copies_at_once(params, chunk_size)
+    if isinstance(inputs, ModelInputs):
+        fused = per_example_pass(
+            fmodel, params, {}, inputs, targets, loss_fn,
+            samples=samples, generator=generator, width=width,
+        )  # fmt: skip
+        return DiagonalPass(fused.loss, fused.grad, fused.squares)
 
     def cotangents_of(outputs: Any) -> Tensor:
         space = output_curvature(loss_fn, outputs, targets)
@@ -276,53 +281,37 @@ def _diag_from_cotangents(
 
     total: Params = {}
     cotangents = None
-    if fast and isinstance(inputs, Tensor):  # keyword inputs have no layout proof
+    if fast:
         drawn: list[Tensor] = []  # the one draw of cotangents, reused by the generic remainder
 
         def remember(outputs: Tensor) -> Tensor:
             drawn.append(cotangents_of(outputs))
             return drawn[0]
 
-        total = layer_ggn_diag(model, params, inputs, remember).sums
+        budget = None if chunk_size is None else chunk_size * _size(params)
+        total = layer_ggn_diag(model, params, inputs, remember, budget).sums
         cotangents = drawn[0] if drawn else None
     rest = {k: v for k, v in params.items() if k not in total}
-    # Keyword inputs are not vmapped over examples, and an exact diagonal whose dense columns
-    # would not fit in memory (a language model's (N, T·V, T·V)) is built block by block: both
-    # go one example at a time.
-    outputs = None
-    if rest and cotangents is None and samples == 0 and isinstance(inputs, Tensor):
+    fixed = {k: v for k, v in params.items() if k in total}
+    if rest and cotangents is None:
         with torch.no_grad():
             outputs = fmodel(params, inputs)
-        if _dense_columns_fit(outputs):
-            cotangents = cotangents_of(outputs)
-    blockwise = isinstance(inputs, ModelInputs) or (outputs is not None and cotangents is None)
-    if rest and blockwise:
-        with torch.no_grad():
-            if outputs is None:
-                outputs = fmodel(params, inputs)
-            space = output_curvature(loss_fn, outputs, targets)
-        fixed = {k: v for k, v in params.items() if k in total}
-        blocks_of: Callable[[int, int], Iterable[Tensor]]
-        if samples == 0:
-            blocks_of = space.column_blocks
-        else:
-            drawn_columns = space.sample_columns(samples, generator)
-
-            def blocks_of(n: int, width: int) -> Iterable[Tensor]:
-                return _column_chunks(drawn_columns[n], width)
-
-        total.update(
-            _sum_squared_vjps_one_by_one(fmodel, rest, inputs, len(targets), blocks_of, fixed)
-        )
-    elif rest:
-        if cotangents is None:
-            with torch.no_grad():
-                cotangents = cotangents_of(fmodel(params, inputs))
-        fixed = {k: v for k, v in params.items() if k in total}
+        if samples == 0 and not _dense_columns_fit(outputs):
+            # A language model's (N, T·V, T·V) square roots do not fit in memory: one example
+            # at a time, its columns block by block.
+            blockwise = per_example_pass(
+                fmodel, rest, fixed, inputs, targets, loss_fn,
+                samples=0, generator=None, width=width,
+            )  # fmt: skip
+            total.update(blockwise.squares)
+            return DiagonalPass(None, None, {k: total[k] for k in params})
+        cotangents = cotangents_of(outputs)
+    if rest:
+        assert cotangents is not None
         total.update(
             _sum_squared_per_example_vjps(fmodel, rest, inputs, cotangents, chunk_size, fixed)
         )
-    return {k: total[k] for k in params}
+    return DiagonalPass(None, None, {k: total[k] for k in params})
 
 
 def hutchinson_diag(
@@ -360,6 +349,10 @@ def hutchinson(
     z = {k: rademacher((probes, *p.shape), p, generator) for k, p in params.items()}
     loss, grads, hz = hvp(model, params, batch, loss_fn, z, chunk_size=chunk_size)
     return CurvatureProducts(loss, grads, {k: (z[k] * hz[k]).mean(0) for k in params})
+
+
+def _size(params: Mapping[str, Tensor]) -> int:
+    return sum(p.numel() for p in params.values())
 
 
 def _dense_columns_fit(outputs: Any) -> bool:

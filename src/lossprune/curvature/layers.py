@@ -141,8 +141,14 @@ class LayerRule:
         """``(R(dL/da), {local name: R(dL/dparam)})``; ``hessian=False``: Gauss-Newton."""
         raise NotImplementedError
 
-    def squared_contraction(self, a: Tensor, delta: Tensor, local: list[str]) -> Params:
-        r""":math:`\sum_n\sum_r` of squared per-example gradients of the parameters ``local``."""
+    def squared_contraction(
+        self, a: Tensor, delta: Tensor, local: list[str], elements: int | None = None
+    ) -> Params:
+        r""":math:`\sum_n\sum_r` of squared per-example gradients of the parameters ``local``.
+
+        ``elements``: the most per-example weight gradients that exist at once, in numbers
+        (``None``: ``2**24``).
+        """
         raise NotImplementedError
 
     def _w(self, p: Params) -> Tensor:
@@ -203,7 +209,7 @@ class LinearRule(LayerRule):
                 rda = rda + (dz @ vt).view(n, k, fan_in)
         return rda, products
 
-    def squared_contraction(self, a, delta, local):
+    def squared_contraction(self, a, delta, local, elements=None):
         out: Params = {}
         if a.dim() == 2:
             # The square of an outer product is the outer product of the squares: one matmul.
@@ -216,7 +222,7 @@ class LinearRule(LayerRule):
         # (N, T, in) inputs: a per-example gradient sums over positions before it is squared.
         unfolded = a.reshape(a.shape[0], -1, a.shape[-1]).transpose(1, 2)  # (N, in, T)
         delta = delta.reshape(*delta.shape[:2], -1, delta.shape[-1]).transpose(2, 3)  # (R,N,out,T)
-        return _positions_contraction(unfolded, delta, 1, local, self.module.weight.shape)
+        return _positions_contraction(unfolded, delta, 1, local, self.module.weight.shape, elements)
 
 
 class ConvRule(LayerRule):
@@ -324,16 +330,21 @@ class ConvRule(LayerRule):
                 rda = rda + cross.view(n, k, c, *a.shape[2:])
         return rda, products
 
-    def squared_contraction(self, a, delta, local):
+    def squared_contraction(self, a, delta, local, elements=None):
         unfolded = _unfold(self.module, a)  # (N, in*kk, P)
         delta = delta.flatten(3) if delta.dim() > 4 else delta  # (R, N, out, P)
         return _positions_contraction(
-            unfolded, delta, self.module.groups, local, self.module.weight.shape
+            unfolded, delta, self.module.groups, local, self.module.weight.shape, elements
         )
 
 
 def _positions_contraction(
-    unfolded: Tensor, delta: Tensor, groups: int, local: list[str], weight_shape: torch.Size
+    unfolded: Tensor,
+    delta: Tensor,
+    groups: int,
+    local: list[str],
+    weight_shape: torch.Size,
+    elements: int | None,
 ) -> Params:
     """Bias and weight sums of a linear map applied at several positions per example."""
     out: Params = {}
@@ -341,7 +352,9 @@ def _positions_contraction(
         per_example = delta.sum(3)
         out["bias"] = (per_example * per_example).sum((0, 1))
     if "weight" in local:
-        out["weight"] = _squared_contraction(unfolded, delta, groups).reshape(weight_shape)
+        out["weight"] = _squared_contraction(unfolded, delta, groups, elements).reshape(
+            weight_shape
+        )
     return out
 
 
@@ -372,20 +385,24 @@ def _unfold(module: nn.Module, a: Tensor) -> Tensor:
     return torch.stack(patches, 2).reshape(a.shape[0], -1, math.prod(sizes))
 
 
-def _squared_contraction(unfolded: Tensor, delta: Tensor, groups: int) -> Tensor:
+def _squared_contraction(
+    unfolded: Tensor, delta: Tensor, groups: int, elements: int | None
+) -> Tensor:
     r""":math:`\sum_{r,n} (\delta_{rn} U_n^\top)^{\odot 2}` per group, examples in chunks.
 
     Args:
         unfolded: ``(N, in_total, P)`` inputs per position.
         delta: ``(R, N, out_total, P)`` output gradients per position.
         groups: convolution groups (1 for a Linear layer); channels only mix within a group.
+        elements: the most per-example gradients that exist at once, in numbers (``None``:
+            ``2**24``).
     """
     columns, n, out_total, positions = delta.shape
     in_total = unfolded.shape[1]
     u = unfolded.reshape(n, groups, in_total // groups, positions)
     d = delta.reshape(columns, n, groups, out_total // groups, positions)
     per_example = columns * out_total * in_total // groups
-    step = max(1, _ELEMENTS // max(1, per_example))
+    step = max(1, (elements or _ELEMENTS) // max(1, per_example))
     total = delta.new_zeros(groups, out_total // groups, in_total // groups)
     for start in range(0, n, step):
         stop = start + step

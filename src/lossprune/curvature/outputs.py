@@ -287,7 +287,13 @@ class SoftmaxCrossEntropy(OutputCurvature):
         p = self.probs
         n, classes = p.shape[:2]
         flat = p.movedim(1, -1).reshape(-1, classes)  # (N * D, C)
-        labels = torch.multinomial(flat, samples, replacement=True, generator=generator)
+        # Inverse-CDF sampling, y = min{c : P(Y <= c) >= u} with u uniform on (0, 1]: the same
+        # distribution as torch.multinomial, and an order of magnitude faster on CPU for a
+        # language model's vocabulary (a class of probability 0 is never drawn).
+        uniform = 1.0 - torch.rand(
+            flat.shape[0], samples, generator=generator, dtype=flat.dtype, device=flat.device
+        )
+        labels = torch.searchsorted(flat.cumsum(1), uniform).clamp_max(classes - 1)
         one_hot = nn.functional.one_hot(labels, classes).to(p.dtype)  # (N * D, k, C)
         z = (one_hot - flat.unsqueeze(1)) * (self.coefficients.reshape(-1, 1, 1) / samples).sqrt()
         z = z.reshape(n, -1, samples, classes)  # (N, D, k, C)

@@ -199,7 +199,8 @@ def hvp(
             ``None``: a Hugging Face model's own loss.
         vectors: for every name in ``params``, a tensor of shape ``(k, *param.shape)``.
         curvature: ``"hessian"`` or ``"ggn"``.
-        chunk_size: at most this many vectors are processed at once (bounds memory).
+        chunk_size: at most this many vectors are processed at once (the one memory bound of
+            every statistic, :mod:`.statistics`).
         fast: allow the fused chain path (``False``: always the generic ``torch.func`` path,
             the slow twin used in tests).
 

@@ -12,10 +12,20 @@ initialised :mod:`torch.distributed` group, and divide:
 
 which for the loss, its gradient and every curvature statistic (all linear in the loss) is
 exactly the statistic of the full-data mean loss.
+
+Memory: ONE option, ``chunk_size``, bounds every statistic the same way: at most ``chunk_size``
+parameter-sized intermediate copies exist at once beyond one forward and backward pass —
+per-example (and per output column) pull-backs of the Fisher diagonals, tangent vectors of
+curvature-vector products (Hutchinson's probes, :math:`Hg`, the compensation's products), and,
+on the per-layer fast path, ``chunk_size`` times the parameters' count of back-propagated
+columns and per-example weight gradients. Peak memory grows linearly in it and the numbers do
+not change. Default (``None``): per-example copies as many as fit in ``2**24`` numbers, every
+vector of a product at once.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -24,14 +34,20 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .._common.batches import ModelInputs, counted_positions
+from .._common.batches import Batch, ModelInputs, counted_positions
 from .._common.checks import check_positive_int
 from .._common.data import is_single_batch, iter_batches
 from .._common.distributed import all_reduce_floats, all_reduce_sum
 from .._common.functional import FunctionalModel, statistics_dtype
 from .._common.model_loss import CROSS_ENTROPY_TASKS, model_loss_in, resolve_loss
 from .._common.probe import probe_first_batch
-from .diagonals import fisher_diag, fisher_diag_mc, hutchinson, warn_exact_fisher_cost
+from .diagonals import (
+    EXACT_FISHER_BUDGET,
+    diagonal_pass,
+    exact_fisher_columns,
+    hutchinson,
+    warn_exact_fisher_cost,
+)
 from .errors import check_finite
 from .inputs import InputStatistics
 from .outputs import (
@@ -143,6 +159,11 @@ class Statistic:
     * ``"fisher"`` — exact GGN/Fisher diagonal;
     * ``"fisher_mc"`` — Monte-Carlo Fisher diagonal with ``samples`` labels per example (per
       token for a language model's logits, each token's label drawn independently);
+    * ``"fisher_auto"`` — ``"fisher"`` where the exact diagonal costs at most
+      :data:`~.diagonals.EXACT_FISHER_BUDGET` (100) gradients per pass (one per output entry of
+      an example: a classifier with up to 100 classes), else ``"fisher_mc"`` with ``samples``
+      labels per unit (a language model: the exact one costs T·V gradients per sequence).
+      Decided on the first batch, announced once, recorded in :attr:`Statistics.resolved`;
     * ``"hutchinson"`` — Hutchinson Hessian diagonal with ``samples`` probes per batch;
     * ``"hessian_grad"`` — :math:`Hg` with :math:`g` the gradient over all the data (GraSP);
     * ``"input_sq_norms"`` — :math:`\|X_j\|_2^2 / n`, the MEAN over the :math:`n` counted rows
@@ -157,11 +178,15 @@ class Statistic:
     def __post_init__(self) -> None:
         if self.kind not in _KINDS:
             raise ValueError(f"unknown statistic {self.kind!r}; expected one of {sorted(_KINDS)}")
-        if self.kind in ("fisher_mc", "hutchinson"):
+        if self.kind in ("fisher_mc", "fisher_auto", "hutchinson"):
             check_positive_int("samples", self.samples)
 
+    def __str__(self) -> str:
+        return self.kind if self.kind in _NO_SAMPLES else f"{self.kind}(samples={self.samples})"
 
-_KINDS = frozenset({"grad", "fisher", "fisher_mc", "hutchinson", "hessian_grad", "input_sq_norms"})
+
+_NO_SAMPLES = frozenset({"grad", "fisher", "hessian_grad", "input_sq_norms"})
+_KINDS = _NO_SAMPLES | {"fisher_mc", "fisher_auto", "hutchinson"}
 
 
 @dataclass
@@ -174,6 +199,8 @@ class Statistics:
         examples: number of examples (all ranks together).
         values: every requested :class:`Statistic`, keyed by it.
         units: :math:`\\sum_b Z_b`, the units (or their class weights) the means are over.
+        resolved: the statistic each request was computed as: itself, or for ``"fisher_auto"``
+            the exact ``"fisher"`` or ``"fisher_mc"`` it chose.
     """
 
     loss: float
@@ -181,6 +208,7 @@ class Statistics:
     examples: int
     values: dict[Statistic, Params] = field(default_factory=dict)
     units: float = 0.0
+    resolved: dict[Statistic, Statistic] = field(default_factory=dict)
 
     def __getitem__(self, request: Statistic) -> Params:
         """The value of ``request``.
@@ -217,6 +245,7 @@ def compute_statistics(
     generator: torch.Generator | None = None,
     chunk_size: int | None = None,
     progress: bool = False,
+    fisher_alternative: str | None = None,
 ) -> Statistics:
     """Loss, gradient and every requested statistic over all of ``data`` (:func:`dataset_mean`).
 
@@ -235,8 +264,11 @@ def compute_statistics(
             (the model's own loss: logits, causal-LM shift, cross-entropy, ``-100`` ignored).
         requests: statistics to compute besides loss and gradient.
         generator: random source for Monte-Carlo labels and Hutchinson probes.
-        chunk_size: memory bound passed to the per-batch routines.
+        chunk_size: the memory bound of every statistic (module docstring): at most this many
+            parameter-sized per-example pull-backs or tangent vectors exist at once.
         progress: show a per-batch progress bar (tqdm) for each pass over the data.
+        fisher_alternative: what the warning before an expensive exact Fisher suggests instead
+            (the caller's criterion with the Monte-Carlo Fisher).
 
     Raises:
         NonFiniteError: a batch loss, gradient or a statistic is NaN or infinite.
@@ -250,31 +282,28 @@ def compute_statistics(
     dtype = statistics_dtype(params)
 
     own = model_loss_in(loss_fn)
+    resolved = {request: request for request in ordered}
 
     def batch_values(batch: tuple[Any, Tensor]) -> Values:
         if own is not None and own.task in CROSS_ENTROPY_TASKS:  # every batch's labels, too
             own.check_label_range(batch[1], first_outputs.shape[1])
         values: Values = {}
         loss = grads = None
-        for request in first_pass:
+        for key in first_pass:
+            request = resolved[key]
             if request.kind == "hutchinson":
-                loss, grads, values[request] = hutchinson(
+                loss, grads, values[key] = hutchinson(
                     model, params, batch, loss_fn, request.samples, generator, chunk_size
                 )
-            elif request.kind == "fisher":
-                values[request] = fisher_diag(model, params, batch, loss_fn, chunk_size=chunk_size)
+            elif request.kind in ("fisher", "fisher_mc"):
+                diagonal = diagonal_pass(
+                    model, params, batch, loss_fn, generator, request.samples, chunk_size
+                )
+                values[key] = diagonal.diagonal
+                if loss is None and diagonal.grad is not None:  # the same graphs gave them
+                    loss, grads = diagonal.loss, diagonal.grad
             elif request.kind == "input_sq_norms":
                 continue  # every batch, in every_batch below
-            else:
-                values[request] = fisher_diag_mc(
-                    model,
-                    params,
-                    batch,
-                    loss_fn,
-                    samples=request.samples,
-                    generator=generator,
-                    chunk_size=chunk_size,
-                )
         if loss is None or grads is None:
             loss, grads = loss_and_grad(model, params, batch, loss_fn)
         check_finite("loss", loss)
@@ -288,8 +317,11 @@ def compute_statistics(
         check_tensor_outputs(loss_fn, lambda: first_outputs)
     check_scalar_loss(loss_fn, first_outputs, first.targets)
     check_mean_over_examples(loss_fn, lambda: (first_outputs, first.targets))
-    if any(r.kind == "fisher" for r in first_pass):
-        warn_exact_fisher_cost(model, params, first)
+    for request in first_pass:
+        if request.kind == "fisher_auto":
+            resolved[request] = _resolve_auto(model, params, first, request)
+    if any(resolved[r].kind == "fisher" for r in first_pass):
+        warn_exact_fisher_cost(model, params, first, fisher_alternative)
     inputs = None
     if any(r.kind == "input_sq_norms" for r in first_pass):
         # Positions, not loss units: every batch counts its counted rows, and a weight shared by
@@ -326,8 +358,38 @@ def compute_statistics(
     loss = means["loss"]
     assert isinstance(loss, Tensor)
     return Statistics(
-        loss=float(loss), grad=grad, examples=result.examples, values=values, units=result.weight
+        loss=float(loss),
+        grad=grad,
+        examples=result.examples,
+        values=values,
+        units=result.weight,
+        resolved=resolved,
     )
+
+
+_ANNOUNCED: set[tuple[str, int, int]] = set()
+
+
+def _resolve_auto(model: nn.Module, params: Params, first: Batch, request: Statistic) -> Statistic:
+    """The exact Fisher within :data:`~.diagonals.EXACT_FISHER_BUDGET`, else ``fisher_mc``.
+
+    The Monte-Carlo choice is announced once per model class and output size.
+    """
+    columns = exact_fisher_columns(model, params, first)
+    if columns <= EXACT_FISHER_BUDGET:
+        return Statistic("fisher")
+    key = (type(model).__name__, columns, request.samples)
+    if key not in _ANNOUNCED:
+        _ANNOUNCED.add(key)
+        warnings.warn(
+            f"curvature 'auto': the exact Fisher would cost about {columns} gradients per pass "
+            f"here (one per output entry of an example), above the budget of "
+            f"{EXACT_FISHER_BUDGET}, so it is estimated by Monte Carlo with {request.samples} "
+            "sampled label(s) per unit ('fisher_mc'); pass curvature='fisher' for the exact one",
+            UserWarning,
+            stacklevel=4,
+        )
+    return Statistic("fisher_mc", request.samples)
 
 
 def _params(value: Tensor | Mapping[str, Tensor]) -> Params:

@@ -23,7 +23,7 @@ from .._common.data import random_subset
 from .._common.functional import check_deterministic
 from .._common.probe import probe_first_batch
 from ..criteria.base import Criterion, GroupSum
-from ..curvature import LossFn, NonFiniteError
+from ..curvature import LossFn, NonFiniteError, Statistics
 from ..selection import Global, Layerwise, ParameterLayout, Selection
 from ..selection._connectivity import ChainLayer, Connectivity, connectivity
 from ..selection.layout import per_matrix
@@ -98,7 +98,7 @@ def plan_stage(
     params = {k: p.detach() for k, p in params.items()}
     with _scoring_mode(setup.model, setup.eval_mode):
         _check_deterministic(setup, data, params)
-        scores, _ = compute_scores(
+        scores, statistics = compute_scores(
             setup.model, setup.criterion, params, data, setup.loss_fn,
             generator=_device_generator(generator, params), chunk_size=setup.chunk_size,
             group_sum=_group_sum(setup),
@@ -143,6 +143,7 @@ def plan_stage(
         cg_negative_curvature=None if cg is None else cg.negative_curvature,
         disconnected_outputs=after.outputs if after.checked else None,
         disconnected_units=dict(after.hidden) if after.checked else None,
+        curvature=_curvature_used(statistics),
     )
     delta = None if setup.update is None else update.delta  # type: ignore[union-attr]
     state = update_state if update is None else update.state
@@ -185,6 +186,17 @@ def _select(
     )
     _check_selected(new_masks, masks)
     return {k: new_masks[k] for k in masks}
+
+
+def _curvature_used(statistics: Statistics | None) -> str | None:
+    """The curvature statistics the scores read, as computed (``"auto"`` resolved)."""
+    if statistics is None:
+        return None
+    used = {str(s) for s in statistics.resolved.values() if s.kind in _CURVATURE_KINDS}
+    return ", ".join(sorted(used)) or None
+
+
+_CURVATURE_KINDS = ("fisher", "fisher_mc", "hutchinson")
 
 
 def _group_sum(setup: StageSetup) -> GroupSum | None:

@@ -106,7 +106,9 @@ class Pruner:
         diagnostics: compute ``loss_before``, ``loss_after`` and ``predicted_delta`` for every
             report (one extra gradient + Hessian-vector pass and one forward pass per stage).
             Default: whenever ``data`` and ``loss_fn`` are given.
-        chunk_size: memory bound passed to the curvature routines.
+        chunk_size: the one memory bound of every statistic: at most this many
+            parameter-sized per-example pull-backs or tangent vectors exist at once
+            (:mod:`lossprune.curvature.statistics`; default: automatic).
         update: ``None`` (the paper: pruned weights are set to zero, the rest is untouched) or a
             :class:`~lossprune.Compensation` (the kept weights also take the
             step-size-constrained quadratic model's best step).

@@ -59,6 +59,9 @@ class StageReport:
             layers that this can be proved for).
         disconnected_units: per hidden layer (its weight's name), the output units with no
             path from the input or none to the output; ``None``: not checked.
+        curvature: the curvature statistic the scores used (``"fisher"``,
+            ``"fisher_mc(samples=1)"``, ``"hutchinson(samples=64)"``; for ``curvature="auto"``
+            the one it chose); ``None`` when the criterion reads none.
     """
 
     stage: int
@@ -78,6 +81,7 @@ class StageReport:
     cg_negative_curvature: bool | None = None
     disconnected_outputs: int | None = None
     disconnected_units: dict[str, int] | None = None
+    curvature: str | None = None
 
     @property
     def delta_loss(self) -> float | None:

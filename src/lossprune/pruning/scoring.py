@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import is_dataclass, replace
 from typing import Any
 
 import torch
@@ -16,7 +17,7 @@ from ..criteria.base import Criterion, GroupSum, ScoringContext
 from ..curvature import LossFn, NonFiniteError, Statistics, compute_statistics
 from ..selection import prunable_parameters
 
-__all__ = ["scores", "compute_scores", "check_criterion"]
+__all__ = ["scores", "compute_scores", "check_criterion", "monte_carlo_alternative"]
 
 
 def check_criterion(criterion: object, data: Any, loss_fn: object) -> Criterion:
@@ -36,6 +37,23 @@ def check_criterion(criterion: object, data: Any, loss_fn: object) -> Criterion:
     if loss_fn is not None and not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
     return criterion
+
+
+def monte_carlo_alternative(criterion: Criterion) -> str | None:
+    """``criterion`` written with ``curvature="fisher_mc"`` where it asks for the exact Fisher.
+
+    What the warning before an expensive exact Fisher suggests (``None``: no term of the
+    criterion has a ``curvature`` option).
+    """
+    terms = getattr(criterion, "terms", None)
+    if terms is not None:  # a sum: the first term that can switch
+        return next(filter(None, map(monte_carlo_alternative, terms)), None)
+    inner = getattr(criterion, "criterion", None)
+    if isinstance(inner, Criterion):  # a scaled criterion
+        return monte_carlo_alternative(inner)
+    if is_dataclass(criterion) and getattr(criterion, "curvature", None) == "fisher":
+        return repr(replace(criterion, curvature="fisher_mc"))
+    return None
 
 
 def compute_scores(
@@ -69,6 +87,7 @@ def compute_scores(
         statistics = compute_statistics(
             model, params, data, criterion.scoring_loss(loss_fn), requests,
             generator=generator, chunk_size=chunk_size, progress=progress,
+            fisher_alternative=monte_carlo_alternative(criterion),
         )  # fmt: skip
     # Scores are formed in at least float32: squares of float16 weights round (and underflow)
     # so coarsely that the ranking of a float16 layer would be wrong.
@@ -123,7 +142,9 @@ def scores(
         exclude: parameters to leave out, same form as ``include``.
         generator: random source for Monte-Carlo criteria: a seed (int) or a
             :class:`torch.Generator` on the parameters' device.
-        chunk_size: memory bound for the curvature routines.
+        chunk_size: the one memory bound of every statistic: at most this many
+            parameter-sized per-example pull-backs or tangent vectors exist at once
+            (:mod:`lossprune.curvature.statistics`; default: automatic).
 
     Returns:
         Qualified parameter name to a score tensor shaped like the parameter, in at least
