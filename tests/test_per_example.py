@@ -237,7 +237,10 @@ def test_a_statistics_pass_takes_one_forward_per_example_and_no_gradient_pass(na
         generator=torch.Generator().manual_seed(0),
     )  # fmt: skip
     kept = sum(1 for n in batch["labels"] if bool((n != -100).any()))
-    assert calls == [1] * kept  # batches of one, nothing else
+    # The first batch's probe (lossprune._common.probe), without a graph: its outputs, and the
+    # model's own loss to check ModelLoss against; then batches of one, nothing else.
+    probe = [len(batch["input_ids"])] * 2
+    assert calls == probe + [1] * kept
     monkeypatch.undo()
     loss, grad = reference_loss_and_grad(model, params, batch)
     torch.testing.assert_close(torch.tensor(stats.loss, dtype=DTYPE), loss)

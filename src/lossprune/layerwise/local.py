@@ -16,8 +16,9 @@ models"): :func:`local_statistics` answers a criterion's requests with
 request                                               on the local loss
 ====================================================  =========================================
 ``grad``                                              :math:`2 (\hat W - W_0) G`
-``fisher``, ``fisher_mc``, ``hutchinson`` (any        :math:`D_{ij} = 2 G_{jj}` (exact, no
-samples)                                              sampling)
+``fisher``, ``fisher_mc``, ``fisher_auto``,           :math:`D_{ij} = 2 G_{jj}` (exact, no
+``hutchinson`` (any samples)                          sampling; ``fisher_auto`` resolves to
+                                                      ``fisher``)
 ``input_sq_norms``                                    :math:`G_{jj}` (Wanda's
                                                       :math:`\|X_j\|^2 / n`)
 ====================================================  =========================================
@@ -42,7 +43,7 @@ from .solvers import LayerProblem
 
 __all__ = ["check_local_criterion", "local_statistics"]
 
-_DIAGONALS = frozenset({"fisher", "fisher_mc", "hutchinson"})
+_DIAGONALS = frozenset({"fisher", "fisher_mc", "fisher_auto", "hutchinson"})
 _KNOWN = _DIAGONALS | {"grad", "input_sq_norms"}
 
 
@@ -107,11 +108,15 @@ def local_statistics(
         grads[name] = 2 * product
         loss += float((product * difference).sum())
     values: dict[Statistic, dict[str, Tensor]] = {}
+    resolved: dict[Statistic, Statistic] = {}
     for request in criterion.requests():
+        resolved[request] = Statistic("fisher") if request.kind == "fisher_auto" else request
         if request.kind in _DIAGONALS:
             values[request] = {
                 name: (2 * p.gram.diagonal()).expand_as(p.reference) for name, p in problems.items()
             }
         elif request.kind == "input_sq_norms":
             values[request] = {name: p.gram.diagonal().unsqueeze(0) for name, p in problems.items()}
-    return Statistics(loss=loss, grad=grads, examples=rows, values=values, units=float(rows))
+    return Statistics(
+        loss=loss, grad=grads, examples=rows, values=values, units=float(rows), resolved=resolved
+    )
