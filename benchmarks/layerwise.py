@@ -21,6 +21,8 @@ public API (``LayerwisePruner``), and records, with the definitions of the refer
 ``--rerun-refs`` reruns the authors' SparseGPT and ALPS (the reference folder's ``run_refs.py``
 under its own Python, ``$PY_REF``) right after our runs of each model and setting, so that times
 are compared within one session; otherwise the reference times are those of the reference file.
+llm-compressor 0.14's ``SparseGPTModifier`` and ``WandaPruningModifier`` (``llmc-sparsegpt``,
+``llmc-wanda``; its own environment, transformers 5.17) are copied from the reference file.
 The Wanda check compares our ``Wanda()`` masks (per row by default, sequential calibration) with
 the authors' at 50%, 2:4 and 4:8, on plain and right-padded calibration data (padding left out).
 """
@@ -45,6 +47,9 @@ HERE = Path(__file__).resolve().parent
 OUT = HERE / "results-layerwise.json"
 MODELS = ("llama-4x64", "opt-3x64")
 SETTINGS = ("50%", "70%", "2:4")
+#: Reference rows: the authors' code (SparseGPT and ALPS rerun with ``--rerun-refs``) and
+#: llm-compressor's modifiers (copied from the reference file).
+REFERENCES = ("sparsegpt", "wanda", "alps", "llmc-sparsegpt", "llmc-wanda")
 METHODS = ("wanda", "wanda-refit", "obs", "stages-16", "iht", "admm")
 # Against admm (uniform sparsity): the error allocation at 50% and 70% (the default there), the
 # network-level one at 70%.
@@ -218,12 +223,14 @@ def table(results: dict[str, Any]) -> str:
             "| method | " + " | ".join(settings) + " |",
             "|---|" + "---|" * len(settings),
         ]
-        for reference in ("sparsegpt", "wanda", "alps"):
+        for reference in REFERENCES:
             cells = []
             for setting in settings:
                 ref = references.get(f"{reference}|{model}|{setting}|plain")
                 cells.append("" if ref is None else f"{ref['ppl']:.3f} · {ref['cpu_s']:.1f} s")
-            lines.append(f"| {reference} (authors) | " + " | ".join(cells) + " |")
+            if any(cells):
+                who = "llm-compressor" if reference.startswith("llmc") else "authors"
+                lines.append(f"| {reference} ({who}) | " + " | ".join(cells) + " |")
         names = dict.fromkeys(r["method"] for r in runs.values() if r["model"] == model)
         for name in names:
             cells = []
@@ -296,10 +303,10 @@ def main() -> None:
                     f"rss+ {run['rss_growth_mb']:.0f} MB",
                     flush=True,
                 )
-            for reference in ("sparsegpt", "alps", "wanda"):
+            for reference in REFERENCES:
                 key = f"{reference}|{model}|{setting}|plain"
                 fresh = None
-                if args.rerun_refs and args.refs is not None and reference != "wanda":
+                if args.rerun_refs and args.refs is not None and reference in ("sparsegpt", "alps"):
                     fresh = rerun_reference(args.refs, reference, model, setting)
                 entry = fresh or known.get(key)
                 if entry:
