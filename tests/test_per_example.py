@@ -15,6 +15,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from lossprune._common.batches import model_loss
 from lossprune._common.functional import FunctionalModel
+from lossprune._common.probe import PROBED_EXAMPLES
 from lossprune.curvature import (
     Statistic,
     compute_statistics,
@@ -237,9 +238,10 @@ def test_a_statistics_pass_takes_one_forward_per_example_and_no_gradient_pass(na
         generator=torch.Generator().manual_seed(0),
     )  # fmt: skip
     kept = sum(1 for n in batch["labels"] if bool((n != -100).any()))
-    # The first batch's probe (lossprune._common.probe), without a graph: its outputs, and the
-    # model's own loss to check ModelLoss against; then batches of one, nothing else.
-    probe = [len(batch["input_ids"])] * 2
+    # The first batch's probe on two of its examples (lossprune._common.probe), without a
+    # graph: their outputs, and the model's own loss to check ModelLoss against; then batches of
+    # one, nothing else.
+    probe = [PROBED_EXAMPLES] * 2
     assert calls == probe + [1] * kept
     monkeypatch.undo()
     loss, grad = reference_loss_and_grad(model, params, batch)

@@ -329,8 +329,8 @@ def test_a_plain_function_loss_without_reduction_is_refused_in_one_line():
 
     model, batch = mlp(), data()
     before = state(model)
-    message = (
-        "loss_fn returned shape \\(16,\\), not one number for the batch: return the batch mean"
+    message = (  # the shape of the loss of the two examples the first batch is probed on
+        "loss_fn returned shape \\(2,\\), not one number for the batch: return the batch mean"
     )
     for call in (
         lambda: scores(model, LinearModel(), batch, loss_fn=per_example),

@@ -92,6 +92,14 @@ class ModelInputs:
         """Examples ``start:stop`` of every tensor (the others are constants)."""
         return self._map(lambda t: t[start:stop])
 
+    def example_rows(self, start: int, stop: int, examples: int) -> ModelInputs:
+        """Examples ``start:stop`` of every tensor whose first dimension is ``examples``.
+
+        The other tensors (a ``(1, T)`` position tensor broadcast over the batch, constants)
+        are passed as they are, so that a slice of a batch is still a valid batch.
+        """
+        return self._map(lambda t: t[start:stop] if t.dim() and len(t) == examples else t)
+
     def index(self, index: Tensor) -> ModelInputs:
         return self._map(lambda t: t[index.to(t.device)])
 

@@ -35,6 +35,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 __all__ = ["ModelLoss", "model_loss", "model_loss_in", "resolve_loss", "CROSS_ENTROPY_TASKS"]
@@ -154,8 +155,12 @@ class ModelLoss:
             return labels.reshape(len(labels), -1)
         return labels
 
-    def check_targets(self, logits: Tensor, targets: Tensor) -> None:
+    def check_targets(self, logits: Tensor, targets: Tensor, examples: int | None = None) -> None:
         """``targets`` (of :meth:`targets`) shaped and valued for ``logits`` (of :meth:`read`).
+
+        ``examples``: the logits are those of some of the examples of ``targets`` (the first
+        batch's probe); each example's targets are then checked against their shape, and
+        ``targets`` must hold ``examples`` examples.
 
         Raises:
             ValueError: labels of another length than the logits, or outside their classes.
@@ -165,6 +170,8 @@ class ModelLoss:
             expected = logits.shape[:1] + logits.shape[2:]
         else:
             expected = logits.shape
+        if examples is not None:
+            expected = torch.Size((examples, *expected[1:]))
         if targets.shape != expected:
             what = "position of the inputs" if per_position else "output of the model"
             raise ValueError(

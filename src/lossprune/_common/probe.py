@@ -1,7 +1,8 @@
 """The first batch's forward passes, before any statistic: no randomness, the right loss.
 
-What a model's modules do not show is checked by running it on the first batch, without
-gradients and on cloned buffers (nothing of the model changes):
+What a model's modules do not show is checked by running it on two examples of the first batch
+(:data:`PROBED_EXAMPLES`: what every check below needs, at a small fraction of a pass over the
+batch), without gradients and on cloned buffers (nothing of the model changes):
 
 * that the forward pass draws no random number (:func:`~.functional.no_random_draws`): dropout
   written as a function call, attention dropout;
@@ -15,17 +16,22 @@ gradients and on cloned buffers (nothing of the model changes):
 from __future__ import annotations
 
 import inspect
+import math
 from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
-from .batches import LABELS, Batch, ModelInputs, to_batch
+from .batches import LABELS, Batch, ModelInputs, batch_examples, to_batch
 from .data import first_raw_batch
 from .functional import FunctionalModel, at_least_float32, no_random_draws
-from .model_loss import DECODER_INPUTS, ModelLoss, model_loss, model_loss_in
+from .model_loss import CROSS_ENTROPY_TASKS, DECODER_INPUTS, ModelLoss, model_loss, model_loss_in
 
-__all__ = ["Probe", "probe_first_batch"]
+__all__ = ["PROBED_EXAMPLES", "Probe", "probe_first_batch"]
+
+#: Examples of the first batch the probe runs: two, so that a loss can be compared with the
+#: mean of its batches of one (:func:`lossprune.curvature.outputs.check_mean_over_examples`).
+PROBED_EXAMPLES = 2
 
 
 class _Reference(NamedTuple):
@@ -36,10 +42,15 @@ class _Reference(NamedTuple):
 
 
 class Probe(NamedTuple):
-    """The first batch in the library's form, and what the loss reads of the model's outputs."""
+    """The first batch in the library's form, and the probed examples of it.
+
+    ``outputs``: what the loss reads of the model's outputs on those examples; ``targets``:
+    their targets.
+    """
 
     batch: Batch
     outputs: Any
+    targets: Tensor
 
 
 def probe_first_batch(
@@ -56,16 +67,46 @@ def probe_first_batch(
     own = model_loss_in(loss_fn)
     if own is not None:
         _check_decoder_inputs(model, own, batch)
+    rows = _probed_rows(batch, own)
+    probed = _rows(batch, rows)
     call = FunctionalModel(model, [])
     reference = None
     with torch.no_grad(), no_random_draws(model):
-        outputs = call({}, batch.inputs)
+        outputs = call({}, probed.inputs)
         if own is not None:
-            own.check_targets(outputs, batch.targets)  # before the model's loss reads them
-            reference = _models_own(model, call, raw, device)
+            # Before the model's loss reads them: every label's shape and range.
+            own.check_targets(outputs, batch.targets, examples=batch_examples(batch))
+            reference = _models_own(model, call, raw, device, rows)
     if own is not None and reference is not None:  # both passes drew no random number
-        _check_same_loss(model, own, outputs, batch, reference)
-    return Probe(batch, outputs)
+        _check_same_loss(model, own, outputs, probed, reference)
+    return Probe(batch, outputs, probed.targets)
+
+
+def _probed_rows(batch: Batch, own: ModelLoss | None) -> slice:
+    """:data:`PROBED_EXAMPLES` examples of ``batch``, the first with a counted label among them.
+
+    A cross-entropy over examples whose labels are all ``ignore_index`` is 0/0: the model's own
+    loss could not be compared there.
+    """
+    examples = batch_examples(batch)
+    start = 0
+    if own is not None and own.task in CROSS_ENTROPY_TASKS and examples:
+        counted = (batch.targets != own.ignore_index).reshape(examples, -1).any(dim=1)
+        if bool(counted.any()):
+            start = int(counted.nonzero()[0])
+    start = max(0, min(start, examples - PROBED_EXAMPLES))
+    return slice(start, min(start + PROBED_EXAMPLES, examples))
+
+
+def _rows(batch: Batch, rows: slice) -> Batch:
+    """The examples ``rows`` of ``batch`` (tensors of another first dimension as they are)."""
+    examples = batch_examples(batch)
+    inputs = batch.inputs
+    if isinstance(inputs, Tensor):
+        inputs = inputs[rows] if len(inputs) == examples else inputs
+    else:
+        inputs = inputs.example_rows(rows.start, rows.stop, examples)
+    return Batch(inputs, batch.targets[rows])
 
 
 def _check_decoder_inputs(model: nn.Module, own: ModelLoss, batch: Batch) -> None:
@@ -86,7 +127,7 @@ def _check_decoder_inputs(model: nn.Module, own: ModelLoss, batch: Batch) -> Non
 
 
 def _models_own(
-    model: nn.Module, call: FunctionalModel, raw: Any, device: Any
+    model: nn.Module, call: FunctionalModel, raw: Any, device: Any, rows: slice
 ) -> _Reference | None:
     """``model(*inputs, labels=labels)`` with its ``.loss``, or ``None`` if it has none."""
     forward = getattr(model, "forward", None)
@@ -96,7 +137,7 @@ def _models_own(
         takes_labels = False
     if not takes_labels:
         return None
-    plain = to_batch(raw, None, device)  # the user's inputs and labels as they are
+    plain = _rows(to_batch(raw, None, device), rows)  # the user's inputs and labels as they are
     inputs = plain.inputs
     args, kwargs = ((inputs,), {}) if isinstance(inputs, Tensor) else (inputs.args, inputs.kwargs)
     outputs = call({}, ModelInputs(args, {**kwargs, LABELS: plain.targets}))
@@ -119,7 +160,7 @@ def _check_same_loss(
     def agrees(loss: Tensor) -> bool:
         return abs(float(loss) - expected) <= 100 * eps * max(1.0, abs(expected))
 
-    if agrees(ours):
+    if agrees(ours) or (math.isnan(expected) and bool(ours.isnan())):  # both 0/0: no label
         return
     name = type(model).__name__
     hint = (

@@ -130,7 +130,7 @@ def prepare(model: nn.Module, loss_fn: LossFn | None, batch: Any) -> tuple[LossF
 
     ``None`` is the model's own loss (:func:`~lossprune._common.model_loss.resolve_loss`); the
     batch takes the form of :func:`~lossprune._common.batches.to_batch`. A batch as the user wrote
-    it (not yet a :class:`~lossprune._common.batches.Batch`) is first run through the model once
+    it (not yet a :class:`~lossprune._common.batches.Batch`) is first probed on two of its examples
     (:func:`~lossprune._common.probe.probe_first_batch`: no random draw, the model's own loss).
     """
     loss = resolve_loss(model, loss_fn)
@@ -138,7 +138,7 @@ def prepare(model: nn.Module, loss_fn: LossFn | None, batch: Any) -> tuple[LossF
     if isinstance(batch, Batch):  # converted and probed by the caller's loop
         return loss, batch
     probe = probe_first_batch(model, loss, batch)
-    check_scalar_loss(loss, probe.outputs, probe.batch.targets)
+    check_scalar_loss(loss, probe.outputs, probe.targets)
     return loss, probe.batch
 
 

@@ -312,11 +312,11 @@ def compute_statistics(
         return values
 
     # One forward pass of the first batch: no random draw, the model's own loss checked.
-    first, first_outputs = probe_first_batch(model, loss_fn, data, device)
+    first, first_outputs, probed_targets = probe_first_batch(model, loss_fn, data, device)
     if not isinstance(first.inputs, Tensor):  # keyword inputs: a model that may return a pytree
         check_tensor_outputs(loss_fn, lambda: first_outputs)
-    check_scalar_loss(loss_fn, first_outputs, first.targets)
-    check_mean_over_examples(loss_fn, lambda: (first_outputs, first.targets))
+    check_scalar_loss(loss_fn, first_outputs, probed_targets)
+    check_mean_over_examples(loss_fn, lambda: (first_outputs, probed_targets))
     for request in first_pass:
         if request.kind == "fisher_auto":
             resolved[request] = _resolve_auto(model, params, first, request)
