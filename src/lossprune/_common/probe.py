@@ -73,6 +73,11 @@ def probe_first_batch(
     reference = None
     with torch.no_grad(), no_random_draws(model):
         outputs = call({}, probed.inputs)
+        if isinstance(outputs, Tensor) and len(outputs) != len(probed.targets):
+            # Examples not in dim 0 of the inputs (a sequence-first model whose sequences are as
+            # long as the batch): what was sliced were positions, so the whole batch is probed.
+            rows, probed = slice(0, batch_examples(batch)), batch
+            outputs = call({}, batch.inputs)
         if own is not None:
             # Before the model's loss reads them: every label's shape and range.
             own.check_targets(outputs, batch.targets, examples=batch_examples(batch))
@@ -99,11 +104,11 @@ def _probed_rows(batch: Batch, own: ModelLoss | None) -> slice:
 
 
 def _rows(batch: Batch, rows: slice) -> Batch:
-    """The examples ``rows`` of ``batch`` (tensors of another first dimension as they are)."""
+    """The examples ``rows`` of ``batch`` (keyword tensors of another length as they are)."""
     examples = batch_examples(batch)
     inputs = batch.inputs
     if isinstance(inputs, Tensor):
-        inputs = inputs[rows] if len(inputs) == examples else inputs
+        inputs = inputs[rows]  # as long as the targets (checked by to_batch)
     else:
         inputs = inputs.example_rows(rows.start, rows.stop, examples)
     return Batch(inputs, batch.targets[rows])
