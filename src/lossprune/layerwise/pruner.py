@@ -107,7 +107,7 @@ class LayerwisePruner:
             (per-matrix targets by name), or ``"global"``: ``sparsity`` of all the pruned
             weights, each matrix's share from ``allocation``. Default: ``sparsity`` in every
             matrix, per row for a criterion defined per row (:class:`~lossprune.Wanda`, as its
-            authors), the whole matrix otherwise (uniform sparsity beat neither allocation on
+            authors), the whole matrix otherwise (neither allocation beat uniform sparsity on
             both benchmark models at 70%: docs/layerwise.md).
         allocation: with ``selection="global"``, how each matrix's share is found
             (:mod:`lossprune.layerwise.allocation`; default
