@@ -121,9 +121,10 @@ class StructuredPruner:
             (:func:`~lossprune.structured.find_groups`).
         amount: the fraction of groups removed from every set (``0.25``: one KV group in four),
             or a :class:`~lossprune.Schedule` of such fractions (one per stage).
-        choice: a :class:`~lossprune.Criterion` (network scale, group level),
-            :class:`~lossprune.structured.GroupQuadratic` or
-            :class:`~lossprune.structured.GroupOBS` (layer scale).
+        choice: a :class:`~lossprune.Criterion` (network scale, group level; default
+            :class:`~lossprune.Magnitude`), :class:`~lossprune.structured.GroupQuadratic`,
+            :class:`~lossprune.structured.GroupOBS` (layer scale) or
+            :class:`~lossprune.structured.MeasuredLoss` (the calibration loss of each candidate).
         refit: refit the consumers of each set by least squares on ``data``.
         data: calibration/scoring batches (the forms of :class:`~lossprune.Pruner`: ``(x, y)``
             pairs, dicts with ``input_ids``, ``attention_mask``, ``labels``), a batch or a
