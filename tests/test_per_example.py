@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import Tensor
 from torch.func import functional_call, jacrev
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -19,11 +20,13 @@ from lossprune._common.probe import PROBED_EXAMPLES
 from lossprune.curvature import (
     Statistic,
     compute_statistics,
+    diagonals,
     fisher_diag,
     fisher_diag_mc,
     hutchinson_diag,
     loss_and_grad,
     per_example,
+    statistics,
 )
 from lossprune.curvature.outputs import SoftmaxCrossEntropy, rademacher
 from lossprune.selection import prunable_parameters
@@ -168,31 +171,45 @@ def tolerance(name: str) -> float:
 
 
 @pytest.mark.filterwarnings("ignore:the exact Fisher:RuntimeWarning")
+@pytest.mark.parametrize("fast", [True, False], ids=["batched layers", "one by one"])
 @pytest.mark.parametrize("name", list(BUILDERS))
-def test_exact_fisher_of_dict_batches_is_the_per_example_loop(name):
+def test_exact_fisher_of_dict_batches_is_the_per_example_loop(name, fast):
     model, params, batch = _setup(name)
     expected = reference_fisher(model, params, batch)
-    close(fisher_diag(model, params, batch, None), expected, tolerance(name))
+    close(fisher_diag(model, params, batch, None, fast=fast), expected, tolerance(name))
     # The memory option bounds the columns pulled back at once (here half a token's), not the
     # numbers.
-    close(fisher_diag(model, params, batch, None, chunk_size=5), expected, tolerance(name))
+    close(fisher_diag(model, params, batch, None, chunk_size=5, fast=fast), expected,
+          tolerance(name))  # fmt: skip
 
 
-@pytest.mark.parametrize("name", list(BUILDERS))
-def test_fisher_mc_of_dict_batches_is_the_per_example_loop_with_the_same_labels(name, monkeypatch):
-    model, params, batch = _setup(name)
-    drawn = []
+def recording_labels(monkeypatch) -> list[Tensor]:
+    """The labels every sampling draws, per example with a counted unit: ``(D, k)`` each."""
+    drawn: list[Tensor] = []
     sample_columns = SoftmaxCrossEntropy.sample_columns
 
     def recording(self, samples, generator):
-        columns = sample_columns(self, samples, generator)  # (1, C * D, k): sqrt(c/k)(e_y - p)
+        columns = sample_columns(self, samples, generator)  # (N, C * D, k): sqrt(c/k)(e_y - p)
         classes = self.probs.shape[1]
-        drawn.append(columns[0].reshape(classes, -1, samples).argmax(0))  # y: (D, k)
+        for example in columns:
+            if bool(example.any()):  # an example whose units are all ignored has no column
+                drawn.append(example.reshape(classes, -1, samples).argmax(0))  # y: (D, k)
         return columns
 
     monkeypatch.setattr(SoftmaxCrossEntropy, "sample_columns", recording)
+    return drawn
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["batched layers", "one by one"])
+@pytest.mark.parametrize("name", list(BUILDERS))
+def test_fisher_mc_of_dict_batches_is_the_per_example_loop_with_the_same_labels(
+    name, fast, monkeypatch
+):
+    model, params, batch = _setup(name)
+    drawn = recording_labels(monkeypatch)
     generator = torch.Generator().manual_seed(0)
-    estimate = fisher_diag_mc(model, params, batch, None, samples=2, generator=generator)
+    estimate = fisher_diag_mc(model, params, batch, None, samples=2, generator=generator,
+                              fast=fast)  # fmt: skip
     assert len(drawn) == sum(1 for n in batch["labels"] if bool((n != -100).any()))
     close(estimate, reference_fisher_mc(model, params, batch, drawn, samples=2), tolerance(name))
 
@@ -218,10 +235,22 @@ def test_hutchinson_of_dict_batches_is_the_mean_of_its_probes_products(name):
     close(estimate, expected, tolerance(name))
 
 
+def one_by_one(monkeypatch) -> None:
+    """Keyword inputs take the one-example-at-a-time path (as when no layer is covered)."""
+    monkeypatch.setattr(diagonals, "_keyword_layers_pass", lambda *args: None)
+
+
+@pytest.mark.parametrize("path", ["batched layers", "one by one"])
 @pytest.mark.parametrize("name", list(BUILDERS))
-def test_a_statistics_pass_takes_one_forward_per_example_and_no_gradient_pass(name, monkeypatch):
-    """The fused path: each example's graph gives its squares, its loss and its gradient."""
+def test_a_statistics_pass_fuses_the_loss_and_gradient_into_the_fisher_pass(
+    name, path, monkeypatch
+):
+    """Batched layers: ONE forward pass of the batch with its graph gives the squares, the loss
+    and the gradient, plus the last example alone (without a graph) for the coupling check; one
+    by one: each example's graph gives its squares, its loss and its gradient."""
     model, params, batch = _setup(name)
+    if path == "one by one":
+        one_by_one(monkeypatch)
     calls = []
     original = FunctionalModel.__call__
 
@@ -230,8 +259,6 @@ def test_a_statistics_pass_takes_one_forward_per_example_and_no_gradient_pass(na
         return original(self, p, inputs)
 
     monkeypatch.setattr(FunctionalModel, "__call__", counting)
-    from lossprune.curvature import statistics
-
     monkeypatch.setattr(statistics, "loss_and_grad", lambda *a: pytest.fail("a gradient pass"))
     stats = compute_statistics(
         model, params, batch, None, [Statistic("fisher_mc", 1)],
@@ -239,10 +266,12 @@ def test_a_statistics_pass_takes_one_forward_per_example_and_no_gradient_pass(na
     )  # fmt: skip
     kept = sum(1 for n in batch["labels"] if bool((n != -100).any()))
     # The first batch's probe on two of its examples (lossprune._common.probe), without a
-    # graph: their outputs, and the model's own loss to check ModelLoss against; then batches of
-    # one, nothing else.
+    # graph: their outputs, and the model's own loss to check ModelLoss against.
     probe = [PROBED_EXAMPLES] * 2
-    assert calls == probe + [1] * kept
+    if path == "one by one":
+        assert calls == probe + [1] * kept
+    else:
+        assert calls == probe + [EXAMPLES, 1]
     monkeypatch.undo()
     loss, grad = reference_loss_and_grad(model, params, batch)
     torch.testing.assert_close(torch.tensor(stats.loss, dtype=DTYPE), loss)
@@ -252,6 +281,7 @@ def test_a_statistics_pass_takes_one_forward_per_example_and_no_gradient_pass(na
 
 def test_the_memory_option_bounds_the_columns_pulled_back_at_once(monkeypatch):
     model, params, batch = _setup("gpt2")
+    one_by_one(monkeypatch)
     widths = []
     pull_back = per_example._pull_back
 
@@ -266,3 +296,32 @@ def test_the_memory_option_bounds_the_columns_pulled_back_at_once(monkeypatch):
         compute_statistics(model, params, batch, None, [Statistic("fisher_mc", 3)],
                            chunk_size=chunk_size)  # fmt: skip
         assert max(widths) == chunk_size
+
+
+def test_the_memory_option_bounds_the_batched_layers_per_example_gradients(monkeypatch):
+    """``chunk_size=c``: at most c parameter-sized per-example gradients (numbers of all
+    differentiated parameters) exist at once in the squared contractions and in the
+    back-propagated columns; the numbers do not change."""
+    model, params, batch = _setup("gpt2")
+    size = sum(p.numel() for p in params.values())
+    expected = fisher_diag_mc(model, params, batch, None, samples=3,
+                              generator=torch.Generator().manual_seed(0))  # fmt: skip
+    blocks = []
+    einsum = torch.einsum
+
+    def recording(*args):
+        out = einsum(*args)
+        blocks.append(out.numel())
+        return out
+
+    monkeypatch.setattr(torch, "einsum", recording)
+    for chunk_size in (1, 2):
+        blocks.clear()
+        estimate = fisher_diag_mc(model, params, batch, None, samples=3, chunk_size=chunk_size,
+                                  generator=torch.Generator().manual_seed(0))  # fmt: skip
+        close(estimate, expected, 1e-12)
+        assert blocks and max(blocks) <= chunk_size * size
+    blocks.clear()
+    fisher_diag_mc(model, params, batch, None, samples=3)
+    largest = max(p.numel() for p in params.values())
+    assert max(blocks) == EXAMPLES * 3 * largest > size  # by default, the whole batch at once

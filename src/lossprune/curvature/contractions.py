@@ -9,22 +9,36 @@ the squared contraction of the layer's rule (:mod:`.layers`). All ``R`` output c
 columns are back-propagated as ONE batched backward pass (``is_grads_batched``) from the layer
 outputs captured by forward hooks; the weight gradients of that pass are never formed.
 
-A layer is covered only when the result is provably the per-example definition: its rule is
-eligible (:func:`~.layers.rule_for`), no hook is registered anywhere in the model, the layer's
-input and the model's output are proven per-example (:func:`~.layout.proven_layers`), it is
-called exactly once, its parameters are used by no other operation of the graph (counted on the
-autograd graph), and its input and output are not modified in place afterwards. Every other
-parameter is left to the caller's generic per-example path.
+A layer is covered only when the result is the per-example definition: its rule is eligible
+(:func:`~.layers.rule_for`), no hook is registered anywhere in the model, it is called exactly
+once, its parameters are used by no other operation of the graph (counted on the autograd graph),
+its input and output are not modified in place afterwards, and its input rows are its examples:
+
+* one tensor of inputs: the layer's input and the model's output are proven per-example on the
+  traced graph (:func:`~.layout.proven_layers`);
+* keyword inputs (a Hugging Face model, which does not trace): the layer's input, its output and
+  the model's output have the batch's examples in dim 0, and the LAST example of the batch run
+  alone gives the same outputs and the same input at every covered layer as its rows of the
+  batch (to rounding: :func:`_alone_matches`), on every batch. That is what the slow twin
+  computes (one example at a time, :mod:`.per_example`); it catches what couples examples (batch
+  statistics, capacity-limited expert routing that drops the last tokens of a batch, a
+  sequence-first layout), at the cost of one example's forward pass without a graph.
+
+Every other parameter is left to the caller's generic per-example path.
 """
 
 from __future__ import annotations
 
+import math
+import weakref
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
+from torch.utils._pytree import tree_flatten
 
+from .._common.batches import ModelInputs
 from .._common.functional import FunctionalModel
 from .layers import LayerRule, fast_paths_allowed, parameter_uses, rule_for
 from .layout import proven_layers
@@ -38,19 +52,31 @@ _COLUMN_ELEMENTS = 1 << 26
 
 
 class LayerDiagonal(NamedTuple):
-    """The detached model outputs and the squared sums of the covered parameters only."""
+    """The detached model outputs and the squared sums of the covered parameters only.
+
+    ``loss`` and ``grad`` (of every differentiated parameter): the batch loss and its gradient
+    from the same forward pass, when :func:`layer_ggn_diag` was given the loss; else ``None``.
+    """
 
     outputs: Any
     sums: Params
+    loss: Tensor | None = None
+    grad: Params | None = None
 
 
-def _candidates(model: nn.Module, params: Mapping[str, Tensor], inputs: Any):
+def _candidates(model: nn.Module, params: Mapping[str, Tensor], inputs: Any, keyword: bool):
     """Eligible parametric rules whose module owns a differentiated parameter, by module name.
 
-    Only a model called on one tensor of inputs has a layout proof (:mod:`.layout`); keyword
-    inputs (a Hugging Face model) take the generic path.
+    A model called on one tensor of inputs keeps the layers with a layout proof
+    (:mod:`.layout`); with ``keyword``, a model called on :class:`ModelInputs` keeps every
+    eligible layer, each checked on the batch after the forward pass (module docstring).
     """
-    if not isinstance(inputs, Tensor) or not fast_paths_allowed(model):
+    if isinstance(inputs, ModelInputs):
+        if not keyword:
+            return {}
+    elif not isinstance(inputs, Tensor):
+        return {}
+    if not fast_paths_allowed(model):
         return {}
     uses = parameter_uses(model)
     proven = None
@@ -59,16 +85,21 @@ def _candidates(model: nn.Module, params: Mapping[str, Tensor], inputs: Any):
         rule = rule_for(module, name, dict(params), uses)
         if rule is None or not rule.parametric or not rule.names:
             continue
-        if proven is None:
-            proven = proven_layers(model, inputs)
-        if name in proven:
-            found[name] = rule
+        if isinstance(inputs, Tensor):
+            if proven is None:
+                proven = proven_layers(model, inputs)
+            if name not in proven:
+                continue
+        found[name] = rule
     return found
 
 
 def covered_parameters(model: nn.Module, params: Mapping[str, Tensor], inputs: Any) -> set[str]:
-    """The parameters whose layer has an eligible rule (the most :func:`layer_ggn_diag` covers)."""
-    rules = _candidates(model, params, inputs)
+    """The parameters whose layer has a proven rule (the most :func:`layer_ggn_diag` covers).
+
+    Keyword inputs: none before a batch has been run (their layers are checked on the batch).
+    """
+    rules = _candidates(model, params, inputs, keyword=False)
     return {q for rule in rules.values() for q in rule.names.values()}
 
 
@@ -96,21 +127,33 @@ def layer_ggn_diag(
     model: nn.Module,
     params: Mapping[str, Tensor],
     inputs: Any,
-    cotangents_of: Callable[[Tensor], Tensor],
+    cotangents_of: Callable[[Tensor], Tensor | None],
     elements: int | None = None,
+    *,
+    examples: int | None = None,
+    loss_of: Callable[[Tensor], Tensor] | None = None,
 ) -> LayerDiagonal:
     r""":math:`\sum_n\sum_r (J_n^\top c_{nr})^2` for every parameter of a covered layer.
 
     Args:
         model: the module (hooks are attached during the call and removed).
         params: all differentiated tensors by qualified name.
-        inputs: one batch of inputs.
-        cotangents_of: maps the detached outputs ``(N, *out)`` to cotangents ``(N, O, R)``.
+        inputs: one batch of inputs: a tensor, or :class:`ModelInputs` when ``examples`` is
+            given (keyword inputs, checked on the batch: module docstring).
+        cotangents_of: maps the detached outputs ``(N, *out)`` to cotangents ``(N, O, R)``,
+            or to ``None`` to cover nothing (columns that would not fit in memory).
         elements: the most back-propagated layer-output gradients and per-example weight
             gradients that exist at once, in numbers (``None``: ``2**26`` and ``2**24``); the
             statistics' ``chunk_size`` times the number of parameters.
+        examples: the number of examples of a :class:`ModelInputs` batch.
+        loss_of: the batch loss of the outputs: when given and a layer is covered, the loss
+            and its gradient come from the same forward pass (``LayerDiagonal.loss``/``grad``).
     """
-    rules = _candidates(model, params, inputs)
+    keyword = isinstance(inputs, ModelInputs)
+    assert examples is not None or not keyword, "keyword inputs need the number of examples"
+    rules = _candidates(model, params, inputs, keyword=True)
+    if not rules or (keyword and _coupled(model, inputs)):
+        return LayerDiagonal(None, {})
     records: dict[str, list[tuple[Tensor, Tensor, int, int]]] = {name: [] for name in rules}
 
     def recorder(name: str):
@@ -131,7 +174,7 @@ def layer_ggn_diag(
     if not isinstance(outputs, Tensor):
         return LayerDiagonal(outputs, {})
     uses = _leaf_uses(outputs)
-    covered: list[tuple[LayerRule, Tensor, Tensor]] = []
+    covered: list[tuple[str, LayerRule, Tensor, Tensor]] = []
     for name, rule in rules.items():
         if len(records[name]) != 1:
             continue
@@ -140,19 +183,111 @@ def layer_ggn_diag(
             continue
         if any(uses.get(id(leaves[q]), 0) != 1 for q in rule.names.values()):
             continue
-        covered.append((rule, a.detach(), z))
+        if keyword and not (len(a) == examples and len(z) == examples == len(outputs)):
+            continue
+        covered.append((name, rule, a.detach(), z))
     detached = outputs.detach()
+    if keyword and covered and examples is not None and examples > 1:
+        layer_inputs = {name: (rule.module, a) for name, rule, a, _ in covered}
+        if not _alone_matches(model, params, inputs, examples, detached, layer_inputs):
+            _COUPLED.setdefault(model, set()).add(_signature(inputs))
+            covered = []
     if not covered:
         return LayerDiagonal(detached, {})
     cotangents = cotangents_of(detached)  # (N, O, R)
+    if cotangents is None:
+        return LayerDiagonal(detached, {})
+    loss = grad = None
+    if loss_of is not None:
+        with torch.enable_grad():
+            value = loss_of(outputs)
+        raw = torch.autograd.grad(
+            value, list(leaves.values()), retain_graph=True, allow_unused=True
+        )
+        loss = value.detach()
+        grad = {
+            k: (torch.zeros_like(v) if g is None else g.detach())
+            for (k, v), g in zip(leaves.items(), raw, strict=True)
+        }
     deltas = _batched_output_grads(
-        outputs, [z for _, _, z in covered], cotangents, elements or _COLUMN_ELEMENTS
+        outputs, [z for *_, z in covered], cotangents, elements or _COLUMN_ELEMENTS
     )
     sums: Params = {}
-    for (rule, a, _), delta in zip(covered, deltas, strict=True):
+    for (_, rule, a, _), delta in zip(covered, deltas, strict=True):
         local = rule.squared_contraction(a, delta.detach(), list(rule.names), elements)
         sums.update({rule.names[k]: v for k, v in local.items()})
-    return LayerDiagonal(detached, sums)
+    return LayerDiagonal(detached, sums, loss, grad)
+
+
+# model -> signatures of keyword batches on which an example alone did not match its rows: the
+# next batches of that shape take the generic path without a wasted batched forward pass.
+_COUPLED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+# How far an example alone may be from its rows of the batch: rounding of kernels that block a
+# batch differently, relative to the largest entry. Coupling changes entries at order one.
+_ALONE_TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4}
+_LOW_PRECISION_TOLERANCE = 2e-2
+
+
+def _signature(inputs: ModelInputs) -> tuple:
+    """The shapes and dtypes of a keyword batch (what a coupling check depends on)."""
+    leaves = tree_flatten((inputs.args, inputs.kwargs))[0]
+    return tuple((tuple(t.shape), t.dtype) if isinstance(t, Tensor) else repr(t) for t in leaves)
+
+
+def _coupled(model: nn.Module, inputs: ModelInputs) -> bool:
+    return _signature(inputs) in _COUPLED.get(model, ())
+
+
+def _alone_matches(
+    model: nn.Module,
+    params: Mapping[str, Tensor],
+    inputs: ModelInputs,
+    examples: int,
+    outputs: Tensor,
+    layer_inputs: dict[str, tuple[nn.Module, Tensor]],
+) -> bool:
+    """Whether the last example run alone gives its rows of the batch (module docstring).
+
+    Compared: the model outputs and the input of every covered layer, within rounding
+    (:data:`_ALONE_TOLERANCE` relative to the largest entry).
+    """
+    last = examples - 1
+    seen: dict[str, list[Tensor]] = {name: [] for name in layer_inputs}
+
+    def recorder(name: str):
+        def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
+            seen[name].append(args[0].detach())
+
+        return hook
+
+    handles = [m.register_forward_hook(recorder(n)) for n, (m, _) in layer_inputs.items()]
+    try:
+        with torch.no_grad():
+            alone = FunctionalModel(model, params)(
+                params, inputs.example_rows(last, examples, examples)
+            )
+    finally:
+        for handle in handles:
+            handle.remove()
+    if not isinstance(alone, Tensor) or not _close(outputs[last:], alone):
+        return False
+    return all(
+        len(seen[name]) == 1 and _close(a[last:], seen[name][0])
+        for name, (_, a) in layer_inputs.items()
+    )
+
+
+def _close(batched: Tensor, alone: Tensor) -> bool:
+    if batched.shape != alone.shape or batched.dtype != alone.dtype:
+        return False
+    if alone.numel() == 0:
+        return True
+    tolerance = _ALONE_TOLERANCE.get(alone.dtype, _LOW_PRECISION_TOLERANCE)
+    scale = float(alone.abs().max())
+    if not math.isfinite(scale):
+        return False
+    return bool(torch.allclose(batched, alone, rtol=tolerance, atol=tolerance * scale))
 
 
 def _batched_output_grads(

@@ -15,8 +15,11 @@ mean and weights included):
 For one tensor of inputs, the fast path takes the layers of :mod:`.contractions`; the rest goes
 through the generic per-example ``vmap`` path, which is also the slow twin of the tests
 (``fast=False``). A model called with keyword inputs (a Hugging Face model: ``vmap`` cannot run
-it over its examples) runs one example at a time, its loss and gradient fused into the same
-pass (:mod:`.per_example`). Memory: ``chunk_size`` (:mod:`.statistics`).
+it over its examples) takes the same layer contractions from ONE batched pass that also gives
+the loss and the gradient, once the batch shows its examples uncoupled (:mod:`.contractions`);
+its other parameters, and every parameter of a batch that fails that check, go one example at a
+time with the loss and gradient fused into the same pass (:mod:`.per_example`, the slow twin).
+Memory: ``chunk_size`` (:mod:`.statistics`).
 """
 
 from __future__ import annotations
@@ -257,8 +260,10 @@ def diagonal_pass(
 ) -> DiagonalPass:
     """Exact (``samples == 0``) or Monte-Carlo GGN diagonal of the batch loss.
 
-    Keyword inputs (and nested tuples) run one example at a time, each a batch of one, with the
-    loss and gradient from the same graphs (:mod:`.per_example`). For one tensor of inputs, with
+    Keyword inputs (and nested tuples), with ``fast``: the covered layers from one batched pass
+    with the loss and gradient (:func:`_keyword_layers_pass`); otherwise, and for the other
+    parameters, one example at a time, each a batch of one, with the loss and gradient from the
+    same graphs (:mod:`.per_example`). For one tensor of inputs, with
     ``fast``, covered layers get their diagonal from squared contractions of one batched
     backward pass (:func:`~.contractions.layer_ggn_diag`); whatever it does not cover goes
     through the generic per-example ``vmap`` path, its slow twin, with the SAME cotangents.
@@ -267,6 +272,12 @@ def diagonal_pass(
     fmodel = FunctionalModel(model, params)
     width = copies_at_once(params, chunk_size)
     if isinstance(inputs, ModelInputs):
+        if fast:
+            batched = _keyword_layers_pass(
+                model, params, batch, loss_fn, generator, samples, chunk_size
+            )
+            if batched is not None:
+                return batched
         fused = per_example_pass(
             fmodel, params, {}, inputs, targets, loss_fn,
             samples=samples, generator=generator, width=width,
@@ -312,6 +323,56 @@ def diagonal_pass(
             _sum_squared_per_example_vjps(fmodel, rest, inputs, cotangents, chunk_size, fixed)
         )
     return DiagonalPass(None, None, {k: total[k] for k in params})
+
+
+def _keyword_layers_pass(
+    model: nn.Module,
+    params: Params,
+    batch: tuple[Any, Tensor],
+    loss_fn: LossFn,
+    generator: torch.Generator | None,
+    samples: int,
+    chunk_size: int | None,
+) -> DiagonalPass | None:
+    """Keyword inputs: covered layers from ONE batched pass, with the loss and gradient.
+
+    The layers :func:`~.contractions.layer_ggn_diag` covers (checked on the batch: an example
+    run alone matches its rows) get their squared sums from one batched forward pass, the
+    gradient's backward pass and one batched backward pass of the cotangent columns; the other
+    parameters go one example at a time (:mod:`.per_example`) with the SAME columns. ``None``
+    when no layer is covered, or when the exact columns would not fit in memory (a language
+    model's ``(N, T·V, T·V)``): the caller's one-example-at-a-time path computes everything.
+    """
+    inputs, targets = batch
+    drawn: list[Tensor] = []
+
+    def remember(outputs: Tensor) -> Tensor | None:
+        if samples == 0 and not _dense_columns_fit(outputs):
+            return None  # never formed: the slow path builds them block by block
+        space = output_curvature(loss_fn, outputs, targets)
+        drawn.append(space.sqrt_columns() if samples == 0 else space.sample_columns(
+            samples, generator))  # fmt: skip
+        return drawn[0]
+
+    budget = None if chunk_size is None else chunk_size * _size(params)
+    layers = layer_ggn_diag(
+        model, params, inputs, remember, budget,
+        examples=len(targets), loss_of=lambda outputs: loss_fn(outputs, targets),
+    )  # fmt: skip
+    if not layers.sums:
+        return None
+    assert layers.loss is not None and layers.grad is not None
+    total = dict(layers.sums)
+    rest = {k: v for k, v in params.items() if k not in total}
+    if rest:
+        fixed = {k: v for k, v in params.items() if k in total}
+        remainder = per_example_pass(
+            FunctionalModel(model, params), rest, fixed, inputs, targets, loss_fn,
+            samples=samples, generator=None, width=copies_at_once(params, chunk_size),
+            columns=drawn[0] if samples else None,
+        )  # fmt: skip
+        total.update(remainder.squares)
+    return DiagonalPass(layers.loss, layers.grad, {k: total[k] for k in params})
 
 
 def hutchinson_diag(

@@ -36,6 +36,8 @@ from torch import Tensor, nn
 from torch.func import vjp, vmap
 from torch.nn.utils import parametrize
 
+from .._common.linear_maps import is_hf_conv1d
+
 __all__ = [
     "RULES",
     "LayerRule",
@@ -223,6 +225,35 @@ class LinearRule(LayerRule):
         unfolded = a.reshape(a.shape[0], -1, a.shape[-1]).transpose(1, 2)  # (N, in, T)
         delta = delta.reshape(*delta.shape[:2], -1, delta.shape[-1]).transpose(2, 3)  # (R,N,out,T)
         return _positions_contraction(unfolded, delta, 1, local, self.module.weight.shape, elements)
+
+
+class HFConv1DRule(LayerRule):
+    r"""Hugging Face's ``Conv1D`` (GPT-2's projections): :math:`z = a W + b`, ``W`` ``(in, out)``.
+
+    The map of :class:`LinearRule` with the weight stored transposed: a per-example weight
+    gradient is :math:`\sum_t a_t \delta_t^\top`. Squared contractions only: the chain never
+    meets it (a Hugging Face model is not a chain of modules).
+    """
+
+    parametric = True
+
+    def chain_capable(self):
+        return False
+
+    def forward(self, a, p):
+        raise NotAChain
+
+    def squared_contraction(self, a, delta, local, elements=None):
+        # Positions in dim 1 (one position per example for a 2-D input), as for a Linear map.
+        unfolded = a.reshape(a.shape[0], -1, a.shape[-1]).transpose(1, 2)  # (N, in, T)
+        delta = delta.reshape(*delta.shape[:2], -1, delta.shape[-1]).transpose(2, 3)  # (R,N,out,T)
+        fan_in, fan_out = self.module.weight.shape
+        out = _positions_contraction(
+            unfolded, delta, 1, local, torch.Size((fan_out, fan_in)), elements
+        )
+        if "weight" in out:
+            out["weight"] = out["weight"].T.contiguous()  # stored (in, out)
+        return out
 
 
 class ConvRule(LayerRule):
@@ -628,7 +659,8 @@ def rule_for(
 ) -> LayerRule | None:
     """The rule of ``module`` when it is provably eligible, else ``None`` (generic path).
 
-    Eligible: its exact type is in :data:`RULES`, it has no hooks and no parametrisation, none of
+    Eligible: its exact type is in :data:`RULES` (or it is Hugging Face's ``Conv1D``, matched by
+    name), it has no hooks and no parametrisation, none of
     its own parameters is tied to another slot, and the rule's :meth:`LayerRule.supports` holds.
     ``names`` of the rule keep only the differentiated parameters (those in ``params``).
 
@@ -643,6 +675,8 @@ def rule_for(
         True
     """
     rule_class = RULES.get(type(module))
+    if rule_class is None and is_hf_conv1d(module):  # matched by name: transformers is optional
+        rule_class = HFConv1DRule
     if rule_class is None or _has_hooks(module) or parametrize.is_parametrized(module):
         return None
     own = dict(module.named_parameters(recurse=False))

@@ -6,7 +6,8 @@ is a batch of one: that is what ``vmap`` over the examples computes for a model 
 tensor, and what this module computes, one forward pass per example, for a model that cannot be
 vmapped over its examples — keyword inputs (a Hugging Face model builds its attention mask with
 Python control flow on tensor values, which ``vmap`` refuses), nested tuples, or an exact diagonal
-whose dense columns would not fit in memory.
+whose dense columns would not fit in memory. For keyword inputs it is the slow twin of the
+batched layer contractions (:mod:`.contractions`) and computes the parameters they do not cover.
 
 Each example's forward pass keeps its autograd graph, and everything that example contributes
 comes from that one graph:
@@ -91,6 +92,7 @@ def per_example_pass(
     samples: int,
     generator: torch.Generator | None,
     width: int,
+    columns: Tensor | None = None,
 ) -> ExamplePass:
     """Loss, gradient and squared pull-backs of the exact (``samples == 0``) or sampled columns.
 
@@ -105,6 +107,9 @@ def per_example_pass(
         samples: ``0`` for the exact square-root columns, else labels (or probes) per unit.
         generator: the random source of the sampled columns, drawn example after example.
         width: columns pulled back at once (:func:`copies_at_once`).
+        columns: sampled columns of the whole batch ``(N, O, R)``, already drawn (the batch
+            mean's scaling included): example ``n`` pulls back ``columns[n]`` instead of
+            drawing its own, so that parameters split between two paths see the same labels.
     """
     total = float(loss_normaliser(loss_fn, targets))
     loss = torch.zeros((), dtype=next(iter(params.values())).dtype, device=targets.device)
@@ -130,13 +135,16 @@ def per_example_pass(
             if g is not None:
                 grad[k] += g[0]
         scale = share**0.5
-        blocks: Iterable[Tensor] = (
-            space.column_blocks(0, width)
-            if samples == 0
-            else column_chunks(space.sample_columns(samples, generator)[0], width)
-        )
+        blocks: Iterable[Tensor]
+        if samples == 0:
+            blocks = (scale * block for block in space.column_blocks(0, width))
+        elif columns is not None:  # already scaled to the batch's mean
+            blocks = column_chunks(columns[n], width)
+        else:
+            drawn = space.sample_columns(samples, generator)[0]
+            blocks = (scale * block for block in column_chunks(drawn, width))
         for block in blocks:
-            pulled = _pull_back(flat, leaves, scale * block)
+            pulled = _pull_back(flat, leaves, block)
             for k, g in zip(names, pulled, strict=True):
                 if g is not None:
                     squares[k] += (g * g).sum(0)

@@ -1,0 +1,224 @@
+"""Keyword-input models: covered layers from one batched pass, checked on every batch.
+
+The batched path (:func:`lossprune.curvature.contractions.layer_ggn_diag` with keyword inputs)
+must give what the one-example-at-a-time path gives (its slow twin, checked against dense
+per-example Jacobians in ``test_per_example.py``), and must refuse, on the batch, any model
+whose examples are coupled, so that the numbers stay those of the slow twin.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from lossprune.curvature import contractions, diagonals, fisher_diag, fisher_diag_mc
+from lossprune.curvature.layers import HFConv1DRule, parameter_uses, rule_for
+from lossprune.selection import prunable_parameters
+from tests.hf_models import VOCAB, tiny_bert, tiny_gpt2, tiny_llama, transformers
+
+BUILDERS = {"gpt2": tiny_gpt2, "llama": tiny_llama, "bert": tiny_bert}
+
+
+def _batch(name: str, examples: int = 4, length: int = 6) -> dict:
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, VOCAB, (examples, length), generator=g)
+    mask = torch.ones_like(ids)
+    mask[0, -2:] = 0
+    if name == "bert":
+        labels = torch.arange(examples) % 3
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    labels = ids.clone()
+    labels[0, -2:] = -100
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def _relative_error(actual: dict, expected: dict) -> float:
+    """Per tensor, relative to its largest entry; a tensor whose exact diagonal is zero (BERT's
+    key biases: softmax ignores a shift shared by all keys) holds rounding noise only, so the
+    scale is at least 1e-8 of the largest entry of all."""
+    floor = 1e-8 * max(float(e.abs().max()) for e in expected.values())
+    return max(
+        float((actual[k] - expected[k]).abs().max()) / max(float(expected[k].abs().max()), floor)
+        for k in expected
+    )
+
+
+def _spy(monkeypatch) -> list:
+    """The results of every batched keyword pass (``None``: it left the batch to the slow path)."""
+    results: list = []
+    original = diagonals._keyword_layers_pass
+
+    def spying(*args):
+        results.append(original(*args))
+        return results[-1]
+
+    monkeypatch.setattr(diagonals, "_keyword_layers_pass", spying)
+    return results
+
+
+@pytest.mark.parametrize("name", list(BUILDERS))
+def test_every_parameter_matches_the_slow_twin_with_the_same_labels(name, monkeypatch):
+    """Prunable layers batched; embeddings, norms and biases one example at a time, pulling
+    back the SAME sampled columns: the sum is the slow twin's, label for label."""
+    torch.manual_seed(0)
+    model = BUILDERS[name]().double()
+    params = {k: p.detach() for k, p in model.named_parameters()}
+    batch = _batch(name)
+    results = _spy(monkeypatch)
+    fast = fisher_diag_mc(model, params, batch, None, samples=2,
+                          generator=torch.Generator().manual_seed(5))  # fmt: skip
+    assert results and results[0] is not None
+    covered = set(results[0].diagonal) - {
+        k for k in params if k not in prunable_parameters(model) and "bias" not in k
+    }
+    assert set(prunable_parameters(model)) <= covered
+    slow = fisher_diag_mc(model, params, batch, None, samples=2,
+                          generator=torch.Generator().manual_seed(5), fast=False)  # fmt: skip
+    assert _relative_error(fast, slow) < 1e-10
+
+
+@pytest.mark.parametrize("name", list(BUILDERS))
+def test_float32_models_take_the_batched_path(name, monkeypatch):
+    """The alone-versus-batch check passes at float32 rounding (kernels block a batch of one
+    differently), so real models are not silently sent to the slow path."""
+    torch.manual_seed(0)
+    model = BUILDERS[name]()
+    params = {k: p.detach() for k, p in prunable_parameters(model).items()}
+    batch = _batch(name, examples=8, length=16)
+    results = _spy(monkeypatch)
+    fast = fisher_diag(model, params, batch, None) if name == "bert" else fisher_diag_mc(
+        model, params, batch, None, generator=torch.Generator().manual_seed(0))  # fmt: skip
+    assert results[0] is not None and set(results[0].diagonal) == set(params)
+    slow = fisher_diag(model, params, batch, None, fast=False) if name == "bert" else (
+        fisher_diag_mc(model, params, batch, None, generator=torch.Generator().manual_seed(0),
+                       fast=False))  # fmt: skip
+    assert _relative_error(fast, slow) < 1e-4
+
+
+class TokenClassifier(nn.Module):
+    """Keyword-input classifier; ``coupling`` makes an example's activations depend on others.
+
+    * ``"batch_mean"``: the BATCH mean of the hidden states added to each (as batch statistics do);
+    * ``"capacity"``: only the first ``capacity`` tokens of the batch reach the second layer,
+      the later ones are dropped (capacity-limited expert routing, Switch Transformers);
+    * ``None``: independent examples.
+    """
+
+    def __init__(self, coupling: str | None) -> None:
+        super().__init__()
+        self.coupling = coupling
+        self.embed = nn.Embedding(VOCAB, 8)
+        self.hidden = nn.Linear(8, 8)
+        self.out = nn.Linear(8, 3)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.hidden(self.embed(input_ids)))  # (N, T, 8)
+        if self.coupling == "batch_mean":
+            h = h + h.mean(0, keepdim=True)
+        elif self.coupling == "capacity":
+            capacity = 2 * input_ids.shape[1]  # two examples' tokens
+            kept = torch.arange(input_ids.numel()).reshape(input_ids.shape) < capacity
+            h = h * kept.unsqueeze(-1)
+        return self.out(h).mean(1)  # (N, 3)
+
+
+@pytest.mark.parametrize("coupling", ["batch_mean", "capacity"])
+def test_coupled_examples_are_left_to_the_slow_twin(coupling, monkeypatch):
+    torch.manual_seed(0)
+    model = TokenClassifier(coupling).double().eval()
+    params = {k: p.detach() for k, p in model.named_parameters() if k.endswith("weight")}
+    ids = torch.randint(0, VOCAB, (4, 5), generator=torch.Generator().manual_seed(2))
+    batch = {"input_ids": ids, "labels": torch.tensor([0, 1, 2, 1])}
+    loss = nn.CrossEntropyLoss()
+    results = _spy(monkeypatch)
+    fast = fisher_diag(model, params, batch, loss)
+    assert results == [None]  # the last example alone differs from its rows of the batch
+    slow = fisher_diag(model, params, batch, loss, fast=False)
+    assert _relative_error(fast, slow) < 1e-12
+    # Without the check, the batched contraction would be wrong: the check is what keeps it exact.
+    monkeypatch.setattr(contractions, "_alone_matches", lambda *args: True)
+    contractions._COUPLED.clear()
+    assert _relative_error(fisher_diag(model, params, batch, loss), slow) > 1e-3
+
+
+def test_independent_examples_of_the_same_model_take_the_batched_path(monkeypatch):
+    torch.manual_seed(0)
+    model = TokenClassifier(None).double().eval()
+    params = {k: p.detach() for k, p in model.named_parameters() if k.endswith("weight")}
+    ids = torch.randint(0, VOCAB, (4, 5), generator=torch.Generator().manual_seed(2))
+    batch = {"input_ids": ids, "labels": torch.tensor([0, 1, 2, 1])}
+    results = _spy(monkeypatch)
+    fast = fisher_diag(model, params, batch, nn.CrossEntropyLoss())
+    assert results[0] is not None and set(results[0].diagonal) == set(params)
+    slow = fisher_diag(model, params, batch, nn.CrossEntropyLoss(), fast=False)
+    assert _relative_error(fast, slow) < 1e-12
+
+
+def test_a_coupled_shape_is_remembered(monkeypatch):
+    """After one refusal, batches of the same shapes skip the batched forward pass."""
+    torch.manual_seed(0)
+    model = TokenClassifier("batch_mean").double().eval()
+    params = {k: p.detach() for k, p in model.named_parameters() if k.endswith("weight")}
+    ids = torch.randint(0, VOCAB, (4, 5))
+    batch = {"input_ids": ids, "labels": torch.tensor([0, 1, 2, 1])}
+    checks = []
+    original = contractions._alone_matches
+    monkeypatch.setattr(
+        contractions, "_alone_matches", lambda *args: checks.append(1) or original(*args)
+    )
+    for _ in range(3):
+        fisher_diag(model, params, batch, nn.CrossEntropyLoss())
+    assert len(checks) == 1
+
+
+@pytest.mark.parametrize("shape", [(5, 4), (3, 6, 4)], ids=["one position", "positions"])
+def test_the_hf_conv1d_rule_is_the_per_example_loop(shape):
+    r""":math:`\sum_n\sum_r (\sum_t a_{nt} \delta_{rnt}^\top)^2` for the ``(in, out)`` weight and
+    the bias, against per-example autograd gradients."""
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    layer = Conv1D(3, 4).double()
+    rule = rule_for(layer, "c", {"c.weight": layer.weight, "c.bias": layer.bias},
+                    parameter_uses(layer))  # fmt: skip
+    assert isinstance(rule, HFConv1DRule)
+    a = torch.randn(shape, dtype=torch.float64)
+    columns = 2
+    delta = torch.randn(columns, *shape[:-1], 3, dtype=torch.float64)
+    expected = {"weight": torch.zeros_like(layer.weight), "bias": torch.zeros_like(layer.bias)}
+    for r in range(columns):
+        for n in range(shape[0]):
+            out = layer(a[n : n + 1])
+            grads = torch.autograd.grad(out, [layer.weight, layer.bias], delta[r, n : n + 1])
+            expected["weight"] += grads[0] ** 2
+            expected["bias"] += grads[1] ** 2
+    got = rule.squared_contraction(a, delta, ["weight", "bias"])
+    torch.testing.assert_close(got["weight"], expected["weight"])
+    torch.testing.assert_close(got["bias"], expected["bias"])
+
+
+@pytest.mark.filterwarnings("ignore:the exact Fisher:RuntimeWarning")
+def test_exact_columns_too_large_for_memory_go_one_example_at_a_time(monkeypatch):
+    """A language model's exact (N, T·V, T·V) square roots are never formed for the batch."""
+    torch.manual_seed(0)
+    model = tiny_gpt2().double()
+    params = {k: p.detach() for k, p in prunable_parameters(model).items()}
+    batch = _batch("gpt2", examples=2, length=3)
+    expected = fisher_diag(model, params, batch, None, fast=False)
+    monkeypatch.setattr(diagonals, "_DENSE_COLUMN_ELEMENTS", 100)
+    results = _spy(monkeypatch)
+    got = fisher_diag(model, params, batch, None)
+    assert results == [None]
+    assert _relative_error(got, expected) < 1e-12
+
+
+def test_gpt2_conv1d_layers_are_covered():
+    model = tiny_gpt2()
+    names = {q for q in prunable_parameters(model) if ".attn.c_attn." in q or ".mlp.c_fc." in q}
+    assert names
+    uses = parameter_uses(model)
+    for name in names:
+        module = model.get_submodule(name.rsplit(".", 1)[0])
+        assert isinstance(module, transformers.pytorch_utils.Conv1D)
+        assert isinstance(rule_for(module, "", {"weight": module.weight}, uses), HFConv1DRule)
