@@ -222,3 +222,25 @@ def test_gpt2_conv1d_layers_are_covered():
         module = model.get_submodule(name.rsplit(".", 1)[0])
         assert isinstance(module, transformers.pytorch_utils.Conv1D)
         assert isinstance(rule_for(module, "", {"weight": module.weight}, uses), HFConv1DRule)
+
+
+@pytest.mark.parametrize("samples", [0, 2], ids=["fisher", "fisher_mc"])
+def test_a_tensor_input_statistics_pass_takes_its_gradient_from_the_diagonal_pass(
+    samples, monkeypatch
+):
+    """Covered layers (one tensor of inputs): the batched forward pass of the layer
+    contractions also gives the loss and gradient; no separate gradient pass, same numbers."""
+    from lossprune.curvature import Statistic, compute_statistics, loss_and_grad, statistics
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)).double().eval()
+    params = {k: p.detach() for k, p in model.named_parameters()}
+    batch = (torch.randn(6, 5, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2]))
+    loss_fn = nn.CrossEntropyLoss()
+    expected = loss_and_grad(model, params, batch, loss_fn)
+    request = Statistic("fisher_mc", samples) if samples else Statistic("fisher")
+    monkeypatch.setattr(statistics, "loss_and_grad", lambda *a: pytest.fail("a gradient pass"))
+    stats = compute_statistics(model, params, batch, loss_fn, [request],
+                               generator=torch.Generator().manual_seed(0))  # fmt: skip
+    assert stats.loss == pytest.approx(float(expected.loss), rel=1e-14)
+    assert _relative_error(stats.grad, expected.grad) < 1e-13

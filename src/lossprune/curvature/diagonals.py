@@ -257,8 +257,13 @@ def diagonal_pass(
     samples: int,
     chunk_size: int | None,
     fast: bool = True,
+    *,
+    with_gradient: bool = False,
 ) -> DiagonalPass:
     """Exact (``samples == 0``) or Monte-Carlo GGN diagonal of the batch loss.
+
+    ``with_gradient``: also the batch loss and gradient where the pass has the graph for them
+    (a statistics pass then needs no separate gradient pass); they may be given without it.
 
     Keyword inputs (and nested tuples), with ``fast``: the covered layers from one batched pass
     with the loss and gradient (:func:`_keyword_layers_pass`); otherwise, and for the other
@@ -274,7 +279,7 @@ def diagonal_pass(
     if isinstance(inputs, ModelInputs):
         if fast:
             batched = _keyword_layers_pass(
-                model, params, batch, loss_fn, generator, samples, chunk_size
+                model, params, batch, loss_fn, generator, samples, chunk_size, with_gradient
             )
             if batched is not None:
                 return batched
@@ -291,7 +296,7 @@ def diagonal_pass(
         return space.sample_columns(samples, generator)
 
     total: Params = {}
-    cotangents = None
+    cotangents = loss = grad = None
     if fast:
         drawn: list[Tensor] = []  # the one draw of cotangents, reused by the generic remainder
 
@@ -300,7 +305,11 @@ def diagonal_pass(
             return drawn[0]
 
         budget = None if chunk_size is None else chunk_size * _size(params)
-        total = layer_ggn_diag(model, params, inputs, remember, budget).sums
+        layers = layer_ggn_diag(
+            model, params, inputs, remember, budget,
+            loss_of=(lambda outputs: loss_fn(outputs, targets)) if with_gradient else None,
+        )  # fmt: skip
+        total, loss, grad = dict(layers.sums), layers.loss, layers.grad
         cotangents = drawn[0] if drawn else None
     rest = {k: v for k, v in params.items() if k not in total}
     fixed = {k: v for k, v in params.items() if k in total}
@@ -315,14 +324,14 @@ def diagonal_pass(
                 samples=0, generator=None, width=width,
             )  # fmt: skip
             total.update(blockwise.squares)
-            return DiagonalPass(None, None, {k: total[k] for k in params})
+            return DiagonalPass(loss, grad, {k: total[k] for k in params})
         cotangents = cotangents_of(outputs)
     if rest:
         assert cotangents is not None
         total.update(
             _sum_squared_per_example_vjps(fmodel, rest, inputs, cotangents, chunk_size, fixed)
         )
-    return DiagonalPass(None, None, {k: total[k] for k in params})
+    return DiagonalPass(loss, grad, {k: total[k] for k in params})
 
 
 def _keyword_layers_pass(
@@ -333,8 +342,9 @@ def _keyword_layers_pass(
     generator: torch.Generator | None,
     samples: int,
     chunk_size: int | None,
+    with_gradient: bool,
 ) -> DiagonalPass | None:
-    """Keyword inputs: covered layers from ONE batched pass, with the loss and gradient.
+    """Keyword inputs: covered layers from ONE batched pass (with the loss and gradient).
 
     The layers :func:`~.contractions.layer_ggn_diag` covers (checked on the batch: an example
     run alone matches its rows) get their squared sums from one batched forward pass, the
@@ -356,12 +366,11 @@ def _keyword_layers_pass(
 
     budget = None if chunk_size is None else chunk_size * _size(params)
     layers = layer_ggn_diag(
-        model, params, inputs, remember, budget,
-        examples=len(targets), loss_of=lambda outputs: loss_fn(outputs, targets),
+        model, params, inputs, remember, budget, examples=len(targets),
+        loss_of=(lambda outputs: loss_fn(outputs, targets)) if with_gradient else None,
     )  # fmt: skip
     if not layers.sums:
         return None
-    assert layers.loss is not None and layers.grad is not None
     total = dict(layers.sums)
     rest = {k: v for k, v in params.items() if k not in total}
     if rest:

@@ -297,8 +297,9 @@ def compute_statistics(
                 )
             elif request.kind in ("fisher", "fisher_mc"):
                 diagonal = diagonal_pass(
-                    model, params, batch, loss_fn, generator, request.samples, chunk_size
-                )
+                    model, params, batch, loss_fn, generator, request.samples, chunk_size,
+                    with_gradient=loss is None,
+                )  # fmt: skip
                 values[key] = diagonal.diagonal
                 if loss is None and diagonal.grad is not None:  # the same graphs gave them
                     loss, grads = diagonal.loss, diagonal.grad
