@@ -29,7 +29,8 @@ initialised).
 
 Its parts, one module each: :mod:`~lossprune.curvature.outputs` (output-space closed forms),
 :mod:`~lossprune.curvature.products` (gradient and curvature-vector products, the choice of
-algorithm), :mod:`~lossprune.curvature.diagonals` with :mod:`~lossprune.curvature.per_example` (one
+algorithm), :mod:`~lossprune.curvature.quadratic_form` (loss, slope and curvature along one
+direction), :mod:`~lossprune.curvature.diagonals` with :mod:`~lossprune.curvature.per_example` (one
 example at a time where vmap cannot batch them), :mod:`~lossprune.curvature.statistics` (the
 dataset-mean loop), :mod:`~lossprune.curvature.layers` (the table of per-layer rules) with the
 two fast paths that read it, :mod:`~lossprune.curvature.chain` and

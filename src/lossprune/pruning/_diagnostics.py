@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from .._common.functional import FunctionalModel, at_least_float32, statistics_dtype
 from ..curvature import LossFn, hvp
+from ..curvature.quadratic_form import quadratic_form
 from ..curvature.statistics import dataset_mean
 
 __all__ = ["curvature_product", "predicted_loss_change", "mean_loss", "stepped"]
@@ -70,23 +71,34 @@ def predicted_loss_change(
     .. math:: \Delta L \approx g^\top\Delta\theta + \tfrac12 \Delta\theta^\top C \Delta\theta
 
     with :math:`g` the gradient of the mean loss at θ and :math:`C` its Hessian (or, with
-    ``curvature="ggn"``, its Gauss-Newton matrix), from ONE fused gradient +
-    curvature-vector-product pass per batch.
+    ``curvature="ggn"``, its Gauss-Newton matrix): per batch the three numbers of
+    :func:`lossprune.curvature.quadratic_form.quadratic_form` (Gauss-Newton: one forward-mode
+    pass; Hessian: one fused gradient + Hessian-vector-product pass), averaged by the one
+    dataset-mean loop (:func:`lossprune.curvature.statistics.dataset_mean`). ``chunk_size`` is
+    accepted for symmetry with :func:`curvature_product`: one direction has nothing to chunk.
 
     Returns:
         ``(loss, predicted_change)``, example-weighted over ``data`` (and over all ranks of an
         initialised process group).
     """
-    loss, grad, product = curvature_product(
-        model, params, data, loss_fn, delta, curvature=curvature, chunk_size=chunk_size
-    )
-    if statistics_dtype(params) != next(iter(params.values())).dtype:
+    del chunk_size  # one direction
+    device = next(iter(params.values())).device
+    # The step as the commit applies it: rounded to the weights' dtype (stepped).
+    vector = {k: v.to(params[k].dtype) for k, v in delta.items()}
+
+    def batch_values(batch: tuple[Any, Tensor]) -> dict[Hashable, Any]:
+        form = quadratic_form(model, params, batch, loss_fn, vector, curvature=curvature)
+        return {"loss": form.loss, "slope": form.slope, "curvature": form.curvature}
+
+    dtype = statistics_dtype(params)
+    # The two inner products are float64 per batch; their mean stays float64.
+    means: dict[Hashable, Any] = dataset_mean(
+        data, loss_fn, batch_values, device=device, dtype=torch.float64
+    ).means
+    loss = float(means["loss"])
+    if dtype != next(iter(params.values())).dtype:
         loss = mean_loss(model, params, data, loss_fn)  # half precision: the loss in float32
-    change = sum(
-        float((grad[k].double() * delta[k]).sum() + 0.5 * (product[k].double() * delta[k]).sum())
-        for k in delta
-    )
-    return loss, change
+    return loss, float(means["slope"]) + 0.5 * float(means["curvature"])
 
 
 @torch.no_grad()
