@@ -641,9 +641,10 @@ def transformers_available() -> bool:
 def bench_fisher_mc(model_name, model, params, batch, record, memory, timing):
     """Monte-Carlo Fisher diagonal, one sampled label per token (target: <= 4 gradients).
 
-    ``lossprune``: the Hugging Face model with a dict batch, one example at a time with the
-    gradient from the same graphs (its float64 checks against per-example loops are in
-    ``tests/test_per_example.py``); ``lossprune_adapter``: through the tensor adapter, checked
+    ``lossprune``: the Hugging Face model with a dict batch: its linear maps from one batched
+    pass, checked on the batch, the embeddings and norms one example at a time (float64 checks
+    against per-example loops in ``tests/test_per_example.py`` and
+    ``tests/test_keyword_layers.py``); ``lossprune_adapter``: through the tensor adapter, checked
     against the generic per-example path with the SAME sampled labels (same seed), which is
     also the naive method timed beside it, on a quarter of the batch.
     """
