@@ -244,3 +244,28 @@ def test_a_tensor_input_statistics_pass_takes_its_gradient_from_the_diagonal_pas
                                generator=torch.Generator().manual_seed(0))  # fmt: skip
     assert stats.loss == pytest.approx(float(expected.loss), rel=1e-14)
     assert _relative_error(stats.grad, expected.grad) < 1e-13
+
+
+def _families():
+    from tests.test_families_end_to_end import FAMILIES
+
+    return FAMILIES
+
+
+@pytest.mark.parametrize("family", _families())
+def test_every_family_takes_the_batched_path_with_the_slow_twins_numbers(family, monkeypatch):
+    """The 18 families of the end-to-end test, float32, default prunable set, padded batches:
+    the batch's examples are found uncoupled, and the batched diagonal is the one-by-one one."""
+    from torch.utils.data import default_collate
+
+    from tests.test_families_end_to_end import _model, _rows
+
+    model = _model(family)
+    batch = default_collate(_rows(family, getattr(model.config, "vocab_size", 0))[:4])
+    params = {k: p.detach() for k, p in prunable_parameters(model).items()}
+    results = _spy(monkeypatch)
+    fast = fisher_diag_mc(model, params, batch, None, generator=torch.Generator().manual_seed(0))
+    assert results[0] is not None
+    slow = fisher_diag_mc(model, params, batch, None, generator=torch.Generator().manual_seed(0),
+                          fast=False)  # fmt: skip
+    assert _relative_error(fast, slow) < 1e-5
