@@ -660,8 +660,8 @@ def rule_for(
     """The rule of ``module`` when it is provably eligible, else ``None`` (generic path).
 
     Eligible: its exact type is in :data:`RULES` (or it is Hugging Face's ``Conv1D``, matched by
-    name), it has no hooks and no parametrisation, none of
-    its own parameters is tied to another slot, and the rule's :meth:`LayerRule.supports` holds.
+    name), it has no hooks and no parametrisation, none of its own parameters is tied to another
+    slot, and the rule's :meth:`LayerRule.supports` holds.
     ``names`` of the rule keep only the differentiated parameters (those in ``params``).
 
     Example:
