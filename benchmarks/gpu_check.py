@@ -43,6 +43,7 @@ ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "benchmarks"
 CUDA_TEST_FILES = (
     "tests/test_curvature.py",
+    "tests/test_keyword_layers.py",
     "tests/test_model_coverage.py",
     "tests/test_sparse.py",
 )

@@ -269,3 +269,32 @@ def test_every_family_takes_the_batched_path_with_the_slow_twins_numbers(family,
     slow = fisher_diag_mc(model, params, batch, None, generator=torch.Generator().manual_seed(0),
                           fast=False)  # fmt: skip
     assert _relative_error(fast, slow) < 1e-5
+
+
+@pytest.mark.filterwarnings("ignore:the exact Fisher:RuntimeWarning")
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_keyword_batched_path_on_cuda(name, monkeypatch):
+    """On a GPU (float32, whatever kernels a batch of one gets): the batched path is taken and
+    gives the one-by-one numbers. The exact Fisher: CUDA's generator does not draw a batch's
+    labels in the same order as one example's at a time."""
+    _check_batched_path_on(torch.device("cuda"), name, monkeypatch)
+
+
+def _check_batched_path_on(device: torch.device, name: str, monkeypatch) -> None:
+    torch.manual_seed(0)
+    model = BUILDERS[name]().to(device)
+    params = {k: p.detach() for k, p in prunable_parameters(model).items()}
+    batch = {k: v.to(device) for k, v in _batch(name, examples=8, length=8).items()}
+    results = _spy(monkeypatch)
+    fast = fisher_diag(model, params, batch, None)
+    assert results[0] is not None and set(results[0].diagonal) == set(params)
+    slow = fisher_diag(model, params, batch, None, fast=False)
+    assert _relative_error(fast, slow) < 1e-3
+
+
+@pytest.mark.filterwarnings("ignore:the exact Fisher:RuntimeWarning")
+def test_the_device_check_runs_on_cpu(monkeypatch):
+    """The body of the CUDA test, here on the CPU (so that it is known to pass)."""
+    _check_batched_path_on(torch.device("cpu"), "llama", monkeypatch)
