@@ -12,7 +12,13 @@ import pytest
 import torch
 from torch import nn
 
-from lossprune.curvature import contractions, diagonals, fisher_diag, fisher_diag_mc
+from lossprune.curvature import (
+    contractions,
+    diagonals,
+    fisher_diag,
+    fisher_diag_mc,
+    module_grads,
+)
 from lossprune.curvature.layers import HFConv1DRule, parameter_uses, rule_for
 from lossprune.selection import prunable_parameters
 from tests.hf_models import VOCAB, tiny_bert, tiny_gpt2, tiny_llama, transformers
@@ -69,10 +75,6 @@ def test_every_parameter_matches_the_slow_twin_with_the_same_labels(name, monkey
     fast = fisher_diag_mc(model, params, batch, None, samples=2,
                           generator=torch.Generator().manual_seed(5))  # fmt: skip
     assert results and results[0] is not None
-    covered = set(results[0].diagonal) - {
-        k for k in params if k not in prunable_parameters(model) and "bias" not in k
-    }
-    assert set(prunable_parameters(model)) <= covered
     slow = fisher_diag_mc(model, params, batch, None, samples=2,
                           generator=torch.Generator().manual_seed(5), fast=False)  # fmt: skip
     assert _relative_error(fast, slow) < 1e-10
@@ -298,3 +300,116 @@ def _check_batched_path_on(device: torch.device, name: str, monkeypatch) -> None
 def test_the_device_check_runs_on_cpu(monkeypatch):
     """The body of the CUDA test, here on the CPU (so that it is known to pass)."""
     _check_batched_path_on(torch.device("cpu"), "llama", monkeypatch)
+
+
+#: The parameters no batched rule covers: position tables called on a (1, T) tensor broadcast
+#: over the batch (their per-example cotangents are summed before the table sees them).
+ONE_BY_ONE = {
+    "gpt2": {"transformer.wpe.weight"},
+    "llama": set(),
+    "bert": {"bert.embeddings.position_embeddings.weight"},
+}
+
+
+@pytest.mark.parametrize("name", list(BUILDERS))
+def test_norms_embeddings_and_tied_heads_are_batched_too(name, monkeypatch):
+    """Every parameter but broadcast position tables: closed forms for the linear maps, the
+    per-module pull-backs (module_grads) for norms, embeddings and Llama's head tied to its
+    embedding; the one-example path runs only for what is left."""
+    torch.manual_seed(0)
+    model = BUILDERS[name]().double()
+    params = {k: p.detach() for k, p in model.named_parameters()}
+    batch = _batch(name)
+    left = _left_one_by_one(monkeypatch)
+    fisher_diag_mc(model, params, batch, None, generator=torch.Generator().manual_seed(0))
+    assert (left[0] if left else set()) == ONE_BY_ONE[name]
+
+
+def _left_one_by_one(monkeypatch) -> list[set]:
+    """The parameters each diagonal pass leaves to the one-example-at-a-time path."""
+    left: list[set] = []
+    original = diagonals.per_example_pass
+
+    def recording(fmodel, rest, *args, **kwargs):
+        left.append(set(rest))
+        return original(fmodel, rest, *args, **kwargs)
+
+    monkeypatch.setattr(diagonals, "per_example_pass", recording)
+    return left
+
+
+class ReusedNormWeight(nn.Module):
+    """A LayerNorm whose weight is also used outside the LayerNorm's call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, 8)
+        self.norm = nn.LayerNorm(8)
+        self.out = nn.Linear(8, 3)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        h = self.norm(self.embed(input_ids))
+        return self.out(h * self.norm.weight).mean(1)
+
+
+def test_a_parameter_used_outside_its_module_goes_one_by_one(monkeypatch):
+    torch.manual_seed(0)
+    model = ReusedNormWeight().double().eval()
+    with torch.no_grad():
+        model.norm.weight.normal_()
+    params = {k: p.detach() for k, p in model.named_parameters()}
+    ids = torch.randint(0, VOCAB, (4, 5), generator=torch.Generator().manual_seed(2))
+    batch = {"input_ids": ids, "labels": torch.tensor([0, 1, 2, 1])}
+    loss = nn.CrossEntropyLoss()
+    left = _left_one_by_one(monkeypatch)
+    fast = fisher_diag(model, params, batch, loss)
+    assert left == [{"norm.weight"}]  # the embedding, the bias and the Linear are batched
+    slow = fisher_diag(model, params, batch, loss, fast=False)
+    assert _relative_error(fast, slow) < 1e-12
+    # Taken through the LayerNorm's call alone, its weight's diagonal would be wrong.
+    monkeypatch.setattr(contractions, "reaches_only_through", lambda *args: True)
+    assert _relative_error(fisher_diag(model, params, batch, loss), slow) > 1e-3
+
+
+def test_the_edge_count_sees_a_use_outside_the_call():
+    torch.manual_seed(0)
+    model = ReusedNormWeight().double()
+    leaf = model.norm.weight.detach().requires_grad_(True)
+    calls = []
+    start = module_grads.sequence_now()
+    with torch.enable_grad():
+        h = torch.nn.functional.layer_norm(torch.randn(2, 8, dtype=torch.float64), (8,), leaf)
+        end = module_grads.sequence_now()
+        out = (h * leaf).sum()
+    calls.append(module_grads.ModuleCall(model.norm, {"weight": "w"}, h, h, start, end))
+    total = contractions._leaf_uses(out)[id(leaf)]
+    assert total == 2
+    assert not module_grads.reaches_only_through(leaf, calls, total)
+    assert module_grads.reaches_only_through(leaf, calls, 1)
+
+
+class NotVmappable(nn.Module):
+    """A norm-like module whose forward reads a Python number from the data (no vmap)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(8))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.weight / (1.0 + float(x.detach().abs().max()) * 0)
+
+
+def test_a_module_vmap_cannot_run_goes_one_by_one(monkeypatch):
+    torch.manual_seed(0)
+    model = TokenClassifier(None)
+    model.hidden = nn.Sequential(nn.Linear(8, 8), NotVmappable())
+    model = model.double().eval()
+    params = {k: p.detach() for k, p in model.named_parameters() if k.endswith("weight")}
+    ids = torch.randint(0, VOCAB, (4, 5), generator=torch.Generator().manual_seed(2))
+    batch = {"input_ids": ids, "labels": torch.tensor([0, 1, 2, 1])}
+    loss = nn.CrossEntropyLoss()
+    left = _left_one_by_one(monkeypatch)
+    fast = fisher_diag(model, params, batch, loss)
+    assert left == [{"hidden.1.weight"}]
+    slow = fisher_diag(model, params, batch, loss, fast=False)
+    assert _relative_error(fast, slow) < 1e-12

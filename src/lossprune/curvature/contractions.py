@@ -42,6 +42,13 @@ from .._common.batches import ModelInputs
 from .._common.functional import FunctionalModel
 from .layers import LayerRule, fast_paths_allowed, parameter_uses, rule_for
 from .layout import proven_layers
+from .module_grads import (
+    ModuleCall,
+    holders_of,
+    reaches_only_through,
+    sequence_now,
+    squared_module_grads,
+)
 
 __all__ = ["LayerDiagonal", "layer_ggn_diag"]
 
@@ -152,9 +159,13 @@ def layer_ggn_diag(
     keyword = isinstance(inputs, ModelInputs)
     assert examples is not None or not keyword, "keyword inputs need the number of examples"
     rules = _candidates(model, params, inputs, keyword=True)
-    if not rules or (keyword and _coupled(model, inputs)):
+    holders: dict[str, dict[str, str]] = {}
+    if keyword and fast_paths_allowed(model):
+        holders = {n: h for n, h in holders_of(model, params).items() if n not in rules}
+    if not (rules or holders) or (keyword and _coupled(model, inputs)):
         return LayerDiagonal(None, {})
     records: dict[str, list[tuple[Tensor, Tensor, int, int]]] = {name: [] for name in rules}
+    calls: dict[str, list[_Call]] = {name: [] for name in holders}
 
     def recorder(name: str):
         def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
@@ -163,7 +174,23 @@ def layer_ggn_diag(
 
         return hook
 
+    def opener(name: str):
+        def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            calls[name].append(_Call(args, kwargs, sequence_now()))
+
+        return pre_hook
+
+    def closer(name: str):
+        def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+            calls[name][-1] = calls[name][-1]._replace(output=output, end=sequence_now())
+
+        return hook
+
     handles = [rule.module.register_forward_hook(recorder(n)) for n, rule in rules.items()]
+    for name in holders:
+        module = model.get_submodule(name)
+        handles.append(module.register_forward_pre_hook(opener(name), with_kwargs=True))
+        handles.append(module.register_forward_hook(closer(name), with_kwargs=True))
     leaves = {k: v.detach().requires_grad_(True) for k, v in params.items()}
     try:
         with torch.enable_grad():
@@ -174,6 +201,7 @@ def layer_ggn_diag(
     if not isinstance(outputs, Tensor):
         return LayerDiagonal(outputs, {})
     uses = _leaf_uses(outputs)
+    generic = _generic_calls(model, holders, calls, leaves, uses, examples, len(outputs))
     covered: list[tuple[str, LayerRule, Tensor, Tensor]] = []
     for name, rule in rules.items():
         if len(records[name]) != 1:
@@ -187,12 +215,13 @@ def layer_ggn_diag(
             continue
         covered.append((name, rule, a.detach(), z))
     detached = outputs.detach()
-    if keyword and covered and examples is not None and examples > 1:
+    if keyword and (covered or generic) and examples is not None and examples > 1:
         layer_inputs = {name: (rule.module, a) for name, rule, a, _ in covered}
+        layer_inputs.update({name: (call.module, call.a) for name, call in generic.items()})
         if not _alone_matches(model, params, inputs, examples, detached, layer_inputs):
             _COUPLED.setdefault(model, set()).add(_signature(inputs))
-            covered = []
-    if not covered:
+            covered, generic = [], {}
+    if not (covered or generic):
         return LayerDiagonal(detached, {})
     cotangents = cotangents_of(detached)  # (N, O, R)
     if cotangents is None:
@@ -209,14 +238,94 @@ def layer_ggn_diag(
             k: (torch.zeros_like(v) if g is None else g.detach())
             for (k, v), g in zip(leaves.items(), raw, strict=True)
         }
-    deltas = _batched_output_grads(
-        outputs, [z for *_, z in covered], cotangents, elements or _COLUMN_ELEMENTS
-    )
+    zs = [z for *_, z in covered] + [call.z for call in generic.values()]
+    deltas = _batched_output_grads(outputs, zs, cotangents, elements or _COLUMN_ELEMENTS)
     sums: Params = {}
-    for (_, rule, a, _), delta in zip(covered, deltas, strict=True):
+    for (_, rule, a, _), delta in zip(covered, deltas[: len(covered)], strict=True):
         local = rule.squared_contraction(a, delta.detach(), list(rule.names), elements)
         sums.update({rule.names[k]: v for k, v in local.items()})
+    if generic:
+        sums.update(_generic_sums(list(generic.values()), deltas[len(covered) :], elements))
     return LayerDiagonal(detached, sums, loss, grad)
+
+
+def _generic_sums(calls: list[ModuleCall], deltas: list[Tensor], elements: int | None) -> Params:
+    """:func:`~.module_grads.squared_module_grads` per group of calls sharing a parameter.
+
+    A group with a module that ``vmap`` cannot run over examples is left out (its parameters
+    go one example at a time); the other groups keep their sums.
+    """
+    pairs = [(c._replace(z=c.z.detach()), d.detach()) for c, d in zip(calls, deltas, strict=True)]
+    groups: list[list[tuple[ModuleCall, Tensor]]] = []
+    for pair in pairs:
+        names = set(pair[0].names.values())
+        joined = [g for g in groups if names & {q for c, _ in g for q in c.names.values()}]
+        merged = [pair] + [p for g in joined for p in g]
+        groups = [g for g in groups if not any(g is j for j in joined)] + [merged]
+    sums: Params = {}
+    for group in groups:
+        try:
+            sums.update(
+                squared_module_grads([c for c, _ in group], [d for _, d in group], elements)
+            )
+        except RuntimeError:
+            continue
+    return sums
+
+
+class _Call(NamedTuple):
+    """One call of a module without a closed-form rule, as its hooks saw it."""
+
+    args: tuple
+    kwargs: dict
+    start: int
+    output: Any = None
+    end: int = -1
+
+
+def _generic_calls(
+    model: nn.Module,
+    holders: dict[str, dict[str, str]],
+    calls: dict[str, list[_Call]],
+    leaves: Params,
+    uses: dict[int, int],
+    examples: int | None,
+    outputs: int,
+) -> dict[str, ModuleCall]:
+    """The modules whose parameters :func:`~.module_grads.squared_module_grads` may compute.
+
+    A module's call qualifies when it was called once, on one positional tensor with the
+    batch's examples in dim 0, returning one tensor (likewise) that is part of the graph; a
+    parameter is kept when every module holding it qualifies and it reaches the loss through
+    those calls only (:func:`~.module_grads.reaches_only_through`).
+    """
+    usable: dict[str, ModuleCall] = {}
+    for name, seen in calls.items():
+        if len(seen) != 1 or seen[0].kwargs or len(seen[0].args) != 1:
+            continue
+        a, z = seen[0].args[0], seen[0].output
+        if not (isinstance(a, Tensor) and isinstance(z, Tensor) and z.requires_grad):
+            continue
+        if a.dim() == 0 or z.dim() == 0 or not len(a) == len(z) == examples == outputs:
+            continue
+        module = model.get_submodule(name)
+        usable[name] = ModuleCall(module, holders[name], a.detach(), z, seen[0].start,
+                                  seen[0].end)  # fmt: skip
+    held: dict[str, list[str]] = {}
+    for name, names in holders.items():
+        for q in names.values():
+            held.setdefault(q, []).append(name)
+    kept = {
+        q for q, names in held.items()
+        if all(n in usable for n in names)
+        and reaches_only_through(leaves[q], [usable[n] for n in names], uses.get(id(leaves[q]), 0))
+    }  # fmt: skip
+    result: dict[str, ModuleCall] = {}
+    for name, call in usable.items():
+        names = {local: q for local, q in call.names.items() if q in kept}
+        if names:
+            result[name] = call._replace(names=names)
+    return result
 
 
 # model -> signatures of keyword batches on which an example alone did not match its rows: the
