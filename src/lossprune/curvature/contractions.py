@@ -24,7 +24,10 @@ its input and output are not modified in place afterwards, and its input rows ar
   statistics, capacity-limited expert routing that drops the last tokens of a batch, a
   sequence-first layout), at the cost of one example's forward pass without a graph.
 
-Every other parameter is left to the caller's generic per-example path.
+With keyword inputs, modules without a rule that own a differentiated parameter (norms,
+embedding tables, heads tied to them) are recorded in the same pass and get their squared
+per-example gradients from :mod:`.module_grads`. Every other parameter is left to the caller's
+generic per-example path.
 """
 
 from __future__ import annotations

@@ -16,9 +16,10 @@ For one tensor of inputs, the fast path takes the layers of :mod:`.contractions`
 through the generic per-example ``vmap`` path, which is also the slow twin of the tests
 (``fast=False``). A model called with keyword inputs (a Hugging Face model: ``vmap`` cannot run
 it over its examples) takes the same layer contractions from ONE batched pass that also gives
-the loss and the gradient, once the batch shows its examples uncoupled (:mod:`.contractions`);
-its other parameters, and every parameter of a batch that fails that check, go one example at a
-time with the loss and gradient fused into the same pass (:mod:`.per_example`, the slow twin).
+the loss and the gradient, once the batch shows its examples uncoupled (:mod:`.contractions`,
+with :mod:`.module_grads` for norms and embeddings); the parameters neither covers, and every
+parameter of a batch that fails that check, go one example at a time with the loss and gradient
+fused into the same pass (:mod:`.per_example`, the slow twin).
 Memory: ``chunk_size`` (:mod:`.statistics`).
 """
 
@@ -348,10 +349,11 @@ def _keyword_layers_pass(
 
     The layers :func:`~.contractions.layer_ggn_diag` covers (checked on the batch: an example
     run alone matches its rows) get their squared sums from one batched forward pass, the
-    gradient's backward pass and one batched backward pass of the cotangent columns; the other
-    parameters go one example at a time (:mod:`.per_example`) with the SAME columns. ``None``
-    when no layer is covered, or when the exact columns would not fit in memory (a language
-    model's ``(N, T·V, T·V)``): the caller's one-example-at-a-time path computes everything.
+    gradient's backward pass and one batched backward pass of the cotangent columns; the
+    parameters it leaves go one example at a time (:mod:`.per_example`) with the SAME columns.
+    ``None`` when no layer is covered, or when the exact columns would not fit in memory (a
+    language model's ``(N, T·V, T·V)``): the caller's one-example-at-a-time path computes
+    everything.
     """
     inputs, targets = batch
     drawn: list[Tensor] = []
