@@ -413,3 +413,32 @@ def test_a_module_vmap_cannot_run_goes_one_by_one(monkeypatch):
     assert left == [{"hidden.1.weight"}]
     slow = fisher_diag(model, params, batch, loss, fast=False)
     assert _relative_error(fast, slow) < 1e-12
+
+
+class NormOutputScaledInPlace(nn.Module):
+    """A LayerNorm whose output is changed in place after its call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, 8)
+        self.norm = nn.LayerNorm(8)
+        self.out = nn.Linear(8, 3)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        h = self.norm(self.embed(input_ids))
+        h.mul_(2.0)
+        return self.out(h).mean(1)
+
+
+def test_a_module_output_modified_in_place_goes_one_by_one(monkeypatch):
+    torch.manual_seed(0)
+    model = NormOutputScaledInPlace().double().eval()
+    params = {k: p.detach() for k, p in model.named_parameters()}
+    ids = torch.randint(0, VOCAB, (4, 5), generator=torch.Generator().manual_seed(2))
+    batch = {"input_ids": ids, "labels": torch.tensor([0, 1, 2, 1])}
+    loss = nn.CrossEntropyLoss()
+    left = _left_one_by_one(monkeypatch)
+    fast = fisher_diag(model, params, batch, loss)
+    assert left == [{"norm.weight", "norm.bias"}]
+    slow = fisher_diag(model, params, batch, loss, fast=False)
+    assert _relative_error(fast, slow) < 1e-12

@@ -185,7 +185,12 @@ def layer_ggn_diag(
 
     def closer(name: str):
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-            calls[name][-1] = calls[name][-1]._replace(output=output, end=sequence_now())
+            versions = tuple(
+                t._version for t in (*args, output) if isinstance(t, Tensor)
+            )  # checked after the forward pass: an input or output modified in place is refused
+            calls[name][-1] = calls[name][-1]._replace(
+                output=output, end=sequence_now(), versions=versions
+            )
 
         return hook
 
@@ -284,6 +289,7 @@ class _Call(NamedTuple):
     start: int
     output: Any = None
     end: int = -1
+    versions: tuple = ()
 
 
 def _generic_calls(
@@ -308,6 +314,8 @@ def _generic_calls(
             continue
         a, z = seen[0].args[0], seen[0].output
         if not (isinstance(a, Tensor) and isinstance(z, Tensor) and z.requires_grad):
+            continue
+        if (a._version, z._version) != seen[0].versions:
             continue
         if a.dim() == 0 or z.dim() == 0 or not len(a) == len(z) == examples == outputs:
             continue
