@@ -338,23 +338,32 @@ def _left_one_by_one(monkeypatch) -> list[set]:
     return left
 
 
-class ReusedNormWeight(nn.Module):
-    """A LayerNorm whose weight is also used outside the LayerNorm's call."""
+class NormMisuse(nn.Module):
+    """A LayerNorm used in a way its own call does not show.
 
-    def __init__(self) -> None:
+    * ``"weight_reused"``: its weight also multiplies the hidden states outside its call;
+    * ``"output_in_place"``: its output is scaled in place after its call.
+    """
+
+    def __init__(self, misuse: str) -> None:
         super().__init__()
+        self.misuse = misuse
         self.embed = nn.Embedding(VOCAB, 8)
         self.norm = nn.LayerNorm(8)
         self.out = nn.Linear(8, 3)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         h = self.norm(self.embed(input_ids))
-        return self.out(h * self.norm.weight).mean(1)
+        if self.misuse == "weight_reused":
+            h = h * self.norm.weight
+        else:
+            h.mul_(2.0)
+        return self.out(h).mean(1)
 
 
 def test_a_parameter_used_outside_its_module_goes_one_by_one(monkeypatch):
     torch.manual_seed(0)
-    model = ReusedNormWeight().double().eval()
+    model = NormMisuse("weight_reused").double().eval()
     with torch.no_grad():
         model.norm.weight.normal_()
     params = {k: p.detach() for k, p in model.named_parameters()}
@@ -373,7 +382,7 @@ def test_a_parameter_used_outside_its_module_goes_one_by_one(monkeypatch):
 
 def test_the_edge_count_sees_a_use_outside_the_call():
     torch.manual_seed(0)
-    model = ReusedNormWeight().double()
+    model = NormMisuse("weight_reused").double()
     leaf = model.norm.weight.detach().requires_grad_(True)
     calls = []
     start = module_grads.sequence_now()
@@ -415,24 +424,9 @@ def test_a_module_vmap_cannot_run_goes_one_by_one(monkeypatch):
     assert _relative_error(fast, slow) < 1e-12
 
 
-class NormOutputScaledInPlace(nn.Module):
-    """A LayerNorm whose output is changed in place after its call."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.embed = nn.Embedding(VOCAB, 8)
-        self.norm = nn.LayerNorm(8)
-        self.out = nn.Linear(8, 3)
-
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        h = self.norm(self.embed(input_ids))
-        h.mul_(2.0)
-        return self.out(h).mean(1)
-
-
 def test_a_module_output_modified_in_place_goes_one_by_one(monkeypatch):
     torch.manual_seed(0)
-    model = NormOutputScaledInPlace().double().eval()
+    model = NormMisuse("output_in_place").double().eval()
     params = {k: p.detach() for k, p in model.named_parameters()}
     ids = torch.randint(0, VOCAB, (4, 5), generator=torch.Generator().manual_seed(2))
     batch = {"input_ids": ids, "labels": torch.tensor([0, 1, 2, 1])}
