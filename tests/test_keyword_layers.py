@@ -125,13 +125,18 @@ class TokenClassifier(nn.Module):
         return self.out(h).mean(1)  # (N, 3)
 
 
+def _token_batch() -> dict:
+    """Four examples of five tokens and a class label each, for the small classifiers here."""
+    ids = torch.randint(0, VOCAB, (4, 5), generator=torch.Generator().manual_seed(2))
+    return {"input_ids": ids, "labels": torch.tensor([0, 1, 2, 1])}
+
+
 @pytest.mark.parametrize("coupling", ["batch_mean", "capacity"])
 def test_coupled_examples_are_left_to_the_slow_twin(coupling, monkeypatch):
     torch.manual_seed(0)
     model = TokenClassifier(coupling).double().eval()
     params = {k: p.detach() for k, p in model.named_parameters() if k.endswith("weight")}
-    ids = torch.randint(0, VOCAB, (4, 5), generator=torch.Generator().manual_seed(2))
-    batch = {"input_ids": ids, "labels": torch.tensor([0, 1, 2, 1])}
+    batch = _token_batch()
     loss = nn.CrossEntropyLoss()
     results = _spy(monkeypatch)
     fast = fisher_diag(model, params, batch, loss)
@@ -148,8 +153,7 @@ def test_independent_examples_of_the_same_model_take_the_batched_path(monkeypatc
     torch.manual_seed(0)
     model = TokenClassifier(None).double().eval()
     params = {k: p.detach() for k, p in model.named_parameters() if k.endswith("weight")}
-    ids = torch.randint(0, VOCAB, (4, 5), generator=torch.Generator().manual_seed(2))
-    batch = {"input_ids": ids, "labels": torch.tensor([0, 1, 2, 1])}
+    batch = _token_batch()
     results = _spy(monkeypatch)
     fast = fisher_diag(model, params, batch, nn.CrossEntropyLoss())
     assert results[0] is not None and set(results[0].diagonal) == set(params)
@@ -162,8 +166,7 @@ def test_a_coupled_shape_is_remembered(monkeypatch):
     torch.manual_seed(0)
     model = TokenClassifier("batch_mean").double().eval()
     params = {k: p.detach() for k, p in model.named_parameters() if k.endswith("weight")}
-    ids = torch.randint(0, VOCAB, (4, 5))
-    batch = {"input_ids": ids, "labels": torch.tensor([0, 1, 2, 1])}
+    batch = _token_batch()
     checks = []
     original = contractions._alone_matches
     monkeypatch.setattr(
@@ -367,8 +370,7 @@ def test_a_parameter_used_outside_its_module_goes_one_by_one(monkeypatch):
     with torch.no_grad():
         model.norm.weight.normal_()
     params = {k: p.detach() for k, p in model.named_parameters()}
-    ids = torch.randint(0, VOCAB, (4, 5), generator=torch.Generator().manual_seed(2))
-    batch = {"input_ids": ids, "labels": torch.tensor([0, 1, 2, 1])}
+    batch = _token_batch()
     loss = nn.CrossEntropyLoss()
     left = _left_one_by_one(monkeypatch)
     fast = fisher_diag(model, params, batch, loss)
@@ -391,7 +393,7 @@ def test_the_edge_count_sees_a_use_outside_the_call():
         end = module_grads.sequence_now()
         out = (h * leaf).sum()
     calls.append(module_grads.ModuleCall(model.norm, {"weight": "w"}, h, h, start, end))
-    total = contractions._leaf_uses(out)[id(leaf)]
+    total = module_grads.leaf_edges(out.grad_fn)[id(leaf)]
     assert total == 2
     assert not module_grads.reaches_only_through(leaf, calls, total)
     assert module_grads.reaches_only_through(leaf, calls, 1)
@@ -414,8 +416,7 @@ def test_a_module_vmap_cannot_run_goes_one_by_one(monkeypatch):
     model.hidden = nn.Sequential(nn.Linear(8, 8), NotVmappable())
     model = model.double().eval()
     params = {k: p.detach() for k, p in model.named_parameters() if k.endswith("weight")}
-    ids = torch.randint(0, VOCAB, (4, 5), generator=torch.Generator().manual_seed(2))
-    batch = {"input_ids": ids, "labels": torch.tensor([0, 1, 2, 1])}
+    batch = _token_batch()
     loss = nn.CrossEntropyLoss()
     left = _left_one_by_one(monkeypatch)
     fast = fisher_diag(model, params, batch, loss)
@@ -428,8 +429,7 @@ def test_a_module_output_modified_in_place_goes_one_by_one(monkeypatch):
     torch.manual_seed(0)
     model = NormMisuse("output_in_place").double().eval()
     params = {k: p.detach() for k, p in model.named_parameters()}
-    ids = torch.randint(0, VOCAB, (4, 5), generator=torch.Generator().manual_seed(2))
-    batch = {"input_ids": ids, "labels": torch.tensor([0, 1, 2, 1])}
+    batch = _token_batch()
     loss = nn.CrossEntropyLoss()
     left = _left_one_by_one(monkeypatch)
     fast = fisher_diag(model, params, batch, loss)

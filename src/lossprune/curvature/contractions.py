@@ -48,6 +48,7 @@ from .layout import proven_layers
 from .module_grads import (
     ModuleCall,
     holders_of,
+    leaf_edges,
     reaches_only_through,
     sequence_now,
     squared_module_grads,
@@ -113,26 +114,6 @@ def covered_parameters(model: nn.Module, params: Mapping[str, Tensor], inputs: A
     return {q for rule in rules.values() for q in rule.names.values()}
 
 
-def _leaf_uses(root: Tensor) -> dict[int, int]:
-    """How many graph edges point at each leaf tensor (by ``id``), from ``root`` backwards."""
-    uses: dict[int, int] = {}
-    if root.grad_fn is None:
-        return uses
-    stack, seen = [root.grad_fn], {root.grad_fn}
-    while stack:
-        node = stack.pop()
-        for child, _ in node.next_functions:
-            if child is None:
-                continue
-            variable = getattr(child, "variable", None)
-            if variable is not None:
-                uses[id(variable)] = uses.get(id(variable), 0) + 1
-            elif child not in seen:
-                seen.add(child)
-                stack.append(child)
-    return uses
-
-
 def layer_ggn_diag(
     model: nn.Module,
     params: Mapping[str, Tensor],
@@ -167,15 +148,7 @@ def layer_ggn_diag(
         holders = {n: h for n, h in holders_of(model, params).items() if n not in rules}
     if not (rules or holders) or (keyword and _coupled(model, inputs)):
         return LayerDiagonal(None, {})
-    records: dict[str, list[tuple[Tensor, Tensor, int, int]]] = {name: [] for name in rules}
-    calls: dict[str, list[_Call]] = {name: [] for name in holders}
-
-    def recorder(name: str):
-        def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
-            a = args[0]
-            records[name].append((a, output, a._version, output._version))
-
-        return hook
+    calls: dict[str, list[_Call]] = {name: [] for name in (*rules, *holders)}
 
     def opener(name: str):
         def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -194,9 +167,9 @@ def layer_ggn_diag(
 
         return hook
 
-    handles = [rule.module.register_forward_hook(recorder(n)) for n, rule in rules.items()]
-    for name in holders:
-        module = model.get_submodule(name)
+    handles = []
+    for name in calls:
+        module = rules[name].module if name in rules else model.get_submodule(name)
         handles.append(module.register_forward_pre_hook(opener(name), with_kwargs=True))
         handles.append(module.register_forward_hook(closer(name), with_kwargs=True))
     leaves = {k: v.detach().requires_grad_(True) for k, v in params.items()}
@@ -208,19 +181,15 @@ def layer_ggn_diag(
             handle.remove()
     if not isinstance(outputs, Tensor):
         return LayerDiagonal(outputs, {})
-    uses = _leaf_uses(outputs)
-    generic = _generic_calls(model, holders, calls, leaves, uses, examples, len(outputs))
+    uses = leaf_edges(outputs.grad_fn)
+    rows = examples if keyword else None
+    generic = _generic_calls(model, holders, calls, leaves, uses, rows, len(outputs))
     covered: list[tuple[str, LayerRule, Tensor, Tensor]] = []
     for name, rule in rules.items():
-        if len(records[name]) != 1:
+        call = _one_tensor_call(calls[name], rows, len(outputs))
+        if call is None or any(uses.get(id(leaves[q]), 0) != 1 for q in rule.names.values()):
             continue
-        a, z, a_version, z_version = records[name][0]
-        if a._version != a_version or z._version != z_version or not z.requires_grad:
-            continue
-        if any(uses.get(id(leaves[q]), 0) != 1 for q in rule.names.values()):
-            continue
-        if keyword and not (len(a) == examples and len(z) == examples == len(outputs)):
-            continue
+        a, z = call
         covered.append((name, rule, a.detach(), z))
     detached = outputs.detach()
     if keyword and (covered or generic) and examples is not None and examples > 1:
@@ -282,7 +251,11 @@ def _generic_sums(calls: list[ModuleCall], deltas: list[Tensor], elements: int |
 
 
 class _Call(NamedTuple):
-    """One call of a module without a closed-form rule, as its hooks saw it."""
+    """One call of a recorded module, as its hooks saw it.
+
+    ``start``/``end``: the autograd sequence numbers before and after it
+    (:func:`~.module_grads.sequence_now`).
+    """
 
     args: tuple
     kwargs: dict
@@ -290,6 +263,29 @@ class _Call(NamedTuple):
     output: Any = None
     end: int = -1
     versions: tuple = ()
+
+
+def _one_tensor_call(
+    seen: list[_Call], examples: int | None, outputs: int
+) -> tuple[Tensor, Tensor] | None:
+    """``(input, output)`` of a module called once on one positional tensor, else ``None``.
+
+    The output is a tensor in the graph, and neither was modified in place afterwards; with
+    ``examples`` (keyword inputs), both have the batch's examples in dim 0, as many as the
+    model's outputs.
+    """
+    if len(seen) != 1 or seen[0].kwargs or len(seen[0].args) != 1:
+        return None
+    a, z = seen[0].args[0], seen[0].output
+    if not (isinstance(a, Tensor) and isinstance(z, Tensor) and z.requires_grad):
+        return None
+    if (a._version, z._version) != seen[0].versions:
+        return None
+    if examples is not None and (
+        a.dim() == 0 or z.dim() == 0 or not len(a) == len(z) == examples == outputs
+    ):
+        return None
+    return a, z
 
 
 def _generic_calls(
@@ -309,19 +305,13 @@ def _generic_calls(
     those calls only (:func:`~.module_grads.reaches_only_through`).
     """
     usable: dict[str, ModuleCall] = {}
-    for name, seen in calls.items():
-        if len(seen) != 1 or seen[0].kwargs or len(seen[0].args) != 1:
-            continue
-        a, z = seen[0].args[0], seen[0].output
-        if not (isinstance(a, Tensor) and isinstance(z, Tensor) and z.requires_grad):
-            continue
-        if (a._version, z._version) != seen[0].versions:
-            continue
-        if a.dim() == 0 or z.dim() == 0 or not len(a) == len(z) == examples == outputs:
-            continue
-        module = model.get_submodule(name)
-        usable[name] = ModuleCall(module, holders[name], a.detach(), z, seen[0].start,
-                                  seen[0].end)  # fmt: skip
+    for name in holders:
+        found = _one_tensor_call(calls[name], examples, outputs)
+        if found is not None:
+            a, z = found
+            module = model.get_submodule(name)
+            usable[name] = ModuleCall(module, holders[name], a.detach(), z, calls[name][0].start,
+                                      calls[name][0].end)  # fmt: skip
     held: dict[str, list[str]] = {}
     for name, names in holders.items():
         for q in names.values():

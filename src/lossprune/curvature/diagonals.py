@@ -291,10 +291,7 @@ def diagonal_pass(
         return DiagonalPass(fused.loss, fused.grad, fused.squares)
 
     def cotangents_of(outputs: Any) -> Tensor:
-        space = output_curvature(loss_fn, outputs, targets)
-        if samples == 0:
-            return space.sqrt_columns()
-        return space.sample_columns(samples, generator)
+        return _columns(loss_fn, outputs, targets, samples, generator)
 
     total: Params = {}
     cotangents = loss = grad = None
@@ -305,9 +302,8 @@ def diagonal_pass(
             drawn.append(cotangents_of(outputs))
             return drawn[0]
 
-        budget = None if chunk_size is None else chunk_size * _size(params)
         layers = layer_ggn_diag(
-            model, params, inputs, remember, budget,
+            model, params, inputs, remember, _elements(params, chunk_size),
             loss_of=(lambda outputs: loss_fn(outputs, targets)) if with_gradient else None,
         )  # fmt: skip
         total, loss, grad = dict(layers.sums), layers.loss, layers.grad
@@ -361,14 +357,11 @@ def _keyword_layers_pass(
     def remember(outputs: Tensor) -> Tensor | None:
         if samples == 0 and not _dense_columns_fit(outputs):
             return None  # never formed: the slow path builds them block by block
-        space = output_curvature(loss_fn, outputs, targets)
-        drawn.append(space.sqrt_columns() if samples == 0 else space.sample_columns(
-            samples, generator))  # fmt: skip
+        drawn.append(_columns(loss_fn, outputs, targets, samples, generator))
         return drawn[0]
 
-    budget = None if chunk_size is None else chunk_size * _size(params)
     layers = layer_ggn_diag(
-        model, params, inputs, remember, budget, examples=len(targets),
+        model, params, inputs, remember, _elements(params, chunk_size), examples=len(targets),
         loss_of=(lambda outputs: loss_fn(outputs, targets)) if with_gradient else None,
     )  # fmt: skip
     if not layers.sums:
@@ -423,8 +416,17 @@ def hutchinson(
     return CurvatureProducts(loss, grads, {k: (z[k] * hz[k]).mean(0) for k in params})
 
 
-def _size(params: Mapping[str, Tensor]) -> int:
-    return sum(p.numel() for p in params.values())
+def _columns(
+    loss_fn: LossFn, outputs: Any, targets: Tensor, samples: int, generator: torch.Generator | None
+) -> Tensor:
+    """The exact square-root (``samples == 0``) or sampled output columns ``(N, O, R)``."""
+    space = output_curvature(loss_fn, outputs, targets)
+    return space.sqrt_columns() if samples == 0 else space.sample_columns(samples, generator)
+
+
+def _elements(params: Mapping[str, Tensor], chunk_size: int | None) -> int | None:
+    """The layer contractions' memory bound: ``chunk_size`` parameter-sized copies."""
+    return None if chunk_size is None else chunk_size * sum(p.numel() for p in params.values())
 
 
 def _dense_columns_fit(outputs: Any) -> bool:

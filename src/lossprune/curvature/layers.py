@@ -212,19 +212,26 @@ class LinearRule(LayerRule):
         return rda, products
 
     def squared_contraction(self, a, delta, local, elements=None):
-        out: Params = {}
-        if a.dim() == 2:
-            # The square of an outer product is the outer product of the squares: one matmul.
-            squares = (delta * delta).sum(0)  # (N, out): the columns summed first
-            if "weight" in local:
-                out["weight"] = squares.T @ (a * a)
-            if "bias" in local:
-                out["bias"] = squares.sum(0)
-            return out
-        # (N, T, in) inputs: a per-example gradient sums over positions before it is squared.
-        unfolded = a.reshape(a.shape[0], -1, a.shape[-1]).transpose(1, 2)  # (N, in, T)
-        delta = delta.reshape(*delta.shape[:2], -1, delta.shape[-1]).transpose(2, 3)  # (R,N,out,T)
-        return _positions_contraction(unfolded, delta, 1, local, self.module.weight.shape, elements)
+        return _linear_contraction(a, delta, local, self.module.weight.shape, elements)
+
+
+def _linear_contraction(
+    a: Tensor, delta: Tensor, local: list[str], weight_shape: torch.Size, elements: int | None
+) -> Params:
+    """The squared contraction of :math:`z = Wa + b`, ``W`` of ``weight_shape`` ``(out, in)``."""
+    out: Params = {}
+    if a.dim() == 2:
+        # The square of an outer product is the outer product of the squares: one matmul.
+        squares = (delta * delta).sum(0)  # (N, out): the columns summed first
+        if "weight" in local:
+            out["weight"] = squares.T @ (a * a)
+        if "bias" in local:
+            out["bias"] = squares.sum(0)
+        return out
+    # (N, T, in) inputs: a per-example gradient sums over positions before it is squared.
+    unfolded = a.reshape(a.shape[0], -1, a.shape[-1]).transpose(1, 2)  # (N, in, T)
+    delta = delta.reshape(*delta.shape[:2], -1, delta.shape[-1]).transpose(2, 3)  # (R,N,out,T)
+    return _positions_contraction(unfolded, delta, 1, local, weight_shape, elements)
 
 
 class HFConv1DRule(LayerRule):
@@ -244,13 +251,8 @@ class HFConv1DRule(LayerRule):
         raise NotAChain
 
     def squared_contraction(self, a, delta, local, elements=None):
-        # Positions in dim 1 (one position per example for a 2-D input), as for a Linear map.
-        unfolded = a.reshape(a.shape[0], -1, a.shape[-1]).transpose(1, 2)  # (N, in, T)
-        delta = delta.reshape(*delta.shape[:2], -1, delta.shape[-1]).transpose(2, 3)  # (R,N,out,T)
         fan_in, fan_out = self.module.weight.shape
-        out = _positions_contraction(
-            unfolded, delta, 1, local, torch.Size((fan_out, fan_in)), elements
-        )
+        out = _linear_contraction(a, delta, local, torch.Size((fan_out, fan_in)), elements)
         if "weight" in out:
             out["weight"] = out["weight"].T.contiguous()  # stored (in, out)
         return out

@@ -19,8 +19,8 @@ that call's output (node creation order, ``Node._sequence_nr``, marks what a cal
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
-from typing import NamedTuple
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -29,6 +29,7 @@ from torch.func import functional_call, vjp, vmap
 __all__ = [
     "ModuleCall",
     "holders_of",
+    "leaf_edges",
     "reaches_only_through",
     "sequence_now",
     "squared_module_grads",
@@ -85,6 +86,29 @@ def holders_of(model: nn.Module, params: Mapping[str, Tensor]) -> dict[str, dict
     return found
 
 
+def leaf_edges(root: Any, inside: Callable[[Any], bool] | None = None) -> dict[int, int]:
+    """How many graph edges point at each leaf tensor (by ``id``), from node ``root`` back.
+
+    ``inside``: which nodes the walk may pass through (default: all); a ``None`` root has none.
+    """
+    edges: dict[int, int] = {}
+    if root is None:
+        return edges
+    stack, seen = [root], {root}
+    while stack:
+        node = stack.pop()
+        for child, _ in node.next_functions:
+            if child is None:
+                continue
+            variable = getattr(child, "variable", None)
+            if variable is not None:
+                edges[id(variable)] = edges.get(id(variable), 0) + 1
+            elif child not in seen and (inside is None or inside(child)):
+                seen.add(child)
+                stack.append(child)
+    return edges
+
+
 def reaches_only_through(leaf: Tensor, calls: Iterable[ModuleCall], total_edges: int) -> bool:
     """Whether every one of the ``total_edges`` graph edges to ``leaf`` lies inside ``calls``.
 
@@ -94,24 +118,13 @@ def reaches_only_through(leaf: Tensor, calls: Iterable[ModuleCall], total_edges:
     """
     inside = 0
     for call in calls:
-        root = call.z.grad_fn
-        if root is None:
+        if call.z.grad_fn is None:
             return False
-        stack, seen = [root], {root}
-        while stack:
-            node = stack.pop()
-            for child, _ in node.next_functions:
-                if child is None:
-                    continue
-                if getattr(child, "variable", None) is leaf:
-                    inside += 1
-                elif (
-                    child not in seen
-                    and not hasattr(child, "variable")
-                    and call.start < child._sequence_nr() < call.end
-                ):
-                    seen.add(child)
-                    stack.append(child)
+
+        def created_by_call(node: Any, call: ModuleCall = call) -> bool:
+            return call.start < node._sequence_nr() < call.end
+
+        inside += leaf_edges(call.z.grad_fn, created_by_call).get(id(leaf), 0)
     return inside == total_edges
 
 
@@ -132,8 +145,8 @@ def squared_module_grads(
     """
     examples = len(calls[0].a)
     columns = deltas[0].shape[0]
-    sizes = {q: p.numel() for call in calls for q, p in _own(call).items()}
-    per_example = columns * sum(sizes.values())
+    sizes = {call.names[local]: p.numel() for call in calls for local, p in _own(call).items()}
+    per_example = columns * sum(sizes.values())  # a tied parameter counted once
     step = max(1, (elements or _ELEMENTS) // max(1, per_example))
     totals: Params = {}
     for start in range(0, examples, step):
@@ -151,14 +164,14 @@ def squared_module_grads(
 
 
 def _own(call: ModuleCall) -> Params:
+    """The call's differentiated parameters of its module, by local name."""
     own = dict(call.module.named_parameters(recurse=False))
-    return {q: own[local].detach() for local, q in call.names.items()}
+    return {local: own[local].detach() for local in call.names}
 
 
 def _per_example(call: ModuleCall, a: Tensor, delta: Tensor) -> Params:
     """``{local name: (n, R, *param.shape)}``: each example's pull-back of each column."""
-    own = dict(call.module.named_parameters(recurse=False))
-    params = {local: own[local].detach() for local in call.names}
+    params = _own(call)
 
     def one_example(x: Tensor, columns: Tensor) -> Params:
         def output(p: Params) -> Tensor:
