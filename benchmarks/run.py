@@ -184,7 +184,7 @@ def plain_grad(model, params, batch):
 
 
 def double_backward(model, params, batch, vectors):
-    """Reverse-over-reverse, the hand-written loop: k > 1 uses ``is_grads_batched``."""
+    """Reverse-over-reverse with ``is_grads_batched`` for k > 1 (vmap over the second backward)."""
     leaves = {k: v.clone().requires_grad_(True) for k, v in params.items()}
     out = torch.func.functional_call(model, leaves, (batch[0],))
     grads = torch.autograd.grad(CE(out, batch[1]), list(leaves.values()), create_graph=True)
@@ -195,6 +195,22 @@ def double_backward(model, params, batch, vectors):
         return {n: h.unsqueeze(0) for n, h in zip(leaves, hv, strict=True)}
     hv = torch.autograd.grad(grads, list(leaves.values()), v, is_grads_batched=True)
     return dict(zip(leaves, hv, strict=True))
+
+
+def double_backward_loop(model, params, batch, vectors):
+    """Reverse-over-reverse as most hand-written code does it: one backward per vector through
+    the retained gradient graph (no ``is_grads_batched``)."""
+    leaves = {k: v.clone().requires_grad_(True) for k, v in params.items()}
+    out = torch.func.functional_call(model, leaves, (batch[0],))
+    grads = torch.autograd.grad(CE(out, batch[1]), list(leaves.values()), create_graph=True)
+    k = next(iter(vectors.values())).shape[0]
+    columns = [
+        torch.autograd.grad(
+            grads, list(leaves.values()), [vectors[n][j] for n in leaves], retain_graph=j < k - 1
+        )
+        for j in range(k)
+    ]
+    return {n: torch.stack([c[i] for c in columns]) for i, n in enumerate(leaves)}
 
 
 def naive_fused(model, params, batch, vectors):
@@ -403,6 +419,8 @@ def build_call(bench, method, model, params, batch, vectors, chunk):
             return lambda: adapter_hvp(model, params, batch, vectors)
         if method == "double_backward":
             return lambda: double_backward(model, params, batch, vectors)
+        if method == "double_backward_loop":
+            return lambda: double_backward_loop(model, params, batch, vectors)
         return lambda: naive_fused(model, params, batch, vectors)
     if bench == "fisher_diag":
         fast = method == "lossprune"
@@ -485,7 +503,7 @@ def run(args) -> dict:
             return cuda_peak_mb(fn, device)
         if SMOKE or method in ("backpack", "curvlinops"):
             return None
-        if quick and method not in ("grad", "lossprune", "lossprune_adapter"):
+        if quick and method not in ("grad", "lossprune", "lossprune_adapter", "double_backward_loop"):
             return None
         return child_peak_mb(bench, model_name, method, k, chunk)
 
@@ -549,6 +567,8 @@ def bench_hvp(bench, k, model_name, model, params, batch, record, memory, timing
         "double_backward": lambda: double_backward(model, params, batch, vectors),
         "torch_func_naive": lambda: naive_fused(model, params, batch, vectors),
     }
+    if k > 1:  # for one vector it is double_backward
+        methods["double_backward_loop"] = lambda: double_backward_loop(model, params, batch, vectors)
     if hasattr(model, "lm"):
         methods["lossprune_adapter"] = lambda: adapter_hvp(model, params, batch, vectors)
     for name in [m for m in methods if m not in ("grad", "double_backward")]:
@@ -577,7 +597,7 @@ def bench_hvp(bench, k, model_name, model, params, batch, record, memory, timing
 
 
 def bench_memory(k, chunk, model_name, model, params, batch, record, memory, timing):
-    """Peak memory of k batched HVPs grows with ``chunk_size``, not with k."""
+    """Peak memory of k HVPs does not grow with k (on a GPU: with ``chunk_size``, not with k)."""
     vectors = random_vectors(params, k)
     peak = memory("hvp_memory", model_name, "lossprune", model, params, batch, vectors, k, chunk)
     seconds = timing(

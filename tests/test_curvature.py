@@ -109,8 +109,15 @@ def test_loss_and_grad(case, device):
 
 
 @case_params()
-@pytest.mark.parametrize("fast", [True, False])
-def test_hvp_matches_dense_hessian(case, device, fast):
+@pytest.mark.parametrize(
+    ("fast", "cpu_choice"), [(True, True), (True, False), (False, True)],
+    ids=["fast", "fast-as-on-a-gpu", "generic"],
+)  # fmt: skip
+def test_hvp_matches_dense_hessian(case, device, fast, cpu_choice, monkeypatch):
+    """``fast-as-on-a-gpu``: the batched algorithms a GPU takes for several vectors (the fused
+    chain, else forward-over-reverse), run here on the CPU, which takes reverse-over-reverse."""
+    if not cpu_choice:
+        monkeypatch.setattr(curvature_products, "_on_cpu", lambda params: False)
     model, params, batch, loss_fn = build(case, device)
     h = bf.dense_hessian(model, params, *batch, loss_fn)
     for k in (3, 1):
@@ -147,7 +154,8 @@ def test_fisher_diag_matches_per_class_loop(case, device):
 
 
 @pytest.mark.parametrize("name", ["mlp", "cnn", "residual"])
-def test_double_backward_twin_equals_fused(name):
+def test_double_backward_twin_equals_fused(name, monkeypatch):
+    monkeypatch.setattr(curvature_products, "_on_cpu", lambda params: False)  # as on a GPU
     model, params, batch = setup(name)
     vectors = random_vectors(params, k=3)
     fused = hvp(model, params, batch, CE, vectors)
@@ -187,7 +195,9 @@ class NoForwardAD(nn.Module):
         return self.fc2(torch.tanh(h) if self.plain else _NoForwardTanh.apply(h))
 
 
-def test_double_backward_fallback_when_forward_ad_missing():
+def test_double_backward_fallback_when_forward_ad_missing(monkeypatch):
+    # Several vectors take forward-over-reverse only off the CPU (choose_backend).
+    monkeypatch.setattr(curvature_products, "_on_cpu", lambda params: False)
     torch.manual_seed(0)
     model = NoForwardAD().to(DTYPE)
     params = {k: v.detach() for k, v in model.named_parameters()}
@@ -214,6 +224,20 @@ def test_chunk_size_gives_identical_results(name):
     assert_close(
         fisher_diag(model, params, batch, CE, chunk_size=1), fisher_diag(model, params, batch, CE)
     )
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn"])
+def test_several_hessian_vectors_take_reverse_over_reverse_on_the_cpu(name):
+    """Measured fastest and lightest on a CPU for any k (benchmarks/README.md); the chain
+    still takes GGN products, and several Hessian vectors off the CPU."""
+    model, params, _ = setup(name)
+    choose = curvature_products.choose_backend
+    Backend = curvature_products.Backend
+    assert choose(model, params, "hessian", 16, fast=True).backend is Backend.REVERSE_OVER_REVERSE
+    assert choose(model, params, "ggn", 16, fast=True).backend is Backend.CHAIN
+    meta = {k: v.to("meta") for k, v in params.items()}  # off the CPU
+    assert choose(model, meta, "hessian", 16, fast=True).backend is Backend.CHAIN
+    assert choose(model, meta, "hessian", 1, fast=True).backend is Backend.REVERSE_OVER_REVERSE
 
 
 def test_unknown_curvature_and_bad_vectors_raise():
