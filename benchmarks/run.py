@@ -503,7 +503,8 @@ def run(args) -> dict:
             return cuda_peak_mb(fn, device)
         if SMOKE or method in ("backpack", "curvlinops"):
             return None
-        if quick and method not in ("grad", "lossprune", "lossprune_adapter", "double_backward_loop"):
+        measured_when_quick = ("grad", "lossprune", "lossprune_adapter", "double_backward_loop")
+        if quick and method not in measured_when_quick:
             return None
         return child_peak_mb(bench, model_name, method, k, chunk)
 
@@ -568,7 +569,9 @@ def bench_hvp(bench, k, model_name, model, params, batch, record, memory, timing
         "torch_func_naive": lambda: naive_fused(model, params, batch, vectors),
     }
     if k > 1:  # for one vector it is double_backward
-        methods["double_backward_loop"] = lambda: double_backward_loop(model, params, batch, vectors)
+        methods["double_backward_loop"] = lambda: double_backward_loop(
+            model, params, batch, vectors
+        )
     if hasattr(model, "lm"):
         methods["lossprune_adapter"] = lambda: adapter_hvp(model, params, batch, vectors)
     for name in [m for m in methods if m not in ("grad", "double_backward")]:
