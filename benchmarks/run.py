@@ -240,6 +240,16 @@ def lossprune_hvp(model, params, batch, vectors, chunk_size=None):
     return curvature.hvp(model, params, batch, CE, vectors, chunk_size=chunk_size).products
 
 
+def prepared_hvp(model, params, batch, vectors):
+    """The public call with its batch checked once beforehand (``curvature.products.prepare``),
+    as a loop of products on one batch (Lanczos, conjugate gradients) does: the call without
+    the first-batch probe."""
+    view = hf_view(model, params, batch)
+    loss, ready = curvature.products.prepare(view.model, None, view.batch)
+    vectors = to_hf(vectors)
+    return lambda: from_hf(curvature.hvp(view.model, view.params, ready, loss, vectors).products)
+
+
 def adapter_hvp(model, params, batch, vectors):
     """lossprune through the tensor adapter (the interface the other methods need)."""
     return curvature.hvp(model, params, batch, CE, vectors).products
@@ -421,7 +431,11 @@ def build_call(bench, method, model, params, batch, vectors, chunk):
             return lambda: double_backward(model, params, batch, vectors)
         if method == "double_backward_loop":
             return lambda: double_backward_loop(model, params, batch, vectors)
-        return lambda: naive_fused(model, params, batch, vectors)
+        if method == "lossprune_prepared":
+            return prepared_hvp(model, params, batch, vectors)
+        if method == "torch_func_naive":
+            return lambda: naive_fused(model, params, batch, vectors)
+        raise ValueError(f"{bench}: no call for method {method!r}")
     if bench == "fisher_diag":
         fast = method == "lossprune"
         return lambda: curvature.fisher_diag(model, params, batch, CE, fast=fast)
@@ -574,6 +588,7 @@ def bench_hvp(bench, k, model_name, model, params, batch, record, memory, timing
         )
     if hasattr(model, "lm"):
         methods["lossprune_adapter"] = lambda: adapter_hvp(model, params, batch, vectors)
+        methods["lossprune_prepared"] = prepared_hvp(model, params, batch, vectors)
     for name in [m for m in methods if m not in ("grad", "double_backward")]:
         check(methods[name](), reference, f"{bench}/{model_name}/{name}")
     for label, fn in curvlinops_methods(model, params, batch, vectors).items():

@@ -16,6 +16,7 @@ restored when the call returns.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
@@ -154,12 +155,14 @@ class _RandomDraws(TorchDispatchMode):
 
     Every ATen operator that consumes random numbers carries ``torch.Tag.nondeterministic_seeded``
     (``bernoulli_`` behind every dropout, ``rand``, ``randn_like``, the fused attention kernels);
-    one told to draw nothing (``dropout_p=0``, ``train=False``) is not counted.
+    one told to draw nothing (``dropout_p=0``, ``train=False``) is not counted. The module is
+    found only when something drew (:meth:`_innermost_module`), so a pass that draws nothing pays
+    for the dispatch alone, not for hooks on every module.
     """
 
-    def __init__(self, where: Callable[[], str]) -> None:
+    def __init__(self, names: Mapping[int, str]) -> None:
         super().__init__()
-        self.where = where
+        self.names = names  # id(module) -> qualified name, for the model's modules
         self.draws: list[tuple[str, str]] = []
 
     def __torch_dispatch__(
@@ -167,8 +170,22 @@ class _RandomDraws(TorchDispatchMode):
     ) -> Any:
         kwargs = kwargs or {}
         if torch.Tag.nondeterministic_seeded in func.tags and _draws(func, args, kwargs):
-            self.draws.append((str(func), self.where()))
+            self.draws.append((str(func), "" if self.draws else self._innermost_module()))
         return func(*args, **kwargs)
+
+    def _innermost_module(self) -> str:
+        """The innermost of the model's modules with a method on the Python stack.
+
+        That is the module whose forward runs (or a helper its forward called): the ``self`` of
+        the innermost frame that has one of the model's modules as ``self``.
+        """
+        frame = sys._getframe(1)
+        while frame is not None:
+            owner = frame.f_locals.get("self")
+            if owner is not None and id(owner) in self.names:
+                return self.names[id(owner)]
+            frame = frame.f_back
+        return ""
 
 
 def _draws(func: Any, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> bool:
@@ -194,25 +211,9 @@ def no_random_draws(model: nn.Module) -> Iterator[None]:
     Raises:
         ValueError: naming the innermost module that drew, after the block.
     """
-    running: list[str] = []  # the modules whose forward is running, innermost last
-
-    def enter(name: str) -> Callable[..., None]:
-        return lambda *_: running.append(name)
-
-    def leave(*_: Any) -> None:  # returns None: the module's output is kept
-        running.pop()
-
-    handles = []
-    for name, module in model.named_modules():
-        handles.append(module.register_forward_pre_hook(enter(name)))
-        handles.append(module.register_forward_hook(leave, always_call=True))
-    recorder = _RandomDraws(lambda: running[-1] if running else "")
-    try:
-        with recorder:
-            yield
-    finally:
-        for handle in handles:
-            handle.remove()
+    recorder = _RandomDraws({id(module): name for name, module in model.named_modules()})
+    with recorder:
+        yield
     if recorder.draws:
         op, name = recorder.draws[0]
         where = f"module {name!r} ({type(model.get_submodule(name)).__name__})" if name else "it"

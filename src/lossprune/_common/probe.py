@@ -71,18 +71,22 @@ def probe_first_batch(
     probed = _rows(batch, rows)
     call = FunctionalModel(model, [])
     reference = None
-    with torch.no_grad(), no_random_draws(model):
-        outputs = call({}, probed.inputs)
-        if isinstance(outputs, Tensor) and len(outputs) != len(probed.targets):
-            # Examples not in dim 0 of the inputs (a sequence-first model whose sequences are as
-            # long as the batch): what was sliced were positions, so the whole batch is probed.
-            rows, probed = slice(0, batch_examples(batch)), batch
-            outputs = call({}, batch.inputs)
+    with torch.no_grad():
+        with no_random_draws(model):
+            outputs = call({}, probed.inputs)
+            if isinstance(outputs, Tensor) and len(outputs) != len(probed.targets):
+                # Examples not in dim 0 of the inputs (a sequence-first model whose sequences are
+                # as long as the batch): what was sliced were positions, so the whole batch is
+                # probed.
+                rows, probed = slice(0, batch_examples(batch)), batch
+                outputs = call({}, batch.inputs)
         if own is not None:
             # Before the model's loss reads them: every label's shape and range.
             own.check_targets(outputs, batch.targets, examples=batch_examples(batch))
+            # Outside the random-draw check: the pass the statistics differentiate is the one
+            # above; this one only gives the model's own loss (a draw here shows as a mismatch).
             reference = _models_own(model, call, raw, device, rows)
-    if own is not None and reference is not None:  # both passes drew no random number
+    if own is not None and reference is not None:
         _check_same_loss(model, own, outputs, probed, reference)
     return Probe(batch, outputs, probed.targets)
 
