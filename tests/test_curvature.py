@@ -21,6 +21,7 @@ from lossprune.curvature import (
     NonFiniteError,
     Statistic,
     compute_statistics,
+    contractions,
     fisher_diag,
     fisher_diag_mc,
     ggn_vp,
@@ -139,8 +140,15 @@ def test_ggn_vp_matches_dense_ggn(case, device, fast):
 
 
 @case_params()
-@pytest.mark.parametrize("fast", [True, False])
-def test_fisher_diag_is_the_dense_ggn_diagonal(case, device, fast):
+@pytest.mark.parametrize(
+    ("fast", "cpu_choice"), [(True, True), (True, False), (False, True)],
+    ids=["fast", "fast-as-on-a-gpu", "generic"],
+)  # fmt: skip
+def test_fisher_diag_is_the_dense_ggn_diagonal(case, device, fast, cpu_choice, monkeypatch):
+    """``fast-as-on-a-gpu``: the output columns go back as one vmapped backward pass, as on a
+    GPU (on the CPU: one backward pass per column)."""
+    if not cpu_choice:
+        monkeypatch.setattr(contractions, "_one_backward_per_column", lambda device: False)
     model, params, batch, loss_fn = build(case, device)
     expected = bf.diagonal(bf.dense_ggn(model, params, *batch, loss_fn), params)
     assert_close(fisher_diag(model, params, batch, loss_fn, fast=fast), expected)

@@ -5,9 +5,10 @@ For a layer :math:`z = W a + b` inside the model, the pull-back of an output cot
 for a convolution or a Linear applied to a sequence), with :math:`\delta = \partial
 (c^\top f)/\partial z`. The GGN diagonal of Dangel et al. (2020, "BackPACK: packing more into
 backprop", ICLR, DiagGGN) is therefore :math:`\sum_n \sum_r (\delta_{nr} a_n^\top)^{\odot 2}`,
-the squared contraction of the layer's rule (:mod:`.layers`). All ``R`` output cotangent
-columns are back-propagated as ONE batched backward pass (``is_grads_batched``) from the layer
-outputs captured by forward hooks; the weight gradients of that pass are never formed.
+the squared contraction of the layer's rule (:mod:`.layers`). The ``R`` output cotangent
+columns are back-propagated from the model's outputs to the layer outputs captured by forward
+hooks (one backward pass per column on a CPU, one batched pass on a GPU:
+:func:`_batched_output_grads`); the weight gradients of that pass are never formed.
 
 A layer is covered only when the result is the per-example definition: its rule is eligible
 (:func:`~.layers.rule_for`), no hook is registered anywhere in the model, it is called exactly
@@ -405,8 +406,11 @@ def _batched_output_grads(
 ) -> list[Tensor]:
     r""":math:`\partial (c_r^\top f)/\partial z` for every column ``r``: ``(R, *z.shape)``.
 
-    Columns go through the graph as one vmapped backward, in chunks bounding ``R' x |z|`` by
-    ``elements``.
+    Columns go through the graph in chunks bounding ``R' x |z|`` by ``elements``: on a CPU one
+    backward pass per column (measured faster than the vmapped backward: the exact Fisher of the
+    benchmark's CNN took 7.2-8.0 gradients against 8.8-9.3, the same on the MLP), elsewhere one
+    vmapped backward per chunk (``is_grads_batched``), column by column for an operation
+    without a batching rule.
     """
     columns = cotangents.shape[2]
     grad_outputs = cotangents.permute(2, 0, 1).reshape(columns, *outputs.shape)
@@ -416,13 +420,17 @@ def _batched_output_grads(
     for start in range(0, columns, step):
         chunk = grad_outputs[start : start + step]
         last = start + step >= columns
-        try:
-            grads = torch.autograd.grad(
-                outputs, zs, chunk, retain_graph=not last, is_grads_batched=True, allow_unused=True
-            )
-        except RuntimeError:
-            # An op without a batching rule for its backward: one column at a time (same sums).
+        if _one_backward_per_column(outputs.device):
             grads = _column_by_column(outputs, zs, chunk, retain_last=not last)
+        else:
+            try:
+                grads = torch.autograd.grad(
+                    outputs, zs, chunk, retain_graph=not last, is_grads_batched=True,
+                    allow_unused=True,
+                )  # fmt: skip
+            except RuntimeError:
+                # An op without a batching rule for its backward: one column at a time.
+                grads = _column_by_column(outputs, zs, chunk, retain_last=not last)
         full = [
             g if g is not None else z.new_zeros(len(chunk), *z.shape)
             for g, z in zip(grads, zs, strict=True)
@@ -433,6 +441,11 @@ def _batched_output_grads(
             delta[start : start + len(chunk)] = g
     assert deltas is not None
     return deltas
+
+
+def _one_backward_per_column(device: torch.device) -> bool:
+    """On a CPU (measured, :func:`_batched_output_grads`); a GPU takes the vmapped backward."""
+    return device.type == "cpu"
 
 
 def _column_by_column(outputs: Tensor, zs: list[Tensor], chunk: Tensor, retain_last: bool):
