@@ -9,12 +9,13 @@ or the CUDA allocator's peak, over the same for the forward+backward.
   vocabulary 8192), 8 sequences of 128 random tokens. Rows: ``lossprune.scores`` with
   ``QuadraticModel(lam=1e-3, curvature="fisher_mc", mc_samples=1)``, with the default
   ``QuadraticModel(lam=1e-3)`` (``curvature="auto"``, which samples one label per token here),
-  and one ``Pruner.step`` of the former (with and without its per-stage diagnostics).
+  and one ``Pruner.step`` of the former with each level of per-stage diagnostics
+  (:data:`DIAGNOSTICS`).
 * ``gpt2_23m``: the README's usage on a GPT-2 of 23.2M parameters (6 layers of width 512, 8
   heads, vocabulary 8192, tied head): ``Pruner(model, QuadraticModel(lam=1e-3),
   ExponentialSchedule(sparsity=0.9, stages=14), data=loader, examples=16)`` on a DataLoader of
   32 dict batches of 128 tokens, 8 per batch; one stage over its 2 batches, as a ratio to one
-  forward+backward per batch.
+  forward+backward per batch, with each level of per-stage diagnostics.
 
 ``--smoke`` sizes (2 layers of width 32, vocabulary 64, 2 sequences of 16 tokens) check that
 the code runs; their ratios mean nothing.
@@ -79,6 +80,11 @@ def forward_backward(model: torch.nn.Module, batch: dict) -> None:
     model(**batch).loss.backward()
 
 
+#: ``Pruner(diagnostics=...)`` -> the suffix of its rows: the default (the measured losses), with
+#: the exact Hessian's prediction, without diagnostics.
+DIAGNOSTICS = {None: "", True: "_with_prediction", False: "_no_diagnostics"}
+
+
 def public_calls(name: str, device: torch.device, smoke: bool = False) -> PublicCalls:
     """The methods of workload ``name`` (module docstring), ``"forward_backward"`` first."""
     from lossprune import ExponentialSchedule, Pruner, QuadraticModel, scores
@@ -99,21 +105,19 @@ def public_calls(name: str, device: torch.device, smoke: bool = False) -> Public
         calls["scores_qm_fisher_mc"] = lambda: scores(model, mc, batch, generator=generator)
         if samples_by_default:
             calls["scores_qm_default"] = lambda: scores(model, default, batch, generator=generator)
-        for diagnostics in (True, False):
+        for diagnostics, suffix in DIAGNOSTICS.items():
             pruner = Pruner(
                 model, mc, ExponentialSchedule(0.9, 1000), data=batch, generator=0,
                 diagnostics=diagnostics,
             )  # fmt: skip
-            suffix = "" if diagnostics else "_no_diagnostics"
             calls[f"pruner_step{suffix}"] = pruner.step
         return PublicCalls(calls, 1, parameters)
     sequences = len(batch["labels"])
-    for diagnostics in (True, False) if samples_by_default else ():
+    for diagnostics, suffix in DIAGNOSTICS.items() if samples_by_default else ():
         readme = Pruner(
             model, QuadraticModel(lam=1e-3), ExponentialSchedule(sparsity=0.9, stages=1000),
             data=loader, examples=README_EXAMPLES * sequences, diagnostics=diagnostics,
             generator=0,
         )  # fmt: skip
-        suffix = "" if diagnostics else "_no_diagnostics"
         calls[f"readme_stage{suffix}"] = readme.step
     return PublicCalls(calls, README_EXAMPLES, parameters)

@@ -160,6 +160,7 @@ def test_pruner_compensate_reports_cg_and_keeps_exact_zeros():
         loss_fn=CE,
         data=data,
         update=Compensation(lam=0.5, cg_iters=8),
+        diagnostics=True,
     )
     total = sum(p.numel() for p in pruner.params.values())
     for report in pruner.run():

@@ -23,6 +23,7 @@ from lossprune import (
     StageReport,
     SynFlow,
 )
+from lossprune.pruning import _diagnostics as _diag
 from tests import brute_force as bf
 from tests.conftest import make_cnn, make_mlp
 
@@ -71,7 +72,10 @@ def test_report_diagnostics_match_brute_force():
     model = make_mlp()
     batch = data()
     before = {k: v.clone() for k, v in bf.weights(model).items()}
-    pruner = Pruner(model, QuadraticModel(lam=1e-2), LinearSchedule(0.5, 1), loss_fn=CE, data=batch)
+    pruner = Pruner(
+        model, QuadraticModel(lam=1e-2), LinearSchedule(0.5, 1), loss_fn=CE, data=batch,
+        diagnostics=True,
+    )  # fmt: skip
     report = pruner.step()
     after = bf.weights(model)
     theta0, theta1 = bf.flatten(before), bf.flatten(after)
@@ -86,6 +90,40 @@ def test_report_diagnostics_match_brute_force():
     assert report.pruned == int((theta1 == 0).sum())
     assert set(report.layer_density) == set(pruner.params)
     assert "stage 1" in str(report) and report.as_dict()["pruned"] == report.pruned
+
+
+@pytest.mark.parametrize("criterion", [QuadraticModel(lam=1e-2), Magnitude()])
+def test_default_diagnostics_are_the_measured_losses(criterion, monkeypatch):
+    """By default a report has the loss before and after the step (brute force), no prediction;
+    the loss before is the statistics pass's own (no forward pass of its own) when there was
+    one, and Magnitude's, which reads no data, takes one forward pass."""
+    from lossprune.pruning import _stage
+
+    model = make_mlp()
+    batch = data()
+    before = {k: v.clone() for k, v in bf.weights(model).items()}
+    passes = []
+    monkeypatch.setattr(
+        _stage, "mean_loss", lambda *a, **k: passes.append(a[1]) or _diag.mean_loss(*a, **k)
+    )
+    pruner = Pruner(model, criterion, LinearSchedule(0.5, 1), loss_fn=CE, data=batch)
+    report = pruner.step()
+    after = bf.weights(model)
+    assert report.predicted_delta is None and "predicted" not in str(report)
+    assert report.loss_before == pytest.approx(float(bf.mean_loss(model, before, *batch, CE)))
+    assert report.loss_after == pytest.approx(float(bf.mean_loss(model, after, *batch, CE)))
+    assert len(passes) == (2 if isinstance(criterion, Magnitude) else 1)  # (before,) after
+
+
+@pytest.mark.parametrize(
+    ("value", "error"), [("prediction", ValueError), (1, TypeError), ("yes", ValueError)]
+)
+def test_diagnostics_argument_is_checked(value, error):
+    with pytest.raises(error, match="diagnostics must be None, a bool or 'loss'"):
+        Pruner(make_mlp(), Magnitude(), LinearSchedule(0.5, 1), loss_fn=CE, data=data(),
+               diagnostics=value)  # fmt: skip
+    with pytest.raises(ValueError, match="diagnostics='loss' needs data and loss_fn"):
+        Pruner(make_mlp(), Magnitude(), LinearSchedule(0.5, 1), diagnostics="loss")
 
 
 def test_magnitude_matches_torch_global_unstructured_l1():

@@ -268,7 +268,9 @@ def test_stage_report_predicts_what_the_product_path_predicts():
     model = tiny_gpt2().to(DTYPE)
     before = copy.deepcopy(model)
     loader = DataLoader(TokenBlocks(6), batch_size=4)
-    pruner = Pruner(model, QuadraticModel(lam=1e-3), LinearSchedule(0.5, 1), data=loader)
+    pruner = Pruner(
+        model, QuadraticModel(lam=1e-3), LinearSchedule(0.5, 1), data=loader, diagnostics=True
+    )
     report = pruner.step()
     theta = {k: before.get_parameter(k).detach() for k in pruner.params}
     delta = {k: model.get_parameter(k).detach() - theta[k] for k in pruner.params}

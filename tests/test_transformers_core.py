@@ -351,7 +351,7 @@ def test_a_pruner_step_with_diagnostics_runs_with_the_default_attention(name):
     model, data, loss_fn = _model_and_data(name)
     pruner = Pruner(
         model, LinearModel(), ExponentialSchedule(sparsity=0.5, stages=2), loss_fn=loss_fn,
-        data=data,
+        data=data, diagnostics=True,
     )  # fmt: skip
     report = pruner.step()
     assert report.loss_before is not None and report.predicted_delta is not None

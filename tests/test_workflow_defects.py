@@ -186,9 +186,13 @@ def test_a_compiled_model_is_pruned_through_the_network_it_wraps():
     """torch.compile's graphs have no double backward (the stage's diagnostics need it)."""
     x, y = data()
     compiled = torch.compile(mlp())
-    pruner = Pruner(compiled, Magnitude(), LinearSchedule(0.5, 1), loss_fn=CE, data=(x, y))
+    pruner = Pruner(
+        compiled, Magnitude(), LinearSchedule(0.5, 1), loss_fn=CE, data=(x, y), diagnostics=True
+    )
     report = pruner.step()
-    reference = Pruner(mlp(), Magnitude(), LinearSchedule(0.5, 1), loss_fn=CE, data=(x, y))
+    reference = Pruner(
+        mlp(), Magnitude(), LinearSchedule(0.5, 1), loss_fn=CE, data=(x, y), diagnostics=True
+    )
     expected = reference.step()
     assert set(pruner.masks) == {"0.weight", "2.weight"}
     assert all(torch.equal(pruner.masks[k], reference.masks[k]) for k in reference.masks)

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from .._common.data import random_subset
-from .._common.functional import check_deterministic
+from .._common.functional import check_deterministic, statistics_dtype
 from .._common.probe import probe_first_batch
 from ..criteria.base import Criterion, GroupSum
 from ..curvature import LossFn, NonFiniteError, Statistics
@@ -32,7 +32,12 @@ from .reports import StageReport, collapse_message, handle_collapse
 from .scoring import compute_scores
 from .updates import Compensation, CompensationState, plan_update
 
-__all__ = ["StageSetup", "StagePlan", "plan_stage"]
+__all__ = ["LOSS_ONLY", "WITH_PREDICTION", "StageSetup", "StagePlan", "plan_stage"]
+
+#: Diagnostics levels (``Pruner(diagnostics=...)``): the measured loss before and after the step;
+#: and also the quadratic model's prediction of the change (an exact Hessian-vector pass).
+LOSS_ONLY = "loss"
+WITH_PREDICTION = "prediction"
 
 
 @dataclass(frozen=True)
@@ -48,7 +53,7 @@ class StageSetup:
     examples: int | None
     min_density: float
     update: Compensation | None
-    diagnostics: bool
+    diagnostics: str | None  # LOSS_ONLY, WITH_PREDICTION or None (off)
     eval_mode: bool
     on_collapse: str
     chunk_size: int | None
@@ -115,7 +120,7 @@ def plan_stage(
                 setup.update, update_state, setup.model, params, new_masks, newly_pruned,
                 data, setup.loss_fn, chunk_size=setup.chunk_size,
             )  # fmt: skip
-        diagnostics = _diagnostics(setup, params, update.delta, data, stage) if (
+        diagnostics = _diagnostics(setup, params, update.delta, data, stage, statistics) if (
             setup.diagnostics and update is not None
         ) else (None, None, None)  # fmt: skip
     if update is None:  # Δθ = -θ on the weights pruned now, a small fraction: gather them
@@ -256,12 +261,24 @@ def _diagnostics(
     delta: dict[str, Tensor],
     data: Any,
     stage: int,
-) -> tuple[float, float, float]:
-    """Loss before, loss after and the quadratic model's prediction for the step."""
+    statistics: Statistics | None,
+) -> tuple[float, float, float | None]:
+    """Loss before, loss after and (:data:`WITH_PREDICTION`) the quadratic model's prediction.
+
+    The loss before is the statistics pass's when there was one: the same mean over the same
+    ``data`` at the same weights (in the same dtype: a half-precision model's is recomputed in
+    float32, as :func:`~._diagnostics.mean_loss` computes it).
+    """
     assert setup.loss_fn is not None
-    loss_before, predicted = predicted_loss_change(
-        setup.model, params, delta, data, setup.loss_fn, chunk_size=setup.chunk_size
-    )
+    predicted: float | None = None
+    if setup.diagnostics == WITH_PREDICTION:
+        loss_before, predicted = predicted_loss_change(
+            setup.model, params, delta, data, setup.loss_fn, chunk_size=setup.chunk_size
+        )
+    elif statistics is not None and statistics_dtype(params) == next(iter(params.values())).dtype:
+        loss_before = statistics.loss
+    else:
+        loss_before = mean_loss(setup.model, params, data, setup.loss_fn)
     loss_after = mean_loss(setup.model, stepped(params, delta), data, setup.loss_fn)
     if not math.isfinite(loss_after):
         raise NonFiniteError(f"the loss after stage {stage} is not finite; nothing was modified")

@@ -40,7 +40,7 @@ from ..selection import (
 )
 from ..selection._connectivity import Connectivity, trace_chain
 from ._checkpoint import configuration_text, pruner_state, read_pruner_state
-from ._stage import StageSetup, plan_stage
+from ._stage import LOSS_ONLY, WITH_PREDICTION, StageSetup, plan_stage
 from .reports import ON_COLLAPSE, StageReport
 from .scoring import check_criterion
 from .updates import Compensation, CompensationState
@@ -103,9 +103,14 @@ class Pruner:
             statistics pass.
         eval_mode: put the model in eval mode while scoring (restored afterwards). Without it,
             a model with batch norm or dropout in training mode is refused.
-        diagnostics: compute ``loss_before``, ``loss_after`` and ``predicted_delta`` for every
-            report (one extra gradient + Hessian-vector pass and one forward pass per stage).
-            Default: whenever ``data`` and ``loss_fn`` are given.
+        diagnostics: what every report measures on the stage's scoring data. ``"loss"``:
+            ``loss_before`` (the statistics pass's loss when it ran on that data, else one
+            forward pass) and ``loss_after`` (one forward pass after the step). ``True``: also
+            ``predicted_delta``, the quadratic model's prediction with the exact Hessian (one
+            more gradient + Hessian-vector pass: about 3 forward+backwards per batch, more than
+            the statistics pass of ``fisher_mc``). ``False``: none. Default (``None``):
+            ``"loss"`` whenever ``data`` and ``loss_fn`` are given (a Hugging Face model's own
+            loss counts as given).
         chunk_size: the one memory bound of every statistic: at most this many
             parameter-sized per-example pull-backs or tangent vectors exist at once
             (:mod:`lossprune.curvature.statistics`; default: automatic).
@@ -152,7 +157,7 @@ class Pruner:
         generator: int | torch.Generator | None = None,
         progress: bool = False,
         eval_mode: bool = False,
-        diagnostics: bool | None = None,
+        diagnostics: bool | str | None = None,
         chunk_size: int | None = None,
         update: Compensation | None = None,
         on_collapse: str = "warn",
@@ -177,10 +182,7 @@ class Pruner:
         if examples is not None:
             check_can_sample(data)
         min_density = check_fraction("min_density", min_density)
-        if diagnostics is None:
-            diagnostics = data is not None and loss_fn is not None
-        elif diagnostics and (data is None or loss_fn is None):
-            raise ValueError("diagnostics=True needs data and loss_fn")
+        diagnostics = _diagnostics_level(diagnostics, data is not None and loss_fn is not None)
         if update is not None and not isinstance(update, Compensation):
             raise TypeError(
                 f"update must be None or a lossprune.Compensation, got {type(update).__name__}"
@@ -214,7 +216,7 @@ class Pruner:
             examples=examples,
             min_density=min_density,
             update=update,
-            diagnostics=bool(diagnostics),
+            diagnostics=diagnostics,
             eval_mode=bool(eval_mode),
             on_collapse=on_collapse,
             chunk_size=chunk_size,
@@ -472,6 +474,26 @@ def _check_schedule(schedule: object) -> tuple[float, ...]:
             raise ValueError(f"schedule target decreases at stage {stage}: masks never shrink")
         previous = target
     return targets
+
+
+def _diagnostics_level(diagnostics: object, possible: bool) -> str | None:
+    """The Pruner's ``diagnostics`` argument as :data:`~._stage.DIAGNOSTICS` level or ``None``.
+
+    ``possible``: ``data`` and ``loss_fn`` are given.
+    """
+    if diagnostics is None:
+        return LOSS_ONLY if possible else None
+    if diagnostics is False:
+        return None
+    if not (diagnostics is True or isinstance(diagnostics, str)):
+        raise TypeError(
+            f"diagnostics must be None, a bool or {LOSS_ONLY!r}, got {type(diagnostics).__name__}"
+        )
+    if diagnostics is not True and diagnostics != LOSS_ONLY:
+        raise ValueError(f"diagnostics must be None, a bool or {LOSS_ONLY!r}, got {diagnostics!r}")
+    if not possible:
+        raise ValueError(f"diagnostics={diagnostics!r} needs data and loss_fn")
+    return WITH_PREDICTION if diagnostics is True else LOSS_ONLY
 
 
 def _make_generator(generator: object) -> torch.Generator:

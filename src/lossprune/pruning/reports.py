@@ -45,7 +45,8 @@ class StageReport:
             diagnostics).
         loss_after: the same after the step.
         predicted_delta: the quadratic model's :math:`g^\top\Delta\theta +
-            \tfrac12\Delta\theta^\top H\Delta\theta` (exact Hessian).
+            \tfrac12\Delta\theta^\top H\Delta\theta` (exact Hessian); ``None`` unless the
+            pruner was made with ``diagnostics=True``.
         layer_density: fraction of each parameter kept, by qualified name.
         seconds: wall time of the stage.
         update_lam: λ of the compensation update (``None`` when pruned weights are only zeroed).
@@ -100,9 +101,12 @@ class StageReport:
             f" pruned {self.pruned}, |dθ|²={self.step_norm_sq:.4g}"
         )
         if self.delta_loss is not None:
+            predicted = (
+                "" if self.predicted_delta is None else f", predicted {self.predicted_delta:+.4g}"
+            )
             text += (
                 f", loss {self.loss_before:.4g} -> {self.loss_after:.4g}"
-                f" (ΔL {self.delta_loss:+.4g}, predicted {self.predicted_delta:+.4g})"
+                f" (ΔL {self.delta_loss:+.4g}{predicted})"
             )
         if self.disconnected_outputs:
             text += f", {self.disconnected_outputs} outputs disconnected"
