@@ -477,7 +477,7 @@ def _check_schedule(schedule: object) -> tuple[float, ...]:
 
 
 def _diagnostics_level(diagnostics: object, possible: bool) -> str | None:
-    """The Pruner's ``diagnostics`` argument as :data:`~._stage.DIAGNOSTICS` level or ``None``.
+    """The Pruner's ``diagnostics`` argument as a level of :mod:`._stage`, or ``None`` (off).
 
     ``possible``: ``data`` and ``loss_fn`` are given.
     """
