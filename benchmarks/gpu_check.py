@@ -14,9 +14,9 @@ Steps, each in its own process with a time limit (a failure is recorded and the 
    Linear against dense -> ``results-sparse-cuda.json``.
 4. ``qm140``: ``benchmarks/qm140.py``: QM, exact Fisher, π = 140, 1000 examples, the
    MNIST-sized MLP (target: under 5 s).
-5. ``llama1b``: a Pruner run (QM default, 2 stages, diagnostics on) of a 1.1B-parameter Llama
-   built from a config (random weights, TinyLlama's shape), with its peak memory and one
-   forward+backward of the same batch beside it.
+5. ``llama1b``: a Pruner run (QM default, 2 stages, the default diagnostics: measured losses)
+   of a 1.1B-parameter Llama built from a config (random weights, TinyLlama's shape), with its
+   peak memory and one forward+backward of the same batch beside it.
 
 The summary goes to ``results-gpu-check.json`` (each step's status, wall time and output).
 The GPU machine has torch, transformers, scipy, accelerate, safetensors and pytest, no package
