@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import enum
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any, NamedTuple, cast
 
 import torch
@@ -338,19 +338,21 @@ def _hvp_double_backward(
             # parameter the loss does not use, or uses linearly) have a zero Hessian row.
             in_graph = [i for i, g in enumerate(raw) if g is not None and g.requires_grad]
             k = next(iter(vectors.values())).shape[0]
-            columns: list[Sequence[Tensor | None]] = []
-            for j in range(k):
-                columns.append(
-                    torch.autograd.grad(
-                        [raw[i] for i in in_graph],
-                        list(leaves.values()),
-                        grad_outputs=[vectors[names[i]][j] for i in in_graph],
-                        retain_graph=j < k - 1,
-                        allow_unused=True,
-                    )
-                    if in_graph
-                    else (None,) * len(names)
+            # Written column by column: the k products are never held twice.
+            products = {name: leaf.new_zeros((k, *leaf.shape)) for name, leaf in leaves.items()}
+            for j in range(k if in_graph else 0):
+                column = torch.autograd.grad(
+                    [raw[i] for i in in_graph],
+                    list(leaves.values()),
+                    grad_outputs=[vectors[names[i]][j] for i in in_graph],
+                    retain_graph=j < k - 1,
+                    allow_unused=True,
                 )
+                if j == 0:
+                    _refuse_cut_graph([names[i] for i in in_graph if column[i] is None])
+                for name, product in zip(names, column, strict=True):
+                    if product is not None:
+                        products[name][j] = product
     except (RuntimeError, NotImplementedError) as error:
         first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise TypeError(
@@ -358,22 +360,25 @@ def _hvp_double_backward(
             f"and one has none ({first_line}); use an implementation with double-backward "
             "support (e.g. the math kernel of scaled_dot_product_attention)"
         ) from error
-    cut = [names[i] for i in in_graph if columns[0][i] is None]
+    grads = {name: _or_zeros(g, leaves[name]).detach() for name, g in zip(names, raw, strict=True)}
+    return CurvatureProducts(loss.detach(), grads, products)
+
+
+def _refuse_cut_graph(cut: list[str]) -> None:
+    """Gradients that are part of the graph but do not reach their own parameter.
+
+    A backward pass that is not itself differentiable (``once_differentiable``) cut the graph
+    (or, in theory, the loss is linear in that parameter with no interaction at all).
+
+    Raises:
+        TypeError: naming the parameters.
+    """
     if cut:
-        # A gradient that is part of the graph but does not reach its own parameter: a backward
-        # pass that is not itself differentiable (once_differentiable) cut the graph (or, in
-        # theory, a loss linear in that parameter with no interaction at all). Refuse it.
         raise TypeError(
             "Hessian-vector products need second derivatives of every operation of the model, "
             f"but the gradient is disconnected from {cut} (an operation whose backward is "
             "not differentiable, e.g. once_differentiable)"
         )
-    products = {
-        name: torch.stack([_or_zeros(c[i], leaves[name]) for c in columns]).detach()
-        for i, name in enumerate(names)
-    }
-    grads = {name: _or_zeros(g, leaves[name]).detach() for name, g in zip(names, raw, strict=True)}
-    return CurvatureProducts(loss.detach(), grads, products)
 
 
 def _or_zeros(t: Tensor | None, like: Tensor) -> Tensor:
