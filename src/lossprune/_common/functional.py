@@ -19,6 +19,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from types import FrameType
 from typing import Any
 
 import torch
@@ -179,7 +180,7 @@ class _RandomDraws(TorchDispatchMode):
         That is the module whose forward runs (or a helper its forward called): the ``self`` of
         the innermost frame that has one of the model's modules as ``self``.
         """
-        frame = sys._getframe(1)
+        frame: FrameType | None = sys._getframe(1)
         while frame is not None:
             owner = frame.f_locals.get("self")
             if owner is not None and id(owner) in self.names:
