@@ -8,7 +8,8 @@ Every method of a bench runs in this one process on the same model, batch and ve
 result is first checked against a reference (the double-backward loop, or the generic
 ``torch.func`` path), then timed: warm-up calls, then ``repeats`` rounds in which every method
 (and the plain gradient it is compared with) runs once, interleaved so that a change of machine
-load hits all of them alike; the median is reported. ``ratio_to_grad`` is the median time over
+load hits all of them alike, in an order that rotates from round to round; the median is
+reported. ``ratio_to_grad`` is the median time over
 the median time of ONE plain gradient (forward + backward, ``torch.autograd.grad``) of the same
 model and batch; for ``hvp_batch`` it is per vector. ``peak_mb`` is the peak memory of one call
 above what existed before it: ``torch.cuda.max_memory_allocated`` on CUDA; on CPU the growth of
@@ -321,13 +322,19 @@ def synchronize(device: torch.device) -> None:
 
 
 def time_side_by_side(methods: dict[str, Callable], device, warmup: int, repeats: int):
-    """Median seconds of each method; rounds interleave all methods."""
+    """Median seconds of each method; rounds interleave all methods.
+
+    The order rotates by one method per round, so that no method always runs in the same
+    position (right after the plain gradient, or after the method that frees the most memory).
+    """
     for fn in methods.values():
         for _ in range(warmup):
             fn()
     times: dict[str, list[float]] = {name: [] for name in methods}
-    for _ in range(repeats):
-        for name, fn in methods.items():
+    order = list(methods.items())
+    for round_ in range(repeats):
+        shift = round_ % len(order)
+        for name, fn in order[shift:] + order[:shift]:
             synchronize(device)
             start = time.perf_counter()
             fn()
