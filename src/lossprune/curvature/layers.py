@@ -37,6 +37,7 @@ from torch.func import vjp, vmap
 from torch.nn.utils import parametrize
 
 from .._common.linear_maps import is_hf_conv1d
+from .per_example import fit_at_once
 
 __all__ = [
     "RULES",
@@ -48,9 +49,6 @@ __all__ = [
 ]
 
 Params = dict[str, Tensor]
-
-# Bound on the per-example weight gradients that exist at once: columns x examples x entries.
-_ELEMENTS = 1 << 24
 
 
 class NotAChain(Exception):
@@ -435,7 +433,7 @@ def _squared_contraction(
     u = unfolded.reshape(n, groups, in_total // groups, positions)
     d = delta.reshape(columns, n, groups, out_total // groups, positions)
     per_example = columns * out_total * in_total // groups
-    step = max(1, (elements or _ELEMENTS) // max(1, per_example))
+    step = fit_at_once(per_example, elements)
     total = delta.new_zeros(groups, out_total // groups, in_total // groups)
     for start in range(0, n, step):
         stop = start + step

@@ -26,6 +26,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vjp, vmap
 
+from .per_example import fit_at_once
+
 __all__ = [
     "ModuleCall",
     "holders_of",
@@ -36,9 +38,6 @@ __all__ = [
 ]
 
 Params = dict[str, Tensor]
-
-# Bound on the per-example gradients that exist at once: examples x columns x entries.
-_ELEMENTS = 1 << 24
 
 
 class ModuleCall(NamedTuple):
@@ -147,7 +146,7 @@ def squared_module_grads(
     columns = deltas[0].shape[0]
     sizes = {call.names[local]: p.numel() for call in calls for local, p in _own(call).items()}
     per_example = columns * sum(sizes.values())  # a tied parameter counted once
-    step = max(1, (elements or _ELEMENTS) // max(1, per_example))
+    step = fit_at_once(per_example, elements)
     totals: Params = {}
     for start in range(0, examples, step):
         stop = min(examples, start + step)

@@ -46,7 +46,7 @@ from .outputs import (
     output_curvature,
 )
 
-__all__ = ["ExamplePass", "copies_at_once", "column_chunks", "per_example_pass"]
+__all__ = ["ExamplePass", "copies_at_once", "column_chunks", "fit_at_once", "per_example_pass"]
 
 Params = dict[str, Tensor]
 
@@ -63,8 +63,15 @@ def copies_at_once(params: Mapping[str, Tensor], chunk_size: int | None) -> int:
     """
     if chunk_size is not None:
         return chunk_size
-    size = sum(p.numel() for p in params.values())
-    return max(1, DEFAULT_ELEMENTS // max(1, size))
+    return fit_at_once(sum(p.numel() for p in params.values()))
+
+
+def fit_at_once(each: int, elements: int | None = None) -> int:
+    """How many tensors of ``each`` numbers fit in ``elements``, at least one.
+
+    ``None``: :data:`DEFAULT_ELEMENTS`. The block size of every chunked per-example loop.
+    """
+    return max(1, (elements or DEFAULT_ELEMENTS) // max(1, each))
 
 
 def column_chunks(columns: Tensor, width: int) -> Iterator[Tensor]:
