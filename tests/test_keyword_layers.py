@@ -305,27 +305,124 @@ def test_the_device_check_runs_on_cpu(monkeypatch):
     _check_batched_path_on(torch.device("cpu"), "llama", monkeypatch)
 
 
-#: The parameters no batched rule covers: position tables called on a (1, T) tensor broadcast
-#: over the batch (their per-example cotangents are summed before the table sees them).
-ONE_BY_ONE = {
-    "gpt2": {"transformer.wpe.weight"},
-    "llama": set(),
-    "bert": {"bert.embeddings.position_embeddings.weight"},
-}
-
-
 @pytest.mark.parametrize("name", list(BUILDERS))
 def test_norms_embeddings_and_tied_heads_are_batched_too(name, monkeypatch):
-    """Every parameter but broadcast position tables: closed forms for the linear maps, the
-    per-module pull-backs (module_grads) for norms, embeddings and Llama's head tied to its
-    embedding; the one-example path runs only for what is left."""
+    """Every parameter: closed forms for the linear maps, the per-module pull-backs
+    (module_grads) for norms, embeddings, Llama's head tied to its embedding and the position
+    tables GPT-2 and BERT call on a (1, T) tensor broadcast over the batch; nothing is left to
+    the one-example path."""
     torch.manual_seed(0)
     model = BUILDERS[name]().double()
     params = {k: p.detach() for k, p in model.named_parameters()}
     batch = _batch(name)
     left = _left_one_by_one(monkeypatch)
     fisher_diag_mc(model, params, batch, None, generator=torch.Generator().manual_seed(0))
-    assert (left[0] if left else set()) == ONE_BY_ONE[name]
+    assert left == []
+
+
+class BroadcastTable(nn.Module):
+    """Token embeddings plus a position table called on ``(1, T)`` positions.
+
+    ``use`` says how the table's ``(1, T, D)`` row meets the batch:
+
+    * ``"add"``: added to the ``(N, T, D)`` token embeddings (GPT-2, BERT);
+    * ``"averaged_first"``: averaged over its leading dimension first: a no-op on one row, and
+      on rows expanded to the batch the same numbers, but every example's cotangent is then
+      spread over all rows (the alone check cannot see it: the outputs do not change);
+    * ``"two_tables"``: two position tables added together before the token embeddings;
+    * ``"in_place"``: scaled in place before it is added.
+    """
+
+    def __init__(self, use: str) -> None:
+        super().__init__()
+        self.use = use
+        self.embed = nn.Embedding(VOCAB, 8)
+        self.pos = nn.Embedding(5, 8)
+        self.pos2 = nn.Embedding(5, 8)
+        self.out = nn.Linear(8, 3)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        positions = torch.arange(input_ids.shape[1]).unsqueeze(0)
+        row = self.pos(positions)
+        if self.use == "averaged_first":
+            row = row.mean(0, keepdim=True)
+        elif self.use == "two_tables":
+            row = row + self.pos2(positions)
+        elif self.use == "in_place":
+            row.mul_(2.0)
+        h = torch.tanh(self.embed(input_ids) + row)
+        return self.out(h).mean(1)
+
+
+def _broadcast_table_case(use: str):
+    torch.manual_seed(0)
+    model = BroadcastTable(use).double().eval()
+    params = {k: p.detach() for k, p in model.named_parameters()}
+    if use != "two_tables":
+        del params["pos2.weight"]  # unused
+    return model, params, _token_batch(), nn.CrossEntropyLoss()
+
+
+@pytest.mark.parametrize("diagonal", ["fisher", "fisher_mc"])
+def test_a_broadcast_position_table_is_batched_with_the_slow_twins_numbers(diagonal, monkeypatch):
+    """Its output is expanded to the batch's examples, so each example's cotangent reaches it:
+    the exact and sampled diagonals of the table are the one-example-at-a-time ones."""
+    model, params, batch, loss = _broadcast_table_case("add")
+
+    def run(fast: bool) -> dict:
+        if diagonal == "fisher":
+            return fisher_diag(model, params, batch, loss, fast=fast)
+        return fisher_diag_mc(model, params, batch, loss, samples=3, fast=fast,
+                              generator=torch.Generator().manual_seed(4))  # fmt: skip
+
+    left = _left_one_by_one(monkeypatch)
+    fast = run(True)
+    assert left == []
+    slow = run(False)
+    assert _relative_error(fast, slow) < 1e-12
+
+
+@pytest.mark.parametrize("use", ["averaged_first", "two_tables", "in_place"])
+def test_a_broadcast_table_used_otherwise_goes_one_by_one(use, monkeypatch):
+    """Any use of the expanded row other than adding it to the examples' own rows refuses the
+    expansion: the batch is run again with the table's own output, the table (and, used twice,
+    its partner) goes one example at a time, and the refusal is remembered."""
+    model, params, batch, loss = _broadcast_table_case(use)
+    left = _left_one_by_one(monkeypatch)
+    fast = fisher_diag(model, params, batch, loss)
+    expected = {"pos.weight", "pos2.weight"} if use == "two_tables" else {"pos.weight"}
+    assert left == [expected]
+    assert set(contractions._UNEXPANDABLE[model]) >= {"pos"}
+    slow = fisher_diag(model, params, batch, loss, fast=False)
+    assert _relative_error(fast, slow) < 1e-12
+
+
+def test_the_expansion_check_is_what_keeps_an_averaged_table_exact(monkeypatch):
+    """Forced through on the averaged row, the expansion gives the same outputs (the alone
+    check passes) but every example the other examples' cotangents: a wrong diagonal."""
+    model, params, batch, loss = _broadcast_table_case("averaged_first")
+    slow = fisher_diag(model, params, batch, loss, fast=False)
+    monkeypatch.setattr(contractions, "_only_rowwise_consumers", lambda *args: True)
+    assert _relative_error(fisher_diag(model, params, batch, loss), slow) > 1e-3
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["batched", "one-by-one"])
+def test_a_table_the_loss_never_reads_has_a_zero_diagonal(fast):
+    """Left alone to the one-example path (nothing else of it needs a gradient), an unused
+    module's parameters get zeros, not autograd's error on an output without a graph."""
+    model, _, batch, loss = _broadcast_table_case("add")
+    unused = {"pos2.weight": model.pos2.weight.detach()}
+    for diagonal in (fisher_diag(model, unused, batch, loss, fast=fast),
+                     fisher_diag_mc(model, unused, batch, loss, fast=fast)):  # fmt: skip
+        assert set(diagonal) == {"pos2.weight"} and not diagonal["pos2.weight"].any()
+
+
+def test_consumers_lists_every_use_of_a_node():
+    x = torch.randn(3, requires_grad=True)
+    y = x * 2
+    z = (y + y.sin()).sum()
+    found = module_grads.consumers(z.grad_fn, {y.grad_fn})
+    assert sorted(n.name() for n in found[y.grad_fn]) == ["AddBackward0", "SinBackward0"]
 
 
 def _left_one_by_one(monkeypatch) -> list[set]:

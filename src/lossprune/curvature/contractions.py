@@ -27,8 +27,12 @@ its input and output are not modified in place afterwards, and its input rows ar
 
 With keyword inputs, modules without a rule that own a differentiated parameter (norms,
 embedding tables, heads tied to them) are recorded in the same pass and get their squared
-per-example gradients from :mod:`.module_grads`. Every other parameter is left to the caller's
-generic per-example path.
+per-example gradients from :mod:`.module_grads`. A table called on a ``(1, T)`` tensor that the
+model broadcasts over the batch (GPT-2's and BERT's positions) has its output expanded to the
+batch's examples in that pass, so that each example's cotangent reaches it
+(:func:`_expand_broadcast_output`, kept only when every use of the expanded output is
+elementwise with the examples' rows: :func:`_only_rowwise_consumers`). Every other parameter is
+left to the caller's generic per-example path.
 """
 
 from __future__ import annotations
@@ -48,6 +52,7 @@ from .layers import LayerRule, fast_paths_allowed, parameter_uses, rule_for
 from .layout import proven_layers
 from .module_grads import (
     ModuleCall,
+    consumers,
     holders_of,
     leaf_edges,
     reaches_only_through,
@@ -150,6 +155,15 @@ def layer_ggn_diag(
     if not (rules or holders) or (keyword and _coupled(model, inputs)):
         return LayerDiagonal(None, {})
     calls: dict[str, list[_Call]] = {name: [] for name in (*rules, *holders)}
+    # Tables called on a (1, T) tensor broadcast over the batch (GPT-2's and BERT's positions):
+    # their outputs are expanded to the batch's examples, so that the backward pass gives each
+    # example's cotangent instead of their sum (:func:`_expand_broadcast_output`).
+    expandable = (
+        set(holders) - _UNEXPANDABLE.get(model, set())
+        if keyword and examples is not None and examples > 1
+        else set()
+    )
+    expanded: dict[str, list[Tensor]] = {}
 
     def opener(name: str):
         def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -158,13 +172,21 @@ def layer_ggn_diag(
         return pre_hook
 
     def closer(name: str):
-        def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Tensor | None:
+            replaced = None
+            if name in expandable:
+                assert examples is not None
+                replaced = _expand_broadcast_output(args, kwargs, output, examples)
+            if replaced is not None:
+                args, output = replaced
+                expanded.setdefault(name, []).append(output)
             versions = tuple(
                 t._version for t in (*args, output) if isinstance(t, Tensor)
             )  # checked after the forward pass: an input or output modified in place is refused
             calls[name][-1] = calls[name][-1]._replace(
-                output=output, end=sequence_now(), versions=versions
+                args=args, output=output, end=sequence_now(), versions=versions
             )
+            return None if replaced is None else output
 
         return hook
 
@@ -177,9 +199,22 @@ def layer_ggn_diag(
     try:
         with torch.enable_grad():
             outputs = FunctionalModel(model, params)(leaves, inputs)
+    except RuntimeError:
+        if not expanded:
+            raise
+        outputs = None  # an expanded output written in place: run again without expanding
     finally:
         for handle in handles:
             handle.remove()
+    if expanded and not (
+        isinstance(outputs, Tensor) and _only_rowwise_consumers(outputs, expanded)
+    ):
+        # The expansion may have changed what the model computed: forget it for this model
+        # and compute the batch again with the table's own output.
+        _UNEXPANDABLE.setdefault(model, set()).update(expanded)
+        return layer_ggn_diag(
+            model, params, inputs, cotangents_of, elements, examples=examples, loss_of=loss_of
+        )
     if not isinstance(outputs, Tensor):
         return LayerDiagonal(outputs, {})
     uses = leaf_edges(outputs.grad_fn)
@@ -329,6 +364,80 @@ def _generic_calls(
             result[name] = call._replace(names=names)
     return result
 
+
+def _expand_broadcast_output(
+    args: tuple, kwargs: dict, output: Any, examples: int
+) -> tuple[tuple[Tensor], Tensor] | None:
+    r"""A call on a ``(1, ...)`` tensor broadcast over ``examples``, expanded to them, or ``None``.
+
+    A position table called on ``(1, T)`` positions returns one ``(1, T, D)`` row that the model
+    adds to every example's ``(N, T, D)`` hidden states. The backward pass then gives the table
+    only the SUM over examples of their cotangents, from which no per-example gradient can be
+    formed. Expanded (a view, no copy) to ``(N, T, D)``, the sum :math:`x + E` is the same
+    number for number, and the cotangent of row :math:`n` is example :math:`n`'s, so the
+    table's per-example gradients come from :mod:`.module_grads` like any other module's. The
+    input is expanded likewise (every example looked up the same positions). Kept only when the
+    expanded output's every use adds it row by row (:func:`_only_rowwise_consumers`).
+    """
+    if kwargs or len(args) != 1:
+        return None
+    a = args[0]
+    if not (isinstance(a, Tensor) and isinstance(output, Tensor) and output.requires_grad):
+        return None
+    if a.dim() == 0 or output.dim() == 0 or len(a) != 1 or len(output) != 1:
+        return None
+    return (a.expand(examples, *a.shape[1:]),), output.expand(examples, *output.shape[1:])
+
+
+# Elementwise operations: with an operand of the output's full shape, row n of their result
+# depends on row n of that operand only (broadcasting never mixes the rows of a full operand).
+_ROWWISE_NODES = frozenset({"AddBackward0", "SubBackward0", "MulBackward0", "DivBackward0"})
+
+
+def _only_rowwise_consumers(outputs: Tensor, expanded: dict[str, list[Tensor]]) -> bool:
+    """Whether every graph use of every expanded output combines it with the examples' rows.
+
+    Each use must be an elementwise operation (:data:`_ROWWISE_NODES`) whose result and every
+    other operand have the expanded shape and come from the graph (GPT-2's and BERT's
+    ``inputs_embeds + position_embeds``): example n's result then reads row n of the expanded
+    output and its own row of the rest, as the broadcast did, so the expanded rows' cotangents
+    are the examples' own, and the rows after it differ by example (what the alone check of
+    :func:`_alone_matches` relies on). Anything else (a reduction over the batch, a reshape, a
+    copy, a sum of two broadcast rows) refuses the expansion.
+    """
+    targets = {t.grad_fn: tuple(t.shape) for ts in expanded.values() for t in ts}
+    if any(node is None for node in targets):
+        return False
+    found = consumers(outputs.grad_fn, set(targets))
+    for node, shape in targets.items():
+        users = found.get(node, [])
+        if not users:
+            return False
+        for user in users:
+            if user.name() not in _ROWWISE_NODES or _forward_shape(user, 0) != shape:
+                return False
+            for child, index in user.next_functions:
+                if child is node:
+                    continue
+                if child is None or child in targets or _forward_shape(child, index) != shape:
+                    return False
+    return True
+
+
+def _forward_shape(node: Any, index: int) -> tuple[int, ...] | None:
+    """The shape of forward output ``index`` of graph node ``node`` (a leaf's own shape)."""
+    variable = getattr(node, "variable", None)
+    if variable is not None:
+        return tuple(variable.shape)
+    metadata = getattr(node, "_input_metadata", None)  # private; absent: the shape is unknown
+    if not metadata or index >= len(metadata):
+        return None
+    return tuple(metadata[index].shape)
+
+
+# model -> names of broadcast tables whose expanded output was refused: later batches run
+# them unexpanded (their parameters go one example at a time).
+_UNEXPANDABLE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 # model -> signatures of keyword batches on which an example alone did not match its rows: the
 # next batches of that shape take the generic path without a wasted batched forward pass.

@@ -30,6 +30,7 @@ from .per_example import fit_at_once
 
 __all__ = [
     "ModuleCall",
+    "consumers",
     "holders_of",
     "leaf_edges",
     "reaches_only_through",
@@ -106,6 +107,29 @@ def leaf_edges(root: Any, inside: Callable[[Any], bool] | None = None) -> dict[i
                 seen.add(child)
                 stack.append(child)
     return edges
+
+
+def consumers(root: Any, targets: set[Any]) -> dict[Any, list[Any]]:
+    """The graph nodes that take each of ``targets`` as an input, from node ``root`` back.
+
+    One entry per edge (a node using a target twice is listed twice); a target never reached
+    has none.
+    """
+    found: dict[Any, list[Any]] = {}
+    if root is None:
+        return found
+    stack, seen = [root], {root}
+    while stack:
+        node = stack.pop()
+        for child, _ in node.next_functions:
+            if child is None:
+                continue
+            if child in targets:
+                found.setdefault(child, []).append(node)
+            if child not in seen:
+                seen.add(child)
+                stack.append(child)
+    return found
 
 
 def reaches_only_through(leaf: Tensor, calls: Iterable[ModuleCall], total_edges: int) -> bool:

@@ -171,6 +171,8 @@ def _pull_back(flat: Tensor, leaves: Mapping[str, Tensor], block: Tensor) -> lis
     block. ``None``: a parameter the outputs do not depend on.
     """
     tensors = list(leaves.values())
+    if not flat.requires_grad:  # none of ``leaves`` reaches the outputs (an unused module)
+        return [None] * len(tensors)
     if block.shape[1] == 1:
         grads = torch.autograd.grad(
             flat, tensors, block[:, 0], retain_graph=True, allow_unused=True
