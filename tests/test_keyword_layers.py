@@ -421,8 +421,55 @@ def test_consumers_lists_every_use_of_a_node():
     x = torch.randn(3, requires_grad=True)
     y = x * 2
     z = (y + y.sin()).sum()
-    found = module_grads.consumers(z.grad_fn, {y.grad_fn})
-    assert sorted(n.name() for n in found[y.grad_fn]) == ["AddBackward0", "SinBackward0"]
+    found = module_grads.consumers(z.grad_fn, {(y.grad_fn, 0)})
+    assert sorted(n.name() for n in found[(y.grad_fn, 0)]) == ["AddBackward0", "SinBackward0"]
+
+
+class Router(nn.Module):
+    """Returns its logits and the probabilities computed from them (as MoE routers do)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(8, 8) / 3)
+
+    def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = nn.functional.linear(h, self.weight)
+        return logits, logits.softmax(-1)
+
+
+class Routed(nn.Module):
+    """``logits_read``: the model also reads the router's logits (an auxiliary term)."""
+
+    def __init__(self, logits_read: bool) -> None:
+        super().__init__()
+        self.logits_read = logits_read
+        self.embed = nn.Embedding(VOCAB, 8)
+        self.router = Router()
+        self.out = nn.Linear(8, 3)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        h = self.embed(input_ids)
+        logits, probs = self.router(h.reshape(-1, 8))
+        h = h * probs.reshape(h.shape)
+        if self.logits_read:
+            h = h + logits.reshape(h.shape).tanh()
+        return self.out(h).mean(1)
+
+
+@pytest.mark.parametrize("logits_read", [False, True], ids=["weights-only", "logits-too"])
+def test_an_output_computed_from_another_is_not_pulled_back_twice(logits_read, monkeypatch):
+    """A router's logits get the total cotangent (through its probabilities too): pulled back
+    with the probabilities' they would count that path twice. Read only inside the call, they
+    are dropped; read outside too, the router goes one example at a time."""
+    torch.manual_seed(0)
+    model = Routed(logits_read).double().eval()
+    params = {k: p.detach() for k, p in model.named_parameters()}
+    batch = _token_batch()
+    loss = nn.CrossEntropyLoss()
+    left = _left_one_by_one(monkeypatch)
+    fast = fisher_diag(model, params, batch, loss)
+    assert left == ([{"router.weight"}] if logits_read else [])
+    assert _relative_error(fast, fisher_diag(model, params, batch, loss, fast=False)) < 1e-12
 
 
 def _left_one_by_one(monkeypatch) -> list[set]:
@@ -489,7 +536,7 @@ def test_the_edge_count_sees_a_use_outside_the_call():
         h = torch.nn.functional.layer_norm(torch.randn(2, 8, dtype=torch.float64), (8,), leaf)
         end = module_grads.sequence_now()
         out = (h * leaf).sum()
-    calls.append(module_grads.ModuleCall(model.norm, {"weight": "w"}, h, h, start, end))
+    calls.append(module_grads.ModuleCall(model.norm, {"weight": "w"}, (h,), (h,), None, start, end, 2))
     total = module_grads.leaf_edges(out.grad_fn)[id(leaf)]
     assert total == 2
     assert not module_grads.reaches_only_through(leaf, calls, total)
@@ -507,7 +554,9 @@ class NotVmappable(nn.Module):
         return x * self.weight / (1.0 + float(x.detach().abs().max()) * 0)
 
 
-def test_a_module_vmap_cannot_run_goes_one_by_one(monkeypatch):
+def test_a_module_vmap_cannot_run_is_pulled_back_example_by_example(monkeypatch):
+    """Its own call is run on each example's rows in a loop (not the whole model): the same
+    numbers as the one-example-at-a-time path, and nothing is left to it."""
     torch.manual_seed(0)
     model = TokenClassifier(None)
     model.hidden = nn.Sequential(nn.Linear(8, 8), NotVmappable())
@@ -516,8 +565,100 @@ def test_a_module_vmap_cannot_run_goes_one_by_one(monkeypatch):
     batch = _token_batch()
     loss = nn.CrossEntropyLoss()
     left = _left_one_by_one(monkeypatch)
+    looped = []
+    original = module_grads._mapped
+
+    def recording(fn, *inputs):
+        try:
+            return torch.func.vmap(fn)(*inputs)
+        except RuntimeError:
+            looped.append(len(inputs[0][0]))
+            return original(fn, *inputs)
+
+    monkeypatch.setattr(module_grads, "_mapped", recording)
     fast = fisher_diag(model, params, batch, loss)
-    assert left == [{"hidden.1.weight"}]
+    assert left == [] and looped == [4]  # the four examples, in a loop
+    slow = fisher_diag(model, params, batch, loss, fast=False)
+    assert _relative_error(fast, slow) < 1e-12
+
+
+def _moe_families():
+    from tests.moe_models import FAMILIES
+
+    return FAMILIES
+
+
+@pytest.mark.parametrize("family", _moe_families())
+def test_mixture_of_experts_take_the_batched_path_with_the_slow_twins_numbers(
+    family, monkeypatch
+):
+    """Routers and fused experts are called on the batch's (N·T, D) flattened tokens: each
+    example's T rows are pulled back through the module alone (the experts in a loop over
+    examples: they pick their tokens with ``nonzero``). Only GPT-OSS's attention sinks, used
+    inside an attention called by keyword, are left to the one-example path."""
+    from tests.moe_models import tiny_moe, token_batch
+
+    model = tiny_moe(family)
+    params = {k: p.detach() for k, p in model.named_parameters()}
+    batch = token_batch(n=4)
+    left = _left_one_by_one(monkeypatch)
+    fast = fisher_diag_mc(model, params, batch, None, samples=2,
+                          generator=torch.Generator().manual_seed(3))  # fmt: skip
+    assert left == ([{"model.layers.0.self_attn.sinks"}] if family == "gpt_oss" else [])
+    slow = fisher_diag_mc(model, params, batch, None, samples=2, fast=False,
+                          generator=torch.Generator().manual_seed(3))  # fmt: skip
+    assert _relative_error(fast, slow) < 1e-10
+
+
+@pytest.mark.filterwarnings("ignore:the exact Fisher:RuntimeWarning")
+def test_the_exact_fisher_of_the_experts_is_the_slow_twins(monkeypatch):
+    from tests.moe_models import tiny_moe, token_batch
+
+    model = tiny_moe("qwen2_moe")
+    params = {k: p.detach() for k, p in model.named_parameters() if "mlp" in k}
+    batch = token_batch(n=3, t=4)
+    results = _spy(monkeypatch)
+    fast = fisher_diag(model, params, batch, None)
+    assert results[0] is not None and set(results[0].diagonal) == set(params)
+    assert _relative_error(fast, fisher_diag(model, params, batch, None, fast=False)) < 1e-10
+
+
+class FlattenedTokens(nn.Module):
+    """A Linear applied to the batch's tokens flattened to ``(N·T, D)``, by example
+    (``order="examples"``, as a mixture of experts does) or position first (``"positions"``:
+    rows of one example are not consecutive)."""
+
+    def __init__(self, order: str) -> None:
+        super().__init__()
+        self.order = order
+        self.embed = nn.Embedding(VOCAB, 8)
+        self.hidden = nn.Linear(8, 8)
+        self.out = nn.Linear(8, 3)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        h = self.embed(input_ids)  # (N, T, 8)
+        n, t, d = h.shape
+        if self.order == "examples":
+            h = torch.tanh(self.hidden(h.reshape(n * t, d))).reshape(n, t, d)
+        else:
+            flat = h.transpose(0, 1).reshape(t * n, d)
+            h = torch.tanh(self.hidden(flat)).reshape(t, n, d).transpose(0, 1)
+        return self.out(h).mean(1)
+
+
+@pytest.mark.parametrize("order", ["examples", "positions"])
+def test_flattened_tokens_are_batched_only_when_each_examples_rows_are_consecutive(
+    order, monkeypatch
+):
+    torch.manual_seed(0)
+    model = FlattenedTokens(order).double().eval()
+    params = {k: p.detach() for k, p in model.named_parameters()}
+    batch = _token_batch()
+    loss = nn.CrossEntropyLoss()
+    left = _left_one_by_one(monkeypatch)
+    fast = fisher_diag(model, params, batch, loss)
+    # Position-first rows fail the check of the last example: the whole batch goes one by one.
+    assert left == ([] if order == "examples" else [set(params)])
     slow = fisher_diag(model, params, batch, loss, fast=False)
     assert _relative_error(fast, slow) < 1e-12
 

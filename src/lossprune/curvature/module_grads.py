@@ -1,20 +1,25 @@
 r"""Squared per-example gradients of ANY module's own parameters, from its recorded call.
 
 The layers of :mod:`.layers` have closed forms; every other module that owns a differentiated
-parameter (a norm, an embedding table, a head tied to the embedding) gets its per-example
-gradients the generic way, from what one batched pass recorded of its call: its input
-:math:`a` ``(N, ...)`` and the back-propagated output cotangents :math:`\delta` ``(R, N, ...)``.
+parameter (a norm, an embedding table, a head tied to the embedding, a router, fused experts)
+gets its per-example gradients the generic way, from what one batched pass recorded of its
+call: its positional tensor inputs :math:`a` and the back-propagated cotangents :math:`\delta`
+``(R, rows, ...)`` of its differentiable outputs. The rows of each tensor are the examples, or
+``k`` consecutive rows per example when the model flattened its tokens first (a mixture of
+experts routes ``(N·T, D)`` tokens; a router may take ``(N, T, D)`` and return ``(N·T, E)``).
 For example :math:`n` and column :math:`r`,
 
 .. math:: g_{nr} = \Big(\frac{\partial m(p, a_n)}{\partial p}\Big)^{\!\top} \delta_{rn},
 
-the pull-back through the module's own forward pass :math:`m` run on example :math:`n` alone
-(``vmap`` over examples of a ``vjp`` of :func:`torch.func.functional_call`); a parameter held by
-several modules (tied) sums its holders' :math:`g_{nr}` before squaring. That is the per-example
-gradient of the whole model only when the parameter reaches the loss through those calls and
-nothing else; :func:`reaches_only_through` checks it on the autograd graph: every graph edge to
-the parameter must come from a node created during one of its holders' calls and reachable from
-that call's output (node creation order, ``Node._sequence_nr``, marks what a call created).
+the pull-back through the module's own forward pass :math:`m` run on example :math:`n`'s rows
+alone (``vmap`` over examples of a ``vjp`` of :func:`torch.func.functional_call`, or a loop over
+examples for a module ``vmap`` cannot run, such as experts that pick their tokens with
+``nonzero``); a parameter held by several modules (tied) sums its holders' :math:`g_{nr}`
+before squaring. That is the per-example gradient of the whole model only when the parameter
+reaches the loss through those calls and nothing else; :func:`reaches_only_through` checks it on
+the autograd graph: every graph edge to the parameter must come from a node created during one
+of its holders' calls and reachable from that call's outputs (node creation order,
+``Node._sequence_nr``, marks what a call created).
 """
 
 from __future__ import annotations
@@ -44,16 +49,20 @@ Params = dict[str, Tensor]
 class ModuleCall(NamedTuple):
     """One recorded call of a module.
 
-    The module, its differentiated parameters (local -> qualified name), its input and output,
-    and the autograd sequence numbers read before and after it.
+    The module, its differentiated parameters (local -> qualified name), its positional tensor
+    inputs, its differentiable outputs and their positions in what it returned (``None``: it
+    returned one tensor), the autograd sequence numbers read before and after it, and the
+    number of examples: each tensor's ``len // examples`` consecutive rows are one example's.
     """
 
     module: nn.Module
     names: dict[str, str]
-    a: Tensor
-    z: Tensor
+    args: tuple[Tensor, ...]
+    outputs: tuple[Tensor, ...]
+    picks: tuple[int, ...] | None
     start: int
     end: int
+    examples: int
 
 
 def sequence_now() -> int:
@@ -89,12 +98,12 @@ def holders_of(model: nn.Module, params: Mapping[str, Tensor]) -> dict[str, dict
 def leaf_edges(root: Any, inside: Callable[[Any], bool] | None = None) -> dict[int, int]:
     """How many graph edges point at each leaf tensor (by ``id``), from node ``root`` back.
 
-    ``inside``: which nodes the walk may pass through (default: all); a ``None`` root has none.
+    ``root``: one node or a list of them (each node is walked once); ``inside``: which nodes
+    the walk may pass through (default: all); a ``None`` root has none.
     """
     edges: dict[int, int] = {}
-    if root is None:
-        return edges
-    stack, seen = [root], {root}
+    roots = [n for n in (root if isinstance(root, list) else [root]) if n is not None]
+    stack, seen = list(roots), set(roots)
     while stack:
         node = stack.pop()
         for child, _ in node.next_functions:
@@ -109,23 +118,24 @@ def leaf_edges(root: Any, inside: Callable[[Any], bool] | None = None) -> dict[i
     return edges
 
 
-def consumers(root: Any, targets: set[Any]) -> dict[Any, list[Any]]:
+def consumers(root: Any, targets: set[tuple[Any, int]]) -> dict[tuple[Any, int], list[Any]]:
     """The graph nodes that take each of ``targets`` as an input, from node ``root`` back.
 
-    One entry per edge (a node using a target twice is listed twice); a target never reached
-    has none.
+    A target is a node and the index of one of its outputs (a tensor's ``grad_fn`` and
+    ``output_nr``). One entry per edge (a node using a target twice is listed twice); a target
+    never reached has none.
     """
-    found: dict[Any, list[Any]] = {}
+    found: dict[tuple[Any, int], list[Any]] = {}
     if root is None:
         return found
     stack, seen = [root], {root}
     while stack:
         node = stack.pop()
-        for child, _ in node.next_functions:
+        for child, index in node.next_functions:
             if child is None:
                 continue
-            if child in targets:
-                found.setdefault(child, []).append(node)
+            if (child, index) in targets:
+                found.setdefault((child, index), []).append(node)
             if child not in seen:
                 seen.add(child)
                 stack.append(child)
@@ -135,39 +145,36 @@ def consumers(root: Any, targets: set[Any]) -> dict[Any, list[Any]]:
 def reaches_only_through(leaf: Tensor, calls: Iterable[ModuleCall], total_edges: int) -> bool:
     """Whether every one of the ``total_edges`` graph edges to ``leaf`` lies inside ``calls``.
 
-    Counted from each call's output backwards through the nodes that call created (its
-    sequence-number window): an edge inside a call that does not lead to its output, or any
+    Counted from each call's outputs backwards through the nodes that call created (its
+    sequence-number window): an edge inside a call that does not lead to its outputs, or any
     edge outside the calls, makes the counts differ.
     """
     inside = 0
     for call in calls:
-        if call.z.grad_fn is None:
+        roots = [z.grad_fn for z in call.outputs]
+        if any(root is None for root in roots):
             return False
 
         def created_by_call(node: Any, call: ModuleCall = call) -> bool:
             return call.start < node._sequence_nr() < call.end
 
-        inside += leaf_edges(call.z.grad_fn, created_by_call).get(id(leaf), 0)
+        inside += leaf_edges(roots, created_by_call).get(id(leaf), 0)
     return inside == total_edges
 
 
 def squared_module_grads(
-    calls: list[ModuleCall], deltas: list[Tensor], elements: int | None = None
+    calls: list[ModuleCall], deltas: list[tuple[Tensor, ...]], elements: int | None = None
 ) -> Params:
     r""":math:`\sum_n \sum_r (\sum_{\text{holders}} g_{nr})^2` for every parameter of ``calls``.
 
     Args:
         calls: the recorded calls (every holder of each parameter among them).
-        deltas: per call, the output cotangents ``(R, N, *z.shape[1:])``.
+        deltas: per call, the cotangents ``(R, rows, ...)`` of each of its ``outputs``.
         elements: the most per-example gradients that exist at once, in numbers (``None``:
             ``2**24``): examples are taken that many at a time.
-
-    Raises:
-        RuntimeError: a module's forward pass cannot run under ``vmap`` (the caller leaves its
-            parameters to the one-example-at-a-time path).
     """
-    examples = len(calls[0].a)
-    columns = deltas[0].shape[0]
+    examples = calls[0].examples
+    columns = deltas[0][0].shape[0]
     sizes = {call.names[local]: p.numel() for call in calls for local, p in _own(call).items()}
     per_example = columns * sum(sizes.values())  # a tied parameter counted once
     step = fit_at_once(per_example, elements)
@@ -176,13 +183,14 @@ def squared_module_grads(
         stop = min(examples, start + step)
         summed: Params = {}
         for call, delta in zip(calls, deltas, strict=True):
-            grads = _per_example(call, call.a[start:stop], delta[:, start:stop])
+            grads = _per_example(call, start, stop, delta)
             for local, g in grads.items():
                 q = call.names[local]
                 summed[q] = g if q not in summed else summed[q] + g
         for q, g in summed.items():
-            square = (g * g).sum((0, 1))
-            totals[q] = square if q not in totals else totals[q] + square
+            total = totals.setdefault(q, g.new_zeros(g.shape[2:]))
+            for row in g.flatten(0, 1):  # no squared copy of all the per-example gradients
+                total.addcmul_(row, row)
     return totals
 
 
@@ -192,15 +200,42 @@ def _own(call: ModuleCall) -> Params:
     return {local: own[local].detach() for local in call.names}
 
 
-def _per_example(call: ModuleCall, a: Tensor, delta: Tensor) -> Params:
-    """``{local name: (n, R, *param.shape)}``: each example's pull-back of each column."""
+def _per_example(call: ModuleCall, start: int, stop: int, deltas: tuple[Tensor, ...]) -> Params:
+    """``{local name: (n, R, *param.shape)}``: examples ``start:stop``, each column pulled back.
+
+    Batched over examples and columns by ``vmap`` where the module allows it; example by
+    example (and column by column) where it does not: the same numbers.
+    """
     params = _own(call)
+    n = stop - start
 
-    def one_example(x: Tensor, columns: Tensor) -> Params:
-        def output(p: Params) -> Tensor:
-            return functional_call(call.module, p, (x.unsqueeze(0),))
+    def rows(t: Tensor, dim: int) -> Tensor:  # (..., N·k, ...) -> (..., n, k, ...)
+        k = t.shape[dim] // call.examples
+        return t.narrow(dim, start * k, n * k).unflatten(dim, (n, k))
 
-        pull_back = vjp(output, params)[1]
-        return vmap(lambda c: pull_back(c.unsqueeze(0))[0])(columns)
+    args = tuple(rows(a, 0) for a in call.args)
+    columns = tuple(rows(d, 1).transpose(0, 1) for d in deltas)  # (n, R, k, ...)
 
-    return vmap(one_example)(a, delta.transpose(0, 1))
+    def one_example(example_args: tuple[Tensor, ...], example_columns: tuple[Tensor, ...]):
+        def outputs(p: Params) -> tuple[Tensor, ...]:
+            out = functional_call(call.module, p, example_args)
+            return (out,) if call.picks is None else tuple(out[i] for i in call.picks)
+
+        pull_back = vjp(outputs, params)[1]
+        return _mapped(lambda c: pull_back(c)[0], example_columns)
+
+    return _mapped(one_example, args, columns)
+
+
+def _mapped(fn: Callable[..., Params], *inputs: tuple[Tensor, ...]) -> Params:
+    """``fn`` over dim 0 of every tensor of ``inputs``, stacked: by ``vmap``, else a loop.
+
+    The loop is for a module ``vmap`` cannot run (its forward pass reads a tensor's value:
+    fused experts select their tokens with ``nonzero``).
+    """
+    try:
+        return vmap(fn)(*inputs)
+    except RuntimeError:
+        count = len(inputs[0][0])
+        each = [fn(*(tuple(t[i] for t in group) for group in inputs)) for i in range(count)]
+        return {name: torch.stack([e[name] for e in each]) for name in each[0]}
