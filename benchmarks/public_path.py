@@ -11,6 +11,10 @@ or the CUDA allocator's peak, over the same for the forward+backward.
   ``QuadraticModel(lam=1e-3)`` (``curvature="auto"``, which samples one label per token here),
   and one ``Pruner.step`` of the former with each level of per-stage diagnostics
   (:data:`DIAGNOSTICS`).
+* ``mixtral14m``: a Mixtral of 14.4M parameters (4 layers of width 256, 8 experts of width 512,
+  2 per token, 4 heads over 2 key-value heads, vocabulary 2048), 8 sequences of 64 random
+  tokens, the default (``grouped_mm``) experts kernel. Row: ``lossprune.scores`` with
+  ``QuadraticModel(lam=1e-3, curvature="fisher_mc", mc_samples=1)``.
 * ``gpt2_23m``: the README's usage on a GPT-2 of 23.2M parameters (6 layers of width 512, 8
   heads, vocabulary 8192, tied head): ``Pruner(model, QuadraticModel(lam=1e-3),
   ExponentialSchedule(sparsity=0.9, stages=14), data=loader, examples=16)`` on a DataLoader of
@@ -33,10 +37,12 @@ from torch.utils.data import DataLoader
 #: name -> (layers, width, MLP width, heads, vocabulary, tokens, sequences)
 SIZES = {
     "llama29m": (6, 512, 1536, 8, 8192, 128, 8),
+    "mixtral14m": (4, 256, 512, 4, 2048, 64, 8),
     "gpt2_23m": (6, 512, 2048, 8, 8192, 128, 8),
 }
 SMOKE = (2, 32, 64, 2, 64, 16, 2)
 README_EXAMPLES = 2  # batches per README stage: examples = 2 x the loader's batch size
+MIXTRAL_EXPERTS = (8, 2)  # experts, experts per token
 
 
 class PublicCalls(NamedTuple):
@@ -60,6 +66,15 @@ def build(name: str, device: torch.device, smoke: bool):
             tie_word_embeddings=False, bos_token_id=0, eos_token_id=0,
         )  # fmt: skip
         model = transformers.LlamaForCausalLM(config)
+    elif name == "mixtral14m":
+        experts, per_token = MIXTRAL_EXPERTS
+        config = transformers.MixtralConfig(
+            vocab_size=vocab, hidden_size=width, intermediate_size=mlp, num_hidden_layers=layers,
+            num_attention_heads=heads, num_key_value_heads=max(1, heads // 2),
+            num_local_experts=experts, num_experts_per_tok=per_token,
+            max_position_embeddings=tokens, bos_token_id=0, eos_token_id=0, pad_token_id=0,
+        )  # fmt: skip
+        model = transformers.MixtralForCausalLM(config)
     else:
         config = transformers.GPT2Config(
             vocab_size=vocab, n_positions=tokens, n_embd=width, n_inner=mlp, n_layer=layers,
@@ -100,8 +115,11 @@ def public_calls(name: str, device: torch.device, smoke: bool = False) -> Public
     # Before issue 21 the default was the exact Fisher: T·V (about 10^6) gradients per pass
     # here, which never finishes; those rows are left out when measuring such a version.
     samples_by_default = default.curvature != "fisher"
+    mc = QuadraticModel(lam=1e-3, curvature="fisher_mc", mc_samples=1)
+    if name == "mixtral14m":
+        calls["scores_qm_fisher_mc"] = lambda: scores(model, mc, batch, generator=generator)
+        return PublicCalls(calls, 1, parameters)
     if name == "llama29m":
-        mc = QuadraticModel(lam=1e-3, curvature="fisher_mc", mc_samples=1)
         calls["scores_qm_fisher_mc"] = lambda: scores(model, mc, batch, generator=generator)
         if samples_by_default:
             calls["scores_qm_default"] = lambda: scores(model, default, batch, generator=generator)

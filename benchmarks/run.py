@@ -20,7 +20,8 @@ process that runs the call once (``--quick``: the plain gradient and lossprune's
 Sections: ``core`` (MLP and CNN), ``transformers`` (GPT-2 and a Llama with grouped-query
 attention: lossprune on the Hugging Face model itself with dict batches and no ``loss_fn``, the
 path users take, beside the common tensor adapter every method shares) and ``public`` (the
-public API on a 28.8M Llama and the README's usage on a 23M GPT-2, :mod:`public_path`).
+public API on a 28.8M Llama, a 14.4M Mixtral and the README's usage on a 23M GPT-2,
+:mod:`public_path`).
 ``--smoke``: tiny sizes and one round, to check that everything runs (the numbers mean nothing).
 """
 

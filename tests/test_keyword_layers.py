@@ -536,7 +536,8 @@ def test_the_edge_count_sees_a_use_outside_the_call():
         h = torch.nn.functional.layer_norm(torch.randn(2, 8, dtype=torch.float64), (8,), leaf)
         end = module_grads.sequence_now()
         out = (h * leaf).sum()
-    calls.append(module_grads.ModuleCall(model.norm, {"weight": "w"}, (h,), (h,), None, start, end, 2))
+    call = module_grads.ModuleCall(model.norm, {"weight": "w"}, (h,), (h,), None, start, end, 2)
+    calls.append(call)
     total = module_grads.leaf_edges(out.grad_fn)[id(leaf)]
     assert total == 2
     assert not module_grads.reaches_only_through(leaf, calls, total)
@@ -589,9 +590,7 @@ def _moe_families():
 
 
 @pytest.mark.parametrize("family", _moe_families())
-def test_mixture_of_experts_take_the_batched_path_with_the_slow_twins_numbers(
-    family, monkeypatch
-):
+def test_mixture_of_experts_take_the_batched_path_with_the_slow_twins_numbers(family, monkeypatch):
     """Routers and fused experts are called on the batch's (N·T, D) flattened tokens: each
     example's T rows are pulled back through the module alone (the experts in a loop over
     examples: they pick their tokens with ``nonzero``). Only GPT-OSS's attention sinks, used

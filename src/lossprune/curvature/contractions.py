@@ -31,10 +31,10 @@ With keyword inputs, modules without a rule that own a differentiated parameter 
 embedding tables, heads tied to them, routers, fused experts called with their routing) are
 recorded in the same pass and get their squared per-example gradients from
 :mod:`.module_grads`: each example's rows pulled back through that module's own call, with the
-outputs the rest of the model reads (:func:`_outputs_read_outside`). A table called on a ``(1, T)`` tensor that the
-model broadcasts over the batch (GPT-2's and BERT's positions) has its output expanded to the
-batch's examples in that pass, so that each example's cotangent reaches it
-(:func:`_expand_broadcast_output`, kept only when every use of the expanded output is
+outputs the rest of the model reads (:func:`_outputs_read_outside`). A table called on a
+``(1, T)`` tensor that the model broadcasts over the batch (GPT-2's and BERT's positions) has
+its output expanded to the batch's examples in that pass, so that each example's cotangent
+reaches it (:func:`_expand_broadcast_output`, kept only when every use of the expanded output is
 elementwise with the examples' rows: :func:`_only_rowwise_consumers`). Every other parameter is
 left to the caller's generic per-example path.
 """
@@ -385,9 +385,7 @@ def _module_call(seen: list[_Call], examples: int | None, outputs: int) -> Modul
     picks: tuple[int, ...] | None = None
     if isinstance(call.output, Tensor):
         outs: tuple[Tensor, ...] = (call.output,) if call.output.requires_grad else ()
-    elif isinstance(call.output, (tuple, list)) and all(
-        isinstance(t, Tensor) for t in call.output
-    ):
+    elif isinstance(call.output, (tuple, list)) and all(isinstance(t, Tensor) for t in call.output):
         picks = tuple(i for i, t in enumerate(call.output) if t.requires_grad)
         outs = tuple(call.output[i] for i in picks)
     else:
@@ -441,13 +439,14 @@ def _generic_calls(
 
 
 def _outputs_read_outside(calls: dict[str, ModuleCall], root: Any) -> dict[str, ModuleCall]:
-    """Each call with its outputs that the rest of the model reads; a call is dropped when an
-    output is read both inside and outside it, or when none is read outside.
+    """Each call with only the outputs that the rest of the model reads (or without the call).
 
-    A router returns its logits and the routing weights computed from them: the backward pass
-    gives the logits the TOTAL cotangent (through the weights too), so pulling both back
-    through the router would count the weights' path twice. An output read only inside the
-    call is dropped (its path is the other outputs'); one read on both sides cannot be split.
+    A call is dropped when an output is read both inside and outside it, or when none is read
+    outside. A router returns its logits and the routing weights computed from them: the
+    backward pass gives the logits the TOTAL cotangent (through the weights too), so pulling
+    both back through the router would count the weights' path twice. An output read only
+    inside the call is dropped (its path is the other outputs'); one read on both sides cannot
+    be split.
     Read from the autograd graph: a reader created during the call (its sequence-number window)
     is inside.
     """

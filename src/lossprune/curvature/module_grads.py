@@ -24,6 +24,7 @@ of its holders' calls and reachable from that call's outputs (node creation orde
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, NamedTuple
 
@@ -234,7 +235,11 @@ def _mapped(fn: Callable[..., Params], *inputs: tuple[Tensor, ...]) -> Params:
     fused experts select their tokens with ``nonzero``).
     """
     try:
-        return vmap(fn)(*inputs)
+        with warnings.catch_warnings():
+            # An operator without a batching rule (``_grouped_mm``, the default experts kernel
+            # of transformers 5) runs example by example inside vmap: the same numbers.
+            warnings.filterwarnings("ignore", "There is a performance drop", UserWarning)
+            return vmap(fn)(*inputs)
     except RuntimeError:
         count = len(inputs[0][0])
         each = [fn(*(tuple(t[i] for t in group) for group in inputs)) for i in range(count)]
