@@ -144,7 +144,7 @@ def test_coupled_examples_are_left_to_the_slow_twin(coupling, monkeypatch):
     slow = fisher_diag(model, params, batch, loss, fast=False)
     assert _relative_error(fast, slow) < 1e-12
     # Without the check, the batched contraction would be wrong: the check is what keeps it exact.
-    monkeypatch.setattr(contractions, "_alone_matches", lambda *args: True)
+    monkeypatch.setattr(contractions, "_alone_matches", lambda *args: set())
     contractions._COUPLED.clear()
     assert _relative_error(fisher_diag(model, params, batch, loss), slow) > 1e-3
 
@@ -673,3 +673,36 @@ def test_a_module_output_modified_in_place_goes_one_by_one(monkeypatch):
     assert left == [{"norm.weight", "norm.bias"}]
     slow = fisher_diag(model, params, batch, loss, fast=False)
     assert _relative_error(fast, slow) < 1e-12
+
+
+class RelativePositions(nn.Module):
+    """A table of relative positions called on a ``(T, T)`` tensor (T5's attention bias): its
+    ``T`` rows are positions, whatever the batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, 8)
+        self.relative = nn.Embedding(16, 8)
+        self.out = nn.Linear(8, 3)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        t = input_ids.shape[1]
+        offsets = torch.arange(t).unsqueeze(0) - torch.arange(t).unsqueeze(1)  # (T, T)
+        bias = self.relative(offsets.clamp(-7, 7) + 7).mean(1)  # (T, 8)
+        return self.out(torch.tanh(self.embed(input_ids) + bias)).mean(1)
+
+
+def test_a_module_whose_rows_are_not_examples_is_left_out_alone(monkeypatch):
+    """Eight positions over four examples look like two rows per example; the example run alone
+    shows eight rows again, so that table (only) goes one example at a time."""
+    torch.manual_seed(0)
+    model = RelativePositions().double().eval()
+    params = {k: p.detach() for k, p in model.named_parameters()}
+    ids = torch.randint(0, VOCAB, (4, 8), generator=torch.Generator().manual_seed(2))
+    batch = {"input_ids": ids, "labels": torch.tensor([0, 1, 2, 1])}
+    loss = nn.CrossEntropyLoss()
+    left = _left_one_by_one(monkeypatch)
+    fast = fisher_diag(model, params, batch, loss)
+    assert left == [{"relative.weight"}]
+    assert model not in contractions._COUPLED
+    assert _relative_error(fast, fisher_diag(model, params, batch, loss, fast=False)) < 1e-12

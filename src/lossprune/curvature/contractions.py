@@ -244,9 +244,13 @@ def layer_ggn_diag(
             name: (rule.module, (a,), examples) for name, rule, a, *_ in covered
         }
         layer_inputs.update({name: (c.module, c.args, examples) for name, c in generic.items()})
-        if not _alone_matches(model, params, inputs, examples, detached, layer_inputs):
+        misread = _alone_matches(model, params, inputs, examples, detached, layer_inputs)
+        if misread is None:
             _COUPLED.setdefault(model, set()).add(_signature(inputs))
             covered, generic = [], {}
+        elif misread:
+            covered = [c for c in covered if c[0] not in misread]
+            generic = _without(generic, misread)
     if not (covered or generic):
         return LayerDiagonal(detached, {})
     cotangents = cotangents_of(detached)  # (N, O, R)
@@ -582,12 +586,19 @@ def _alone_matches(
     examples: int,
     outputs: Tensor,
     layer_inputs: dict[str, tuple[nn.Module, tuple[Tensor, ...], int]],
-) -> bool:
+) -> set[str] | None:
     """Whether the last example run alone gives its rows of the batch (module docstring).
 
     Compared: the model outputs and the positional inputs of every covered module (the last
     example's rows: ``len // examples`` of them), within rounding (:data:`_ALONE_TOLERANCE`
     relative to the largest entry; integer inputs such as expert indices exactly).
+
+    Returns ``None`` when the examples are coupled (the outputs, or a module's input of the
+    same shape, differ; a module called another number of times), else the modules whose
+    input rows are not the examples' after all: their last example's slice has another shape
+    than the input of the example run alone (a ``(T, T)`` table of relative positions has
+    ``T`` rows whatever the batch, divisible by the number of examples by chance). Those are
+    left out; the others keep the batched path.
     """
     last = examples - 1
     seen: dict[str, list[tuple]] = {name: [] for name in layer_inputs}
@@ -608,16 +619,34 @@ def _alone_matches(
         for handle in handles:
             handle.remove()
     if not isinstance(alone, Tensor) or not _close(outputs[last:], alone):
-        return False
-    return all(
-        len(seen[name]) == 1
-        and len(seen[name][0]) == len(args)
-        and all(
-            _close(a[len(a) - len(a) // count :], b)
-            for a, b in zip(args, seen[name][0], strict=True)
-        )
-        for name, (_, args, count) in layer_inputs.items()
-    )
+        return None
+    misread: set[str] = set()
+    for name, (_, args, count) in layer_inputs.items():
+        if len(seen[name]) != 1 or len(seen[name][0]) != len(args):
+            return None
+        rows = [a[len(a) - len(a) // count :] for a in args]
+        if any(
+            not isinstance(b, Tensor) or r.shape != b.shape
+            for r, b in zip(rows, seen[name][0], strict=True)
+        ):
+            misread.add(name)
+        elif not all(_close(r, b) for r, b in zip(rows, seen[name][0], strict=True)):
+            return None
+    return misread
+
+
+def _without(calls: dict[str, ModuleCall], dropped: set[str]) -> dict[str, ModuleCall]:
+    """``calls`` without the modules ``dropped`` and every parameter they hold.
+
+    A tied parameter needs all its holders: it leaves the other holders' calls too.
+    """
+    lost = {q for name in dropped if name in calls for q in calls[name].names.values()}
+    kept: dict[str, ModuleCall] = {}
+    for name, call in calls.items():
+        names = {local: q for local, q in call.names.items() if q not in lost}
+        if name not in dropped and names:
+            kept[name] = call._replace(names=names)
+    return kept
 
 
 def _close(batched: Tensor, alone: Any) -> bool:
