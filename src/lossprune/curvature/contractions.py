@@ -309,7 +309,9 @@ def _generic_sums(
             sums.update(
                 squared_module_grads([c for c, _ in group], [d for _, d in group], elements)
             )
-        except RuntimeError:
+        except (RuntimeError, ValueError, TypeError, IndexError):
+            # The module's own code refuses one example's rows alone (a reshape to the batch's
+            # shape, say): its parameters take the exact one-example-at-a-time path instead.
             continue
     return sums
 
@@ -450,9 +452,8 @@ def _outputs_read_outside(calls: dict[str, ModuleCall], root: Any) -> dict[str, 
     backward pass gives the logits the TOTAL cotangent (through the weights too), so pulling
     both back through the router would count the weights' path twice. An output read only
     inside the call is dropped (its path is the other outputs'); one read on both sides cannot
-    be split.
-    Read from the autograd graph: a reader created during the call (its sequence-number window)
-    is inside.
+    be split. Read from the autograd graph: a reader created during the call (its
+    sequence-number window) is inside.
     """
     several = {name: call for name, call in calls.items() if len(call.outputs) > 1}
     if not several:
