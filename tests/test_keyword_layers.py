@@ -13,6 +13,8 @@ import torch
 from torch import nn
 
 from lossprune.curvature import (
+    alone_check,
+    broadcast_tables,
     contractions,
     diagonals,
     fisher_diag,
@@ -144,8 +146,8 @@ def test_coupled_examples_are_left_to_the_slow_twin(coupling, monkeypatch):
     slow = fisher_diag(model, params, batch, loss, fast=False)
     assert _relative_error(fast, slow) < 1e-12
     # Without the check, the batched contraction would be wrong: the check is what keeps it exact.
-    monkeypatch.setattr(contractions, "_alone_matches", lambda *args: set())
-    contractions._COUPLED.clear()
+    monkeypatch.setattr(alone_check, "alone_matches", lambda *args: set())
+    alone_check.COUPLED.clear()
     assert _relative_error(fisher_diag(model, params, batch, loss), slow) > 1e-3
 
 
@@ -168,9 +170,9 @@ def test_a_coupled_shape_is_remembered(monkeypatch):
     params = {k: p.detach() for k, p in model.named_parameters() if k.endswith("weight")}
     batch = _token_batch()
     checks = []
-    original = contractions._alone_matches
+    original = alone_check.alone_matches
     monkeypatch.setattr(
-        contractions, "_alone_matches", lambda *args: checks.append(1) or original(*args)
+        alone_check, "alone_matches", lambda *args: checks.append(1) or original(*args)
     )
     for _ in range(3):
         fisher_diag(model, params, batch, nn.CrossEntropyLoss())
@@ -392,7 +394,7 @@ def test_a_broadcast_table_used_otherwise_goes_one_by_one(use, monkeypatch):
     fast = fisher_diag(model, params, batch, loss)
     expected = {"pos.weight", "pos2.weight"} if use == "two_tables" else {"pos.weight"}
     assert left == [expected]
-    assert set(contractions._UNEXPANDABLE[model]) >= {"pos"}
+    assert set(broadcast_tables.UNEXPANDABLE[model]) >= {"pos"}
     slow = fisher_diag(model, params, batch, loss, fast=False)
     assert _relative_error(fast, slow) < 1e-12
 
@@ -402,7 +404,7 @@ def test_the_expansion_check_is_what_keeps_an_averaged_table_exact(monkeypatch):
     check passes) but every example the other examples' cotangents: a wrong diagonal."""
     model, params, batch, loss = _broadcast_table_case("averaged_first")
     slow = fisher_diag(model, params, batch, loss, fast=False)
-    monkeypatch.setattr(contractions, "_only_rowwise_consumers", lambda *args: True)
+    monkeypatch.setattr(broadcast_tables, "only_rowwise_consumers", lambda *args: True)
     assert _relative_error(fisher_diag(model, params, batch, loss), slow) > 1e-3
 
 
@@ -704,5 +706,5 @@ def test_a_module_whose_rows_are_not_examples_is_left_out_alone(monkeypatch):
     left = _left_one_by_one(monkeypatch)
     fast = fisher_diag(model, params, batch, loss)
     assert left == [{"relative.weight"}]
-    assert model not in contractions._COUPLED
+    assert model not in alone_check.COUPLED
     assert _relative_error(fast, fisher_diag(model, params, batch, loss, fast=False)) < 1e-12

@@ -22,10 +22,10 @@ its input and output are not modified in place afterwards, and its input rows ar
   rows each (tokens flattened to ``(N·T, D)``, as a mixture of experts routes them: a Linear
   then sums over its ``k`` rows like over positions), and the LAST example of the batch run
   alone gives the same outputs and the same inputs at every covered module as its rows of the
-  batch (to rounding: :func:`_alone_matches`), on every batch. That is what the slow twin
-  computes (one example at a time, :mod:`.per_example`); it catches what couples examples (batch
-  statistics, capacity-limited expert routing that drops the last tokens of a batch, a
-  sequence-first layout), at the cost of one example's forward pass without a graph.
+  batch (to rounding: :func:`~.alone_check.alone_matches`), on every batch. That is what the
+  slow twin computes (one example at a time, :mod:`.per_example`); it catches what couples
+  examples (batch statistics, capacity-limited expert routing that drops the last tokens of a
+  batch, a sequence-first layout), at the cost of one example's forward pass without a graph.
 
 With keyword inputs, modules without a rule that own a differentiated parameter (norms,
 embedding tables, heads tied to them, routers, fused experts called with their routing) are
@@ -34,24 +34,22 @@ recorded in the same pass and get their squared per-example gradients from
 outputs the rest of the model reads (:func:`_outputs_read_outside`). A table called on a
 ``(1, T)`` tensor that the model broadcasts over the batch (GPT-2's and BERT's positions) has
 its output expanded to the batch's examples in that pass, so that each example's cotangent
-reaches it (:func:`_expand_broadcast_output`, kept only when every use of the expanded output is
-elementwise with the examples' rows: :func:`_only_rowwise_consumers`). Every other parameter is
-left to the caller's generic per-example path.
+reaches it (:mod:`.broadcast_tables`: kept only when every use of the expanded output is
+elementwise with the examples' rows). Every other parameter is left to the caller's generic
+per-example path.
 """
 
 from __future__ import annotations
 
-import math
-import weakref
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
-from torch.utils._pytree import tree_flatten
 
 from .._common.batches import ModelInputs
 from .._common.functional import FunctionalModel
+from . import alone_check, broadcast_tables
 from .layers import (
     HFConv1DRule,
     LayerRule,
@@ -163,14 +161,14 @@ def layer_ggn_diag(
     holders: dict[str, dict[str, str]] = {}
     if keyword and fast_paths_allowed(model):
         holders = {n: h for n, h in holders_of(model, params).items() if n not in rules}
-    if not (rules or holders) or (keyword and _coupled(model, inputs)):
+    if not (rules or holders) or (keyword and alone_check.coupled(model, inputs)):
         return LayerDiagonal(None, {})
     calls: dict[str, list[_Call]] = {name: [] for name in (*rules, *holders)}
     # Tables called on a (1, T) tensor broadcast over the batch (GPT-2's and BERT's positions):
     # their outputs are expanded to the batch's examples, so that the backward pass gives each
-    # example's cotangent instead of their sum (:func:`_expand_broadcast_output`).
+    # example's cotangent instead of their sum (:func:`~.broadcast_tables.expand_broadcast_output`).
     expandable = (
-        set(holders) - _UNEXPANDABLE.get(model, set())
+        set(holders) - broadcast_tables.UNEXPANDABLE.get(model, set())
         if keyword and examples is not None and examples > 1
         else set()
     )
@@ -187,7 +185,7 @@ def layer_ggn_diag(
             replaced = None
             if name in expandable:
                 assert examples is not None
-                replaced = _expand_broadcast_output(args, kwargs, output, examples)
+                replaced = broadcast_tables.expand_broadcast_output(args, kwargs, output, examples)
             if replaced is not None:
                 args, output = replaced
                 expanded.setdefault(name, []).append(output)
@@ -216,11 +214,11 @@ def layer_ggn_diag(
         for handle in handles:
             handle.remove()
     if expanded and not (
-        isinstance(outputs, Tensor) and _only_rowwise_consumers(outputs, expanded)
+        isinstance(outputs, Tensor) and broadcast_tables.only_rowwise_consumers(outputs, expanded)
     ):
         # The expansion may have changed what the model computed: forget it for this model
         # and compute the batch again with the table's own output.
-        _UNEXPANDABLE.setdefault(model, set()).update(expanded)
+        broadcast_tables.UNEXPANDABLE.setdefault(model, set()).update(expanded)
         return layer_ggn_diag(
             model, params, inputs, cotangents_of, elements, examples=examples, loss_of=loss_of
         )
@@ -244,9 +242,9 @@ def layer_ggn_diag(
             name: (rule.module, (a,), examples) for name, rule, a, *_ in covered
         }
         layer_inputs.update({name: (c.module, c.args, examples) for name, c in generic.items()})
-        misread = _alone_matches(model, params, inputs, examples, detached, layer_inputs)
+        misread = alone_check.alone_matches(model, params, inputs, examples, detached, layer_inputs)
         if misread is None:
-            _COUPLED.setdefault(model, set()).add(_signature(inputs))
+            alone_check.COUPLED.setdefault(model, set()).add(alone_check.signature(inputs))
             covered, generic = [], {}
         elif misread:
             covered = [c for c in covered if c[0] not in misread]
@@ -342,8 +340,8 @@ def _laid_out_by_example(tensors: tuple[Tensor, ...], examples: int, outputs: in
 
     ``k`` may differ between tensors and be more than one: the model flattened its
     ``(N, T, ...)`` tokens to ``(N·T, ...)`` (a mixture of experts before routing). The model
-    must have one output row per example; the check of :func:`_alone_matches` confirms the
-    last example's rows on every batch.
+    must have one output row per example; :func:`~.alone_check.alone_matches` confirms the last
+    example's rows on every batch.
     """
     if outputs != examples:
         return False
@@ -482,158 +480,9 @@ def _outputs_read_outside(calls: dict[str, ModuleCall], root: Any) -> dict[str, 
     return result
 
 
-def _expand_broadcast_output(
-    args: tuple, kwargs: dict, output: Any, examples: int
-) -> tuple[tuple[Tensor], Tensor] | None:
-    r"""A call on a ``(1, ...)`` tensor broadcast over ``examples``, expanded to them, or ``None``.
-
-    A position table called on ``(1, T)`` positions returns one ``(1, T, D)`` row that the model
-    adds to every example's ``(N, T, D)`` hidden states. The backward pass then gives the table
-    only the SUM over examples of their cotangents, from which no per-example gradient can be
-    formed. Expanded (a view, no copy) to ``(N, T, D)``, the sum :math:`x + E` is the same
-    number for number, and the cotangent of row :math:`n` is example :math:`n`'s, so the
-    table's per-example gradients come from :mod:`.module_grads` like any other module's. The
-    input is expanded likewise (every example looked up the same positions). Kept only when the
-    expanded output's every use adds it row by row (:func:`_only_rowwise_consumers`).
-    """
-    if kwargs or len(args) != 1:
-        return None
-    a = args[0]
-    if not (isinstance(a, Tensor) and isinstance(output, Tensor) and output.requires_grad):
-        return None
-    if a.dim() == 0 or output.dim() == 0 or len(a) != 1 or len(output) != 1:
-        return None
-    return (a.expand(examples, *a.shape[1:]),), output.expand(examples, *output.shape[1:])
-
-
-# Elementwise operations: with an operand of the output's full shape, row n of their result
-# depends on row n of that operand only (broadcasting never mixes the rows of a full operand).
-_ROWWISE_NODES = frozenset({"AddBackward0", "SubBackward0", "MulBackward0", "DivBackward0"})
-
-
-def _only_rowwise_consumers(outputs: Tensor, expanded: dict[str, list[Tensor]]) -> bool:
-    """Whether every graph use of every expanded output combines it with the examples' rows.
-
-    Each use must be an elementwise operation (:data:`_ROWWISE_NODES`) whose result and every
-    other operand have the expanded shape and come from the graph (GPT-2's and BERT's
-    ``inputs_embeds + position_embeds``): example n's result then reads row n of the expanded
-    output and its own row of the rest, as the broadcast did, so the expanded rows' cotangents
-    are the examples' own, and the rows after it differ by example (what the alone check of
-    :func:`_alone_matches` relies on). Anything else (a reduction over the batch, a reshape, a
-    copy, a sum of two broadcast rows) refuses the expansion.
-    """
-    targets = {t.grad_fn: tuple(t.shape) for ts in expanded.values() for t in ts}
-    if any(node is None for node in targets):
-        return False
-    found = consumers(outputs.grad_fn, {(node, 0) for node in targets})
-    for node, shape in targets.items():
-        users = found.get((node, 0), [])
-        if not users:
-            return False
-        for user in users:
-            if user.name() not in _ROWWISE_NODES or _forward_shape(user, 0) != shape:
-                return False
-            for child, index in user.next_functions:
-                if child is node:
-                    continue
-                if child is None or child in targets or _forward_shape(child, index) != shape:
-                    return False
-    return True
-
-
-def _forward_shape(node: Any, index: int) -> tuple[int, ...] | None:
-    """The shape of forward output ``index`` of graph node ``node`` (a leaf's own shape)."""
-    variable = getattr(node, "variable", None)
-    if variable is not None:
-        return tuple(variable.shape)
-    metadata = getattr(node, "_input_metadata", None)  # private; absent: the shape is unknown
-    if not metadata or index >= len(metadata):
-        return None
-    return tuple(metadata[index].shape)
-
-
 # Rules whose squared contraction sums over positions: the only ones a module called on
 # flattened tokens ``(N·k, in)`` may take, reshaped to ``(N, k, in)``.
 _TOKEN_ROW_RULES = (LinearRule, HFConv1DRule)
-
-# model -> names of broadcast tables whose expanded output was refused: later batches run
-# them unexpanded (their parameters go one example at a time).
-_UNEXPANDABLE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-# model -> signatures of keyword batches on which an example alone did not match its rows: the
-# next batches of that shape take the generic path without a wasted batched forward pass.
-_COUPLED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-# How far an example alone may be from its rows of the batch: rounding of kernels that block a
-# batch differently, relative to the largest entry. Coupling changes entries at order one.
-_ALONE_TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4}
-_LOW_PRECISION_TOLERANCE = 2e-2
-
-
-def _signature(inputs: ModelInputs) -> tuple:
-    """The shapes and dtypes of a keyword batch (what a coupling check depends on)."""
-    leaves = tree_flatten((inputs.args, inputs.kwargs))[0]
-    return tuple((tuple(t.shape), t.dtype) if isinstance(t, Tensor) else repr(t) for t in leaves)
-
-
-def _coupled(model: nn.Module, inputs: ModelInputs) -> bool:
-    return _signature(inputs) in _COUPLED.get(model, ())
-
-
-def _alone_matches(
-    model: nn.Module,
-    params: Mapping[str, Tensor],
-    inputs: ModelInputs,
-    examples: int,
-    outputs: Tensor,
-    layer_inputs: dict[str, tuple[nn.Module, tuple[Tensor, ...], int]],
-) -> set[str] | None:
-    """Whether the last example run alone gives its rows of the batch (module docstring).
-
-    Compared: the model outputs and the positional inputs of every covered module (the last
-    example's rows: ``len // examples`` of them), within rounding (:data:`_ALONE_TOLERANCE`
-    relative to the largest entry; integer inputs such as expert indices exactly).
-
-    Returns ``None`` when the examples are coupled (the outputs, or a module's input of the
-    same shape, differ; a module called another number of times), else the modules whose
-    input rows are not the examples' after all: their last example's slice has another shape
-    than the input of the example run alone (a ``(T, T)`` table of relative positions has
-    ``T`` rows whatever the batch, divisible by the number of examples by chance). Those are
-    left out; the others keep the batched path.
-    """
-    last = examples - 1
-    seen: dict[str, list[tuple]] = {name: [] for name in layer_inputs}
-
-    def recorder(name: str):
-        def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
-            seen[name].append(tuple(a.detach() if isinstance(a, Tensor) else a for a in args))
-
-        return hook
-
-    handles = [m.register_forward_hook(recorder(n)) for n, (m, *_) in layer_inputs.items()]
-    try:
-        with torch.no_grad():
-            alone = FunctionalModel(model, params)(
-                params, inputs.example_rows(last, examples, examples)
-            )
-    finally:
-        for handle in handles:
-            handle.remove()
-    if not isinstance(alone, Tensor) or not _close(outputs[last:], alone):
-        return None
-    misread: set[str] = set()
-    for name, (_, args, count) in layer_inputs.items():
-        if len(seen[name]) != 1 or len(seen[name][0]) != len(args):
-            return None
-        rows = [a[len(a) - len(a) // count :] for a in args]
-        if any(
-            not isinstance(b, Tensor) or r.shape != b.shape
-            for r, b in zip(rows, seen[name][0], strict=True)
-        ):
-            misread.add(name)
-        elif not all(_close(r, b) for r, b in zip(rows, seen[name][0], strict=True)):
-            return None
-    return misread
 
 
 def _without(calls: dict[str, ModuleCall], dropped: set[str]) -> dict[str, ModuleCall]:
@@ -648,22 +497,6 @@ def _without(calls: dict[str, ModuleCall], dropped: set[str]) -> dict[str, Modul
         if name not in dropped and names:
             kept[name] = call._replace(names=names)
     return kept
-
-
-def _close(batched: Tensor, alone: Any) -> bool:
-    if not isinstance(alone, Tensor):
-        return False
-    if batched.shape != alone.shape or batched.dtype != alone.dtype:
-        return False
-    if alone.numel() == 0:
-        return True
-    if not alone.is_floating_point():
-        return bool(torch.equal(batched, alone))
-    tolerance = _ALONE_TOLERANCE.get(alone.dtype, _LOW_PRECISION_TOLERANCE)
-    scale = float(alone.abs().max())
-    if not math.isfinite(scale):
-        return False
-    return bool(torch.allclose(batched, alone, rtol=tolerance, atol=tolerance * scale))
 
 
 def _batched_output_grads(
