@@ -338,8 +338,11 @@ def _hvp_double_backward(
             # parameter the loss does not use, or uses linearly) have a zero Hessian row.
             in_graph = [i for i, g in enumerate(raw) if g is not None and g.requires_grad]
             k = next(iter(vectors.values())).shape[0]
-            # Written column by column: the k products are never held twice.
-            products = {name: leaf.new_zeros((k, *leaf.shape)) for name, leaf in leaves.items()}
+            # Written column by column: the k products are never held twice (one vector: its
+            # product is the result, no copy).
+            products: Params = {}
+            if k > 1 or not in_graph:
+                products = {name: leaf.new_zeros((k, *leaf.shape)) for name, leaf in leaves.items()}
             for j in range(k if in_graph else 0):
                 column = torch.autograd.grad(
                     [raw[i] for i in in_graph],
@@ -350,8 +353,13 @@ def _hvp_double_backward(
                 )
                 if j == 0:
                     _refuse_cut_graph([names[i] for i in in_graph if column[i] is None])
-                for name, product in zip(names, column, strict=True):
-                    if product is not None:
+                for name, leaf, product in zip(names, leaves.values(), column, strict=True):
+                    if k == 1:
+                        products[name] = (
+                            leaf.new_zeros((1, *leaf.shape)) if product is None
+                            else product.unsqueeze(0)
+                        )  # fmt: skip
+                    elif product is not None:
                         products[name][j] = product
     except (RuntimeError, NotImplementedError) as error:
         first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
