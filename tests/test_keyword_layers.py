@@ -708,3 +708,86 @@ def test_a_module_whose_rows_are_not_examples_is_left_out_alone(monkeypatch):
     assert left == [{"relative.weight"}]
     assert model not in alone_check.COUPLED
     assert _relative_error(fast, fisher_diag(model, params, batch, loss, fast=False)) < 1e-12
+
+
+class KeywordPositions(nn.Module):
+    """A position table computed from the attention mask, called with a keyword tensor and a
+    constant (OPT's: ``embed_positions(mask, cache_length, position_ids=None)``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, 8)
+        self.positions = OffsetPositions()
+        self.out = nn.Linear(8, 3)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        h = self.embed(input_ids) + self.positions(attention_mask, 0, offset=2, ids=None)
+        return self.out(torch.tanh(h)).mean(1)
+
+
+class OffsetPositions(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.table = nn.Embedding(16, 8)
+
+    def forward(self, mask: torch.Tensor, cache: int, offset: int, ids: None) -> torch.Tensor:
+        positions = (torch.cumsum(mask, dim=1) * mask - 1).long()[:, cache:]
+        return self.table(positions + offset)
+
+
+def test_a_module_called_with_keyword_tensors_and_constants_is_batched(monkeypatch):
+    """Tensor inputs by keyword are split by example like positional ones; constants (an int,
+    ``None``) are passed to each example as they are, and must be the same for the example run
+    alone."""
+    torch.manual_seed(0)
+    model = KeywordPositions().double().eval()
+    params = {k: p.detach() for k, p in model.named_parameters()}
+    batch = {**_token_batch(), "attention_mask": torch.ones(4, 5, dtype=torch.long)}
+    batch["attention_mask"][0, -2:] = 0
+    loss = nn.CrossEntropyLoss()
+    left = _left_one_by_one(monkeypatch)
+    fast = fisher_diag(model, params, batch, loss)
+    assert left == []
+    assert _relative_error(fast, fisher_diag(model, params, batch, loss, fast=False)) < 1e-12
+
+
+def test_call_inputs_put_other_tensors_in_the_places_of_a_calls_own():
+    a, b = torch.zeros(2), torch.ones(3)
+    split = module_grads.CallInputs.of((a, 3), {"mask": b, "flag": None})
+    assert split is not None and split.tensors == (a, b)
+    args, kwargs = split.build((b, a))
+    assert args[0] is b and args[1] == 3 and kwargs["mask"] is a and kwargs["flag"] is None
+    assert module_grads.CallInputs.of(((a, b),), {}) is None  # a tuple of tensors: not split
+
+
+class BatchSizeArgument(nn.Module):
+    """A norm-like module told the batch size as a number (as older attention code is): it
+    scales by its input's rows over that number, 1 in the batch and alone, 1/4 for one
+    example's rows called with the batch's number."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(8))
+
+    def forward(self, x: torch.Tensor, batch_size: int) -> torch.Tensor:
+        return x * self.weight * (x.shape[0] / batch_size)
+
+
+def test_a_module_given_the_batch_size_is_left_out_alone(monkeypatch):
+    """The example alone passes another number: that module goes one example at a time (its
+    call on one example's rows with the batch's number would scale its gradient by 1/4), the
+    others stay batched."""
+    torch.manual_seed(0)
+    model = TokenClassifier(None)
+    model.scale = BatchSizeArgument()
+    model.forward = lambda input_ids: model.out(  # type: ignore[method-assign]
+        torch.tanh(model.scale(model.hidden(model.embed(input_ids)), len(input_ids)))
+    ).mean(1)
+    model = model.double().eval()
+    params = {k: p.detach() for k, p in model.named_parameters()}
+    batch = _token_batch()
+    loss = nn.CrossEntropyLoss()
+    left = _left_one_by_one(monkeypatch)
+    fast = fisher_diag(model, params, batch, loss)
+    assert left == [{"scale.weight"}]
+    assert _relative_error(fast, fisher_diag(model, params, batch, loss, fast=False)) < 1e-12

@@ -22,6 +22,7 @@ from torch.utils._pytree import tree_flatten
 
 from .._common.batches import ModelInputs
 from .._common.functional import FunctionalModel
+from .module_grads import CallInputs
 
 __all__ = ["COUPLED", "alone_matches", "coupled", "signature"]
 
@@ -53,31 +54,36 @@ def alone_matches(
     inputs: ModelInputs,
     examples: int,
     outputs: Tensor,
-    layer_inputs: dict[str, tuple[nn.Module, tuple[Tensor, ...], int]],
+    layer_inputs: dict[str, tuple[nn.Module, tuple[Tensor, ...], int, tuple]],
 ) -> set[str] | None:
     """Whether the last example run alone gives its rows of the batch (:mod:`.contractions`).
 
-    Compared: the model outputs and the positional inputs of every covered module (the last
+    Compared: the model outputs and the tensor inputs of every covered module (the last
     example's rows: ``len // examples`` of them), within rounding (:data:`_ALONE_TOLERANCE`
-    relative to the largest entry; integer inputs such as expert indices exactly).
+    relative to the largest entry; integer inputs such as expert indices exactly), and its
+    other inputs (:class:`~.module_grads.CallInputs`) exactly.
 
     Returns ``None`` when the examples are coupled (the outputs, or a module's input of the
     same shape, differ; a module called another number of times), else the modules whose
-    input rows are not the examples' after all: their last example's slice has another shape
-    than the input of the example run alone (a ``(T, T)`` table of relative positions has
-    ``T`` rows whatever the batch, divisible by the number of examples by chance). Those are
-    left out; the others keep the batched path.
+    inputs are not the examples' after all: their last example's slice has another shape than
+    the input of the example run alone (a ``(T, T)`` table of relative positions has ``T``
+    rows whatever the batch, divisible by the number of examples by chance), or their other
+    inputs differ (a batch size passed as a number). Those are left out; the others keep the
+    batched path.
     """
     last = examples - 1
-    seen: dict[str, list[tuple]] = {name: [] for name in layer_inputs}
+    seen: dict[str, list[CallInputs | None]] = {name: [] for name in layer_inputs}
 
     def recorder(name: str):
-        def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
-            seen[name].append(tuple(a.detach() if isinstance(a, Tensor) else a for a in args))
+        def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+            seen[name].append(CallInputs.of(args, kwargs))
 
         return hook
 
-    handles = [m.register_forward_hook(recorder(n)) for n, (m, *_) in layer_inputs.items()]
+    handles = [
+        m.register_forward_hook(recorder(n), with_kwargs=True)
+        for n, (m, *_) in layer_inputs.items()
+    ]
     try:
         with torch.no_grad():
             alone = FunctionalModel(model, params)(
@@ -89,16 +95,19 @@ def alone_matches(
     if not isinstance(alone, Tensor) or not _close(outputs[last:], alone):
         return None
     misread: set[str] = set()
-    for name, (_, args, count) in layer_inputs.items():
-        if len(seen[name]) != 1 or len(seen[name][0]) != len(args):
+    for name, (_, args, count, constants) in layer_inputs.items():
+        if len(seen[name]) != 1:
             return None
-        rows = [a[len(a) - len(a) // count :] for a in args]
-        if any(
-            not isinstance(b, Tensor) or r.shape != b.shape
-            for r, b in zip(rows, seen[name][0], strict=True)
-        ):
+        recorded = seen[name][0]
+        if recorded is None or recorded.constants != constants:
+            # Other constants (a batch size passed as a number): called on one example's rows
+            # with the batch's constants, the module would not compute that example's outputs.
             misread.add(name)
-        elif not all(_close(r, b) for r, b in zip(rows, seen[name][0], strict=True)):
+            continue
+        rows = [a[len(a) - len(a) // count :] for a in args]
+        if any(r.shape != b.shape for r, b in zip(rows, recorded.tensors, strict=True)):
+            misread.add(name)
+        elif not all(_close(r, b.detach()) for r, b in zip(rows, recorded.tensors, strict=True)):
             return None
     return misread
 

@@ -60,6 +60,7 @@ from .layers import (
 )
 from .layout import proven_layers
 from .module_grads import (
+    CallInputs,
     ModuleCall,
     consumers,
     holders_of,
@@ -191,8 +192,9 @@ def layer_ggn_diag(
                 expanded.setdefault(name, []).append(output)
             # checked after the forward pass: an input or output modified in place is refused
             calls[name][-1] = calls[name][-1]._replace(
-                args=args, output=output, end=sequence_now(), versions=_versions(args, output)
-            )
+                args=args, output=output, end=sequence_now(),
+                versions=_versions(args, output, kwargs),
+            )  # fmt: skip
             return None if replaced is None else output
 
         return hook
@@ -238,10 +240,14 @@ def layer_ggn_diag(
         covered.append((name, rule, a.detach(), z, k))
     detached = outputs.detach()
     if keyword and (covered or generic) and examples is not None and examples > 1:
-        layer_inputs: dict[str, tuple[nn.Module, tuple[Tensor, ...], int]] = {
-            name: (rule.module, (a,), examples) for name, rule, a, *_ in covered
+        layer_inputs: dict[str, tuple[nn.Module, tuple[Tensor, ...], int, tuple]] = {
+            name: (rule.module, (a,), examples, CallInputs.of((a,), {}).constants)  # type: ignore[union-attr]
+            for name, rule, a, *_ in covered
         }
-        layer_inputs.update({name: (c.module, c.args, examples) for name, c in generic.items()})
+        layer_inputs.update({
+            name: (c.module, c.args, examples, c.inputs.constants if c.inputs else ())
+            for name, c in generic.items()
+        })  # fmt: skip
         misread = alone_check.alone_matches(model, params, inputs, examples, detached, layer_inputs)
         if misread is None:
             alone_check.COUPLED.setdefault(model, set()).add(alone_check.signature(inputs))
@@ -329,10 +335,11 @@ class _Call(NamedTuple):
     versions: tuple = ()
 
 
-def _versions(args: tuple, output: Any) -> tuple[int, ...]:
+def _versions(args: tuple, output: Any, kwargs: dict | None = None) -> tuple[int, ...]:
     """The version counters of a call's tensor inputs and outputs (in-place writes bump them)."""
     outs = output if isinstance(output, (tuple, list)) else (output,)
-    return tuple(t._version for t in (*args, *outs) if isinstance(t, Tensor))
+    values = (*args, *(kwargs or {}).values(), *outs)
+    return tuple(t._version for t in values if isinstance(t, Tensor))
 
 
 def _laid_out_by_example(tensors: tuple[Tensor, ...], examples: int, outputs: int) -> bool:
@@ -373,18 +380,21 @@ def _one_tensor_call(
 
 
 def _module_call(seen: list[_Call], examples: int | None, outputs: int) -> ModuleCall | None:
-    """A module's one call on positional tensors, returning a tensor or a tuple of tensors.
+    """A module's one call on tensors, returning a tensor or a tuple of tensors.
 
-    Its differentiable outputs are kept (a router's logits and routing weights, not its
-    expert indices); ``None`` unless something was differentiable, nothing was modified in
-    place afterwards and every input and output is laid out by example in dim 0
+    Its inputs are tensors, positional or keyword, and plain constants passed to every example
+    as they are (OPT's position table takes the attention mask and a cache length); its
+    differentiable outputs are kept (a router's logits and routing weights, not its expert
+    indices). ``None`` unless something was differentiable, nothing was modified in place
+    afterwards and every tensor input and output is laid out by example in dim 0
     (:func:`_laid_out_by_example`; tensor inputs: one row per example, proven by the layout).
     ``module`` and ``names`` are filled in by the caller.
     """
-    if len(seen) != 1 or seen[0].kwargs or not seen[0].args:
+    if len(seen) != 1:
         return None
     call = seen[0]
-    if not all(isinstance(a, Tensor) for a in call.args):
+    split = CallInputs.of(call.args, call.kwargs)
+    if split is None or not split.tensors:
         return None
     picks: tuple[int, ...] | None = None
     if isinstance(call.output, Tensor):
@@ -394,12 +404,14 @@ def _module_call(seen: list[_Call], examples: int | None, outputs: int) -> Modul
         outs = tuple(call.output[i] for i in picks)
     else:
         return None
-    if not outs or _versions(call.args, call.output) != call.versions:
+    if not outs or _versions(call.args, call.output, call.kwargs) != call.versions:
         return None
-    if examples is not None and not _laid_out_by_example((*call.args, *outs), examples, outputs):
+    if examples is not None and not _laid_out_by_example(
+        (*split.tensors, *outs), examples, outputs
+    ):
         return None
-    args = tuple(a.detach() for a in call.args)
-    return ModuleCall(nn.Module(), {}, args, outs, picks, call.start, call.end, outputs)
+    args = tuple(a.detach() for a in split.tensors)
+    return ModuleCall(nn.Module(), {}, args, outs, picks, call.start, call.end, outputs, split)
 
 
 def _generic_calls(

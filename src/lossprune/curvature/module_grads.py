@@ -35,6 +35,7 @@ from torch.func import functional_call, vjp, vmap
 from .per_example import fit_at_once
 
 __all__ = [
+    "CallInputs",
     "ModuleCall",
     "consumers",
     "holders_of",
@@ -47,13 +48,67 @@ __all__ = [
 Params = dict[str, Tensor]
 
 
+#: Inputs of a call that are not tensors and may be passed to every example as they are.
+_CONSTANT_TYPES = (bool, int, float, str, type(None))
+
+
+class _Slot(NamedTuple):
+    """Where tensor number ``number`` of a call's inputs goes."""
+
+    number: int
+
+
+class CallInputs(NamedTuple):
+    """A call's inputs split into its tensors and the rest.
+
+    ``tensors``: every tensor input, positional ones first, then keyword ones in call order;
+    ``constants``: the rest, with each tensor's place marked (comparable between two calls);
+    :meth:`build` puts other tensors in their places: ``(args, kwargs)``.
+    """
+
+    tensors: tuple[Tensor, ...]
+    constants: tuple
+
+    @classmethod
+    def of(cls, args: tuple, kwargs: Mapping[str, Any]) -> CallInputs | None:
+        """The split of ``args``/``kwargs``.
+
+        ``None`` when an input is neither a tensor nor a plain constant (a cache object, a
+        tuple of tensors).
+        """
+        values = (*args, *kwargs.values())
+        if not all(isinstance(v, (Tensor, *_CONSTANT_TYPES)) for v in values):
+            return None
+        tensors: list[Tensor] = []
+
+        def place(value: Any) -> Any:
+            if isinstance(value, Tensor):
+                tensors.append(value)
+                return _Slot(len(tensors) - 1)
+            return value
+
+        positional = tuple(place(a) for a in args)
+        keyword = tuple((k, place(v)) for k, v in kwargs.items())
+        return cls(tuple(tensors), (positional, keyword))
+
+    def build(self, tensors: tuple[Tensor, ...]) -> tuple[tuple, dict[str, Any]]:
+        """``(args, kwargs)`` of the call with ``tensors`` in the places of its own."""
+        positional, keyword = self.constants
+
+        def put(value: Any) -> Any:
+            return tensors[value.number] if isinstance(value, _Slot) else value
+
+        return tuple(put(a) for a in positional), {k: put(v) for k, v in keyword}
+
+
 class ModuleCall(NamedTuple):
     """One recorded call of a module.
 
-    The module, its differentiated parameters (local -> qualified name), its positional tensor
-    inputs, its differentiable outputs and their positions in what it returned (``None``: it
-    returned one tensor), the autograd sequence numbers read before and after it, and the
-    number of examples: each tensor's ``len // examples`` consecutive rows are one example's.
+    The module, its differentiated parameters (local -> qualified name), its tensor inputs
+    (positional, then keyword: :class:`CallInputs`), its differentiable outputs and their
+    positions in what it returned (``None``: it returned one tensor), the autograd sequence
+    numbers read before and after it, and the number of examples: each tensor's
+    ``len // examples`` consecutive rows are one example's.
     """
 
     module: nn.Module
@@ -64,6 +119,7 @@ class ModuleCall(NamedTuple):
     start: int
     end: int
     examples: int
+    inputs: CallInputs | None = None  # how to call the module with ``args``: None, positionally
 
 
 def sequence_now() -> int:
@@ -219,7 +275,10 @@ def _per_example(call: ModuleCall, start: int, stop: int, deltas: tuple[Tensor, 
 
     def one_example(example_args: tuple[Tensor, ...], example_columns: tuple[Tensor, ...]):
         def outputs(p: Params) -> tuple[Tensor, ...]:
-            out = functional_call(call.module, p, example_args)
+            if call.inputs is None:
+                out = functional_call(call.module, p, example_args)
+            else:
+                out = functional_call(call.module, p, *call.inputs.build(example_args))
             return (out,) if call.picks is None else tuple(out[i] for i in call.picks)
 
         pull_back = vjp(outputs, params)[1]
