@@ -464,14 +464,9 @@ def test_an_output_computed_from_another_is_not_pulled_back_twice(logits_read, m
     with the probabilities' they would count that path twice. Read only inside the call, they
     are dropped; read outside too, the router goes one example at a time."""
     torch.manual_seed(0)
-    model = Routed(logits_read).double().eval()
-    params = {k: p.detach() for k, p in model.named_parameters()}
-    batch = _token_batch()
-    loss = nn.CrossEntropyLoss()
-    left = _left_one_by_one(monkeypatch)
-    fast = fisher_diag(model, params, batch, loss)
+    left, error = _left_and_error(Routed(logits_read).double().eval(), monkeypatch)
     assert left == ([{"router.weight"}] if logits_read else [])
-    assert _relative_error(fast, fisher_diag(model, params, batch, loss, fast=False)) < 1e-12
+    assert error < 1e-12
 
 
 def _left_one_by_one(monkeypatch) -> list[set]:
@@ -485,6 +480,18 @@ def _left_one_by_one(monkeypatch) -> list[set]:
 
     monkeypatch.setattr(diagonals, "per_example_pass", recording)
     return left
+
+
+def _left_and_error(model: nn.Module, monkeypatch, batch: dict | None = None) -> tuple:
+    """What the exact Fisher of every parameter leaves to the one-example path (cross-entropy,
+    :func:`_token_batch` by default), and its largest relative error against the slow twin."""
+    params = {k: p.detach() for k, p in model.named_parameters()}
+    batch = batch or _token_batch()
+    loss = nn.CrossEntropyLoss()
+    left = _left_one_by_one(monkeypatch)
+    fast = fisher_diag(model, params, batch, loss)
+    taken = list(left)  # before the slow twin runs the one-example path itself
+    return taken, _relative_error(fast, fisher_diag(model, params, batch, loss, fast=False))
 
 
 class NormMisuse(nn.Module):
@@ -653,15 +660,10 @@ def test_flattened_tokens_are_batched_only_when_each_examples_rows_are_consecuti
 ):
     torch.manual_seed(0)
     model = FlattenedTokens(order).double().eval()
-    params = {k: p.detach() for k, p in model.named_parameters()}
-    batch = _token_batch()
-    loss = nn.CrossEntropyLoss()
-    left = _left_one_by_one(monkeypatch)
-    fast = fisher_diag(model, params, batch, loss)
+    left, error = _left_and_error(model, monkeypatch)
     # Position-first rows fail the check of the last example: the whole batch goes one by one.
-    assert left == ([] if order == "examples" else [set(params)])
-    slow = fisher_diag(model, params, batch, loss, fast=False)
-    assert _relative_error(fast, slow) < 1e-12
+    assert left == ([] if order == "examples" else [{k for k, _ in model.named_parameters()}])
+    assert error < 1e-12
 
 
 def test_a_module_output_modified_in_place_goes_one_by_one(monkeypatch):
@@ -699,15 +701,11 @@ def test_a_module_whose_rows_are_not_examples_is_left_out_alone(monkeypatch):
     shows eight rows again, so that table (only) goes one example at a time."""
     torch.manual_seed(0)
     model = RelativePositions().double().eval()
-    params = {k: p.detach() for k, p in model.named_parameters()}
     ids = torch.randint(0, VOCAB, (4, 8), generator=torch.Generator().manual_seed(2))
     batch = {"input_ids": ids, "labels": torch.tensor([0, 1, 2, 1])}
-    loss = nn.CrossEntropyLoss()
-    left = _left_one_by_one(monkeypatch)
-    fast = fisher_diag(model, params, batch, loss)
-    assert left == [{"relative.weight"}]
+    left, error = _left_and_error(model, monkeypatch, batch)
+    assert left == [{"relative.weight"}] and error < 1e-12
     assert model not in alone_check.COUPLED
-    assert _relative_error(fast, fisher_diag(model, params, batch, loss, fast=False)) < 1e-12
 
 
 class KeywordPositions(nn.Module):
@@ -740,15 +738,10 @@ def test_a_module_called_with_keyword_tensors_and_constants_is_batched(monkeypat
     ``None``) are passed to each example as they are, and must be the same for the example run
     alone."""
     torch.manual_seed(0)
-    model = KeywordPositions().double().eval()
-    params = {k: p.detach() for k, p in model.named_parameters()}
     batch = {**_token_batch(), "attention_mask": torch.ones(4, 5, dtype=torch.long)}
     batch["attention_mask"][0, -2:] = 0
-    loss = nn.CrossEntropyLoss()
-    left = _left_one_by_one(monkeypatch)
-    fast = fisher_diag(model, params, batch, loss)
-    assert left == []
-    assert _relative_error(fast, fisher_diag(model, params, batch, loss, fast=False)) < 1e-12
+    left, error = _left_and_error(KeywordPositions().double().eval(), monkeypatch, batch)
+    assert left == [] and error < 1e-12
 
 
 def test_call_inputs_put_other_tensors_in_the_places_of_a_calls_own():
@@ -783,11 +776,5 @@ def test_a_module_given_the_batch_size_is_left_out_alone(monkeypatch):
     model.forward = lambda input_ids: model.out(  # type: ignore[method-assign]
         torch.tanh(model.scale(model.hidden(model.embed(input_ids)), len(input_ids)))
     ).mean(1)
-    model = model.double().eval()
-    params = {k: p.detach() for k, p in model.named_parameters()}
-    batch = _token_batch()
-    loss = nn.CrossEntropyLoss()
-    left = _left_one_by_one(monkeypatch)
-    fast = fisher_diag(model, params, batch, loss)
-    assert left == [{"scale.weight"}]
-    assert _relative_error(fast, fisher_diag(model, params, batch, loss, fast=False)) < 1e-12
+    left, error = _left_and_error(model.double().eval(), monkeypatch)
+    assert left == [{"scale.weight"}] and error < 1e-12
