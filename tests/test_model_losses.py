@@ -170,10 +170,43 @@ def opt():
     return model, {"input_ids": _ids((N, S)), "labels": _labels((N, S))}, "causal"
 
 
+# Generating models whose class names end in none of the known suffixes: transformers' auto-class
+# tables name their task.
+
+
+def marian():
+    config = transformers.MarianConfig(
+        vocab_size=V, d_model=8, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+        decoder_attention_heads=2, encoder_ffn_dim=8, decoder_ffn_dim=8,
+        max_position_embeddings=16, pad_token_id=1, decoder_start_token_id=2, dropout=0.0,
+    )  # fmt: skip
+    model = transformers.MarianMTModel(config)
+    return model, {"input_ids": _ids((N, S)), "labels": _labels((N, T))}, "tokens"
+
+
+def encoder_decoder():
+    """A BERT encoder and a BERT decoder with cross-attention (``EncoderDecoderModel``)."""
+    decoder = _bert_config(is_decoder=True, add_cross_attention=True)
+    config = transformers.EncoderDecoderConfig.from_encoder_decoder_configs(_bert_config(), decoder)
+    config.decoder_start_token_id, config.pad_token_id = 2, 1
+    model = transformers.EncoderDecoderModel(config=config)
+    return model, {"input_ids": _ids((N, S)), "labels": _labels((N, T))}, "tokens"
+
+
+def bert_generation_decoder():
+    config = transformers.BertGenerationConfig(
+        vocab_size=V, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=8, max_position_embeddings=16, is_decoder=True,
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+    )  # fmt: skip
+    model = transformers.BertGenerationDecoder(config)
+    return model, {"input_ids": _ids((N, S)), "labels": _labels((N, S))}, "causal"
+
+
 FAMILIES = [
     t5, bart, whisper, whisper_audio_classification, vit, bert_sequence, bert_sequence_column,
     bert_regression, bert_multi_target_regression, bert_multi_label, bert_tokens,
-    bert_masked_lm, llama, opt,
+    bert_masked_lm, llama, opt, marian, encoder_decoder, bert_generation_decoder,
 ]  # fmt: skip
 
 
@@ -251,7 +284,7 @@ def dense_ggn_diagonal(model, params, batch, formula):
     "family",
     [
         t5, pytest.param(whisper, marks=pytest.mark.slow), vit, bert_sequence_column,
-        bert_regression, bert_multi_label, bert_masked_lm, opt,
+        bert_regression, bert_multi_label, bert_masked_lm, opt, marian, encoder_decoder,
     ],
     ids=lambda f: getattr(f, "__name__", None),
 )  # fmt: skip

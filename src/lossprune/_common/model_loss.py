@@ -236,17 +236,21 @@ def model_loss(model: nn.Module) -> ModelLoss | None:
     ``*ForCausalLM``, ``*LMHeadModel`` and decoder-only ``*ForConditionalGeneration``:
     ``"causal_lm"``; encoder-decoder ``*ForConditionalGeneration`` (``config.is_encoder_decoder``,
     T5, BART, Whisper): ``"seq2seq"`` with the config's ``decoder_start_token_id`` and
-    ``pad_token_id``; ``*ForMaskedLM``, ``*ForTokenClassification``: ``"tokens"``; sequence,
-    image, audio and video classifiers: by ``config.problem_type`` as ``transformers`` decides
-    it (``"regression"`` also for ``num_labels == 1``, ``"multi_label"``, else ``"sequence"``).
+    ``pad_token_id``; the same for the generating classes that ``transformers``' auto tables
+    list under other names (:func:`_generation_task`: ``MarianMTModel``,
+    ``EncoderDecoderModel``, ``BertGenerationDecoder``); ``*ForMaskedLM``,
+    ``*ForTokenClassification``: ``"tokens"``; sequence, image, audio and video classifiers: by
+    ``config.problem_type`` as ``transformers`` decides it (``"regression"`` also for
+    ``num_labels == 1``, ``"multi_label"``, else ``"sequence"``).
     """
     config = getattr(model, "config", None)
     if config is None:
         return None
     name = type(model).__name__
-    if name.endswith(("ForCausalLM", "LMHeadModel")):
+    generates = _generation_task(model)
+    if name.endswith(("ForCausalLM", "LMHeadModel")) or generates == "causal_lm":
         return ModelLoss("causal_lm")
-    if name.endswith("ForConditionalGeneration"):
+    if name.endswith("ForConditionalGeneration") or generates == "seq2seq":
         if not getattr(config, "is_encoder_decoder", False):
             return ModelLoss("causal_lm")  # decoder-only, e.g. a vision-language model
         return ModelLoss(
@@ -264,6 +268,53 @@ def model_loss(model: nn.Module) -> ModelLoss | None:
             return ModelLoss("multi_label")
         return ModelLoss("sequence")
     return None
+
+
+#: ``transformers``' auto-class tables (``models.auto.modeling_auto``) of the generating models,
+#: by the task their loss is: they name the classes that the suffixes above miss
+#: (``MarianMTModel``, ``EncoderDecoderModel``, ``SpeechEncoderDecoderModel``,
+#: ``VisionEncoderDecoderModel``, ``ReformerModelWithLMHead``, ``BertGenerationDecoder``).
+_GENERATION_TABLES = {
+    "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES": "causal_lm",
+    "MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES": "seq2seq",
+    "MODEL_FOR_SPEECH_SEQ_2_SEQ_MAPPING_NAMES": "seq2seq",
+    "MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES": "seq2seq",
+}
+
+
+def _generation_task(model: nn.Module) -> str | None:
+    """The task of a generating model that ``transformers``' auto tables list, else ``None``.
+
+    ``"causal_lm"`` or ``"seq2seq"`` when the model's class (or a ``transformers`` class it
+    derives from) is in :data:`_GENERATION_TABLES`. ``"seq2seq"`` stands for the
+    conditional-generation tables, whose decoder-only members (vision-language models)
+    :func:`model_loss` then treats as causal LMs, as it does a decoder-only
+    ``*ForConditionalGeneration``.
+    """
+    own = [c for c in type(model).__mro__ if c.__module__.startswith("transformers.")]
+    if not own:  # not a transformers model: its tables need not be imported
+        return None
+    tables = _generation_tables()
+    return next((tables[c.__name__] for c in own if c.__name__ in tables), None)
+
+
+_TABLES: dict[str, str] | None = None
+
+
+def _generation_tables() -> dict[str, str]:
+    """Class name -> task, from :data:`_GENERATION_TABLES` (empty without ``transformers``)."""
+    global _TABLES
+    if _TABLES is None:
+        _TABLES = {}
+        try:
+            from transformers.models.auto import modeling_auto
+        except ImportError:  # only transformers' own classes are looked up here
+            return _TABLES
+        for table, task in _GENERATION_TABLES.items():
+            for value in getattr(modeling_auto, table, {}).values():
+                for cls_name in value if isinstance(value, (tuple, list)) else (value,):
+                    _TABLES.setdefault(cls_name, task)
+    return _TABLES
 
 
 def _config_id(config: Any, name: str) -> int | None:
@@ -288,7 +339,9 @@ def resolve_loss(model: nn.Module, loss_fn: Any) -> Any:
             f"loss_fn is needed for {type(model).__name__}: only Hugging Face models "
             "(*ForCausalLM, *LMHeadModel, *ForConditionalGeneration, *ForMaskedLM, "
             "*ForTokenClassification, *ForSequenceClassification, *ForImageClassification, "
-            "*ForAudioClassification) computing their loss from labels may omit it"
+            "*ForAudioClassification, and the generating models transformers' auto classes "
+            "list: MarianMTModel, EncoderDecoderModel) computing their loss from labels may "
+            "omit it"
         )
     return loss
 
