@@ -778,3 +778,52 @@ def test_a_module_given_the_batch_size_is_left_out_alone(monkeypatch):
     ).mean(1)
     left, error = _left_and_error(model.double().eval(), monkeypatch)
     assert left == [{"scale.weight"}] and error < 1e-12
+
+
+class GatedTokens(nn.Module):
+    """Token embeddings through a module of its own parameters, ``tanh(h W + b)``: no layer
+    rule covers it, and the gradient of ``W`` depends on ``b`` (as in GPT-OSS's experts)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, 6)
+        self.gate = _Gate()
+        self.out = nn.Linear(6, 3)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.out(self.gate(self.embed(input_ids)).mean(1))
+
+
+class _Gate(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(6, 6) / 3)
+        self.bias = nn.Parameter(torch.randn(6))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(h @ self.weight + self.bias)
+
+
+def test_a_module_with_parameters_left_out_gives_numbers_not_graphs(monkeypatch):
+    """A module's weight differentiated without its bias (which still requires grad in the
+    model): its squared pull-backs are plain numbers, not functions of the bias (selection
+    calls ``.numpy()`` on scores: GPT-OSS's experts with their biases left out failed there),
+    and equal the slow twin's."""
+    torch.manual_seed(0)
+    model = GatedTokens().double().eval()
+    params = {k: p.detach() for k, p in model.named_parameters() if k != "gate.bias"}
+    left = _left_one_by_one(monkeypatch)
+    fast = fisher_diag_mc(
+        model,
+        params,
+        _token_batch(),
+        nn.CrossEntropyLoss(),
+        generator=torch.Generator().manual_seed(5),
+    )
+    assert not [name for taken in left for name in taken]  # the gate is batched
+    assert not [name for name, value in fast.items() if value.requires_grad]
+    slow = fisher_diag_mc(
+        model, params, _token_batch(), nn.CrossEntropyLoss(),
+        generator=torch.Generator().manual_seed(5), fast=False,
+    )  # fmt: skip
+    assert _relative_error(fast, slow) < 1e-12

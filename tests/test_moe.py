@@ -85,6 +85,9 @@ def test_every_criterion_and_structure_runs_on_the_experts(family):
         result = scores(model, criterion, batch)
         assert result[GATE_UP].shape == experts_of(model).gate_up_proj.shape
         assert all(torch.isfinite(s).all() for s in result.values()), criterion
+        # numbers, not functions of the parameters left out (GPT-OSS's expert biases)
+        assert not any(s.requires_grad for s in result.values()), criterion
+    Pruner(tiny_moe(family), QuadraticModel(1e-3), LinearSchedule(0.5, 1), data=batch).run()
     for scope in ("global", "layerwise", NM(2, 4), Blocks(2, 4, "layerwise")):
         model = tiny_moe(family)
         with warnings.catch_warnings():

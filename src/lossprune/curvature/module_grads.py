@@ -240,7 +240,10 @@ def squared_module_grads(
         stop = min(examples, start + step)
         summed: Params = {}
         for call, delta in zip(calls, deltas, strict=True):
-            grads = _per_example(call, start, stop, delta)
+            # No graph to the module's other parameters (a bias left out of ``params`` still
+            # requires grad): the pull-backs are numbers, not functions of them.
+            with torch.no_grad():
+                grads = _per_example(call, start, stop, delta)
             for local, g in grads.items():
                 q = call.names[local]
                 summed[q] = g if q not in summed else summed[q] + g
