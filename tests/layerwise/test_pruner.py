@@ -1,5 +1,7 @@
 """LayerwisePruner: what it accepts, what it refuses before anything changes, what it reports."""
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -161,6 +163,55 @@ def test_an_encoder_decoder_has_no_single_chain():
                                    num_decoder_layers=1, num_heads=2)  # fmt: skip
     with pytest.raises(ValueError, match="several stacks of layers"):
         find_blocks(transformers.T5ForConditionalGeneration(config))
+
+
+def test_two_stacks_side_by_side_are_refused_even_without_no_split_modules():
+    """Marian and Pegasus declare no ``_no_split_modules``: the longest of their encoder and
+    decoder layer lists used to be pruned and the other left dense, silently."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.MarianConfig(
+        vocab_size=32, d_model=8, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+        decoder_attention_heads=2, encoder_ffn_dim=16, decoder_ffn_dim=16,
+        max_position_embeddings=16, pad_token_id=0, decoder_start_token_id=0,
+    )  # fmt: skip
+    with pytest.raises(ValueError, match=r"several stacks of layers \(\['model.encoder.layers'"):
+        find_blocks(transformers.MarianMTModel(config))
+
+    class EncoderDecoder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.encoder = nn.ModuleList([nn.Linear(8, 8), nn.Linear(8, 8)])
+            self.decoder = nn.ModuleList([nn.Linear(8, 8)])
+            self.scales = nn.ModuleList([nn.LayerNorm(8), nn.LayerNorm(8), nn.LayerNorm(8)])
+
+    with pytest.raises(ValueError, match="several stacks of layers"):
+        find_blocks(EncoderDecoder())
+    # a (longer) list of norms beside the layers is no second stack, and not the blocks
+    alone = EncoderDecoder()
+    del alone.decoder
+    assert find_blocks(alone).names == ("encoder.0", "encoder.1")
+
+
+class Projected(nn.Module):
+    """A projection into the width of the blocks, before them (ALBERT's and Electra's
+    ``embedding_hidden_mapping_in``/``embeddings_project``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.project = nn.Linear(8, 8)
+        self.layers = nn.ModuleList([nn.Linear(8, 8), nn.Linear(8, 8)])
+
+    def forward(self, x):
+        return self.layers[1](self.layers[0](self.project(x)))
+
+
+def test_default_weights_outside_the_blocks_are_named_as_left_dense():
+    with pytest.warns(UserWarning, match=r"1 weight\(s\) .* outside the blocks .*'project.weight'"):
+        report = LayerwisePruner(Projected(), Magnitude(), 0.5, data=DATA).run()
+    assert [m.name for m in report.matrices] == ["layers.0.weight", "layers.1.weight"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # excluded by choice: nothing to say
+        LayerwisePruner(Projected(), Magnitude(), 0.5, data=DATA, exclude="project.weight")
 
 
 def test_blocks_must_return_hidden_states_and_batches_must_have_a_form():

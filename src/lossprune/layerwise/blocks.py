@@ -10,7 +10,9 @@ next one's input), then whatever runs after the last (final norm, head). The blo
   ``GPT2Block``...): the layer list of every causal LM of the transformers page (Llama,
   Qwen2/3, Mistral, Gemma, Phi-3, OPT, GPT-2);
 * the children of an :class:`~torch.nn.Sequential` model;
-* else the longest :class:`~torch.nn.ModuleList` of modules of one class;
+* else the :class:`~torch.nn.ModuleList` of modules of one class that holds weight matrices
+  (several such lists side by side are refused: an encoder and a decoder), or the longest
+  list of modules of one class;
 * or what the user names: ``blocks="model.layers"`` (a ``ModuleList``/``Sequential`` whose
   children are the blocks) or a list of module names in forward order.
 
@@ -76,6 +78,24 @@ def find_blocks(model: nn.Module, blocks: str | Sequence[str] | None = None) -> 
     return _stack(model, tuple(blocks), "named by blocks=")
 
 
+def _outermost_with_linear_maps(
+    lists: list[tuple[str, nn.ModuleList]],
+) -> list[tuple[str, nn.ModuleList]]:
+    """The stacks whose weights layer-wise pruning would prune.
+
+    The lists of ``lists`` that lie inside none of the others and hold a linear map (a weight
+    of two or more dimensions).
+    """
+    outer = [
+        (name, module)
+        for name, module in lists
+        if not any(name.startswith(f"{other}.") for other, _ in lists if other != name)
+    ]
+    return [
+        (name, module) for name, module in outer if any(p.dim() >= 2 for p in module.parameters())
+    ]
+
+
 def _module(model: nn.Module, name: str) -> nn.Module:
     try:
         return model.get_submodule(name)
@@ -124,8 +144,18 @@ def _found(model: nn.Module) -> BlockStack:
         for name, module in lists
         if len({type(child) for child in module}) == 1 and name
     ]
+    stacks = _outermost_with_linear_maps(uniform)
+    if len(stacks) > 1:
+        # Marian's and Pegasus's encoder and decoder layers (no ``_no_split_modules``): the
+        # longest would be pruned and the other left dense.
+        raise ValueError(
+            f"blocks: {type(model).__name__} has several stacks of layers "
+            f"({[name for name, _ in stacks]}; an encoder and a decoder?), which do not form "
+            "one chain; name the blocks with blocks=[...]"
+        )
     if uniform:
-        name, _ = max(uniform, key=lambda item: len(item[1]))
+        # the list whose weights would be pruned, not a longer list of norms beside it
+        name, _ = stacks[0] if stacks else max(uniform, key=lambda item: len(item[1]))
         return find_blocks(model, name)._replace(found_by=f"the longest ModuleList {name!r}")
     raise ValueError(
         f"blocks: no stack of blocks found in {type(model).__name__} (no decoder layer list, "

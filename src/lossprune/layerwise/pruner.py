@@ -25,6 +25,7 @@ weights are written back in the model's dtype.
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -574,6 +575,7 @@ def _plan(
     matrices = []
     targets = _targets(selection, list(candidates), sparsity)
     structure = selection.structure if isinstance(selection, Targets) else selection
+    outside = []
     for name, param in candidates.items():
         blocks = {_block_of(stack.names, module_name) for module_name, _ in users[id(param)]}
         if None in blocks or len(blocks) != 1:
@@ -582,6 +584,7 @@ def _plan(
                     f"{name!r} is used outside one block ({sorted(map(str, blocks))}); "
                     "layer-wise pruning prunes the weights of one block at a time"
                 )
+            outside.append(name)
             continue
         block = blocks.pop()
         assert block is not None
@@ -608,6 +611,16 @@ def _plan(
         )  # fmt: skip
     if not matrices:
         raise ValueError("no weight matrix inside the blocks to prune")
+    if outside:
+        # Said, not silent: the sparsity asked for holds for the blocks' matrices only.
+        shown = ", ".join(repr(n) for n in outside[:4]) + (", ..." if len(outside) > 4 else "")
+        warnings.warn(
+            f"{len(outside)} weight(s) of the default selection lie outside the blocks "
+            f"({stack.found_by}) and stay dense: {shown}; name the blocks with blocks=[...] to "
+            "take them in, or exclude= them to silence this",
+            UserWarning,
+            stacklevel=3,
+        )
     return matrices
 
 
