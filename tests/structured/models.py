@@ -93,9 +93,30 @@ def qwen3_moe() -> nn.Module:
     return _perturbed(transformers.Qwen3MoeForCausalLM(config))
 
 
+def starcoder2() -> nn.Module:
+    """``c_fc``/``c_proj`` MLP whose width the config calls ``intermediate_size``."""
+    config = transformers.Starcoder2Config(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=40, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=SEQ,
+    )  # fmt: skip
+    return _perturbed(transformers.Starcoder2ForCausalLM(config))
+
+
+def phi() -> nn.Module:
+    """``fc1``/``fc2`` MLP whose width the config calls ``intermediate_size``."""
+    config = transformers.PhiConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=40, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=SEQ,
+    )  # fmt: skip
+    return _perturbed(transformers.PhiForCausalLM(config))
+
+
 HF_MODELS = {
     "llama": llama, "qwen3": qwen3, "mistral": mistral, "gpt2": gpt2, "opt": opt, "bert": bert,
+    "starcoder2": starcoder2,
 }  # fmt: skip
+#: Models with removable neurons only (Phi's attention has no supported layout).
+NEURON_MODELS = {"phi": phi}
 MOE_MODELS = {"mixtral": mixtral, "qwen3_moe": qwen3_moe}
 
 

@@ -24,11 +24,14 @@ from . import models
 
 transformers = pytest.importorskip("transformers")
 
-HF_CASES = [(name, kind) for name in models.HF_MODELS for kind in ("heads", "neurons")]
+HF_CASES = [(name, kind) for name in models.HF_MODELS for kind in ("heads", "neurons")] + [
+    (name, "neurons") for name in models.NEURON_MODELS
+]
+BUILDERS = {**models.HF_MODELS, **models.NEURON_MODELS}
 UNIFORM_RELOADS = [
     ("llama", "heads"), ("llama", "neurons"), ("qwen3", "heads"), ("qwen3", "neurons"),
     ("mistral", "heads"), ("mistral", "neurons"), ("gpt2", "neurons"), ("opt", "neurons"),
-    ("bert", "neurons"),
+    ("bert", "neurons"), ("starcoder2", "heads"), ("starcoder2", "neurons"), ("phi", "neurons"),
 ]  # fmt: skip
 
 
@@ -68,7 +71,7 @@ def _same_state(a, b):
 
 @pytest.mark.parametrize("name, kind", HF_CASES)
 def test_removed_model_equals_masked_dense_model(name, kind):
-    model = models.HF_MODELS[name]()
+    model = BUILDERS[name]()
     groups = find_groups(model, kind)
     removed = _random_removal(groups, uniform=False)
     small = remove(model, groups, removed, hf_config="record")
@@ -93,7 +96,7 @@ def test_inplace_removal_modifies_the_model_and_a_copy_does_not():
 
 @pytest.mark.parametrize("name, kind", UNIFORM_RELOADS)
 def test_uniform_removal_reloads_with_from_pretrained(name, kind, tmp_path):
-    model = models.HF_MODELS[name]()
+    model = BUILDERS[name]()
     groups = find_groups(model, kind)
     small = remove(model, groups, {g.name: list(range(g.size // 4 or 1)) for g in groups})
     small.save_pretrained(tmp_path)

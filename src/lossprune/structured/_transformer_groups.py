@@ -16,9 +16,12 @@ Heads (config fields that count them, when the config can):
   fewer heads.
 
 Neurons: ``gate/up/down_proj`` (``intermediate_size``), GPT-2's ``c_fc``/``c_proj`` (weights
-stored (in, out); ``n_inner``), OPT's ``fc1``/``fc2`` (``ffn_dim``), BERT's
+stored (in, out); ``n_inner``, StarCoder2's ``intermediate_size``), OPT's ``fc1``/``fc2``
+(``ffn_dim``; Phi's, DeiT's and BEiT's ``intermediate_size``), BERT's
 ``intermediate``/``output`` (``intermediate_size``): neuron i is row i of the producers and
-column i of the consumer.
+column i of the consumer. The config field is the first of the layout's that holds the MLP's
+width; with none (BART's ``encoder_ffn_dim``/``decoder_ffn_dim``), removal needs
+``hf_config="record"``.
 
 Experts: a block with a ``gate`` router (one weight row per expert) and an ``experts`` module
 holding one slice per expert of each of its tensors (Mixtral, Qwen3-MoE): expert e is slice e
@@ -253,7 +256,7 @@ def _mlp(
     name: str,
     producers: list[tuple[str, nn.Module]],
     consumer: tuple[str, nn.Module],
-    config_key: str,
+    config_keys: tuple[str, ...],
 ) -> GroupSet:
     """Neurons of an MLP: rows of each producer, columns of the consumer.
 
@@ -274,19 +277,28 @@ def _mlp(
             )
         slices += _rows(producer_name, producer, index, axis=1 if producer_conv1d else 0)
     slices.append(Slice(f"{consumer_name}.weight", 0 if conv1d else 1, index))
-    value = _config_value(model, config_key)
-    if config_key == "n_inner" and value is None and _config_value(model, "n_embd") is not None:
-        value = 4 * int(_config_value(model, "n_embd"))  # type: ignore[call-overload]
-    expressible = value == size
+    # The first of the layout's config fields that holds this width (Phi's and StarCoder2's
+    # fc1/c_fc layouts count it in intermediate_size, OPT's in ffn_dim, GPT-2's in n_inner).
+    config_key = next((key for key in config_keys if _width(model, key) == size), None)
     return GroupSet(
         name,
         "neurons",
         size,
         tuple(slices),
         consumers=(Consumer(consumer_name, index),),
-        config=(ConfigUpdate(config_key, 1),) if expressible else (),
-        note="" if expressible else f"the config's {config_key} is not this MLP's width {size}",
-    )
+        config=(ConfigUpdate(config_key, 1),) if config_key else (),
+        note="" if config_key else (
+            f"no config field of {list(config_keys)} is this MLP's width {size}"
+        ),
+    )  # fmt: skip
+
+
+def _width(model: nn.Module, key: str) -> object:
+    """The MLP width a config field says (GPT-2's ``n_inner=None`` means ``4 * n_embd``)."""
+    value = _config_value(model, key)
+    if key == "n_inner" and value is None and _config_value(model, "n_embd") is not None:
+        value = 4 * int(_config_value(model, "n_embd"))  # type: ignore[call-overload]
+    return value
 
 
 def _mlp_layout(model: nn.Module, name: str, module: nn.Module) -> GroupSet | None:
@@ -300,10 +312,10 @@ def _mlp_layout(model: nn.Module, name: str, module: nn.Module) -> GroupSet | No
         return None
 
     layouts = (
-        (("gate_proj", "up_proj"), "down_proj", "intermediate_size"),
-        (("c_fc",), "c_proj", "n_inner"),
-        (("fc1",), "fc2", "ffn_dim"),
-        (("intermediate.dense",), "output.dense", "intermediate_size"),
+        (("gate_proj", "up_proj"), "down_proj", ("intermediate_size",)),
+        (("c_fc",), "c_proj", ("n_inner", "intermediate_size")),
+        (("fc1",), "fc2", ("ffn_dim", "intermediate_size")),
+        (("intermediate.dense",), "output.dense", ("intermediate_size",)),
     )
     for producer_paths, consumer_path, key in layouts:
         producers = [child(p) for p in producer_paths]
