@@ -889,3 +889,57 @@ def test_exact_fisher_too_large_for_dense_columns_is_built_block_by_block(monkey
     blockwise = fisher_diag(model, params, (ids, targets), CE, fast=False)
     for k in params:
         torch.testing.assert_close(blockwise[k], dense[k], rtol=1e-10, atol=1e-12)
+
+
+class _OldStyleTanh(torch.autograd.Function):
+    """An autograd.Function without ``setup_context`` (BLOOM's GeLU is one): torch.func cannot
+    transform it, plain reverse mode can (its backward is made of differentiable operations)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return torch.tanh(x)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (x,) = ctx.saved_tensors
+        return grad_output * (1 - torch.tanh(x) ** 2)
+
+
+class _OldStyleMLP(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(4, 5), nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.fc2(_OldStyleTanh.apply(self.fc1(x)))
+
+
+def test_an_autograd_function_torch_func_cannot_transform_runs_in_reverse_mode():
+    """The gradient, Hessian- and Gauss-Newton-vector products of a model whose activation is
+    an old-style autograd.Function equal the dense brute force of its plain twin (float64)."""
+    torch.manual_seed(0)
+    model = _OldStyleMLP().to(DTYPE)
+    twin = nn.Sequential(model.fc1, nn.Tanh(), model.fc2)  # the same weights, plain tanh
+    x = torch.randn(6, 4, dtype=DTYPE)
+    y = torch.randint(0, 3, (6,))
+    params = {k: p.detach() for k, p in model.named_parameters()}
+    twin_params = {k.replace("fc1", "0").replace("fc2", "2"): v for k, v in params.items()}
+    vectors = {k: torch.randn(2, *p.shape, dtype=DTYPE) for k, p in params.items()}
+    result = loss_and_grad(model, params, (x, y), CE)
+    expected = bf.gradient(twin, twin_params, x, y, CE)
+    torch.testing.assert_close(bf.flatten(result.grad), expected, rtol=1e-12, atol=1e-14)
+    for product, dense in ((hvp, bf.dense_hessian), (ggn_vp, bf.dense_ggn)):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            got = product(model, params, (x, y), CE, vectors)
+        matrix = dense(twin, twin_params, x, y, CE)
+        for j in range(2):
+            v = bf.flatten({k: t[j] for k, t in vectors.items()})
+            torch.testing.assert_close(
+                bf.flatten({k: t[j] for k, t in got.products.items()}), matrix @ v,
+                rtol=1e-10, atol=1e-12,
+            )  # fmt: skip
+        torch.testing.assert_close(bf.flatten(got.grad), expected, rtol=1e-12, atol=1e-14)
+        if product is ggn_vp:  # said once, not silent
+            assert any("Gauss-Newton-vector" in str(w.message) for w in caught)

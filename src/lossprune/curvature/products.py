@@ -23,7 +23,7 @@ from typing import Any, NamedTuple, cast
 import torch
 from torch import Tensor, nn
 from torch.func import grad_and_value, jvp, vjp, vmap
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from .._common.batches import Batch
 from .._common.functional import FunctionalModel, check_deterministic
@@ -163,22 +163,35 @@ def loss_and_grad(
     """
     loss_fn, batch = prepare(model, loss_fn, batch)
     inputs, targets = batch
-    batch_loss = FunctionalModel(model, params).loss_fn_of(loss_fn)
-    grads, loss = grad_and_value(batch_loss)(dict(params), inputs, targets)
-    return GradientResult(loss.detach(), {k: v.detach() for k, v in grads.items()})
+    # Plain reverse mode, not torch.func.grad: the same numbers, and it also runs models with
+    # an autograd.Function that torch.func cannot transform (BLOOM's GeLU has no
+    # setup_context).
+    leaves = {k: v.detach().requires_grad_(True) for k, v in params.items()}
+    with torch.enable_grad():
+        loss = loss_fn(FunctionalModel(model, params)(leaves, inputs), targets)
+    if not loss.requires_grad:  # no parameter reaches the loss
+        return GradientResult(loss.detach(), {k: torch.zeros_like(v) for k, v in leaves.items()})
+    grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
+    return GradientResult(
+        loss.detach(),
+        {
+            k: torch.zeros_like(leaf) if g is None else g
+            for (k, leaf), g in zip(leaves.items(), grads, strict=True)
+        },
+    )
 
 
 _WARNED_DOUBLE_BACKWARD: set[str] = set()
 
 
-def _warn_double_backward_once(error: Exception) -> None:
-    key = type(error).__name__ + str(error).split("\n")[0]
+def _warn_double_backward_once(error: Exception, products: str = "Hessian-vector") -> None:
+    key = products + type(error).__name__ + str(error).split("\n")[0]
     if key not in _WARNED_DOUBLE_BACKWARD:
         _WARNED_DOUBLE_BACKWARD.add(key)
         warnings.warn(
             "forward-mode AD failed for an operation of this model "
             f"({str(error).splitlines()[0] if str(error) else type(error).__name__}); falling "
-            "back to double-backward Hessian-vector products (same numbers, slower).",
+            f"back to double-backward {products} products (same numbers, slower).",
             RuntimeWarning,
             stacklevel=3,
         )
@@ -409,8 +422,14 @@ def _ggn_vp(
     def outputs_of(p: Params) -> Any:
         return fmodel(p, inputs)
 
-    # vjp's stubs allow an aux output; index instead of unpacking so the types stay exact.
-    primal = vjp(outputs_of, params)
+    try:
+        # vjp's stubs allow an aux output; index instead of unpacking so the types stay exact.
+        primal = vjp(outputs_of, params)
+    except RuntimeError as error:
+        if "setup_context" not in str(error):
+            raise
+        # An autograd.Function torch.func cannot transform (BLOOM's GeLU): reverse mode only.
+        return _ggn_vp_double_backward(model, params, batch, loss_fn, vectors, error)
     outputs, pullback = tree_map(torch.Tensor.detach, primal[0]), primal[1]
     loss, output_grad = loss_and_output_grad(loss_fn, outputs, targets)
     space = output_curvature(loss_fn, outputs, targets)
@@ -431,3 +450,73 @@ def _ggn_vp(
             "scaled_dot_product_attention)"
         ) from error
     return CurvatureProducts(loss.detach(), {k: g.detach() for k, g in grads.items()}, products)
+
+
+def _ggn_vp_double_backward(
+    model: nn.Module,
+    params: Params,
+    batch: tuple[Any, Tensor],
+    loss_fn: LossFn,
+    vectors: Mapping[str, Tensor],
+    error: Exception,
+) -> CurvatureProducts:
+    r""":math:`J^\top M J v` by reverse mode alone, one vector at a time (the slow route).
+
+    :math:`Jv` is the derivative with respect to :math:`u` of :math:`(J^\top u)^\top v`, which is
+    linear in :math:`u` (the "double-backward trick"): one backward pass with a graph gives
+    :math:`J^\top u`, then one per vector gives :math:`Jv`, and one more :math:`J^\top(MJv)`.
+    """
+    inputs, targets = batch
+    leaves = {k: v.detach().requires_grad_(True) for k, v in params.items()}
+    names = list(leaves)
+    with torch.enable_grad():
+        outputs = FunctionalModel(model, params)(leaves, inputs)
+        flat, spec = tree_flatten(outputs)
+        detached = tree_map(torch.Tensor.detach, outputs)
+        loss, output_grad = loss_and_output_grad(loss_fn, detached, targets)
+        space = output_curvature(loss_fn, detached, targets)
+        differentiable = [i for i, o in enumerate(flat) if o.requires_grad]
+        roots = [flat[i] for i in differentiable]
+
+        def pull_back(cotangents: Any, graph: bool = False) -> list[Tensor | None]:
+            flat_cotangents = tree_flatten(cotangents)[0]
+            return list(
+                torch.autograd.grad(
+                    roots, list(leaves.values()),
+                    grad_outputs=[flat_cotangents[i] for i in differentiable],
+                    retain_graph=True, create_graph=graph, allow_unused=True,
+                )
+            )  # fmt: skip
+
+        dummies = [torch.zeros_like(flat[i], requires_grad=True) for i in differentiable]
+        transposed = torch.autograd.grad(
+            roots, list(leaves.values()), grad_outputs=dummies, create_graph=True,
+            allow_unused=True,
+        )  # fmt: skip
+        used = [i for i, t in enumerate(transposed) if t is not None and t.requires_grad]
+        k = next(iter(vectors.values())).shape[0]
+        products = {name: leaf.new_zeros((k, *leaf.shape)) for name, leaf in leaves.items()}
+        for j in range(k if used else 0):
+            jv_parts = torch.autograd.grad(
+                [transposed[i] for i in used], dummies,
+                grad_outputs=[vectors[names[i]][j] for i in used],
+                retain_graph=True, allow_unused=True,
+            )  # fmt: skip
+            jv = [torch.zeros_like(o) for o in flat]
+            for i, part in zip(differentiable, jv_parts, strict=True):
+                if part is not None:
+                    jv[i] = part
+            column = pull_back(space.ggn_product_one(tree_unflatten(jv, spec)))
+            for name, c in zip(names, column, strict=True):
+                if c is not None:
+                    products[name][j] = c
+        grads = pull_back(output_grad)
+    _warn_double_backward_once(error, "Gauss-Newton-vector")
+    return CurvatureProducts(
+        loss.detach(),
+        {
+            name: torch.zeros_like(leaf) if g is None else g.detach()
+            for (name, leaf), g in zip(leaves.items(), grads, strict=True)
+        },
+        products,
+    )
