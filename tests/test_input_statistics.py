@@ -75,6 +75,31 @@ def test_gram_matrices_and_diagonals_match_a_per_position_loop():
         torch.testing.assert_close(moments.sq_norms, diagonal.reshape(shape), rtol=1e-12, atol=0)
 
 
+class OneHead(nn.Module):
+    """A Linear that reads (N, 1, T, in): DeepSeek-V3's kv_b_proj on its single-head latents."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.proj(x.unsqueeze(1)).squeeze(1)
+
+
+def test_a_linear_reading_positions_with_a_dimension_of_one_put_in_counts_them():
+    torch.manual_seed(0)
+    model = OneHead().double()
+    x = torch.randn(3, 5, 4, dtype=torch.float64)
+    counted = torch.rand(3, 5, generator=torch.Generator().manual_seed(1)) > 0.4
+    statistics = InputStatistics(model, ["proj.weight"], gram=True, dtype=torch.float64)
+    with statistics.recording(counted):
+        model(x)
+    moments = statistics.means()["proj.weight"]
+    rows = x[counted]  # (r, 4): the counted positions
+    assert moments.rows == len(rows)
+    torch.testing.assert_close(moments.gram, rows.T @ rows / len(rows), rtol=1e-12, atol=1e-14)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_models_accumulate_in_float32(dtype):
     torch.manual_seed(1)

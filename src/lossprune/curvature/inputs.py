@@ -94,7 +94,11 @@ def _counted_rows(x: Tensor, counted: Tensor | None, module: nn.Module) -> Tenso
     if counted is None:
         return flat
     lead = tuple(x.shape[:-1])
-    if lead == tuple(counted.shape) or lead == (counted.numel(),):  # one row per position
+    # One row per position, in the positions' order: the same shape, flattened, or with
+    # dimensions of size one put in (DeepSeek-V3's kv_b_proj reads (N, 1, T, rank)).
+    if lead in ((counted.numel(),), tuple(counted.shape)) or (
+        _without_ones(lead) == _without_ones(counted.shape)
+    ):
         keep = counted.reshape(-1)
     elif lead == tuple(counted.shape[:1]):  # one row per example (e.g. a classifier head)
         keep = counted.any(1)
@@ -108,6 +112,10 @@ def _counted_rows(x: Tensor, counted: Tensor | None, module: nn.Module) -> Tenso
             "without padding or ignored labels"
         )
     return flat[keep.to(flat.device)]
+
+
+def _without_ones(shape: tuple[int, ...] | torch.Size) -> tuple[int, ...]:
+    return tuple(d for d in shape if d != 1)
 
 
 def _linear(module: nn.Module, x: Tensor, counted: Tensor | None) -> _Contribution:
