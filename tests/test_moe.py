@@ -34,7 +34,16 @@ from lossprune.curvature import Statistic, compute_statistics, hvp
 from lossprune.curvature.expert_inputs import expert_input_sums
 from lossprune.curvature.inputs import InputStatistics
 from lossprune.selection import describe_prunable, is_nm, prunable_parameters, select_masks
-from tests.moe_models import EXPERTS, FAMILIES, HIDDEN, INTER, experts_of, tiny_moe, token_batch
+from tests.moe_models import (
+    EXPERTS,
+    FAMILIES,
+    HIDDEN,
+    INTER,
+    experts_of,
+    tiny_moe,
+    token_batch,
+    transformers,
+)
 from tests.test_transformers_core import close, reference_ggn, reference_loss
 
 GATE_UP = "model.layers.0.mlp.experts.gate_up_proj"
@@ -138,6 +147,23 @@ def test_gradient_fisher_and_hessian_products_of_the_experts_match_brute_force(f
         second = torch.autograd.grad(dot, list(leaves.values()), retain_graph=True)
         for name, expected in zip(params, second, strict=True):
             torch.testing.assert_close(products[name][row], expected)
+
+
+def test_synflow_names_the_dtype_a_kernel_refuses():
+    """The default experts kernel (grouped_mm) has no float64: SynFlow's float64 forward pass
+    fails with the fix named, and runs in the model's own float32."""
+    config = transformers.MixtralConfig(
+        vocab_size=16, hidden_size=8, intermediate_size=4, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1, num_local_experts=4, num_experts_per_tok=2,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    model.set_experts_implementation("grouped_mm")
+    batch = token_batch()
+    with pytest.raises(TypeError, match=r"pass SynFlow\(dtype=torch.float32\)"):
+        scores(model, SynFlow(), batch)
+    result = scores(model, SynFlow(dtype=torch.float32), batch)
+    assert result[GATE_UP].abs().sum() > 0
 
 
 def test_synflow_on_the_experts_matches_its_definition():

@@ -386,6 +386,33 @@ def test_synflow_on_token_ids_runs_through_the_embedding_output():
         scores(TokenModel(), SynFlow(), (ids, torch.tensor([0, 1, 0])))
 
 
+def test_synflow_on_an_encoder_decoder_feeds_ones_to_the_decoder_too():
+    """T5: ones of the encoder's and the decoder's embedding shapes, the decoder as long as the
+    encoder (SynFlow reads no labels); R sums every floating-point output (logits, encoder
+    states)."""
+    config = transformers.T5Config(
+        vocab_size=32, d_model=8, d_kv=4, d_ff=8, num_layers=1, num_heads=2,
+        decoder_start_token_id=0, pad_token_id=0, use_cache=False,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.T5ForConditionalGeneration(config).to(DTYPE).eval()
+    ids = torch.randint(2, 32, (3, 6), generator=torch.Generator().manual_seed(1))
+    labels = torch.randint(2, 32, (3, 4), generator=torch.Generator().manual_seed(2))
+    result = scores(model, SynFlow(), {"input_ids": ids, "labels": labels})
+    tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    absolute = {k: v.detach().abs() if v.is_floating_point() else v for k, v in tensors.items()}
+    prunable = {k: absolute[k].clone().requires_grad_(True) for k in result}
+    ones = {"inputs_embeds": torch.ones(1, 6, 8, dtype=DTYPE),
+            "decoder_inputs_embeds": torch.ones(1, 6, 8, dtype=DTYPE)}  # fmt: skip
+    outputs = functional_call(model, {**absolute, **prunable}, (), ones)
+    flow = outputs.logits.sum() + outputs.encoder_last_hidden_state.sum()
+    grads = torch.autograd.grad(flow, list(prunable.values()))
+    decoder = [k for k in result if k.startswith("decoder.")]
+    assert decoder and all(result[k].abs().sum() > 0 for k in decoder)
+    for (k, leaf), g in zip(prunable.items(), grads, strict=True):
+        torch.testing.assert_close(result[k], leaf.detach() * g)
+
+
 # --- 5. progress, 6. README usage on an HF causal LM ------------------------------------------
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,7 +44,11 @@ class SynFlow(Criterion):
     through the embedding output instead, ``model(inputs_embeds=1)`` with ones of shape
     ``(1, T, d)``, for models that accept ``inputs_embeds`` and name their input embedding
     (``get_input_embeddings()``, every Hugging Face model); other token models raise. Integer
-    keyword inputs (attention masks, token types) are left out: the model's defaults apply.
+    keyword inputs (attention masks, token types) are left out: the model's defaults apply. An
+    encoder-decoder (``config.is_encoder_decoder``) gets ``decoder_inputs_embeds`` of ones too,
+    as long as the batch's decoder inputs, or as the encoder's when the batch has none. A
+    forward pass that fails in ``dtype`` but may run in the model's own (a kernel without
+    float64) raises a ``TypeError`` naming the ``dtype`` to pass.
 
     Args:
         input_shape: shape of one input example, e.g. ``(3, 32, 32)``: a sequence of positive
@@ -81,7 +85,11 @@ class SynFlow(Criterion):
         check_deterministic(model)
         with torch.enable_grad():
             with no_random_draws(model):
-                outputs = functional_call(model, {**fixed, **leaves}, call.args, call.kwargs)
+                try:
+                    outputs = functional_call(model, {**fixed, **leaves}, call.args, call.kwargs)
+                except RuntimeError as error:
+                    _explain_dtype(error, self.dtype, context.params.values())
+                    raise
             flow = _total(outputs)
             grads = torch.autograd.grad(flow, list(leaves.values()), allow_unused=True)
         return {
@@ -129,7 +137,33 @@ def _flow_input(
         ids = args.pop(0)  # token ids as the first positional input
     if ids is not None:
         kwargs["inputs_embeds"] = _ones_embeddings(model, ids, dtype, device)
+    config = getattr(model, "config", None)
+    if ids is not None and getattr(config, "is_encoder_decoder", False):
+        # The decoder's tokens too (else it would build its inputs from the missing ids):
+        # as many as the batch's decoder inputs, or the encoder's.
+        decoder_ids = inputs.kwargs.get("decoder_input_ids")
+        decoder_ids = ids if not isinstance(decoder_ids, Tensor) else decoder_ids
+        get_decoder = getattr(model, "get_decoder", None)
+        decoder = get_decoder() if callable(get_decoder) else model
+        kwargs["decoder_inputs_embeds"] = _ones_embeddings(decoder, decoder_ids, dtype, device)
     return ModelInputs(tuple(args), kwargs)
+
+
+def _explain_dtype(error: RuntimeError, dtype: torch.dtype, params: Iterable[Tensor]) -> None:
+    """A forward pass that fails in SynFlow's dtype but may run in the model's own: say so.
+
+    Kernels without float64 (the ``grouped_mm`` experts of transformers 5) or model code that
+    assumes float32 fail with an error that does not name SynFlow's cast.
+    """
+    own = {p.dtype for p in params}
+    if own and dtype not in own:
+        first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise TypeError(
+            f"SynFlow runs the model in {dtype} (R is a product over all layers), and its "
+            f"forward pass failed in that dtype ({first_line}); pass "
+            f"SynFlow(dtype={sorted(map(str, own))[0]}) to run it in the model's own dtype "
+            "(mixtures of experts: or model.set_experts_implementation('eager'))"
+        ) from error
 
 
 def _ones_embeddings(
