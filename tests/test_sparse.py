@@ -387,6 +387,37 @@ def test_subclasses_of_linear_stay_dense():
         to_sparse(attention)  # out_proj's weight is read by the attention itself
 
 
+def test_a_transformers_linear_subclass_computing_f_linear_is_converted():
+    """Falcon's FalconLinear writes ``x @ W.T + b`` itself: converted, the same numbers; a
+    transformers subclass whose forward is another function stays dense."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.FalconConfig(
+        vocab_size=32, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+        new_decoder_architecture=False,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.FalconForCausalLM(config).double().eval()
+    Pruner(model, Magnitude(), LinearSchedule(0.9, 1)).run()
+    ids = torch.randint(0, 32, (2, 5), generator=torch.Generator().manual_seed(1))
+    sparse = to_sparse(model)
+    assert type(sparse.transformer.h[0].mlp.dense_h_to_4h).__name__ == "SparseLinear"
+    with torch.no_grad():
+        torch.testing.assert_close(sparse(ids).logits, model(ids).logits, rtol=1e-10, atol=1e-12)
+
+    class Scaled(nn.Linear):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    Scaled.__module__ = "transformers.models.made_up"  # as if transformers defined it
+    layer = Scaled(8, 4).double()
+    with torch.no_grad():
+        layer.weight[:, :6] = 0
+    with pytest.raises(ValueError, match="nothing to convert"):
+        to_sparse(nn.Sequential(layer))
+    with pytest.raises(ValueError, match="a transformers subclass computing F.linear"):
+        to_sparse(nn.Sequential(layer), layers=["0"])
+
+
 # --------------------------------------------------------------------------------------------
 # 2:4 semi-structured
 # --------------------------------------------------------------------------------------------

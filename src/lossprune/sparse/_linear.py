@@ -10,13 +10,16 @@ with one ``torch.addmm`` (sparse times dense is the product the CPU (MKL) and CU
 kernels implement; dense times sparse is several times slower on CPU). Only the stored entries
 of :math:`W` take part, so the result equals the dense one up to the order of summation.
 
-Two module types qualify, matched by exact type so that subclasses with other behaviour (such
+These modules qualify, matched by exact type so that subclasses with other behaviour (such
 as :class:`~torch.nn.MultiheadAttention`'s ``out_proj``, whose weight the attention reads
 directly) stay dense:
 
 - :class:`torch.nn.Linear` (weight ``out × in``);
 - Hugging Face ``transformers.pytorch_utils.Conv1D`` (GPT-2), which computes
-  ``addmm(b, x, W)`` with its weight stored ``in × out``: its :math:`W^\top` is the same map.
+  ``addmm(b, x, W)`` with its weight stored ``in × out``: its :math:`W^\top` is the same map;
+- subclasses of :class:`torch.nn.Linear` defined by ``transformers`` (Falcon's
+  ``FalconLinear``, which writes ``x @ W.T + b`` itself) whose plain dense floating-point weight
+  and forward pass give ``F.linear(x, W, b)`` on a random input.
 """
 
 from __future__ import annotations
@@ -66,20 +69,53 @@ class LinearWeights(NamedTuple):
 
 
 def is_linear(module: nn.Module) -> bool:
-    """Whether ``module`` is exactly an :class:`~torch.nn.Linear` or a Hugging Face ``Conv1D``."""
+    """Whether ``module`` is a linear layer that may become sparse (module docstring)."""
     if type(module) is nn.Linear:
         return True
     kind = type(module)
     # Matched by name and home module: lossprune does not depend on transformers, and importing
     # it only to test a type would cost seconds.
-    return kind.__name__ == "Conv1D" and kind.__module__ == _HF_CONV1D_MODULE
+    if kind.__name__ == "Conv1D" and kind.__module__ == _HF_CONV1D_MODULE:
+        return True
+    return (
+        isinstance(module, nn.Linear)
+        and kind.__module__.startswith("transformers.")
+        and _computes_linear(module)
+    )
+
+
+def _computes_linear(module: nn.Linear) -> bool:
+    """Whether a subclass's forward pass gives ``F.linear(x, W, b)`` on one random input.
+
+    Only for a plain dense floating-point weight (a quantized subclass is no sparse candidate);
+    float64 inputs where the weight is float64, else the tolerance of the weight's dtype.
+    """
+    weight = module.weight
+    if type(weight) not in (Tensor, nn.Parameter) or weight.layout != torch.strided:
+        return False
+    if not weight.is_floating_point() or weight.is_meta or weight.dim() != 2:
+        return False
+    generator = torch.Generator(device=weight.device).manual_seed(0)
+    x = torch.randn(
+        (3, weight.shape[1]), generator=generator, dtype=weight.dtype, device=weight.device
+    )
+    try:
+        with torch.no_grad():
+            out = module(x)
+            expected = torch.nn.functional.linear(x, weight, module.bias)
+    except (RuntimeError, TypeError, ValueError):
+        return False
+    if not isinstance(out, Tensor) or out.shape != expected.shape:
+        return False
+    tolerance = {torch.float64: 1e-10, torch.float32: 1e-5}.get(weight.dtype, 1e-2)
+    return bool(torch.allclose(out, expected, rtol=tolerance, atol=tolerance))
 
 
 def linear_weights(module: nn.Module) -> LinearWeights:
     """The weight (``out × in``) and bias of a module for which :func:`is_linear` holds."""
     weight: Tensor = module.get_parameter("weight")
     bias = module._parameters.get("bias")
-    if type(module) is not nn.Linear:  # Conv1D stores (in, out)
+    if not isinstance(module, nn.Linear):  # Conv1D stores (in, out)
         weight = weight.t()
     return LinearWeights(weight.detach(), None if bias is None else bias.detach())
 

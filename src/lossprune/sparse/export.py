@@ -175,8 +175,8 @@ def _chosen_layers(
             raise ValueError(f"layers: {name!r} is not a module of the model")
         if not is_linear(modules[name]):
             raise ValueError(
-                f"layers: {name!r} is a {type(modules[name]).__name__}, not an nn.Linear or a "
-                "Hugging Face Conv1D"
+                f"layers: {name!r} is a {type(modules[name]).__name__}, not an nn.Linear (or "
+                "a transformers subclass computing F.linear) or a Hugging Face Conv1D"
             )
     return {name: modules[name] for name in names}
 
