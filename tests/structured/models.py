@@ -111,12 +111,45 @@ def phi() -> nn.Module:
     return _perturbed(transformers.PhiForCausalLM(config))
 
 
+def gpt_neox() -> nn.Module:
+    """``dense_h_to_4h``/``dense_4h_to_h`` MLP (``intermediate_size``); fused attention."""
+    config = transformers.GPTNeoXConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=40, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=SEQ,
+    )  # fmt: skip
+    return _perturbed(transformers.GPTNeoXForCausalLM(config))
+
+
+def falcon() -> nn.Module:
+    """The same MLP names, its width in ``ffn_hidden_size``; ``FalconLinear`` maps."""
+    config = transformers.FalconConfig(
+        vocab_size=VOCAB, hidden_size=32, ffn_hidden_size=40, num_hidden_layers=2,
+        num_attention_heads=4,
+    )  # fmt: skip
+    return _perturbed(transformers.FalconForCausalLM(config))
+
+
+def gptj() -> nn.Module:
+    """``fc_in``/``fc_out`` MLP (``n_inner``)."""
+    config = transformers.GPTJConfig(
+        vocab_size=VOCAB, n_embd=32, n_inner=40, n_layer=2, n_head=4, rotary_dim=4,
+        n_positions=SEQ,
+    )  # fmt: skip
+    return _perturbed(transformers.GPTJForCausalLM(config))
+
+
+def bloom() -> nn.Module:
+    """``dense_h_to_4h`` of width 4 x hidden, a width its config has no field for."""
+    config = transformers.BloomConfig(vocab_size=VOCAB, hidden_size=32, n_layer=2, n_head=4)
+    return _perturbed(transformers.BloomForCausalLM(config))
+
+
 HF_MODELS = {
     "llama": llama, "qwen3": qwen3, "mistral": mistral, "gpt2": gpt2, "opt": opt, "bert": bert,
     "starcoder2": starcoder2,
 }  # fmt: skip
-#: Models with removable neurons only (Phi's attention has no supported layout).
-NEURON_MODELS = {"phi": phi}
+#: Models with removable neurons only (their attention has no supported layout).
+NEURON_MODELS = {"phi": phi, "gpt_neox": gpt_neox, "falcon": falcon, "gptj": gptj, "bloom": bloom}
 MOE_MODELS = {"mixtral": mixtral, "qwen3_moe": qwen3_moe}
 
 

@@ -32,6 +32,7 @@ UNIFORM_RELOADS = [
     ("llama", "heads"), ("llama", "neurons"), ("qwen3", "heads"), ("qwen3", "neurons"),
     ("mistral", "heads"), ("mistral", "neurons"), ("gpt2", "neurons"), ("opt", "neurons"),
     ("bert", "neurons"), ("starcoder2", "heads"), ("starcoder2", "neurons"), ("phi", "neurons"),
+    ("gpt_neox", "neurons"), ("falcon", "neurons"), ("gptj", "neurons"),
 ]  # fmt: skip
 
 
@@ -126,6 +127,15 @@ def test_heads_a_config_cannot_express_are_refused_and_nothing_changes(name):
     before = _state(model)
     groups = find_groups(model, "heads")
     with pytest.raises(ValueError, match="cannot express removing heads.*hf_config='record'"):
+        remove(model, groups, {g.name: [0] for g in groups}, inplace=True)
+    assert _same_state(_state(model), before)
+
+
+def test_an_mlp_width_no_config_field_holds_is_refused_and_names_the_record_route():
+    model = models.bloom()  # 4 x hidden, derived in code
+    before = _state(model)
+    groups = find_groups(model, "neurons")
+    with pytest.raises(ValueError, match="(?s)no config field of .*hf_config='record'"):
         remove(model, groups, {g.name: [0] for g in groups}, inplace=True)
     assert _same_state(_state(model), before)
 

@@ -18,9 +18,12 @@ Heads (config fields that count them, when the config can):
 Neurons: ``gate/up/down_proj`` (``intermediate_size``), GPT-2's ``c_fc``/``c_proj`` (weights
 stored (in, out); ``n_inner``, StarCoder2's ``intermediate_size``), OPT's ``fc1``/``fc2``
 (``ffn_dim``; Phi's, DeiT's and BEiT's ``intermediate_size``), BERT's
-``intermediate``/``output`` (``intermediate_size``): neuron i is row i of the producers and
-column i of the consumer. The config field is the first of the layout's that holds the MLP's
-width; with none (BART's ``encoder_ffn_dim``/``decoder_ffn_dim``), removal needs
+``intermediate``/``output`` (``intermediate_size``), GPT-NeoX's, Falcon's and BLOOM's
+``dense_h_to_4h``/``dense_4h_to_h`` (``intermediate_size``, ``ffn_hidden_size``), GPT-J's and
+CodeGen's ``fc_in``/``fc_out`` (``n_inner``), DistilBERT's ``lin1``/``lin2``
+(``hidden_dim``): neuron i is row i of the producers and column i of the consumer. The
+config field is the first of the layout's that holds the MLP's width; with none (BART's
+``encoder_ffn_dim``/``decoder_ffn_dim``, BLOOM's 4 x hidden), removal needs
 ``hf_config="record"``.
 
 Experts: a block with a ``gate`` router (one weight row per expert) and an ``experts`` module
@@ -316,6 +319,9 @@ def _mlp_layout(model: nn.Module, name: str, module: nn.Module) -> GroupSet | No
         (("c_fc",), "c_proj", ("n_inner", "intermediate_size")),
         (("fc1",), "fc2", ("ffn_dim", "intermediate_size")),
         (("intermediate.dense",), "output.dense", ("intermediate_size",)),
+        (("dense_h_to_4h",), "dense_4h_to_h", ("intermediate_size", "ffn_hidden_size")),
+        (("fc_in",), "fc_out", ("n_inner",)),
+        (("lin1",), "lin2", ("hidden_dim",)),
     )
     for producer_paths, consumer_path, key in layouts:
         producers = [child(p) for p in producer_paths]
