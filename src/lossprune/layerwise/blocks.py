@@ -26,6 +26,7 @@ from collections.abc import Sequence
 from typing import NamedTuple
 
 from torch import nn
+from torch.nn.utils import parametrize
 
 __all__ = ["BlockStack", "find_blocks"]
 
@@ -120,7 +121,10 @@ def _found(model: nn.Module) -> BlockStack:
     lists = [
         (name, module)
         for name, module in model.named_modules()
-        if isinstance(module, nn.ModuleList) and len(module) > 0
+        # a parametrization's list of functions (weight_norm) is a ModuleList, not a stack
+        if isinstance(module, nn.ModuleList)
+        and len(module) > 0
+        and not isinstance(module, parametrize.ParametrizationList)
     ]
     if no_split:
         decoder = [
@@ -155,7 +159,10 @@ def _found(model: nn.Module) -> BlockStack:
         )
     if uniform:
         # the list whose weights would be pruned, not a longer list of norms beside it
-        name, _ = stacks[0] if stacks else max(uniform, key=lambda item: len(item[1]))
+        if stacks:
+            name = stacks[0][0]
+            return find_blocks(model, name)._replace(found_by=f"the layer list {name!r}")
+        name, _ = max(uniform, key=lambda item: len(item[1]))
         return find_blocks(model, name)._replace(found_by=f"the longest ModuleList {name!r}")
     raise ValueError(
         f"blocks: no stack of blocks found in {type(model).__name__} (no decoder layer list, "
