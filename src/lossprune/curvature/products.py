@@ -478,13 +478,13 @@ def _ggn_vp_double_backward(
         differentiable = [i for i, o in enumerate(flat) if o.requires_grad]
         roots = [flat[i] for i in differentiable]
 
-        def pull_back(cotangents: Any, graph: bool = False) -> list[Tensor | None]:
+        def pull_back(cotangents: Any) -> list[Tensor | None]:
             flat_cotangents = tree_flatten(cotangents)[0]
             return list(
                 torch.autograd.grad(
                     roots, list(leaves.values()),
                     grad_outputs=[flat_cotangents[i] for i in differentiable],
-                    retain_graph=True, create_graph=graph, allow_unused=True,
+                    retain_graph=True, allow_unused=True,
                 )
             )  # fmt: skip
 
