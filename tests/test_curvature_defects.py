@@ -929,6 +929,7 @@ def test_an_autograd_function_torch_func_cannot_transform_runs_in_reverse_mode()
     result = loss_and_grad(model, params, (x, y), CE)
     expected = bf.gradient(twin, twin_params, x, y, CE)
     torch.testing.assert_close(bf.flatten(result.grad), expected, rtol=1e-12, atol=1e-14)
+    curvature.products._WARNED_DOUBLE_BACKWARD.clear()  # said once per process
     for product, dense in ((hvp, bf.dense_hessian), (ggn_vp, bf.dense_ggn)):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")

@@ -30,7 +30,7 @@ from lossprune import (
     Wanda,
     scores,
 )
-from lossprune.curvature import Statistic, compute_statistics, hvp
+from lossprune.curvature import Statistic, compute_statistics, ggn_vp, hvp
 from lossprune.curvature.expert_inputs import expert_input_sums
 from lossprune.curvature.inputs import InputStatistics
 from lossprune.selection import describe_prunable, is_nm, prunable_parameters, select_masks
@@ -164,6 +164,28 @@ def test_synflow_names_the_dtype_a_kernel_refuses():
         scores(model, SynFlow(), batch)
     result = scores(model, SynFlow(dtype=torch.float32), batch)
     assert result[GATE_UP].abs().sum() > 0
+
+
+def test_gauss_newton_products_through_the_grouped_mm_experts_take_reverse_mode():
+    """grouped_mm has no forward-mode rule: the products fall back to reverse mode alone and
+    equal those of the same model with the eager experts (float32: grouped_mm has no
+    float64)."""
+    config = transformers.MixtralConfig(
+        vocab_size=16, hidden_size=8, intermediate_size=4, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1, num_local_experts=4, num_experts_per_tok=2,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    params = _params(model)
+    vectors = {k: torch.randn(2, *p.shape, generator=torch.Generator().manual_seed(1))
+               for k, p in params.items()}  # fmt: skip
+    batch = token_batch()
+    model.set_experts_implementation("eager")
+    expected = ggn_vp(model, params, batch, None, vectors).products
+    model.set_experts_implementation("grouped_mm")
+    got = ggn_vp(model, params, batch, None, vectors).products
+    for k in params:
+        torch.testing.assert_close(got[k], expected[k], rtol=1e-4, atol=1e-6)
 
 
 def test_synflow_on_the_experts_matches_its_definition():

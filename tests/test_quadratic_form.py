@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader
 from lossprune import LinearSchedule, Pruner, QuadraticModel
 from lossprune._common.model_loss import resolve_loss
 from lossprune.curvature import ggn_vp
+from lossprune.curvature import products as curvature_products
 from lossprune.curvature import quadratic_form as qf
 from lossprune.curvature.quadratic_form import quadratic_form
 from lossprune.pruning._diagnostics import curvature_product, predicted_loss_change
@@ -185,16 +186,25 @@ def test_the_hessian_needs_no_forward_mode():
     assert_form(quadratic_form(model, params, batch, CE, v), expected)
 
 
-def test_gauss_newton_without_forward_mode_takes_the_products_path_and_its_error():
-    """Not a chain, so the products' generic path needs forward mode too: the same error."""
-    model, _, params, batch = no_forward_ad_case()
+def test_gauss_newton_without_forward_mode_takes_reverse_mode_alone():
+    """Not a chain, and no forward-mode rule: the products' generic path falls back to reverse
+    mode alone (Jv by the double-backward trick), said once; the products and the quadratic
+    form equal the dense Gauss-Newton matrix of the plain twin."""
+    model, twin, params, batch = no_forward_ad_case()
     v = direction(params)
     stacked = {k: t.unsqueeze(0) for k, t in v.items()}
-    with pytest.raises(TypeError, match="forward-mode derivatives") as old:
-        ggn_vp(model, params, batch, CE, stacked)
-    with pytest.raises(TypeError) as new:
-        quadratic_form(model, params, batch, CE, v, curvature="ggn")
-    assert str(new.value) == str(old.value)
+    curvature_products._WARNED_DOUBLE_BACKWARD.clear()  # said once per process
+    with pytest.warns(RuntimeWarning, match="double-backward Gauss-Newton-vector products"):
+        products = ggn_vp(model, params, batch, CE, stacked).products
+    matrix = bf.dense_ggn(twin, params, *batch, CE)
+    torch.testing.assert_close(
+        bf.flatten({k: t[0] for k, t in products.items()}), matrix @ bf.flatten(v),
+        rtol=1e-10, atol=1e-12,
+    )  # fmt: skip
+    expected = expected_form(
+        matrix, bf.gradient(twin, params, *batch, CE), bf.mean_loss(twin, params, *batch, CE), v
+    )
+    assert_form(quadratic_form(model, params, batch, CE, v, curvature="ggn"), expected)
 
 
 def test_gauss_newton_fallback_gives_the_same_numbers(monkeypatch):

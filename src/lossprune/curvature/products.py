@@ -442,12 +442,18 @@ def _ggn_vp(
     try:
         products = vmap(ggn_one, chunk_size=chunk_size)(dict(vectors))
     except (RuntimeError, NotImplementedError) as error:
+        # An operation without a forward-mode rule (the grouped_mm experts of transformers 5):
+        # Jv by reverse mode alone, where the backward pass can be differentiated.
+        try:
+            return _ggn_vp_double_backward(model, params, batch, loss_fn, vectors, error)
+        except (RuntimeError, NotImplementedError):
+            pass
         first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise TypeError(
             "Gauss-Newton-vector products need forward-mode derivatives (Jacobian-vector "
-            f"products) of every operation of the model, and one has none ({first_line}); use "
-            "an implementation with forward-mode support (e.g. the math kernel of "
-            "scaled_dot_product_attention)"
+            "products) or a differentiable backward pass of every operation of the model, and "
+            f"one has neither ({first_line}); use an implementation with forward-mode support "
+            "(e.g. the math kernel of scaled_dot_product_attention)"
         ) from error
     return CurvatureProducts(loss.detach(), {k: g.detach() for k, g in grads.items()}, products)
 
