@@ -103,7 +103,8 @@ def starcoder2() -> nn.Module:
 
 
 def phi() -> nn.Module:
-    """``fc1``/``fc2`` MLP whose width the config calls ``intermediate_size``."""
+    """``fc1``/``fc2`` MLP whose width the config calls ``intermediate_size``; its attention's
+    output map is ``dense``."""
     config = transformers.PhiConfig(
         vocab_size=VOCAB, hidden_size=32, intermediate_size=40, num_hidden_layers=2,
         num_attention_heads=4, max_position_embeddings=SEQ,
@@ -146,10 +147,10 @@ def bloom() -> nn.Module:
 
 HF_MODELS = {
     "llama": llama, "qwen3": qwen3, "mistral": mistral, "gpt2": gpt2, "opt": opt, "bert": bert,
-    "starcoder2": starcoder2,
+    "starcoder2": starcoder2, "phi": phi,
 }  # fmt: skip
 #: Models with removable neurons only (their attention has no supported layout).
-NEURON_MODELS = {"phi": phi, "gpt_neox": gpt_neox, "falcon": falcon, "gptj": gptj, "bloom": bloom}
+NEURON_MODELS = {"gpt_neox": gpt_neox, "falcon": falcon, "gptj": gptj, "bloom": bloom}
 MOE_MODELS = {"mixtral": mixtral, "qwen3_moe": qwen3_moe}
 
 

@@ -32,6 +32,7 @@ UNIFORM_RELOADS = [
     ("llama", "heads"), ("llama", "neurons"), ("qwen3", "heads"), ("qwen3", "neurons"),
     ("mistral", "heads"), ("mistral", "neurons"), ("gpt2", "neurons"), ("opt", "neurons"),
     ("bert", "neurons"), ("starcoder2", "heads"), ("starcoder2", "neurons"), ("phi", "neurons"),
+    ("phi", "heads"),
     ("gpt_neox", "neurons"), ("falcon", "neurons"), ("gptj", "neurons"),
 ]  # fmt: skip
 

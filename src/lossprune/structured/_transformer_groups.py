@@ -5,10 +5,11 @@ checks every shape it relies on, and describes the groups as :class:`~.groups.Gr
 
 Heads (config fields that count them, when the config can):
 
-- ``q/k/v/o_proj`` with ``head_dim`` and ``num_key_value_groups`` (Llama, Qwen2/3, Mistral,
-  Mixtral, Qwen3-MoE): group j is key/value head j with its ``r = num_key_value_groups`` query
-  heads ``j·r … (j+1)·r − 1`` and their ``o_proj`` columns; ``num_attention_heads``,
-  ``num_key_value_heads``, ``head_dim``. Qwen3's ``q_norm``/``k_norm`` and the rotary
+- ``q/k/v/o_proj`` (Phi: ``q/k/v_proj``/``dense``) with ``head_dim`` and
+  ``num_key_value_groups`` (Llama, Qwen2/3, Mistral, Mixtral, Qwen3-MoE, Phi): group j is
+  key/value head j with its ``r = num_key_value_groups`` query heads ``j·r … (j+1)·r − 1`` and
+  their ``o_proj`` columns; ``num_attention_heads``, ``num_key_value_heads``, ``head_dim``.
+  Qwen3's ``q_norm``/``k_norm`` (Phi's ``q_layernorm``/``k_layernorm``) and the rotary
   embedding act on each head's ``head_dim``: removing whole heads keeps both consistent.
 - ``q/k/v/out_proj`` with ``num_heads`` (OPT), the fused ``c_attn``/``c_proj`` (GPT-2: a head
   owns its q, k and v columns of ``c_attn``), ``self``/``output`` (BERT): head h. These
@@ -77,7 +78,10 @@ def _rows(prefix: str, module: nn.Module, index: Tensor, axis: int = 0) -> list[
 
 
 def _llama_attention(model: nn.Module, name: str, module: nn.Module) -> GroupSet | None:
-    q, k, v, o = (_linear(module, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj"))
+    q, k, v = (_linear(module, n) for n in ("q_proj", "k_proj", "v_proj"))
+    # the output projection: Llama's o_proj, Phi's dense
+    out_name = next((n for n in ("o_proj", "dense") if _linear(module, n) is not None), "o_proj")
+    o = _linear(module, out_name)
     head_dim = getattr(module, "head_dim", None)
     ratio = getattr(module, "num_key_value_groups", None)
     if None in (q, k, v, o) or not isinstance(head_dim, int) or not isinstance(ratio, int):
@@ -96,7 +100,7 @@ def _llama_attention(model: nn.Module, name: str, module: nn.Module) -> GroupSet
             f"match head_dim={head_dim} and num_key_value_groups={ratio}; its heads cannot be "
             "removed safely"
         )
-    for norm in ("q_norm", "k_norm"):
+    for norm in ("q_norm", "k_norm", "q_layernorm", "k_layernorm"):
         weight = getattr(getattr(module, norm, None), "weight", None)
         if isinstance(weight, Tensor) and weight.numel() != head_dim:
             raise TypeError(
@@ -109,7 +113,7 @@ def _llama_attention(model: nn.Module, name: str, module: nn.Module) -> GroupSet
         *_rows(f"{name}.q_proj", q, query),
         *_rows(f"{name}.k_proj", k, kv),
         *_rows(f"{name}.v_proj", v, kv),
-        Slice(f"{name}.o_proj.weight", 1, query),
+        Slice(f"{name}.{out_name}.weight", 1, query),
     ]
     config: tuple[ConfigUpdate, ...] = ()
     if _config_value(model, "num_key_value_heads") is not None:
@@ -123,7 +127,7 @@ def _llama_attention(model: nn.Module, name: str, module: nn.Module) -> GroupSet
         "heads",
         kv_heads,
         tuple(slices),
-        consumers=(Consumer(f"{name}.o_proj", query),),
+        consumers=(Consumer(f"{name}.{out_name}", query),),
         config=config,
         note="" if config else "the model's config has no num_key_value_heads field",
         heads_per_group=ratio,
