@@ -190,6 +190,11 @@ def test_two_stacks_side_by_side_are_refused_even_without_no_split_modules():
     alone = EncoderDecoder()
     del alone.decoder
     assert find_blocks(alone).names == ("encoder.0", "encoder.1")
+    # stacks nested in the blocks are not blocks of their own (ConvNeXt: stages of layers)
+    convnext = transformers.ConvNextModel(
+        transformers.ConvNextConfig(num_stages=2, hidden_sizes=[8, 16], depths=[2, 1])
+    )
+    assert find_blocks(convnext).names == ("encoder.stages.0", "encoder.stages.1")
     # nor is a weight-normed layer's list of parametrizations (wav2vec2's position conv)
     alone.decoder = nn.utils.parametrizations.weight_norm(nn.Linear(8, 8))
     assert find_blocks(alone).names == ("encoder.0", "encoder.1")

@@ -87,13 +87,19 @@ def _outermost_with_linear_maps(
     The lists of ``lists`` that lie inside none of the others and hold a linear map (a weight
     of two or more dimensions).
     """
-    outer = [
+    return [
+        (name, module)
+        for name, module in _outermost(lists)
+        if any(p.dim() >= 2 for p in module.parameters())
+    ]
+
+
+def _outermost(lists: list[tuple[str, nn.ModuleList]]) -> list[tuple[str, nn.ModuleList]]:
+    """The lists that lie inside none of the others (ConvNeXt's stages, not their layers)."""
+    return [
         (name, module)
         for name, module in lists
         if not any(name.startswith(f"{other}.") for other, _ in lists if other != name)
-    ]
-    return [
-        (name, module) for name, module in outer if any(p.dim() >= 2 for p in module.parameters())
     ]
 
 
@@ -127,11 +133,11 @@ def _found(model: nn.Module) -> BlockStack:
         and not isinstance(module, parametrize.ParametrizationList)
     ]
     if no_split:
-        decoder = [
+        decoder = _outermost([
             (name, module)
             for name, module in lists
             if all(type(child).__name__ in no_split for child in module)
-        ]
+        ])  # fmt: skip
         if len(decoder) == 1:
             name = decoder[0][0]
             return find_blocks(model, name)._replace(found_by=f"the layer list {name!r}")
