@@ -42,7 +42,6 @@ from tests.moe_models import (
     experts_of,
     tiny_moe,
     token_batch,
-    transformers,
 )
 from tests.test_transformers_core import close, reference_ggn, reference_loss
 
@@ -152,12 +151,7 @@ def test_gradient_fisher_and_hessian_products_of_the_experts_match_brute_force(f
 def test_synflow_names_the_dtype_a_kernel_refuses():
     """The default experts kernel (grouped_mm) has no float64: SynFlow's float64 forward pass
     fails with the fix named, and runs in the model's own float32."""
-    config = transformers.MixtralConfig(
-        vocab_size=16, hidden_size=8, intermediate_size=4, num_hidden_layers=1,
-        num_attention_heads=2, num_key_value_heads=1, num_local_experts=4, num_experts_per_tok=2,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    model = tiny_moe("mixtral", dtype=torch.float32)
     model.set_experts_implementation("grouped_mm")
     batch = token_batch()
     with pytest.raises(TypeError, match=r"pass SynFlow\(dtype=torch.float32\)"):
@@ -170,12 +164,7 @@ def test_gauss_newton_products_through_the_grouped_mm_experts_take_reverse_mode(
     """grouped_mm has no forward-mode rule: the products fall back to reverse mode alone and
     equal those of the same model with the eager experts (float32: grouped_mm has no
     float64)."""
-    config = transformers.MixtralConfig(
-        vocab_size=16, hidden_size=8, intermediate_size=4, num_hidden_layers=1,
-        num_attention_heads=2, num_key_value_heads=1, num_local_experts=4, num_experts_per_tok=2,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    model = tiny_moe("mixtral", dtype=torch.float32)
     params = _params(model)
     vectors = {k: torch.randn(2, *p.shape, generator=torch.Generator().manual_seed(1))
                for k, p in params.items()}  # fmt: skip
