@@ -184,6 +184,18 @@ def marian():
     return model, {"input_ids": _ids((N, S)), "labels": _labels((N, T))}, "tokens"
 
 
+def mbart():
+    """MBart's decoder inputs start with each row's last label (its language id), not a
+    configured start token: the config has none."""
+    config = transformers.MBartConfig(
+        vocab_size=V, d_model=8, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+        decoder_attention_heads=2, encoder_ffn_dim=8, decoder_ffn_dim=8,
+        max_position_embeddings=16, pad_token_id=1, decoder_start_token_id=None, dropout=0.0,
+    )  # fmt: skip
+    model = transformers.MBartForConditionalGeneration(config)
+    return model, {"input_ids": _ids((N, S)), "labels": _labels((N, T))}, "tokens"
+
+
 def encoder_decoder():
     """A BERT encoder and a BERT decoder with cross-attention (``EncoderDecoderModel``)."""
     decoder = _bert_config(is_decoder=True, add_cross_attention=True)
@@ -206,7 +218,7 @@ def bert_generation_decoder():
 FAMILIES = [
     t5, bart, whisper, whisper_audio_classification, vit, bert_sequence, bert_sequence_column,
     bert_regression, bert_multi_target_regression, bert_multi_label, bert_tokens,
-    bert_masked_lm, llama, opt, marian, encoder_decoder, bert_generation_decoder,
+    bert_masked_lm, llama, opt, marian, mbart, encoder_decoder, bert_generation_decoder,
 ]  # fmt: skip
 
 
@@ -284,7 +296,7 @@ def dense_ggn_diagonal(model, params, batch, formula):
     "family",
     [
         t5, pytest.param(whisper, marks=pytest.mark.slow), vit, bert_sequence_column,
-        bert_regression, bert_multi_label, bert_masked_lm, opt, marian, encoder_decoder,
+        bert_regression, bert_multi_label, bert_masked_lm, opt, marian, mbart, encoder_decoder,
     ],
     ids=lambda f: getattr(f, "__name__", None),
 )  # fmt: skip
@@ -318,6 +330,12 @@ def test_encoder_decoder_decoder_inputs_are_built_the_way_the_model_builds_them(
     t5_model, t5_batch, _ = build(t5)
     built = to_batch(t5_batch, ModelLoss.for_model(t5_model)).inputs.kwargs["decoder_input_ids"]
     assert torch.equal(built, t5_model.prepare_decoder_input_ids_from_labels(t5_batch["labels"]))
+    mbart_model, mbart_batch, _ = build(mbart)  # each row's last label first
+    mbart_loss = ModelLoss.for_model(mbart_model)
+    assert (mbart_loss.decoder_start, mbart_loss.pad_token_id) == ("last_label", 1)
+    built = to_batch(mbart_batch, mbart_loss).inputs.kwargs["decoder_input_ids"]
+    own = mbart_model.prepare_decoder_input_ids_from_labels(mbart_batch["labels"].clone())
+    assert torch.equal(built, own)
     # decoder inputs in the batch are the model's, used as they are
     given = {**batch, "decoder_input_ids": _ids((N, T), seed=9)}
     assert to_batch(given, loss).inputs.kwargs["decoder_input_ids"] is given["decoder_input_ids"]
@@ -331,6 +349,24 @@ def _refused_unchanged(model, call, exception, match):
         call()
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_a_model_whose_own_loss_fails_on_the_labels_is_refused_in_one_line():
+    """FSMT builds its decoder inputs from input_ids: labels of another length fail inside its
+    own loss, so there is nothing to check ModelLoss against."""
+    config = transformers.FSMTConfig(
+        langs=["en", "de"], src_vocab_size=V, tgt_vocab_size=V, d_model=8, encoder_layers=1,
+        decoder_layers=1, encoder_attention_heads=2, decoder_attention_heads=2,
+        encoder_ffn_dim=8, decoder_ffn_dim=8, max_position_embeddings=16, pad_token_id=1,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.FSMTForConditionalGeneration(config).eval()
+    batch = {"input_ids": _ids((N, S)), "labels": _labels((N, T))}
+    _refused_unchanged(
+        model, lambda: scores(model, LinearModel(), batch), ValueError,
+        "FSMTForConditionalGeneration fails to compute its own loss from the first batch's "
+        "labels .*: put decoder_input_ids in each batch",
+    )  # fmt: skip
 
 
 def test_a_token_loss_on_an_encoder_decoder_without_decoder_inputs_is_refused():
@@ -412,6 +448,13 @@ def test_model_loss_options_are_validated():
         ModelLoss("ranking")
     with pytest.raises(ValueError, match="only for task='seq2seq'"):
         ModelLoss("tokens", pad_token_id=0)
+    with pytest.raises(ValueError, match="only for task='seq2seq'"):
+        ModelLoss("tokens", decoder_start="last_label")
+    with pytest.raises(ValueError, match="decoder_start must be one of"):
+        ModelLoss("seq2seq", decoder_start="first")
+    with pytest.raises(ValueError, match=r"decoder_start='last_label'\) builds decoder inputs"):
+        to_batch({"input_ids": _ids((N, S)), "labels": _labels((N, T))},
+                 ModelLoss("seq2seq", decoder_start="last_label"))  # fmt: skip
     with pytest.raises(ValueError, match="builds decoder inputs from labels only with"):
         to_batch({"input_ids": _ids((N, S)), "labels": _labels((N, T))}, ModelLoss("seq2seq"))
     with pytest.raises(ValueError, match="loss_fn is needed for Sequential"):

@@ -15,7 +15,9 @@ task                      the model's loss
 ``"seq2seq"``             ``"tokens"`` on the decoder's logits, the decoder inputs built from
                           the labels when the batch has none: labels shifted one position to
                           the right, ``decoder_start_token_id`` first, ``-100`` replaced by
-                          ``pad_token_id`` (``shift_tokens_right``; T5's ``_shift_right``)
+                          ``pad_token_id`` (``shift_tokens_right``; T5's ``_shift_right``);
+                          MBart's and PLBart's put each row's last label first instead
+                          (``decoder_start="last_label"``)
 ``"sequence"``            cross-entropy, one integer label per example (``(N,)`` or ``(N, 1)``)
 ``"regression"``          mean squared error of the logits and float labels (``num_labels`` = 1
                           or ``problem_type="regression"``)
@@ -32,6 +34,8 @@ way (a causal LM that does not shift, an auxiliary router loss) is refused, neve
 
 from __future__ import annotations
 
+import inspect
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,6 +48,8 @@ TASKS = ("causal_lm", "tokens", "seq2seq", "sequence", "regression", "multi_labe
 CROSS_ENTROPY_TASKS = ("causal_lm", "tokens", "seq2seq", "sequence")
 # Names of the model inputs that hold an encoder-decoder's decoder inputs.
 DECODER_INPUTS = ("decoder_input_ids", "decoder_inputs_embeds")
+# What decoder inputs built from labels start with (ModelLoss.decoder_start).
+DECODER_STARTS = ("token", "last_label")
 
 
 @dataclass(frozen=True)
@@ -66,6 +72,10 @@ class ModelLoss:
         decoder_start_token_id, pad_token_id: ``"seq2seq"`` only: the first decoder input and
             the id that replaces ``-100`` when the decoder inputs are built from the labels
             (the model's ``config`` values).
+        decoder_start: ``"seq2seq"`` only: what the decoder inputs built from the labels start
+            with: ``"token"``, ``decoder_start_token_id``; ``"last_label"``, each row's last
+            label that is not padding (MBart's and PLBart's ``shift_tokens_right``: their
+            language id).
     """
 
     task: str
@@ -73,15 +83,20 @@ class ModelLoss:
     ignore_index: int = -100
     decoder_start_token_id: int | None = None
     pad_token_id: int | None = None
+    decoder_start: str = "token"
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
             raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
         ids = (self.decoder_start_token_id, self.pad_token_id)
-        if self.task != "seq2seq" and ids != (None, None):
+        if self.task != "seq2seq" and (ids != (None, None) or self.decoder_start != "token"):
             raise ValueError(
-                "decoder_start_token_id and pad_token_id build decoder inputs: only for "
-                f"task='seq2seq', got task={self.task!r}"
+                "decoder_start_token_id, pad_token_id and decoder_start build decoder inputs: "
+                f"only for task='seq2seq', got task={self.task!r}"
+            )
+        if self.decoder_start not in DECODER_STARTS:
+            raise ValueError(
+                f"decoder_start must be one of {DECODER_STARTS}, got {self.decoder_start!r}"
             )
 
     @classmethod
@@ -205,11 +220,26 @@ class ModelLoss:
         """The decoder input ids an encoder-decoder builds from ``labels`` (``"seq2seq"``).
 
         ``shift_tokens_right``: labels shifted one position right, ``decoder_start_token_id``
-        first, ``-100`` (any ``ignore_index``) replaced by ``pad_token_id``.
+        first, ``-100`` (any ``ignore_index``) replaced by ``pad_token_id``. With
+        ``decoder_start="last_label"`` (MBart, PLBart) each row starts with its own last label
+        that is not padding instead.
 
         Raises:
             ValueError: the ids to build them with are unknown.
         """
+        if self.decoder_start == "last_label":
+            if self.pad_token_id is None:
+                raise ValueError(
+                    "ModelLoss('seq2seq', decoder_start='last_label') builds decoder inputs "
+                    "from labels only with pad_token_id (the model's config value): set it, or "
+                    "put decoder_input_ids in each batch"
+                )
+            padded = labels.masked_fill(labels == self.ignore_index, self.pad_token_id)
+            last = (padded != self.pad_token_id).sum(1, keepdim=True) - 1
+            shifted = padded.new_empty(padded.shape)
+            shifted[:, 1:] = padded[:, :-1]
+            shifted[:, 0] = padded.gather(1, last.clamp_min(0)).squeeze(1)
+            return shifted
         if self.decoder_start_token_id is None or self.pad_token_id is None:
             raise ValueError(
                 "ModelLoss('seq2seq') builds decoder inputs from labels only with "
@@ -253,6 +283,11 @@ def model_loss(model: nn.Module) -> ModelLoss | None:
     if name.endswith("ForConditionalGeneration") or generates == "seq2seq":
         if not getattr(config, "is_encoder_decoder", False):
             return ModelLoss("causal_lm")  # decoder-only, e.g. a vision-language model
+        if _starts_with_last_label(model):
+            return ModelLoss(
+                "seq2seq", pad_token_id=_config_id(config, "pad_token_id"),
+                decoder_start="last_label",
+            )  # fmt: skip
         return ModelLoss(
             "seq2seq",
             decoder_start_token_id=_config_id(config, "decoder_start_token_id"),
@@ -315,6 +350,27 @@ def _generation_tables() -> dict[str, str]:
                 for cls_name in value if isinstance(value, (tuple, list)) else (value,):
                     _TABLES.setdefault(cls_name, task)
     return _TABLES
+
+
+def _starts_with_last_label(model: nn.Module) -> bool:
+    """Whether the model's own code builds decoder inputs MBart's way.
+
+    transformers' ``shift_tokens_right(input_ids, pad_token_id)`` of MBart and PLBart (and
+    FSMT's; no ``decoder_start_token_id``) puts each row's last label that is not padding
+    first; the function is read from the module that defines the model's class (or a class it
+    derives from). The first batch's check against the model's own loss confirms the pick.
+    """
+    for cls in type(model).__mro__:
+        if not cls.__module__.startswith("transformers."):
+            continue
+        shift = getattr(sys.modules.get(cls.__module__), "shift_tokens_right", None)
+        if callable(shift):
+            try:
+                names = list(inspect.signature(shift).parameters)
+            except (TypeError, ValueError):
+                return False
+            return names == ["input_ids", "pad_token_id"]
+    return False
 
 
 def _config_id(config: Any, name: str) -> int | None:

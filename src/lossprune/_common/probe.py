@@ -149,7 +149,18 @@ def _models_own(
     plain = _rows(to_batch(raw, None, device), rows)  # the user's inputs and labels as they are
     inputs = plain.inputs
     args, kwargs = ((inputs,), {}) if isinstance(inputs, Tensor) else (inputs.args, inputs.kwargs)
-    outputs = call({}, ModelInputs(args, {**kwargs, LABELS: plain.targets}))
+    try:
+        outputs = call({}, ModelInputs(args, {**kwargs, LABELS: plain.targets}))
+    except (RuntimeError, ValueError, IndexError) as error:
+        # FSMT builds its decoder inputs from input_ids, so labels of another length fail
+        # inside its own loss: nothing to check ModelLoss against.
+        first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise ValueError(
+            f"{type(model).__name__} fails to compute its own loss from the first batch's "
+            f"labels ({first_line}), so ModelLoss cannot be checked against it: put "
+            "decoder_input_ids in each batch (model.prepare_decoder_input_ids_from_labels("
+            "labels)) or pass loss_fn=..."
+        ) from error
     if not isinstance(getattr(outputs, "loss", None), Tensor):
         return None
     return _Reference(outputs, plain.targets)
