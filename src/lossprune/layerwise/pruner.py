@@ -599,7 +599,8 @@ def _plan(
         if not (isinstance(module, nn.Linear) or transposed) or not name.endswith(".weight"):
             raise TypeError(
                 f"{name!r} ({type(module).__name__}) is not the weight of an nn.Linear or a "
-                "Hugging Face Conv1D: layer-wise pruning needs a matrix (outputs, inputs)"
+                "Hugging Face Conv1D: layer-wise pruning needs a matrix (outputs, inputs); "
+                f"leave it dense with exclude=[{name!r}]"
             )
         shape = tuple(param.shape[::-1] if transposed else param.shape)
         assert len(shape) == 2
