@@ -43,6 +43,8 @@ __all__ = [
     "check_sparse_support",
     "check_blocksize",
     "check_model",
+    "error_bound",
+    "TOLERANCE",
 ]
 
 # Dtypes for which the sparse-times-dense kernels of torch 2.13 give the dense layer's numbers, by
@@ -58,6 +60,14 @@ SPARSE_DTYPES = {
     ("cuda", "bsr"): (torch.float32, torch.float64),
 }
 _HF_CONV1D_MODULE = "transformers.pytorch_utils"
+
+# τ of :func:`error_bound` by dtype: a few hundred units in the last place.
+TOLERANCE = {
+    torch.float64: 1e-12,
+    torch.float32: 1e-5,
+    torch.float16: 5e-3,
+    torch.bfloat16: 2e-2,
+}
 
 
 class LinearWeights(NamedTuple):
@@ -88,7 +98,8 @@ def _computes_linear(module: nn.Linear) -> bool:
     """Whether a subclass's forward pass gives ``F.linear(x, W, b)`` on one random input.
 
     Only for a plain dense floating-point weight (a quantized subclass is no sparse candidate);
-    float64 inputs where the weight is float64, else the tolerance of the weight's dtype.
+    agreement within the rounding bound of :func:`error_bound`, the one
+    :func:`~lossprune.sparse.speed_report` judges sparse forms by.
     """
     weight = module.weight
     if type(weight) not in (Tensor, nn.Parameter) or weight.layout != torch.strided:
@@ -107,17 +118,37 @@ def _computes_linear(module: nn.Linear) -> bool:
         return False
     if not isinstance(out, Tensor) or out.shape != expected.shape:
         return False
-    tolerance = {torch.float64: 1e-10, torch.float32: 1e-5}.get(weight.dtype, 1e-2)
-    return bool(torch.allclose(out, expected, rtol=tolerance, atol=tolerance))
+    if weight.dtype not in TOLERANCE:
+        return False
+    bound = error_bound(LinearWeights(weight.detach(), _bias(module)), x)
+    return bool(((out.double() - expected.double()).abs() <= bound).all())
+
+
+def _bias(module: nn.Module) -> Tensor | None:
+    bias = module._parameters.get("bias")
+    return None if bias is None else bias.detach()
+
+
+def error_bound(weights: LinearWeights, x: Tensor) -> Tensor:
+    r""":math:`\tau (\sum_k |x_{ik}| |W_{jk}| + |b_j|)` in float64, shaped like the output.
+
+    The rounding a dot product may carry (Higham, *Accuracy and Stability of Numerical
+    Algorithms*, 2nd ed., §3.1), :math:`\tau` from :data:`TOLERANCE`: two computations of the
+    same linear map that differ by more compute another map.
+    """
+    tau = TOLERANCE[weights.weight.dtype]
+    magnitude = x.double().abs() @ weights.weight.double().abs().t()
+    if weights.bias is not None:
+        magnitude = magnitude + weights.bias.double().abs()
+    return tau * magnitude
 
 
 def linear_weights(module: nn.Module) -> LinearWeights:
     """The weight (``out × in``) and bias of a module for which :func:`is_linear` holds."""
     weight: Tensor = module.get_parameter("weight")
-    bias = module._parameters.get("bias")
     if not isinstance(module, nn.Linear):  # Conv1D stores (in, out)
         weight = weight.t()
-    return LinearWeights(weight.detach(), None if bias is None else bias.detach())
+    return LinearWeights(weight.detach(), _bias(module))
 
 
 def check_convertible(name: str, module: nn.Module) -> None:

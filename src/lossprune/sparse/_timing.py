@@ -22,6 +22,7 @@ from torch.func import functional_call
 
 from .._common.checks import check_positive_int
 from ._linear import (
+    TOLERANCE,
     LinearWeights,
     SparseLinear,
     check_blocksize,
@@ -29,6 +30,7 @@ from ._linear import (
     check_dense_weight,
     check_model,
     check_sparse_support,
+    error_bound,
     is_linear,
     linear_weights,
 )
@@ -37,12 +39,6 @@ from ._semi_structured import check_semi_structured_support, semi_structured_lin
 __all__ = ["FormTiming", "LayerTiming", "SpeedReport", "speed_report", "TOLERANCE"]
 
 FORMS = ("csr", "bsr", "semi_structured")
-TOLERANCE = {
-    torch.float64: 1e-12,
-    torch.float32: 1e-5,
-    torch.float16: 5e-3,
-    torch.bfloat16: 2e-2,
-}
 
 
 @dataclass(frozen=True)
@@ -332,7 +328,7 @@ def _time_layer(
     weights = linear_weights(module)
     with torch.no_grad():
         dense_out = module(x)
-        bound = _error_bound(weights, x)
+        bound = error_bound(weights, x)
         built: dict[str, nn.Module] = {}
         skipped: dict[str, str] = {}
         errors: dict[str, tuple[float, bool]] = {}
@@ -393,15 +389,6 @@ def _build(
     layout_blocksize = blocksize if layout == "bsr" else None
     check_sparse_support(name, weights.weight, layout, layout_blocksize)
     return SparseLinear.from_dense(weights, layout, layout_blocksize)
-
-
-def _error_bound(weights: LinearWeights, x: Tensor) -> Tensor:
-    """τ (Σ_k |x_ik| |W_jk| + |b_j|) in float64, shaped like the layer's output."""
-    tau = TOLERANCE[weights.weight.dtype]
-    magnitude = x.double().abs() @ weights.weight.double().abs().t()
-    if weights.bias is not None:
-        magnitude = magnitude + weights.bias.double().abs()
-    return tau * magnitude
 
 
 def _interleaved_times(
