@@ -34,6 +34,7 @@ way (a causal LM that does not shift, an auxiliary router loss) is refused, neve
 
 from __future__ import annotations
 
+import functools
 import inspect
 import sys
 from dataclasses import dataclass
@@ -333,23 +334,19 @@ def _generation_task(model: nn.Module) -> str | None:
     return next((tables[c.__name__] for c in own if c.__name__ in tables), None)
 
 
-_TABLES: dict[str, str] | None = None
-
-
+@functools.cache
 def _generation_tables() -> dict[str, str]:
     """Class name -> task, from :data:`_GENERATION_TABLES` (empty without ``transformers``)."""
-    global _TABLES
-    if _TABLES is None:
-        _TABLES = {}
-        try:
-            from transformers.models.auto import modeling_auto
-        except ImportError:  # only transformers' own classes are looked up here
-            return _TABLES
-        for table, task in _GENERATION_TABLES.items():
-            for value in getattr(modeling_auto, table, {}).values():
-                for cls_name in value if isinstance(value, (tuple, list)) else (value,):
-                    _TABLES.setdefault(cls_name, task)
-    return _TABLES
+    tables: dict[str, str] = {}
+    try:
+        from transformers.models.auto import modeling_auto
+    except ImportError:  # only transformers' own classes are looked up here
+        return tables
+    for table, task in _GENERATION_TABLES.items():
+        for value in getattr(modeling_auto, table, {}).values():
+            for cls_name in value if isinstance(value, (tuple, list)) else (value,):
+                tables.setdefault(cls_name, task)
+    return tables
 
 
 def _starts_with_last_label(model: nn.Module) -> bool:

@@ -174,10 +174,7 @@ def loss_and_grad(
     grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
     return GradientResult(
         loss.detach(),
-        {
-            k: torch.zeros_like(leaf) if g is None else g
-            for (k, leaf), g in zip(leaves.items(), grads, strict=True)
-        },
+        {k: _or_zeros(g, leaf) for (k, leaf), g in zip(leaves.items(), grads, strict=True)},
     )
 
 
@@ -521,7 +518,7 @@ def _ggn_vp_double_backward(
     return CurvatureProducts(
         loss.detach(),
         {
-            name: torch.zeros_like(leaf) if g is None else g.detach()
+            name: _or_zeros(g, leaf).detach()
             for (name, leaf), g in zip(leaves.items(), grads, strict=True)
         },
         products,
