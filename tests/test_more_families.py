@@ -14,16 +14,12 @@ import torch
 from lossprune import ExponentialSchedule, Pruner, QuadraticModel
 from lossprune.curvature import fisher_diag_mc
 from lossprune.selection import load_masks
+from tests.test_families_end_to_end import _DECODER, VOCAB
 from tests.test_keyword_layers import _relative_error
 
 transformers = pytest.importorskip("transformers")
 
-V, T, N = 64, 8, 3
-_DECODER = dict(
-    vocab_size=V, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
-    num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32, pad_token_id=0,
-    bos_token_id=0, eos_token_id=0,
-)  # fmt: skip
+V, T, N = VOCAB, 8, 3
 _ENCODER_DECODER = dict(
     vocab_size=V, d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
     decoder_attention_heads=2, encoder_ffn_dim=24, decoder_ffn_dim=24, max_position_embeddings=32,
