@@ -11,12 +11,20 @@ batch), without gradients and on cloned buffers (nothing of the model changes):
   ``loss(read(outputs), targets(labels))`` is the number the model computes itself,
   ``model(**batch, labels=labels).loss``, up to the rounding of their dtypes. A model that
   computes its loss some other way is refused with what to pass instead.
+
+A statistic that runs one plain forward pass over the whole batch (a gradient, reverse-over-
+reverse Hessian-vector products) makes the same checks on that pass instead
+(:class:`PassCheck`): the random draws are watched there, the labels checked against its logits
+and, for a causal LM, the model's own loss read from the same pass. The probe's forward passes
+cost half a gradient on the tiny Llama of the benchmarks, most of it the model's Python
+overhead; a causal LM has none left, another model only the reference of its own loss.
 """
 
 from __future__ import annotations
 
 import inspect
 import math
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
@@ -24,10 +32,10 @@ from torch import Tensor, nn
 
 from .batches import LABELS, Batch, ModelInputs, batch_examples, to_batch
 from .data import first_raw_batch
-from .functional import FunctionalModel, at_least_float32, no_random_draws
+from .functional import FunctionalModel, at_least_float32, refuse_random_draws
 from .model_loss import CROSS_ENTROPY_TASKS, DECODER_INPUTS, ModelLoss, model_loss, model_loss_in
 
-__all__ = ["PROBED_EXAMPLES", "Probe", "probe_first_batch"]
+__all__ = ["PROBED_EXAMPLES", "PassCheck", "Probe", "probe_first_batch"]
 
 #: Examples of the first batch the probe runs: two, so that a loss can be compared with the
 #: mean of its batches of one (:func:`lossprune.curvature.outputs.check_mean_over_examples`).
@@ -72,14 +80,12 @@ def probe_first_batch(
     call = FunctionalModel(model, [])
     reference = None
     with torch.no_grad():
-        with no_random_draws(model):
-            outputs = call({}, probed.inputs)
-            if isinstance(outputs, Tensor) and len(outputs) != len(probed.targets):
-                # Examples not in dim 0 of the inputs (a sequence-first model whose sequences are
-                # as long as the batch): what was sliced were positions, so the whole batch is
-                # probed.
-                rows, probed = slice(0, batch_examples(batch)), batch
-                outputs = call({}, batch.inputs)
+        outputs = refuse_random_draws(model, lambda: call({}, probed.inputs))
+        if isinstance(outputs, Tensor) and len(outputs) != len(probed.targets):
+            # Examples not in dim 0 of the inputs (a sequence-first model whose sequences are as
+            # long as the batch): what was sliced were positions, so the whole batch is probed.
+            rows, probed = slice(0, batch_examples(batch)), batch
+            outputs = refuse_random_draws(model, lambda: call({}, batch.inputs))
         if own is not None:
             # Before the model's loss reads them: every label's shape and range.
             own.check_targets(outputs, batch.targets, examples=batch_examples(batch))
@@ -87,8 +93,156 @@ def probe_first_batch(
             # above; this one only gives the model's own loss (a draw here shows as a mismatch).
             reference = _models_own(model, call, raw, device, rows)
     if own is not None and reference is not None:
-        _check_same_loss(model, own, outputs, probed, reference)
+        _check_same_loss(model, own, own(at_least_float32(outputs), probed.targets), reference)
     return Probe(batch, outputs, probed.targets)
+
+
+class PassCheck:
+    """The checks of :func:`probe_first_batch`, made on a statistic's own forward pass.
+
+    For a statistic that runs one plain forward pass over the whole batch: :meth:`forward` runs
+    that pass (it must draw no random number) and checks what the loss reads of its outputs
+    before the loss reads them; :meth:`check_loss` then compares the batch loss with the
+    model's own. The same errors as the probe, raised before anything of the model changes
+    (nothing does: the statistic is pure).
+
+    A causal LM gets its ``labels`` in that pass, so its ``.loss`` of the whole batch comes with
+    the logits and no forward pass is left for the probe: its logits are the same with or
+    without labels (bitwise, on the 45 causal-LM families checked), and its labels' range is
+    checked first, against the rows of its output embeddings, because the model's own loss
+    reads them inside the pass (an out-of-range label is a device-side assert on a GPU). Other
+    models keep the probe's reference: the model called on two examples with their labels,
+    as the user gave them (an encoder-decoder then builds its own decoder inputs, which is part
+    of what is checked).
+
+    Args:
+        model: the network.
+        loss_fn: the resolved loss (a :class:`~.model_loss.ModelLoss` or the user's function).
+        data: one batch as the user wrote it (or data whose first batch is used).
+        device: where the batch goes (``None``: where it is).
+    """
+
+    def __init__(
+        self, model: nn.Module, loss_fn: Any, data: Any, device: torch.device | None = None
+    ) -> None:
+        self.model = model
+        self.loss_fn = loss_fn
+        self.raw = first_raw_batch(data)
+        self.device = device
+        self.batch = to_batch(self.raw, loss_fn, device)
+        self.own = model_loss_in(loss_fn)
+        self._labels: Tensor | None = None  # given to the model in the pass
+        self._reference: _Reference | None = None
+        if self.own is None:
+            return
+        _check_decoder_inputs(model, self.own, self.batch)
+        classes = _output_classes(model)
+        if self.own.task == "causal_lm" and classes is not None and _takes_labels(model):
+            self.own.check_label_range(self.batch.targets, classes)
+            self._labels = to_batch(self.raw, None, device).targets
+
+    def forward(self, call: Callable[[Any], Any]) -> Any:
+        """``call(inputs)``, the pass, with its outputs checked (:meth:`check_loss` follows).
+
+        ``call`` maps the batch's inputs to what the loss reads of the outputs.
+
+        Raises:
+            ValueError: a random draw in the pass; for the model's own loss, labels that do not
+                fit the logits, or (but for a causal LM, whose turn is :meth:`check_loss`) a
+                model whose ``.loss`` is another number.
+        """
+        inputs = self.batch.inputs
+        if self._labels is not None:
+            assert isinstance(inputs, ModelInputs) and inputs.read is not None  # ModelLoss's
+            inputs = ModelInputs(
+                inputs.args,
+                {**inputs.kwargs, LABELS: self._labels},
+                self._keeping_reference(inputs.read),
+                inputs.labels,
+            )
+        try:
+            # A draw is named by the probe's pass of two examples.
+            outputs = refuse_random_draws(
+                self.model,
+                lambda: call(inputs),
+                lambda: probe_first_batch(self.model, self.loss_fn, self.raw, self.device),
+            )
+        except (RuntimeError, ValueError, IndexError):
+            if self._labels is not None:
+                # Perhaps the model's own loss failed on these labels: the probe says why.
+                probe_first_batch(self.model, self.loss_fn, self.raw, self.device)
+            raise
+        own = self.own
+        if own is None:
+            return outputs
+        logits = outputs.detach()
+        own.check_targets(logits, self.batch.targets)
+        if self._labels is None:
+            rows = _probed_rows(self.batch, own)
+            probed = _rows(self.batch, rows)
+            with torch.no_grad():
+                reference = _models_own(
+                    self.model, FunctionalModel(self.model, []), self.raw, self.device, rows
+                )
+                if reference is not None:
+                    ours = own(at_least_float32(logits[rows]), probed.targets)
+                    _check_same_loss(self.model, own, ours, reference)
+        return outputs
+
+    def check_loss(self, loss: Tensor) -> None:
+        """The batch loss of the pass against the model's ``.loss`` of the same pass.
+
+        Raises:
+            ValueError: the model computes another number (:func:`probe_first_batch`).
+        """
+        reference, own = self._reference, self.own
+        if reference is None or own is None:
+            return
+        self._reference = None  # the logits it holds are the pass's; let them go
+        ours = loss.detach()
+        if self.loss_fn is not own or torch.finfo(ours.dtype).bits < 32:
+            with torch.no_grad():
+                ours = own(at_least_float32(own.read(reference.outputs)), self.batch.targets)
+        _check_same_loss(self.model, own, ours, reference)
+
+    def _keeping_reference(self, read: Callable[[Any], Tensor]) -> Callable[[Any], Tensor]:
+        """``read``, keeping the model's ``.loss`` and its logits, detached, on the side."""
+        labels = self._labels
+        assert labels is not None
+
+        def keep(outputs: Any) -> Tensor:
+            theirs = getattr(outputs, "loss", None)
+            if isinstance(theirs, Tensor):
+                self._reference = _Reference(
+                    _OwnOutputs(theirs.detach(), outputs.logits.detach()), labels
+                )
+            return read(outputs)
+
+        return keep
+
+
+class _OwnOutputs(NamedTuple):
+    """What the reference needs of a model's outputs: its ``.loss`` and ``.logits``."""
+
+    loss: Tensor
+    logits: Tensor
+
+
+def _output_classes(model: nn.Module) -> int | None:
+    """The rows of the output embeddings (a language model's classes), if it has them."""
+    head = getattr(model, "get_output_embeddings", None)
+    try:
+        weight = getattr(head(), "weight", None) if callable(head) else None
+    except (NotImplementedError, AttributeError):
+        return None
+    return int(weight.shape[0]) if isinstance(weight, Tensor) and weight.dim() == 2 else None
+
+
+def _takes_labels(model: nn.Module) -> bool:
+    try:
+        return LABELS in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def _probed_rows(batch: Batch, own: ModelLoss | None) -> slice:
@@ -139,12 +293,7 @@ def _models_own(
     model: nn.Module, call: FunctionalModel, raw: Any, device: Any, rows: slice
 ) -> _Reference | None:
     """``model(*inputs, labels=labels)`` with its ``.loss``, or ``None`` if it has none."""
-    forward = getattr(model, "forward", None)
-    try:
-        takes_labels = LABELS in inspect.signature(forward).parameters  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        takes_labels = False
-    if not takes_labels:
+    if not _takes_labels(model):
         return None
     plain = _rows(to_batch(raw, None, device), rows)  # the user's inputs and labels as they are
     inputs = plain.inputs
@@ -166,11 +315,8 @@ def _models_own(
     return _Reference(outputs, plain.targets)
 
 
-def _check_same_loss(
-    model: nn.Module, own: ModelLoss, outputs: Tensor, batch: Batch, reference: _Reference
-) -> None:
-    """``own`` on the outputs must be the model's ``.loss`` (float32 or better on both sides)."""
-    ours = own(at_least_float32(outputs), batch.targets)
+def _check_same_loss(model: nn.Module, own: ModelLoss, ours: Tensor, reference: _Reference) -> None:
+    """``ours``, ``own`` on the outputs, must be the model's ``.loss`` (float32 or better)."""
     theirs = reference.outputs.loss
     # Rounding of the coarser side: transformers computes some losses in float32 (causal LMs
     # upcast their logits), others in the model's dtype.

@@ -66,6 +66,7 @@ __all__ = [
     "loss_normaliser",
     "output_curvature",
     "output_hessian_sqrt",
+    "require_one_number",
     "softmax_cross_entropy",
 ]
 
@@ -524,7 +525,15 @@ def check_scalar_loss(loss_fn: LossFn, outputs: Any, targets: Tensor) -> None:
     """
     if _family(_wrapped(loss_fn)) != "generic":
         return
-    loss = loss_fn(outputs, targets)
+    require_one_number(loss_fn(outputs, targets))
+
+
+def require_one_number(loss: Any) -> None:
+    """What a loss function returned for a batch is one number.
+
+    Raises:
+        ValueError: one loss per example (``reduction='none'``), or not a tensor.
+    """
     if not (isinstance(loss, Tensor) and loss.dim() == 0):
         got = f"shape {tuple(loss.shape)}" if isinstance(loss, Tensor) else type(loss).__name__
         raise ValueError(

@@ -28,7 +28,7 @@ from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 from .._common.batches import Batch
 from .._common.functional import FunctionalModel, check_deterministic
 from .._common.model_loss import resolve_loss
-from .._common.probe import probe_first_batch
+from .._common.probe import PassCheck, probe_first_batch
 from .chain import Chain, find_chain, run_chain
 from .layers import NotAChain
 from .outputs import (
@@ -37,6 +37,7 @@ from .outputs import (
     check_scalar_loss,
     loss_and_output_grad,
     output_curvature,
+    require_one_number,
 )
 
 __all__ = [
@@ -143,13 +144,60 @@ def prepare(model: nn.Module, loss_fn: LossFn | None, batch: Any) -> tuple[LossF
     it (not yet a :class:`~lossprune._common.batches.Batch`) is first probed on two of its examples
     (:func:`~lossprune._common.probe.probe_first_batch`: no random draw, the model's own loss).
     """
+    loss, batch, check = _prepare(model, loss_fn, batch, in_pass=False)
+    assert check is None  # in_pass=False: checked already
+    return loss, batch
+
+
+class _Prepared(NamedTuple):
+    """The loss and batch in the library's form, and the checks left for the pass (or None)."""
+
+    loss_fn: LossFn
+    batch: Batch
+    check: PassCheck | None
+
+
+def _prepare(model: nn.Module, loss_fn: LossFn | None, batch: Any, *, in_pass: bool) -> _Prepared:
+    """:func:`prepare`, or with ``in_pass`` the first-batch checks left to the statistic's pass.
+
+    ``in_pass``: the caller runs one plain forward pass over the whole batch (:func:`_batch_loss`),
+    which makes the probe's checks itself: the separate probe forward pass is saved.
+    """
     loss = resolve_loss(model, loss_fn)
     check_inputs(model, loss)
     if isinstance(batch, Batch):  # converted and probed by the caller's loop
-        return loss, batch
+        return _Prepared(loss, batch, None)
+    if in_pass:
+        check = PassCheck(model, loss, batch)
+        return _Prepared(loss, check.batch, check)
     probe = probe_first_batch(model, loss, batch)
     check_scalar_loss(loss, probe.outputs, probe.targets)
-    return loss, probe.batch
+    return _Prepared(loss, probe.batch, None)
+
+
+def _batch_loss(
+    model: nn.Module,
+    params: Mapping[str, Tensor],
+    leaves: Mapping[str, Tensor],
+    batch: tuple[Any, Tensor],
+    loss_fn: LossFn,
+    check: PassCheck | None,
+) -> Tensor:
+    """The batch loss at ``leaves`` (with graph), making ``check``'s first-batch checks on it.
+
+    The random draws are watched on this forward pass, the outputs checked before the loss reads
+    them, the loss checked to be one number and, for a model's own loss, to be the model's
+    ``.loss``: a batch nobody probed yet costs no probe forward pass of its own (none for a
+    causal LM, :class:`~lossprune._common.probe.PassCheck`).
+    """
+    inputs, targets = batch
+    call = FunctionalModel(model, params)
+    if check is None:
+        return loss_fn(call(leaves, inputs), targets)
+    loss = loss_fn(check.forward(lambda checked_inputs: call(leaves, checked_inputs)), targets)
+    require_one_number(loss)
+    check.check_loss(loss)
+    return loss
 
 
 def loss_and_grad(
@@ -161,14 +209,13 @@ def loss_and_grad(
     with ``labels``); ``loss_fn=None`` is the model's own loss for a Hugging Face model. The model
     may return any pytree (tuple, dict) that ``loss_fn`` unpacks.
     """
-    loss_fn, batch = prepare(model, loss_fn, batch)
-    inputs, targets = batch
+    loss_fn, batch, check = _prepare(model, loss_fn, batch, in_pass=True)
     # Plain reverse mode, not torch.func.grad: the same numbers, and it also runs models with
     # an autograd.Function that torch.func cannot transform (BLOOM's GeLU has no
     # setup_context).
     leaves = {k: v.detach().requires_grad_(True) for k, v in params.items()}
     with torch.enable_grad():
-        loss = loss_fn(FunctionalModel(model, params)(leaves, inputs), targets)
+        loss = _batch_loss(model, params, leaves, batch, loss_fn, check)
     if not loss.requires_grad:  # no parameter reaches the loss
         return GradientResult(loss.detach(), {k: torch.zeros_like(v) for k, v in leaves.items()})
     grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
@@ -231,14 +278,15 @@ def hvp(
         TypeError: an operation of the model has no second derivative (e.g. a fused attention
             kernel), so no exact Hessian-vector product exists.
     """
-    loss_fn, batch = prepare(model, loss_fn, batch)
     params = dict(params)
     k = _check_vectors(params, vectors)
     if curvature not in ("hessian", "ggn"):
         raise ValueError(f"curvature must be 'hessian' or 'ggn', got {curvature!r}")
     choice = choose_backend(model, params, curvature, k, fast)
-    if choice.backend is Backend.REVERSE_OVER_REVERSE:
-        return _hvp_double_backward(model, params, batch, loss_fn, vectors)
+    double_backward = choice.backend is Backend.REVERSE_OVER_REVERSE
+    loss_fn, batch, check = _prepare(model, loss_fn, batch, in_pass=double_backward)
+    if double_backward:
+        return _hvp_double_backward(model, params, batch, loss_fn, vectors, check)
     if choice.chain is not None:
         try:
             result = run_chain(
@@ -333,14 +381,19 @@ def _hvp_double_backward(
     batch: tuple[Any, Tensor],
     loss_fn: LossFn,
     vectors: Mapping[str, Tensor],
+    check: PassCheck | None = None,
 ) -> CurvatureProducts:
-    r"""Reverse-over-reverse: :math:`Hv = \nabla(g^\top v)`, one backward per vector."""
-    inputs, targets = batch
+    r"""Reverse-over-reverse: :math:`Hv = \nabla(g^\top v)`, one backward per vector.
+
+    ``check``: the first-batch checks to make on its forward pass (:func:`_batch_loss`).
+    """
     leaves = {k: v.detach().requires_grad_(True) for k, v in params.items()}
     names = list(leaves)
+    with torch.enable_grad():
+        # Outside the try below: a refusal of the checks is not a missing second derivative.
+        loss = _batch_loss(model, params, leaves, batch, loss_fn, check)
     try:
         with torch.enable_grad():
-            loss = loss_fn(FunctionalModel(model, params)(leaves, inputs), targets)
             raw = torch.autograd.grad(
                 loss, list(leaves.values()), create_graph=True, allow_unused=True
             )
