@@ -14,17 +14,21 @@ saves as usual (``save_pretrained``); :func:`load_removed` reloads it::
     small.save_pretrained(path)
     again = load_removed(transformers.AutoModelForCausalLM, path)
 
-It builds the DENSE model from the saved config (``from_config``: random weights, never
-downloaded), replays the recorded removals in order (:func:`~.find.find_groups` finds the same
-group sets, since the skeleton has the same modules), and loads the saved weights, which must
-then match every shape exactly. ``from_pretrained`` on such a folder fails loudly with a shape
-mismatch (it never loads silently wrong).
+It loads with the model class's own ``from_pretrained``, whose skeleton (the DENSE model of
+the saved config, built on the meta device) first replays the recorded removals in order
+(:func:`~.find.find_groups` finds the same group sets, since the skeleton has the same
+modules); the saved weights must then match every shape exactly, and none may be missing or
+left over. Going through ``from_pretrained`` keeps transformers' own checkpoint conversions:
+``save_pretrained`` writes some models in their legacy layout (GPT-NeoX's head as
+``embed_out``, Mixtral's fused experts as one tensor per expert), which ``from_pretrained``
+converts back. ``from_pretrained`` alone on such a folder fails loudly with a shape mismatch
+(it never loads silently wrong).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -35,66 +39,77 @@ from .removal import RECORD_KEY, remove
 __all__ = ["load_removed"]
 
 
-def load_removed(auto_class: Any, path: str | Path, **config_kwargs: Any) -> nn.Module:
+def load_removed(auto_class: Any, path: str | Path, **kwargs: Any) -> nn.Module:
     """Reload a model saved after ``remove(..., hf_config="record")`` (module docstring).
 
     Args:
         auto_class: a Hugging Face class with ``from_config`` (``AutoModelForCausalLM``,
             ``LlamaForCausalLM``...).
         path: the folder ``save_pretrained`` wrote.
-        config_kwargs: passed to ``AutoConfig.from_pretrained``.
+        kwargs: passed to ``from_pretrained`` (``attn_implementation``,
+            ``experts_implementation``, ``dtype``...).
 
     Returns:
-        The smaller model, in eval mode, in the dtype of the saved weights.
+        The smaller model, in eval mode, in the dtype of the saved weights (unless ``dtype``
+        says otherwise).
 
     Raises:
         ValueError: the folder's config records no removal, or the saved weights do not match
             the replayed model (a missing or unexpected tensor, or a different shape).
     """
-    import safetensors.torch
     import transformers
 
     folder = Path(path)
-    config = transformers.AutoConfig.from_pretrained(folder, **config_kwargs)
-    steps = getattr(config, RECORD_KEY, None)
+    config = transformers.AutoConfig.from_pretrained(folder)
+    steps: list[dict[str, Any]] = getattr(config, RECORD_KEY, None) or []
     if not steps:
         raise ValueError(
             f"load_removed: {folder} records no removal ({RECORD_KEY} is missing from its "
             "config); load it with from_pretrained"
         )
-    state: dict[str, torch.Tensor] = {}
-    for file in sorted(folder.glob("*.safetensors")):
-        state.update(safetensors.torch.load_file(file))
     setattr(config, RECORD_KEY, None)
-    model = auto_class.from_config(config)
-    for step in steps:
-        groups = find_groups(model, step["kinds"])
-        model = remove(model, groups, step["removed"], inplace=True, hf_config="record")
-    floating = [t.dtype for t in state.values() if t.is_floating_point()]
-    if floating:
-        model = model.to(floating[0])
-    own = model.state_dict()
-    wrong = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
-    tied = _tied_names(model, set(state))
-    missing = [k for k in own if k not in state and k not in tied]
-    unexpected = [k for k in state if k not in own]
+    native = _model_class(auto_class, config)
+
+    class Replayed(native):  # type: ignore[misc, valid-type]
+        """The native class, whose skeleton replays the removals before the weights load."""
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            # The skeleton is built on the meta device; the group indices are not tensors of
+            # the model and stay on the CPU.
+            with torch.device("cpu"):
+                for step in steps:
+                    groups = find_groups(self, step["kinds"])
+                    remove(self, groups, step["removed"], inplace=True, hf_config="record")
+
+    # Named as the native class and from its module: transformers applies a class's checkpoint
+    # conversions only to classes of its own (others are "custom code").
+    for attribute in ("__name__", "__qualname__", "__module__"):
+        setattr(Replayed, attribute, getattr(native, attribute))
+    # Mismatched shapes are reported in ``info`` (and refused below) instead of raised inside
+    # transformers with a message that only points at its log.
+    model, info = Replayed.from_pretrained(
+        folder,
+        config=config,
+        **{"dtype": "auto", **kwargs},
+        output_loading_info=True,
+        ignore_mismatched_sizes=True,
+    )
+    model.__class__ = native  # only __init__ differs: the model is the native class's again
+    wrong = [str(entry[0]) for entry in info.get("mismatched_keys", ())]
+    missing = sorted(info.get("missing_keys", ()))
+    unexpected = sorted(info.get("unexpected_keys", ()))
     if wrong or missing or unexpected:
         raise ValueError(
             f"load_removed: the weights in {folder} do not match the replayed removal "
             f"(shapes differ: {wrong[:3]}, missing: {missing[:3]}, unexpected: {unexpected[:3]})"
         )
-    model.load_state_dict(state, strict=False)
     return model.eval()
 
 
-def _tied_names(model: nn.Module, loaded: set[str]) -> set[str]:
-    """Names of parameters that share their tensor with a loaded one (tied weights)."""
-    by_tensor: dict[int, list[str]] = {}
-    for name, param in model.named_parameters(remove_duplicate=False):
-        by_tensor.setdefault(id(param), []).append(name)
-    return {
-        name
-        for names in by_tensor.values()
-        if len(names) > 1 and any(n in loaded for n in names)
-        for name in names
-    }
+def _model_class(auto_class: Any, config: Any) -> type:
+    """The class ``auto_class`` builds for ``config`` (itself, for a model class)."""
+    mapping = getattr(auto_class, "_model_mapping", None)
+    if mapping is None:
+        return cast(type, auto_class)
+    return cast(type, mapping[type(config)])
