@@ -113,7 +113,8 @@ def phi() -> nn.Module:
 
 
 def gpt_neox() -> nn.Module:
-    """``dense_h_to_4h``/``dense_4h_to_h`` MLP (``intermediate_size``); fused attention."""
+    """``dense_h_to_4h``/``dense_4h_to_h`` MLP (``intermediate_size``); fused
+    ``query_key_value``, one run of q, k, v rows per head."""
     config = transformers.GPTNeoXConfig(
         vocab_size=VOCAB, hidden_size=32, intermediate_size=40, num_hidden_layers=2,
         num_attention_heads=4, max_position_embeddings=SEQ,
@@ -131,7 +132,7 @@ def falcon() -> nn.Module:
 
 
 def gptj() -> nn.Module:
-    """``fc_in``/``fc_out`` MLP (``n_inner``)."""
+    """``fc_in``/``fc_out`` MLP (``n_inner``); q/k/v/out_proj heads, 4 of 8 features rotated."""
     config = transformers.GPTJConfig(
         vocab_size=VOCAB, n_embd=32, n_inner=40, n_layer=2, n_head=4, rotary_dim=4,
         n_positions=SEQ,
@@ -147,10 +148,10 @@ def bloom() -> nn.Module:
 
 HF_MODELS = {
     "llama": llama, "qwen3": qwen3, "mistral": mistral, "gpt2": gpt2, "opt": opt, "bert": bert,
-    "starcoder2": starcoder2, "phi": phi,
+    "starcoder2": starcoder2, "phi": phi, "gpt_neox": gpt_neox, "gptj": gptj,
 }  # fmt: skip
 #: Models with removable neurons only (their attention has no supported layout).
-NEURON_MODELS = {"gpt_neox": gpt_neox, "falcon": falcon, "gptj": gptj, "bloom": bloom}
+NEURON_MODELS = {"falcon": falcon, "bloom": bloom}
 MOE_MODELS = {"mixtral": mixtral, "qwen3_moe": qwen3_moe}
 
 

@@ -43,6 +43,14 @@ def test_attention_and_mlp_shapes_that_contradict_their_layout_are_refused():
     bert.bert.encoder.layer[0].attention.self.num_attention_heads = 3
     with pytest.raises(TypeError, match="attention_head_size=3"):
         find_groups(bert, "heads")
+    neox = models.gpt_neox()
+    neox.gpt_neox.layers[0].attention.head_size = 5  # 32 columns are no whole number of heads
+    with pytest.raises(TypeError, match="query_key_value/dense sizes 96/32 .* head_size=5"):
+        find_groups(neox, "heads")
+    gptj = models.gptj()
+    gptj.transformer.h[0].attn.num_attention_heads = 3
+    with pytest.raises(TypeError, match="num_attention_heads x head_dim=3 x 8"):
+        find_groups(gptj, "heads")
     llama = models.llama()
     llama.model.layers[0].mlp.up_proj = nn.Linear(48, 30, bias=False)
     with pytest.raises(TypeError, match="cannot be cut into neurons"):

@@ -122,7 +122,7 @@ def test_gqa_removal_keeps_whole_key_value_groups():
     assert attention.num_key_value_groups == 2
 
 
-@pytest.mark.parametrize("name", ["gpt2", "opt", "bert"])
+@pytest.mark.parametrize("name", ["gpt2", "opt", "bert", "gpt_neox", "gptj"])
 def test_heads_a_config_cannot_express_are_refused_and_nothing_changes(name):
     model = models.HF_MODELS[name]()
     before = _state(model)
@@ -171,6 +171,56 @@ def test_non_uniform_removal_is_refused_by_update_and_reloads_by_the_record(tmp_
     )
     with pytest.raises(RuntimeError):
         transformers.AutoModelForCausalLM.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("name", ["gpt_neox", "gptj"])
+def test_fused_and_rotary_heads_are_removed_whole_and_reload_by_the_record(name, tmp_path):
+    """GPT-NeoX's query_key_value holds each head's q, k, v as one run of rows; GPT-J rotates
+    part of each head's features. Removing head 2 of every layer cuts exactly its rows and its
+    output-map columns, and the model reloads from the record."""
+    model = BUILDERS[name]()
+    groups = find_groups(model, "heads")
+    assert [g.size for g in groups] == [4, 4]
+    small = remove(model, groups, {g.name: [2] for g in groups}, hf_config="record")
+    attention = "gpt_neox.layers.0.attention" if name == "gpt_neox" else "transformer.h.0.attn"
+    before, after = model.get_submodule(attention), small.get_submodule(attention)
+    if name == "gpt_neox":
+        kept = [r for r in range(96) if not 48 <= r < 72]  # head 2: rows 2·24 … 3·24 − 1
+        torch.testing.assert_close(
+            after.query_key_value.weight, before.query_key_value.weight[kept], rtol=0, atol=0
+        )
+        output = after.dense
+    else:
+        kept = [r for r in range(32) if not 16 <= r < 24]
+        torch.testing.assert_close(after.k_proj.weight, before.k_proj.weight[kept], rtol=0, atol=0)
+        output = after.out_proj
+    columns = [c for c in range(32) if not 16 <= c < 24]
+    reference = (before.dense if name == "gpt_neox" else before.out_proj).weight[:, columns]
+    torch.testing.assert_close(output.weight, reference, rtol=0, atol=0)
+    small.save_pretrained(tmp_path)
+    again = load_removed(transformers.AutoModelForCausalLM, tmp_path)
+    batch = models.token_batch()
+    torch.testing.assert_close(
+        models.logits(again, batch), models.logits(small, batch), rtol=0, atol=0
+    )
+
+
+@pytest.mark.parametrize("name, kind", [("gpt_neox", "neurons"), ("mixtral", "experts")])
+def test_the_record_route_reloads_models_saved_in_a_legacy_layout(name, kind, tmp_path):
+    """save_pretrained writes GPT-NeoX's head as embed_out and Mixtral's fused experts as one
+    tensor per expert; load_removed goes through from_pretrained, which converts them back."""
+    model = {**BUILDERS, **models.MOE_MODELS}[name]()
+    groups = find_groups(model, kind)
+    small = remove(model, groups, {groups[0].name: [1]}, hf_config="record")  # one layer only
+    small.save_pretrained(tmp_path)
+    again = load_removed(  # float64 experts need the eager kernel, not grouped_mm
+        transformers.AutoModelForCausalLM, tmp_path, experts_implementation="eager"
+    )
+    assert type(again) is type(small) and again.dtype == torch.float64
+    batch = models.token_batch()
+    torch.testing.assert_close(
+        models.logits(again, batch), models.logits(small, batch), rtol=0, atol=0
+    )
 
 
 def test_load_removed_refuses_a_folder_without_a_record_or_with_other_weights(tmp_path):

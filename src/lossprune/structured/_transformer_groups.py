@@ -11,10 +11,15 @@ Heads (config fields that count them, when the config can):
   their ``o_proj`` columns; ``num_attention_heads``, ``num_key_value_heads``, ``head_dim``.
   Qwen3's ``q_norm``/``k_norm`` (Phi's ``q_layernorm``/``k_layernorm``) and the rotary
   embedding act on each head's ``head_dim``: removing whole heads keeps both consistent.
-- ``q/k/v/out_proj`` with ``num_heads`` (OPT), the fused ``c_attn``/``c_proj`` (GPT-2: a head
-  owns its q, k and v columns of ``c_attn``), ``self``/``output`` (BERT): head h. These
-  configs derive ``head_dim = hidden_size / num_attention_heads``, so they cannot express
-  fewer heads.
+- ``q/k/v/out_proj`` with ``num_heads`` (OPT) or ``num_attention_heads`` (GPT-J), the fused
+  ``c_attn``/``c_proj`` (GPT-2: a head owns its q, k and v columns of ``c_attn``), GPT-NeoX's
+  fused ``query_key_value``/``dense`` (its forward views the fused outputs as
+  ``(..., heads, 3·head_size)``: head h owns rows ``3·h·d … 3·(h+1)·d − 1``, its q, k and v),
+  ``self``/``output`` (BERT): head h. These configs derive
+  ``head_dim = hidden_size / num_attention_heads``, so they cannot express fewer heads.
+  Falcon's and BLOOM's fused ``query_key_value`` are not covered: Falcon has three layouts
+  (multi-query among them, where heads share one key and value), BLOOM's ALiBi slopes are
+  computed from the model's head count, so the kept heads would get other slopes.
 
 Neurons: ``gate/up/down_proj`` (``intermediate_size``), GPT-2's ``c_fc``/``c_proj`` (weights
 stored (in, out); ``n_inner``, StarCoder2's ``intermediate_size``), OPT's ``fc1``/``fc2``
@@ -191,6 +196,65 @@ def _opt_attention(model: nn.Module, name: str, module: nn.Module) -> GroupSet |
         getattr(module, "head_dim", None),
         (AttributeUpdate(name, "num_heads", 1),),
         "num_heads x head_dim",
+    )
+
+
+def _gptj_attention(model: nn.Module, name: str, module: nn.Module) -> GroupSet | None:
+    """GPT-J's ``q/k/v/out_proj``: its forward views them as ``(..., -1, head_dim)`` heads.
+
+    Recognised by its ``rotary_dim`` (the features of each head that rotate) beside
+    ``num_attention_heads``: other attentions with these names may reshape by a width that
+    removal would not update.
+    """
+    heads, head_dim = (
+        getattr(module, "num_attention_heads", None),
+        getattr(module, "head_dim", None),
+    )
+    if not isinstance(heads, int) or not hasattr(module, "rotary_dim"):
+        return None
+    return _separate_heads(
+        name,
+        {p: _linear(module, p) for p in ("q_proj", "k_proj", "v_proj")},
+        ("out_proj", _linear(module, "out_proj")),
+        heads,
+        head_dim,
+        (AttributeUpdate(name, "num_attention_heads", 1),),
+        "num_attention_heads x head_dim",
+    )
+
+
+def _gpt_neox_attention(model: nn.Module, name: str, module: nn.Module) -> GroupSet | None:
+    """GPT-NeoX's fused ``query_key_value``: head h's q, k and v are one run of 3·d rows."""
+    fused, dense = _linear(module, "query_key_value"), _linear(module, "dense")
+    head_size = getattr(module, "head_size", None)
+    # Falcon's and BLOOM's query_key_value (module docstring) come with a head_dim instead.
+    if fused is None or dense is None or not isinstance(head_size, int):
+        return None
+    heads, remainder = divmod(dense.in_features, head_size)
+    if remainder or fused.out_features != 3 * dense.in_features:
+        raise TypeError(
+            f"find_groups: the attention {name!r} has query_key_value/dense sizes "
+            f"{fused.out_features}/{dense.in_features} that do not match head_size={head_size} "
+            "(3 x heads x head_size rows, heads x head_size columns); its heads cannot be "
+            "removed safely"
+        )
+    single = _blocks(heads, head_size)
+    return GroupSet(
+        name,
+        "heads",
+        heads,
+        (
+            *_rows(f"{name}.query_key_value", fused, _blocks(heads, 3 * head_size)),
+            Slice(f"{name}.dense.weight", 1, single),
+        ),
+        consumers=(Consumer(f"{name}.dense", single),),
+        # GPT-NeoX views its heads as -1; GPT-NeoX-Japanese reads num_attention_heads.
+        attributes=(
+            (AttributeUpdate(name, "num_attention_heads", 1),)
+            if isinstance(getattr(module, "num_attention_heads", None), int)
+            else ()
+        ),
+        note=_DERIVED,
     )
 
 
@@ -372,7 +436,14 @@ def _experts(model: nn.Module, name: str, module: nn.Module) -> GroupSet | None:
     )
 
 
-_ATTENTION = (_llama_attention, _opt_attention, _gpt2_attention, _bert_attention)
+_ATTENTION = (
+    _llama_attention,
+    _opt_attention,
+    _gptj_attention,
+    _gpt2_attention,
+    _gpt_neox_attention,
+    _bert_attention,
+)
 
 
 def transformer_groups(model: nn.Module, kind: str) -> Iterator[GroupSet]:
