@@ -122,11 +122,19 @@ def gpt_neox() -> nn.Module:
     return _perturbed(transformers.GPTNeoXForCausalLM(config))
 
 
-def falcon() -> nn.Module:
-    """The same MLP names, its width in ``ffn_hidden_size``; ``FalconLinear`` maps."""
+def falcon(layout: str = "multi_query") -> nn.Module:
+    """The same MLP names, its width in ``ffn_hidden_size``; ``FalconLinear`` maps; a fused
+    ``query_key_value`` in one of Falcon's three layouts: ``"multi_query"`` (the default: one
+    key and value for all heads), ``"per_head"`` (q, k, v per head), ``"grouped"`` (the new
+    decoder architecture, 2 key/value groups of 2 query heads)."""
+    layouts = {
+        "multi_query": {},
+        "per_head": {"multi_query": False, "num_kv_heads": 4},
+        "grouped": {"new_decoder_architecture": True, "num_kv_heads": 2},
+    }
     config = transformers.FalconConfig(
         vocab_size=VOCAB, hidden_size=32, ffn_hidden_size=40, num_hidden_layers=2,
-        num_attention_heads=4,
+        num_attention_heads=4, **layouts[layout],
     )  # fmt: skip
     return _perturbed(transformers.FalconForCausalLM(config))
 
@@ -148,10 +156,11 @@ def bloom() -> nn.Module:
 
 HF_MODELS = {
     "llama": llama, "qwen3": qwen3, "mistral": mistral, "gpt2": gpt2, "opt": opt, "bert": bert,
-    "starcoder2": starcoder2, "phi": phi, "gpt_neox": gpt_neox, "gptj": gptj,
+    "starcoder2": starcoder2, "phi": phi, "gpt_neox": gpt_neox, "gptj": gptj, "falcon": falcon,
+    "falcon_per_head": lambda: falcon("per_head"), "falcon_grouped": lambda: falcon("grouped"),
 }  # fmt: skip
 #: Models with removable neurons only (their attention has no supported layout).
-NEURON_MODELS = {"falcon": falcon, "bloom": bloom}
+NEURON_MODELS = {"bloom": bloom}
 MOE_MODELS = {"mixtral": mixtral, "qwen3_moe": qwen3_moe}
 
 

@@ -47,6 +47,10 @@ def test_attention_and_mlp_shapes_that_contradict_their_layout_are_refused():
     neox.gpt_neox.layers[0].attention.head_size = 5  # 32 columns are no whole number of heads
     with pytest.raises(TypeError, match="query_key_value/dense sizes 96/32 .* head_size=5"):
         find_groups(neox, "heads")
+    falcon = models.falcon()
+    falcon.transformer.h[0].self_attention.num_heads = 3
+    with pytest.raises(TypeError, match="sizes 48/32 that do not match num_heads=3"):
+        find_groups(falcon, "heads")
     gptj = models.gptj()
     gptj.transformer.h[0].attn.num_attention_heads = 3
     with pytest.raises(TypeError, match="num_attention_heads x head_dim=3 x 8"):

@@ -122,7 +122,7 @@ def test_gqa_removal_keeps_whole_key_value_groups():
     assert attention.num_key_value_groups == 2
 
 
-@pytest.mark.parametrize("name", ["gpt2", "opt", "bert", "gpt_neox", "gptj"])
+@pytest.mark.parametrize("name", ["gpt2", "opt", "bert", "gpt_neox", "gptj", "falcon"])
 def test_heads_a_config_cannot_express_are_refused_and_nothing_changes(name):
     model = models.HF_MODELS[name]()
     before = _state(model)
@@ -221,6 +221,44 @@ def test_the_record_route_reloads_models_saved_in_a_legacy_layout(name, kind, tm
     torch.testing.assert_close(
         models.logits(again, batch), models.logits(small, batch), rtol=0, atol=0
     )
+
+
+@pytest.mark.parametrize(
+    "layout, groups, rows, kept_heads",
+    [
+        ("multi_query", 4, [r for r in range(48) if not 8 <= r < 16], 3),  # k, v rows stay
+        ("per_head", 4, [r for r in range(96) if not 24 <= r < 48], 3),
+        ("grouped", 2, [r for r in range(64) if not 32 <= r < 64], 2),  # q, q, k, v of group 1
+    ],
+)
+def test_falcon_heads_follow_each_layout_of_its_fused_projection(
+    layout, groups, rows, kept_heads, tmp_path
+):
+    model = models.falcon(layout)
+    found = find_groups(model, "heads")
+    assert [g.size for g in found] == [groups, groups]
+    small = remove(model, found, {g.name: [1] for g in found}, hf_config="record")
+    before = model.transformer.h[0].self_attention
+    after = small.transformer.h[0].self_attention
+    torch.testing.assert_close(
+        after.query_key_value.weight, before.query_key_value.weight[rows], rtol=0, atol=0
+    )
+    assert after.num_heads == kept_heads and after.dense.in_features == kept_heads * 8
+    small.save_pretrained(tmp_path)
+    again = load_removed(transformers.AutoModelForCausalLM, tmp_path)
+    batch = models.token_batch()
+    torch.testing.assert_close(
+        models.logits(again, batch), models.logits(small, batch), rtol=0, atol=0
+    )
+
+
+def test_alibi_heads_are_refused():
+    config = transformers.FalconConfig(
+        vocab_size=models.VOCAB, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+        alibi=True,
+    )  # fmt: skip
+    with pytest.raises(TypeError, match="ALiBi attention"):
+        find_groups(transformers.FalconForCausalLM(config), "heads")
 
 
 def test_load_removed_refuses_a_folder_without_a_record_or_with_other_weights(tmp_path):

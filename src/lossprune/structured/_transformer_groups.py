@@ -15,11 +15,15 @@ Heads (config fields that count them, when the config can):
   ``c_attn``/``c_proj`` (GPT-2: a head owns its q, k and v columns of ``c_attn``), GPT-NeoX's
   fused ``query_key_value``/``dense`` (its forward views the fused outputs as
   ``(..., heads, 3·head_size)``: head h owns rows ``3·h·d … 3·(h+1)·d − 1``, its q, k and v),
-  ``self``/``output`` (BERT): head h. These configs derive
-  ``head_dim = hidden_size / num_attention_heads``, so they cannot express fewer heads.
-  Falcon's and BLOOM's fused ``query_key_value`` are not covered: Falcon has three layouts
-  (multi-query among them, where heads share one key and value), BLOOM's ALiBi slopes are
-  computed from the model's head count, so the kept heads would get other slopes.
+  ``self``/``output`` (BERT): head h. Falcon's fused ``query_key_value``/``dense`` in each of
+  its three layouts: per head ``(q, k, v)`` (like GPT-NeoX; head h), multi-query (the query
+  heads' rows, then ONE key and value every head reads: group h is query head h alone, the
+  key and value stay), and the new decoder architecture (per key/value group its ``r`` query
+  heads, then its key and value: group g is that whole run, like grouped-query attention).
+  These configs derive ``head_dim = hidden_size / num_attention_heads``, so they cannot
+  express fewer heads. ALiBi models (BLOOM, Falcon with ``alibi=True``) are not covered: the
+  model computes each head's slope from its head count, so the kept heads would get other
+  slopes.
 
 Neurons: ``gate/up/down_proj`` (``intermediate_size``), GPT-2's ``c_fc``/``c_proj`` (weights
 stored (in, out); ``n_inner``, StarCoder2's ``intermediate_size``), OPT's ``fc1``/``fc2``
@@ -258,6 +262,59 @@ def _gpt_neox_attention(model: nn.Module, name: str, module: nn.Module) -> Group
     )
 
 
+def _falcon_attention(model: nn.Module, name: str, module: nn.Module) -> GroupSet | None:
+    """Falcon's fused ``query_key_value`` in its three layouts (module docstring)."""
+    fused, dense = _linear(module, "query_key_value"), _linear(module, "dense")
+    heads, head_dim = getattr(module, "num_heads", None), getattr(module, "head_dim", None)
+    kv_heads = getattr(module, "num_kv_heads", None)
+    if fused is None or dense is None or not hasattr(module, "new_decoder_architecture"):
+        return None
+    if not all(isinstance(n, int) for n in (heads, head_dim, kv_heads)):
+        return None
+    assert isinstance(heads, int) and isinstance(head_dim, int) and isinstance(kv_heads, int)
+    if getattr(_config(model), "alibi", False):
+        raise TypeError(
+            f"find_groups: {name!r} is an ALiBi attention, whose slopes the model computes "
+            "from its head count: the kept heads would get other slopes, so its heads cannot "
+            "be removed"
+        )
+    d = head_dim
+    query = _blocks(heads, d)  # the columns of dense each query head feeds
+    attributes = [AttributeUpdate(name, "num_heads", 1)]
+    if module.new_decoder_architecture:
+        ratio = heads // kv_heads
+        expected, groups = kv_heads * (ratio + 2) * d, kv_heads
+        rows = _blocks(kv_heads, (ratio + 2) * d)
+        query = _blocks(kv_heads, ratio * d)
+        attributes = [
+            AttributeUpdate(name, "num_heads", ratio),
+            AttributeUpdate(name, "num_kv_heads", 1),
+        ]
+    elif module.multi_query:  # one key and value, read by every head: they stay
+        expected, groups, rows = (heads + 2) * d, heads, query
+        attributes.append(AttributeUpdate(name, "num_key_value_groups", 1))
+    else:
+        expected, groups, rows = 3 * heads * d, heads, _blocks(heads, 3 * d)
+        attributes.append(AttributeUpdate(name, "num_kv_heads", 1))
+    if fused.out_features != expected or dense.in_features != heads * d:
+        raise TypeError(
+            f"find_groups: the attention {name!r} has query_key_value/dense sizes "
+            f"{fused.out_features}/{dense.in_features} that do not match num_heads={heads}, "
+            f"num_kv_heads={kv_heads} x head_dim={d} in its layout; its heads cannot be "
+            "removed safely"
+        )
+    return GroupSet(
+        name,
+        "heads",
+        groups,
+        (*_rows(f"{name}.query_key_value", fused, rows), Slice(f"{name}.dense.weight", 1, query)),
+        consumers=(Consumer(f"{name}.dense", query),),
+        attributes=tuple(attributes),
+        note=_DERIVED,
+        heads_per_group=heads // kv_heads if module.new_decoder_architecture else 1,
+    )
+
+
 def _gpt2_attention(model: nn.Module, name: str, module: nn.Module) -> GroupSet | None:
     fused, proj = getattr(module, "c_attn", None), getattr(module, "c_proj", None)
     heads, head_dim = getattr(module, "num_heads", None), getattr(module, "head_dim", None)
@@ -442,6 +499,7 @@ _ATTENTION = (
     _gptj_attention,
     _gpt2_attention,
     _gpt_neox_attention,
+    _falcon_attention,
     _bert_attention,
 )
 
