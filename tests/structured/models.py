@@ -148,6 +148,15 @@ def gptj() -> nn.Module:
     return _perturbed(transformers.GPTJForCausalLM(config))
 
 
+def gpt_bigcode(multi_query: bool = True) -> nn.Module:
+    """StarCoder's attention: ``c_attn``/``c_proj`` as ``nn.Linear``, multi-query by default."""
+    config = transformers.GPTBigCodeConfig(
+        vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=SEQ,
+        multi_query=multi_query,
+    )  # fmt: skip
+    return _perturbed(transformers.GPTBigCodeForCausalLM(config))
+
+
 def bloom() -> nn.Module:
     """``dense_h_to_4h`` of width 4 x hidden, a width its config has no field for."""
     config = transformers.BloomConfig(vocab_size=VOCAB, hidden_size=32, n_layer=2, n_head=4)
@@ -158,6 +167,7 @@ HF_MODELS = {
     "llama": llama, "qwen3": qwen3, "mistral": mistral, "gpt2": gpt2, "opt": opt, "bert": bert,
     "starcoder2": starcoder2, "phi": phi, "gpt_neox": gpt_neox, "gptj": gptj, "falcon": falcon,
     "falcon_per_head": lambda: falcon("per_head"), "falcon_grouped": lambda: falcon("grouped"),
+    "gpt_bigcode": gpt_bigcode, "gpt_bigcode_per_head": lambda: gpt_bigcode(multi_query=False),
 }  # fmt: skip
 #: Models with removable neurons only (their attention has no supported layout).
 NEURON_MODELS = {"bloom": bloom}

@@ -21,6 +21,8 @@ from lossprune.structured.refit import consumer_problem
 
 from . import models
 
+transformers = pytest.importorskip("transformers")
+
 
 def test_attention_and_mlp_shapes_that_contradict_their_layout_are_refused():
     qwen = models.qwen3()
@@ -51,6 +53,16 @@ def test_attention_and_mlp_shapes_that_contradict_their_layout_are_refused():
     falcon.transformer.h[0].self_attention.num_heads = 3
     with pytest.raises(TypeError, match="sizes 48/32 that do not match num_heads=3"):
         find_groups(falcon, "heads")
+    bigcode = models.gpt_bigcode()
+    bigcode.transformer.h[0].attn.num_heads = 3
+    with pytest.raises(TypeError, match="c_attn/c_proj sizes 48/32 .* num_heads=3"):
+        find_groups(bigcode, "heads")
+    config = transformers.GPTBigCodeConfig(
+        vocab_size=models.VOCAB, n_embd=32, n_layer=1, n_head=4, n_positions=models.SEQ,
+        multi_query=False, add_cross_attention=True,
+    )  # fmt: skip
+    with pytest.raises(TypeError, match="'transformer.h.0.crossattention' is a cross-attention"):
+        find_groups(transformers.GPTBigCodeForCausalLM(config), "heads")
     gptj = models.gptj()
     gptj.transformer.h[0].attn.num_attention_heads = 3
     with pytest.raises(TypeError, match="num_attention_heads x head_dim=3 x 8"):

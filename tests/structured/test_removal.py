@@ -252,6 +252,27 @@ def test_falcon_heads_follow_each_layout_of_its_fused_projection(
     )
 
 
+@pytest.mark.parametrize("multi_query", [True, False])
+def test_gpt_bigcode_heads_follow_its_fused_layout(multi_query, tmp_path):
+    model = models.gpt_bigcode(multi_query)
+    found = find_groups(model, "heads")
+    small = remove(model, found, {g.name: [1] for g in found}, hf_config="record")
+    before, after = model.transformer.h[0].attn, small.transformer.h[0].attn
+    kept = (
+        [r for r in range(48) if not 8 <= r < 16]  # query head 1; the shared k, v rows stay
+        if multi_query
+        else [r for r in range(96) if not 24 <= r < 48]
+    )
+    torch.testing.assert_close(after.c_attn.weight, before.c_attn.weight[kept], rtol=0, atol=0)
+    assert (after.num_heads, after.embed_dim, after.c_proj.in_features) == (3, 24, 24)
+    small.save_pretrained(tmp_path)
+    again = load_removed(transformers.AutoModelForCausalLM, tmp_path)
+    batch = models.token_batch()
+    torch.testing.assert_close(
+        models.logits(again, batch), models.logits(small, batch), rtol=0, atol=0
+    )
+
+
 def test_alibi_heads_are_refused():
     config = transformers.FalconConfig(
         vocab_size=models.VOCAB, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,

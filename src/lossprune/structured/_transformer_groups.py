@@ -20,6 +20,8 @@ Heads (config fields that count them, when the config can):
   heads' rows, then ONE key and value every head reads: group h is query head h alone, the
   key and value stay), and the new decoder architecture (per key/value group its ``r`` query
   heads, then its key and value: group g is that whole run, like grouped-query attention).
+  GPT-BigCode's (StarCoder's) ``c_attn``/``c_proj`` (``nn.Linear``), multi-query (the query
+  heads' rows, then one key and value: group h is query head h) or per head ``(q, k, v)``.
   These configs derive ``head_dim = hidden_size / num_attention_heads``, so they cannot
   express fewer heads. ALiBi models (BLOOM, Falcon with ``alibi=True``) are not covered: the
   model computes each head's slope from its head count, so the kept heads would get other
@@ -315,6 +317,44 @@ def _falcon_attention(model: nn.Module, name: str, module: nn.Module) -> GroupSe
     )
 
 
+def _bigcode_attention(model: nn.Module, name: str, module: nn.Module) -> GroupSet | None:
+    """GPT-BigCode's ``c_attn`` (``nn.Linear``): multi-query, or q, k, v per head."""
+    fused, proj = _linear(module, "c_attn"), _linear(module, "c_proj")
+    heads, d = getattr(module, "num_heads", None), getattr(module, "head_dim", None)
+    if fused is None or proj is None or not hasattr(module, "kv_dim"):
+        return None
+    if not isinstance(heads, int) or not isinstance(d, int):
+        return None
+    if getattr(module, "is_cross_attention", False):
+        raise TypeError(
+            f"find_groups: {name!r} is a cross-attention (separate q_attn); removing its heads "
+            "is not supported"
+        )
+    query = _blocks(heads, d)
+    attributes = [AttributeUpdate(name, "num_heads", 1), AttributeUpdate(name, "embed_dim", d)]
+    if module.multi_query:  # one key and value, read by every head: they stay
+        expected, rows = (heads + 2) * d, query
+        attributes.append(AttributeUpdate(name, "num_key_value_groups", 1))
+    else:
+        expected, rows = 3 * heads * d, _blocks(heads, 3 * d)
+        attributes += [AttributeUpdate(name, "kv_heads", 1), AttributeUpdate(name, "kv_dim", d)]
+    if fused.out_features != expected or proj.in_features != heads * d:
+        raise TypeError(
+            f"find_groups: the attention {name!r} has c_attn/c_proj sizes "
+            f"{fused.out_features}/{proj.in_features} that do not match num_heads={heads} x "
+            f"head_dim={d} (multi_query={module.multi_query}); its heads cannot be removed safely"
+        )
+    return GroupSet(
+        name,
+        "heads",
+        heads,
+        (*_rows(f"{name}.c_attn", fused, rows), Slice(f"{name}.c_proj.weight", 1, query)),
+        consumers=(Consumer(f"{name}.c_proj", query),),
+        attributes=tuple(attributes),
+        note=_DERIVED,
+    )
+
+
 def _gpt2_attention(model: nn.Module, name: str, module: nn.Module) -> GroupSet | None:
     fused, proj = getattr(module, "c_attn", None), getattr(module, "c_proj", None)
     heads, head_dim = getattr(module, "num_heads", None), getattr(module, "head_dim", None)
@@ -498,6 +538,7 @@ _ATTENTION = (
     _opt_attention,
     _gptj_attention,
     _gpt2_attention,
+    _bigcode_attention,
     _gpt_neox_attention,
     _falcon_attention,
     _bert_attention,
