@@ -157,6 +157,26 @@ def gpt_bigcode(multi_query: bool = True) -> nn.Module:
     return _perturbed(transformers.GPTBigCodeForCausalLM(config))
 
 
+def stablelm(qk_layernorm: bool = False) -> nn.Module:
+    """Llama's projection names under grouped-query attention, but a module that views them by
+    its own ``num_heads`` and derives its head size from ``hidden_size``."""
+    config = transformers.StableLmConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=40, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=SEQ,
+        qk_layernorm=qk_layernorm,
+    )  # fmt: skip
+    return _perturbed(transformers.StableLmForCausalLM(config))
+
+
+def gpt_neo() -> nn.Module:
+    """``q/k/v/out_proj`` with ``num_heads`` (as OPT), global and local attention layers."""
+    config = transformers.GPTNeoConfig(
+        vocab_size=VOCAB, hidden_size=32, num_layers=2, num_heads=4, window_size=4,
+        attention_types=[[["global", "local"], 1]], max_position_embeddings=SEQ,
+    )  # fmt: skip
+    return _perturbed(transformers.GPTNeoForCausalLM(config))
+
+
 def bloom() -> nn.Module:
     """``dense_h_to_4h`` of width 4 x hidden, a width its config has no field for."""
     config = transformers.BloomConfig(vocab_size=VOCAB, hidden_size=32, n_layer=2, n_head=4)
@@ -168,6 +188,7 @@ HF_MODELS = {
     "starcoder2": starcoder2, "phi": phi, "gpt_neox": gpt_neox, "gptj": gptj, "falcon": falcon,
     "falcon_per_head": lambda: falcon("per_head"), "falcon_grouped": lambda: falcon("grouped"),
     "gpt_bigcode": gpt_bigcode, "gpt_bigcode_per_head": lambda: gpt_bigcode(multi_query=False),
+    "stablelm": stablelm, "gpt_neo": gpt_neo,
 }  # fmt: skip
 #: Models with removable neurons only (their attention has no supported layout).
 NEURON_MODELS = {"bloom": bloom}

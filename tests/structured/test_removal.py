@@ -33,7 +33,7 @@ UNIFORM_RELOADS = [
     ("mistral", "heads"), ("mistral", "neurons"), ("gpt2", "neurons"), ("opt", "neurons"),
     ("bert", "neurons"), ("starcoder2", "heads"), ("starcoder2", "neurons"), ("phi", "neurons"),
     ("phi", "heads"),
-    ("gpt_neox", "neurons"), ("falcon", "neurons"), ("gptj", "neurons"),
+    ("gpt_neox", "neurons"), ("falcon", "neurons"), ("gptj", "neurons"), ("stablelm", "neurons"),
 ]  # fmt: skip
 
 
@@ -122,7 +122,9 @@ def test_gqa_removal_keeps_whole_key_value_groups():
     assert attention.num_key_value_groups == 2
 
 
-@pytest.mark.parametrize("name", ["gpt2", "opt", "bert", "gpt_neox", "gptj", "falcon"])
+@pytest.mark.parametrize(
+    "name", ["gpt2", "opt", "bert", "gpt_neox", "gptj", "falcon", "gpt_bigcode", "gpt_neo"]
+)
 def test_heads_a_config_cannot_express_are_refused_and_nothing_changes(name):
     model = models.HF_MODELS[name]()
     before = _state(model)
@@ -271,6 +273,30 @@ def test_gpt_bigcode_heads_follow_its_fused_layout(multi_query, tmp_path):
     torch.testing.assert_close(
         models.logits(again, batch), models.logits(small, batch), rtol=0, atol=0
     )
+
+
+def test_a_config_whose_model_derives_another_size_is_refused_before_anything_changes(tmp_path):
+    """StableLM's config has head_dim, but its attention derives the head size from
+    hidden_size / num_attention_heads: the updated config would build other shapes."""
+    model = models.stablelm()
+    before = _state(model)
+    heads = find_groups(model, "heads")
+    with pytest.raises(ValueError, match="built from the updated config .* would not reload"):
+        remove(model, heads, {g.name: [0] for g in heads}, inplace=True)
+    assert _same_state(_state(model), before)
+    small = remove(model, heads, {g.name: [0] for g in heads}, hf_config="record")
+    small.save_pretrained(tmp_path)
+    again = load_removed(transformers.AutoModelForCausalLM, tmp_path)
+    batch = models.token_batch()
+    torch.testing.assert_close(
+        models.logits(again, batch), models.logits(small, batch), rtol=0, atol=0
+    )
+
+
+def test_norms_with_parameters_per_head_are_refused():
+    """StableLM's qk_layernorm holds one LayerNorm per head, paired with the heads by position."""
+    with pytest.raises(TypeError, match="q_layernorm .* holds parameters of its own per head"):
+        find_groups(models.stablelm(qk_layernorm=True), "heads")
 
 
 def test_alibi_heads_are_refused():

@@ -112,11 +112,20 @@ def _llama_attention(model: nn.Module, name: str, module: nn.Module) -> GroupSet
             "removed safely"
         )
     for norm in ("q_norm", "k_norm", "q_layernorm", "k_layernorm"):
-        weight = getattr(getattr(module, norm, None), "weight", None)
+        found = getattr(module, norm, None)
+        if not isinstance(found, nn.Module):
+            continue
+        weight = getattr(found, "weight", None)
         if isinstance(weight, Tensor) and weight.numel() != head_dim:
             raise TypeError(
                 f"find_groups: {name}.{norm} normalises {weight.numel()} features, not one "
                 f"head's {head_dim}; removing heads would change what it normalises"
+            )
+        if not isinstance(weight, Tensor) and any(True for _ in found.parameters()):
+            # StableLM's per-head norms: one module per head, paired with the heads by position.
+            raise TypeError(
+                f"find_groups: {name}.{norm} ({type(found).__name__}) holds parameters of its "
+                "own per head, which removing heads would pair with other heads"
             )
     query = _blocks(kv_heads, ratio * head_dim)
     kv = _blocks(kv_heads, head_dim)
@@ -126,6 +135,14 @@ def _llama_attention(model: nn.Module, name: str, module: nn.Module) -> GroupSet
         *_rows(f"{name}.v_proj", v, kv),
         Slice(f"{name}.{out_name}.weight", 1, query),
     ]
+    # Head counts some of these modules read in their forward (StableLM views its projections
+    # as (..., num_heads, head_dim)); Llama's views by -1 and has none.
+    counts = (("num_heads", ratio), ("num_attention_heads", ratio), ("num_key_value_heads", 1))
+    attributes = tuple(
+        AttributeUpdate(name, attribute, per_group)
+        for attribute, per_group in counts
+        if isinstance(getattr(module, attribute, None), int)
+    )
     config: tuple[ConfigUpdate, ...] = ()
     if _config_value(model, "num_key_value_heads") is not None:
         config = (
@@ -139,6 +156,7 @@ def _llama_attention(model: nn.Module, name: str, module: nn.Module) -> GroupSet
         kv_heads,
         tuple(slices),
         consumers=(Consumer(f"{name}.{out_name}", query),),
+        attributes=attributes,
         config=config,
         note="" if config else "the model's config has no num_key_value_heads field",
         heads_per_group=ratio,

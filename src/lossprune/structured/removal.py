@@ -32,6 +32,7 @@ import copy
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 
+import torch
 from torch import Tensor, nn
 from torch.nn.modules.conv import _ConvNd
 
@@ -115,7 +116,40 @@ def _plan(
         if group_set.kind == "experts":
             _check_top_k(model, group_set, kept_count)
     config = _config_plan(model, groups, removed, hf_config)
+    if config and RECORD_KEY not in config:
+        _check_rebuilt_shapes(model, config, new)
     return _Plan(new, attributes, config)
+
+
+def _check_rebuilt_shapes(model: nn.Module, fields: dict[str, Any], new: dict[str, Tensor]) -> None:
+    """The model class built from the updated config has the removed model's shapes.
+
+    That is what ``from_pretrained`` builds before it loads the saved weights. A module that
+    derives a size from other fields than the ones updated (StableLM's head size is
+    ``hidden_size / num_attention_heads`` whatever ``head_dim`` says) would otherwise save a
+    folder that does not reload. Built on the meta device: no memory, no initialisation cost.
+
+    Raises:
+        ValueError: naming the first tensor of another shape, and the recorded route.
+    """
+    trial = copy.deepcopy(model.config)  # type: ignore[union-attr]
+    for key, value in fields.items():
+        setattr(trial, key, value)
+    try:
+        with torch.device("meta"):
+            rebuilt = type(model)(trial)
+    except TypeError:  # a class not built from its config alone: nothing to compare with
+        return
+    shapes = {k: v.shape for k, v in rebuilt.state_dict().items()}
+    for name, tensor in new.items():
+        if name in shapes and shapes[name] != tensor.shape:
+            raise ValueError(
+                f"remove: {type(model).__name__} built from the updated config {fields} has "
+                f"{name!r} of shape {tuple(shapes[name])}, not the removed "
+                f"{tuple(tensor.shape)} (it derives that size from other fields), so the saved "
+                "model would not reload; pass hf_config='record' and reload with "
+                "lossprune.structured.load_removed"
+            )
 
 
 def _check_untied(
