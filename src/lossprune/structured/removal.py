@@ -132,7 +132,7 @@ def _check_rebuilt_shapes(model: nn.Module, fields: dict[str, Any], new: dict[st
     Raises:
         ValueError: naming the first tensor of another shape, and the recorded route.
     """
-    trial = copy.deepcopy(model.config)  # type: ignore[union-attr]
+    trial = copy.deepcopy(model.config)
     for key, value in fields.items():
         setattr(trial, key, value)
     try:
