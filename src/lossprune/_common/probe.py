@@ -211,11 +211,9 @@ class PassCheck:
         assert labels is not None
 
         def keep(outputs: Any) -> Tensor:
-            theirs = getattr(outputs, "loss", None)
-            if isinstance(theirs, Tensor):
-                self._reference = _Reference(
-                    _OwnOutputs(theirs.detach(), outputs.logits.detach()), labels
-                )
+            theirs, logits = getattr(outputs, "loss", None), getattr(outputs, "logits", None)
+            if isinstance(theirs, Tensor) and isinstance(logits, Tensor):
+                self._reference = _Reference(_OwnOutputs(theirs.detach(), logits.detach()), labels)
             return read(outputs)
 
         return keep

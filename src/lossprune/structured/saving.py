@@ -73,8 +73,8 @@ def load_removed(auto_class: Any, path: str | Path, **kwargs: Any) -> nn.Module:
     class Replayed(native):  # type: ignore[misc, valid-type]
         """The native class, whose skeleton replays the removals before the weights load."""
 
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            super().__init__(*args, **kwargs)
+        def __init__(self, *args: Any, **init_kwargs: Any) -> None:
+            super().__init__(*args, **init_kwargs)
             # The skeleton is built on the meta device; the group indices are not tensors of
             # the model and stay on the CPU.
             with torch.device("cpu"):
