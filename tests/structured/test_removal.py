@@ -299,6 +299,24 @@ def test_norms_with_parameters_per_head_are_refused():
         find_groups(models.stablelm(qk_layernorm=True), "heads")
 
 
+def test_xglm_heads_keep_the_width_its_forward_reshapes_by():
+    """XGLM reshapes its heads' outputs by its own embed_dim (float32: its masks overflow in
+    float64)."""
+    config = transformers.XGLMConfig(
+        vocab_size=models.VOCAB, d_model=32, num_layers=2, attention_heads=4, ffn_dim=40,
+        max_position_embeddings=models.SEQ,
+    )  # fmt: skip
+    model = models._perturbed(transformers.XGLMForCausalLM(config)).float()
+    groups = find_groups(model, "heads")
+    removed = {g.name: [1, 3] for g in groups}
+    small = remove(model, groups, removed, hf_config="record")
+    assert small.model.layers[0].self_attn.embed_dim == 16
+    batch = models.token_batch()
+    torch.testing.assert_close(
+        models.logits(small, batch), models.logits(_masked(model, groups, removed), batch)
+    )
+
+
 def test_alibi_heads_are_refused():
     config = transformers.FalconConfig(
         vocab_size=models.VOCAB, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,

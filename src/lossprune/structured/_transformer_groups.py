@@ -211,14 +211,23 @@ def _separate_heads(
 
 
 def _opt_attention(model: nn.Module, name: str, module: nn.Module) -> GroupSet | None:
+    """``q/k/v/out_proj`` with ``num_heads`` (OPT, GPT-Neo, XGLM, BART-style).
+
+    XGLM reshapes the heads' outputs by its ``embed_dim``, so that count is kept in step too
+    (``head_dim`` per head), where the module has one.
+    """
     projections = {p: _linear(module, p) for p in ("q_proj", "k_proj", "v_proj")}
+    head_dim = getattr(module, "head_dim", None)
+    attributes = [AttributeUpdate(name, "num_heads", 1)]
+    if isinstance(getattr(module, "embed_dim", None), int) and isinstance(head_dim, int):
+        attributes.append(AttributeUpdate(name, "embed_dim", head_dim))
     return _separate_heads(
         name,
         projections,
         ("out_proj", _linear(module, "out_proj")),
         getattr(module, "num_heads", None),
-        getattr(module, "head_dim", None),
-        (AttributeUpdate(name, "num_heads", 1),),
+        head_dim,
+        tuple(attributes),
         "num_heads x head_dim",
     )
 
