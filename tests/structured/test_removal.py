@@ -324,6 +324,12 @@ def test_alibi_heads_are_refused():
     )  # fmt: skip
     with pytest.raises(TypeError, match="ALiBi attention"):
         find_groups(transformers.FalconForCausalLM(config), "heads")
+    mpt = transformers.MptForCausalLM(
+        transformers.MptConfig(vocab_size=models.VOCAB, d_model=32, n_layers=1, n_heads=4)
+    )
+    for model in (models.bloom(), mpt):  # layouts not covered, named by the reason
+        with pytest.raises(ValueError, match="no removable heads \\(its attention adds ALiBi"):
+            find_groups(model, "heads")
 
 
 def test_load_removed_refuses_a_folder_without_a_record_or_with_other_weights(tmp_path):

@@ -61,7 +61,24 @@ def find_groups(
         else:
             these = list(transformer_groups(model, kind))
             why = "no module has a supported layout (see lossprune.structured.find_groups)"
+            if kind == "heads" and _uses_alibi(model):
+                why = (
+                    "its attention adds ALiBi biases, whose slopes the model computes from its "
+                    "head count: the kept heads would get other slopes"
+                )
         if not these:
             raise ValueError(f"find_groups: {type(model).__name__} has no removable {kind} ({why})")
         found += these
     return found
+
+
+def _uses_alibi(model: nn.Module) -> bool:
+    """Whether a Hugging Face model biases its attention by ALiBi.
+
+    BLOOM always does; MPT and Falcon when their config says so.
+    """
+    config = getattr(model, "config", None)
+    if getattr(config, "model_type", None) == "bloom":
+        return True
+    attention = getattr(config, "attn_config", None)  # MPT's
+    return bool(getattr(config, "alibi", False) or getattr(attention, "alibi", False))
