@@ -122,6 +122,15 @@ def gpt_neox() -> nn.Module:
     return _perturbed(transformers.GPTNeoXForCausalLM(config))
 
 
+def gpt_neox_japanese() -> nn.Module:
+    """GPT-NeoX's fused layout, viewed by its own ``num_attention_heads``."""
+    config = transformers.GPTNeoXJapaneseConfig(
+        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_multiple_size=2, max_position_embeddings=SEQ,
+    )  # fmt: skip
+    return _perturbed(transformers.GPTNeoXJapaneseForCausalLM(config))
+
+
 def falcon(layout: str = "multi_query") -> nn.Module:
     """The same MLP names, its width in ``ffn_hidden_size``; ``FalconLinear`` maps; a fused
     ``query_key_value`` in one of Falcon's three layouts: ``"multi_query"`` (the default: one
@@ -188,7 +197,7 @@ HF_MODELS = {
     "starcoder2": starcoder2, "phi": phi, "gpt_neox": gpt_neox, "gptj": gptj, "falcon": falcon,
     "falcon_per_head": lambda: falcon("per_head"), "falcon_grouped": lambda: falcon("grouped"),
     "gpt_bigcode": gpt_bigcode, "gpt_bigcode_per_head": lambda: gpt_bigcode(multi_query=False),
-    "stablelm": stablelm, "gpt_neo": gpt_neo,
+    "stablelm": stablelm, "gpt_neo": gpt_neo, "gpt_neox_japanese": gpt_neox_japanese,
 }  # fmt: skip
 #: Models with removable neurons only (their attention has no supported layout).
 NEURON_MODELS = {"bloom": bloom}

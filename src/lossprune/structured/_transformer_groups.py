@@ -23,9 +23,9 @@ Heads (config fields that count them, when the config can):
   GPT-BigCode's (StarCoder's) ``c_attn``/``c_proj`` (``nn.Linear``), multi-query (the query
   heads' rows, then one key and value: group h is query head h) or per head ``(q, k, v)``.
   These configs derive ``head_dim = hidden_size / num_attention_heads``, so they cannot
-  express fewer heads. ALiBi models (BLOOM, Falcon with ``alibi=True``) are not covered: the
-  model computes each head's slope from its head count, so the kept heads would get other
-  slopes.
+  express fewer heads. ALiBi models (BLOOM, MPT, Falcon with ``alibi=True``) are not covered
+  and are refused with the reason: the model computes each head's slope from its head count,
+  so the kept heads would get other slopes.
 
 Neurons: ``gate/up/down_proj`` (``intermediate_size``), GPT-2's ``c_fc``/``c_proj`` (weights
 stored (in, out); ``n_inner``, StarCoder2's ``intermediate_size``), OPT's ``fc1``/``fc2``
