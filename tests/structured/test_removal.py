@@ -317,6 +317,45 @@ def test_xglm_heads_keep_the_width_its_forward_reshapes_by():
     )
 
 
+VISION = {
+    "vit": ("ViTConfig", "ViTForImageClassification"),
+    "deit": ("DeiTConfig", "DeiTForImageClassification"),
+    "beit": ("BeitConfig", "BeitForImageClassification"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(VISION))
+def test_vision_transformer_heads_are_removed_and_reload_with_from_pretrained(name, tmp_path):
+    """ViT, DeiT and BEiT: q/k/v/o_proj heads with num_attention_heads, head_dim read from the
+    config when it has one, so a uniform removal reloads without the record."""
+    config_class, model_class = (getattr(transformers, n) for n in VISION[name])
+    config = config_class(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=40,
+        image_size=8, patch_size=4, num_labels=3,
+    )  # fmt: skip
+    model = models._perturbed(model_class(config))
+    generator = torch.Generator().manual_seed(0)
+    pixels = {"pixel_values": torch.randn(3, 3, 8, 8, generator=generator, dtype=torch.float64)}
+
+    def logits(m):
+        with torch.no_grad():
+            return m(**pixels).logits
+
+    groups = find_groups(model, "heads")
+    assert [g.size for g in groups] == [4, 4]
+    removed = {g.name: [1 + i] for i, g in enumerate(groups)}
+    small = remove(model, groups, removed, hf_config="record")
+    torch.testing.assert_close(
+        logits(small), logits(_masked(model, groups, removed)), rtol=0, atol=1e-10
+    )
+    uniform = remove(model, groups, {g.name: [2] for g in groups})
+    assert uniform.config.num_attention_heads == 3
+    uniform.save_pretrained(tmp_path)
+    again = model_class.from_pretrained(tmp_path, dtype=torch.float64).eval()
+    # DeiT's logits move by an ulp from one process's memory layout to another's.
+    torch.testing.assert_close(logits(again), logits(uniform), rtol=0, atol=1e-12)
+
+
 def test_alibi_heads_are_refused():
     config = transformers.FalconConfig(
         vocab_size=models.VOCAB, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,

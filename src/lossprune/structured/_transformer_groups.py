@@ -6,7 +6,8 @@ checks every shape it relies on, and describes the groups as :class:`~.groups.Gr
 Heads (config fields that count them, when the config can):
 
 - ``q/k/v/o_proj`` (Phi: ``q/k/v_proj``/``dense``) with ``head_dim`` and
-  ``num_key_value_groups`` (Llama, Qwen2/3, Mistral, Mixtral, Qwen3-MoE, Phi): group j is
+  ``num_key_value_groups`` (Llama, Qwen2/3, Mistral, Mixtral, Qwen3-MoE, Phi; ViT, DeiT and
+  BEiT have ``num_attention_heads`` instead, one query head per key head): group j is
   key/value head j with its ``r = num_key_value_groups`` query heads ``j·r … (j+1)·r − 1`` and
   their ``o_proj`` columns; ``num_attention_heads``, ``num_key_value_heads``, ``head_dim``.
   Qwen3's ``q_norm``/``k_norm`` (Phi's ``q_layernorm``/``k_layernorm``) and the rotary
@@ -95,6 +96,8 @@ def _llama_attention(model: nn.Module, name: str, module: nn.Module) -> GroupSet
     o = _linear(module, out_name)
     head_dim = getattr(module, "head_dim", None)
     ratio = getattr(module, "num_key_value_groups", None)
+    if ratio is None and isinstance(getattr(module, "num_attention_heads", None), int):
+        ratio = 1  # ViT's (DeiT's, BEiT's) multi-head attention: one query head per key head
     if None in (q, k, v, o) or not isinstance(head_dim, int) or not isinstance(ratio, int):
         return None
     assert q is not None and k is not None and v is not None and o is not None
@@ -150,6 +153,10 @@ def _llama_attention(model: nn.Module, name: str, module: nn.Module) -> GroupSet
             ConfigUpdate("num_key_value_heads", 1),
             ConfigUpdate("head_dim", 0, head_dim),
         )
+    elif ratio == 1 and _config_value(model, "num_attention_heads") is not None:
+        # ViT reads config.head_dim when there is one; a model that derives its head size
+        # instead is caught by removal's rebuild of the model from the updated config.
+        config = (ConfigUpdate("num_attention_heads", 1), ConfigUpdate("head_dim", 0, head_dim))
     return GroupSet(
         name,
         "heads",
