@@ -10,24 +10,11 @@ import torch
 from torch import nn
 
 from lossprune import ModelLoss
-from lossprune._common.functional import FunctionalModel, default_generator_states
+from lossprune._common.functional import default_generator_states
 from lossprune.curvature import hvp, loss_and_grad
 from lossprune.curvature.products import prepare
 from tests.hf_models import VOCAB, tiny_bert, tiny_llama, transformers
-
-
-def _calls(monkeypatch):
-    """The number of examples of every forward pass the model runs."""
-    rows = []
-    original = FunctionalModel.__call__
-
-    def counting(self, params, inputs):
-        first = inputs if isinstance(inputs, torch.Tensor) else inputs.kwargs["input_ids"]
-        rows.append(len(first))
-        return original(self, params, inputs)
-
-    monkeypatch.setattr(FunctionalModel, "__call__", counting)
-    return rows
+from tests.test_probe import _calls  # the number of examples of every forward pass
 
 
 def _tokens(examples=5, length=8, seed=0):

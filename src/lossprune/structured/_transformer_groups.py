@@ -239,6 +239,37 @@ def _opt_attention(model: nn.Module, name: str, module: nn.Module) -> GroupSet |
     )
 
 
+def _fused_heads(
+    name: str,
+    fused: tuple[str, nn.Linear],
+    output_name: str,
+    rows: Tensor,
+    columns: Tensor,
+    attributes: tuple[AttributeUpdate, ...],
+    heads_per_group: int = 1,
+) -> GroupSet:
+    """Heads of one fused q/k/v projection read by one output map (GPT-NeoX, Falcon, BigCode).
+
+    ``rows``: ``(groups, width)``, the fused map's output rows (and bias entries) each group
+    owns; ``columns``: the output map's input columns each group feeds. The configs of these
+    layouts derive the head size from the head count (:data:`_DERIVED`).
+    """
+    fused_name, fused_map = fused
+    return GroupSet(
+        name,
+        "heads",
+        len(rows),
+        (
+            *_rows(f"{name}.{fused_name}", fused_map, rows),
+            Slice(f"{name}.{output_name}.weight", 1, columns),
+        ),
+        consumers=(Consumer(f"{name}.{output_name}", columns),),
+        attributes=attributes,
+        note=_DERIVED,
+        heads_per_group=heads_per_group,
+    )
+
+
 def _gptj_attention(model: nn.Module, name: str, module: nn.Module) -> GroupSet | None:
     """GPT-J's ``q/k/v/out_proj``: its forward views them as ``(..., -1, head_dim)`` heads.
 
@@ -278,23 +309,18 @@ def _gpt_neox_attention(model: nn.Module, name: str, module: nn.Module) -> Group
             "(3 x heads x head_size rows, heads x head_size columns); its heads cannot be "
             "removed safely"
         )
-    single = _blocks(heads, head_size)
-    return GroupSet(
+    return _fused_heads(
         name,
-        "heads",
-        heads,
-        (
-            *_rows(f"{name}.query_key_value", fused, _blocks(heads, 3 * head_size)),
-            Slice(f"{name}.dense.weight", 1, single),
-        ),
-        consumers=(Consumer(f"{name}.dense", single),),
+        ("query_key_value", fused),
+        "dense",
+        _blocks(heads, 3 * head_size),
+        _blocks(heads, head_size),
         # GPT-NeoX views its heads as -1; GPT-NeoX-Japanese reads num_attention_heads.
-        attributes=(
+        (
             (AttributeUpdate(name, "num_attention_heads", 1),)
             if isinstance(getattr(module, "num_attention_heads", None), int)
             else ()
         ),
-        note=_DERIVED,
     )
 
 
@@ -319,7 +345,7 @@ def _falcon_attention(model: nn.Module, name: str, module: nn.Module) -> GroupSe
     attributes = [AttributeUpdate(name, "num_heads", 1)]
     if module.new_decoder_architecture:
         ratio = heads // kv_heads
-        expected, groups = kv_heads * (ratio + 2) * d, kv_heads
+        expected = kv_heads * (ratio + 2) * d
         rows = _blocks(kv_heads, (ratio + 2) * d)
         query = _blocks(kv_heads, ratio * d)
         attributes = [
@@ -327,10 +353,10 @@ def _falcon_attention(model: nn.Module, name: str, module: nn.Module) -> GroupSe
             AttributeUpdate(name, "num_kv_heads", 1),
         ]
     elif module.multi_query:  # one key and value, read by every head: they stay
-        expected, groups, rows = (heads + 2) * d, heads, query
+        expected, rows = (heads + 2) * d, query
         attributes.append(AttributeUpdate(name, "num_key_value_groups", 1))
     else:
-        expected, groups, rows = 3 * heads * d, heads, _blocks(heads, 3 * d)
+        expected, rows = 3 * heads * d, _blocks(heads, 3 * d)
         attributes.append(AttributeUpdate(name, "num_kv_heads", 1))
     if fused.out_features != expected or dense.in_features != heads * d:
         raise TypeError(
@@ -339,14 +365,13 @@ def _falcon_attention(model: nn.Module, name: str, module: nn.Module) -> GroupSe
             f"num_kv_heads={kv_heads} x head_dim={d} in its layout; its heads cannot be "
             "removed safely"
         )
-    return GroupSet(
+    return _fused_heads(
         name,
-        "heads",
-        groups,
-        (*_rows(f"{name}.query_key_value", fused, rows), Slice(f"{name}.dense.weight", 1, query)),
-        consumers=(Consumer(f"{name}.dense", query),),
-        attributes=tuple(attributes),
-        note=_DERIVED,
+        ("query_key_value", fused),
+        "dense",
+        rows,
+        query,
+        tuple(attributes),
         heads_per_group=heads // kv_heads if module.new_decoder_architecture else 1,
     )
 
@@ -378,15 +403,7 @@ def _bigcode_attention(model: nn.Module, name: str, module: nn.Module) -> GroupS
             f"{fused.out_features}/{proj.in_features} that do not match num_heads={heads} x "
             f"head_dim={d} (multi_query={module.multi_query}); its heads cannot be removed safely"
         )
-    return GroupSet(
-        name,
-        "heads",
-        heads,
-        (*_rows(f"{name}.c_attn", fused, rows), Slice(f"{name}.c_proj.weight", 1, query)),
-        consumers=(Consumer(f"{name}.c_proj", query),),
-        attributes=tuple(attributes),
-        note=_DERIVED,
-    )
+    return _fused_heads(name, ("c_attn", fused), "c_proj", rows, query, tuple(attributes))
 
 
 def _gpt2_attention(model: nn.Module, name: str, module: nn.Module) -> GroupSet | None:
